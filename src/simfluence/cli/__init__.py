@@ -1,0 +1,5 @@
+"""The `simfluence` command line. It uses the library; the library never imports it."""
+
+from simfluence.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,38 @@
+"""Argument helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from simfluence.errors import SimfluenceError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file the user gave; `SimfluenceError` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimfluenceError(f"{what} {path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SimfluenceError(f"{what} {path}: not valid JSON ({exc})") from None

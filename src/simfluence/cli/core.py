@@ -1,0 +1,283 @@
+"""Core commands: synth, fit, simulate, evaluate, import-gptfluence, export-gptfluence."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from simfluence._atomic import write_json_atomic, write_text_atomic
+from simfluence.cli._args import comma_list, positive_int, read_json
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import evaluate, format_table
+from simfluence.plots import pick_test_examples, plot_trajectories
+from simfluence.runlog import (
+    export_gptfluence,
+    import_gptfluence,
+    load_runset,
+    normalize_curriculum,
+    save_runset,
+)
+from simfluence.runlog.runs import RunSet
+from simfluence.simulators import Simulator, available_simulators, load_simulator
+from simfluence.simulators.registry import configure_simulator
+from simfluence.simulators.truth import TRUTH_FILE
+from simfluence.synth import SynthConfig, write_synthetic
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_synth(subparsers)
+    _register_fit(subparsers)
+    _register_simulate(subparsers)
+    _register_evaluate(subparsers)
+    p = subparsers.add_parser(
+        "import-gptfluence", help="convert GPTfluence run directories into a run set"
+    )
+    p.add_argument("source", help="folder of GPTfluence run directories (or one run directory)")
+    p.add_argument("directory", help="run-set directory to write")
+    p.set_defaults(func=cmd_import_gptfluence)
+    p = subparsers.add_parser("export-gptfluence", help="write a run set in GPTfluence's format")
+    p.add_argument("directory", help="run-set directory")
+    p.add_argument("out", help="folder to write one GPTfluence run directory per run into")
+    p.set_defaults(func=cmd_export_gptfluence)
+
+
+# -- synth ------------------------------------------------------------------------------------
+def _register_synth(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "synth", help="write a synthetic run set drawn from known Simfluence-Linear parameters"
+    )
+    p.add_argument("directory")
+    defaults = SynthConfig()
+    for flag, dest in [
+        ("--pool", "pool"),
+        ("--tests", "tests"),
+        ("--runs", "runs"),
+        ("--per-run", "per_run"),
+        ("--batch", "batch"),
+        ("--epochs", "epochs"),
+    ]:
+        p.add_argument(flag, dest=dest, type=positive_int, default=getattr(defaults, dest))
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--noise", type=float, default=defaults.noise, help="process noise (log scale)")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    config = SynthConfig(
+        pool=args.pool,
+        tests=args.tests,
+        runs=args.runs,
+        per_run=args.per_run,
+        batch=args.batch,
+        epochs=args.epochs,
+        seed=args.seed,
+        noise=args.noise,
+    )
+    runset = write_synthetic(args.directory, config)
+    steps = runset.runs[0].n_steps
+    print(
+        f"wrote {len(runset.runs)} runs x {steps} steps, pool {config.pool}, "
+        f"{config.tests} test examples to {args.directory} (true parameters in {TRUTH_FILE})"
+    )
+
+
+# -- fit --------------------------------------------------------------------------------------
+def _add_simulator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--l2",
+        type=float,
+        default=None,
+        help="ridge strength toward 'no effect' for linear/additive (default: chosen by "
+        "cross-validation over whole training runs)",
+    )
+    p.add_argument(
+        "--unseen",
+        choices=["error", "prior"],
+        default="error",
+        help="a training id absent from the fitted runs: an error (default), or no effect",
+    )
+
+
+def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "l2": args.l2,
+        "unseen": args.unseen,
+        "path": str(Path(args.directory) / TRUTH_FILE),
+    }
+
+
+def _register_fit(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("fit", help="fit a simulator on a run set and save it")
+    p.add_argument("directory", help="run-set directory")
+    p.add_argument(
+        "--method", required=True, help=f"one of: {', '.join(available_simulators())}"
+    )
+    p.add_argument(
+        "--holdout",
+        type=positive_int,
+        default=None,
+        help="leave out the last H runs by run id (to evaluate them later)",
+    )
+    p.add_argument("-o", "--output", required=True, help="simulator file to write (.npz)")
+    _add_simulator_options(p)
+    p.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    runs = load_runset(args.directory)
+    if args.holdout:
+        runs, held = runs.split(args.holdout)
+        print(f"holding out {len(held.runs)} runs: {', '.join(held.run_ids)}")
+    simulator = configure_simulator(args.method, **_simulator_options(args))
+    start = time.perf_counter()
+    simulator.fit(runs)
+    seconds = time.perf_counter() - start
+    simulator.save(args.output)
+    extra = f", l2 = {simulator.l2_:g}" if hasattr(simulator, "l2_") else ""
+    print(
+        f"fitted {args.method} on {len(runs.runs)} runs in {seconds:.2f} s{extra}; "
+        f"wrote {args.output}"
+    )
+
+
+# -- simulate ---------------------------------------------------------------------------------
+def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("simulate", help="predict the loss trajectories of a curriculum")
+    p.add_argument("model", help="simulator file written by `simfluence fit`")
+    p.add_argument(
+        "--curriculum", required=True, help="JSON file: a list of batches of training ids"
+    )
+    p.add_argument(
+        "--initial-loss",
+        default=None,
+        help="JSON file: {test_id: loss} before training (default: the mean recorded one)",
+    )
+    p.add_argument("-o", "--output", required=True, help="predictions: .json or .csv")
+    p.add_argument("--plot", default=None, help="also draw the trajectories to this PNG")
+    p.set_defaults(func=cmd_simulate)
+
+
+def _initial_loss(simulator: Simulator, path: str | None) -> np.ndarray:
+    if path is None:
+        return simulator.initial_loss_
+    given = read_json(path, "initial loss")
+    if not isinstance(given, dict):
+        raise SimfluenceError(f"initial loss {path}: expected an object {{test_id: loss}}")
+    missing = [t for t in simulator.test_ids_ if t not in given]
+    if missing:
+        raise SimfluenceError(f"initial loss {path}: no loss for test example {missing[0]!r}")
+    return np.array([float(given[t]) for t in simulator.test_ids_])
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    simulator = load_simulator(args.model)
+    curriculum = normalize_curriculum(
+        read_json(args.curriculum, "curriculum"), f"curriculum {args.curriculum}"
+    )
+    initial = _initial_loss(simulator, args.initial_loss)
+    trajectory = simulator.simulate(curriculum, initial)
+    if args.output.endswith(".csv"):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["step", *simulator.test_ids_])
+        for step, row in enumerate(trajectory):
+            writer.writerow([step, *(f"{v:.10g}" for v in row)])
+        write_text_atomic(args.output, buffer.getvalue())
+    else:
+        write_json_atomic(
+            args.output,
+            {
+                "method": simulator.name,
+                "test_ids": simulator.test_ids_,
+                "loss": trajectory.tolist(),
+                "final_loss": dict(zip(simulator.test_ids_, trajectory[-1].tolist(), strict=True)),
+            },
+        )
+    if args.plot:
+        columns = pick_test_examples(trajectory, 6)
+        plot_trajectories(
+            trajectory, {}, simulator.test_ids_, columns, f"{simulator.name} rollout", args.plot
+        )
+    mean0, mean_t = trajectory[0].mean(), trajectory[-1].mean()
+    print(
+        f"simulated {len(curriculum)} steps with {simulator.name}: mean test loss "
+        f"{mean0:.4f} -> {mean_t:.4f}; wrote {args.output}"
+    )
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="fit methods on training runs and score rollouts of held-out runs"
+    )
+    p.add_argument("directory", help="run-set directory")
+    p.add_argument(
+        "--methods",
+        type=comma_list,
+        default=["linear", "additive", "mean", "persistence"],
+        help="comma-separated methods (default: linear,additive,mean,persistence; 'truth' "
+        "adds the true parameters of a synthetic run set)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--holdout", type=positive_int, default=None, help="hold out the last H runs by id"
+    )
+    group.add_argument("--heldout-runs", type=comma_list, default=None, help="run ids to hold out")
+    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.add_argument("--plot", default=None, help="draw true vs simulated trajectories to this PNG")
+    _add_simulator_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def default_holdout(runs: RunSet) -> int:
+    """The GPTfluence protocol holds out 5 of 32 runs: about 1 in 6, at least 1."""
+    return max(1, round(len(runs.runs) * 5 / 32))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    runs = load_runset(args.directory)
+    heldout = args.heldout_runs or args.holdout or default_holdout(runs)
+    options = _simulator_options(args)
+    simulators = {name: configure_simulator(name, **options) for name in args.methods}
+    result = evaluate(
+        runs, simulators, heldout, lambda items: tqdm(items, desc="fit + simulate", leave=False)
+    )
+    print(
+        f"{len(result.train_runs)} training runs, {len(result.heldout_runs)} held-out runs, "
+        f"{len(runs.test_ids)} test examples"
+    )
+    print(format_table(result))
+    if args.json:
+        write_json_atomic(args.json, result.to_json())
+        print(f"wrote {args.json}")
+    if args.plot:
+        run = runs.run(result.heldout_runs[0])
+        simulated = {name: m.simulated[0] for name, m in result.methods.items()}
+        columns = pick_test_examples(run.losses, 6)
+        title = f"held-out run {run.run_id}: recorded vs simulated"
+        plot_trajectories(run.losses, simulated, runs.test_ids, columns, title, args.plot)
+        print(f"wrote {args.plot}")
+
+
+# -- GPTfluence interop -----------------------------------------------------------------------
+def cmd_import_gptfluence(args: argparse.Namespace) -> None:
+    runset = import_gptfluence(args.source)
+    save_runset(runset, args.directory)
+    print(
+        f"imported {len(runset.runs)} runs, pool {len(runset.train_ids)}, "
+        f"{len(runset.test_ids)} test examples into {args.directory} (the first recorded step "
+        "of each run is its starting point; its batch is not simulated)"
+    )
+
+
+def cmd_export_gptfluence(args: argparse.Namespace) -> None:
+    runset = load_runset(args.directory)
+    written = export_gptfluence(runset, args.out)
+    print(f"exported {len(written)} runs to {args.out}")

@@ -1,0 +1,90 @@
+"""Evaluation metrics as plain functions over arrays (METHOD.md, "Evaluation protocol").
+
+Inputs are the true and simulated trajectories of held-out runs: either an array of shape
+``(R, T + 1, M)`` or a list of ``R`` arrays of shape ``(T_r + 1, M)`` (runs may differ in
+length). Row 0 (before training) is never scored: both start from the recorded loss.
+Each function returns a `Summary` of the mean and the standard deviation over trajectories
+(one per held-out run and test example) or, for Spearman, over held-out runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats
+
+Trajectories = np.ndarray | Sequence[np.ndarray]
+
+
+class Summary(NamedTuple):
+    """Mean and (population) standard deviation of a per-trajectory or per-run metric."""
+
+    mean: float
+    std: float
+
+
+def _pairs(y_true: Trajectories, y_pred: Trajectories) -> list[tuple[np.ndarray, np.ndarray]]:
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} true runs but {len(y_pred)} simulated runs")
+    pairs = []
+    for r, (t, p) in enumerate(zip(y_true, y_pred, strict=True)):
+        t, p = np.asarray(t, dtype=np.float64), np.asarray(p, dtype=np.float64)
+        if t.shape != p.shape or t.ndim != 2 or t.shape[0] < 2:
+            raise ValueError(
+                f"run #{r}: true shape {t.shape} and simulated shape {p.shape} must be equal "
+                "(T + 1, M) with T >= 1"
+            )
+        pairs.append((t, p))
+    if not pairs:
+        raise ValueError("no runs to score")
+    return pairs
+
+
+def _summary(values: np.ndarray) -> Summary:
+    # an exploding rollout is an infinitely bad prediction, not a crash
+    values = np.where(np.isfinite(values), values, np.inf)
+    return Summary(
+        float(np.mean(values)), float(np.std(values)) if np.isfinite(values).all() else np.inf
+    )
+
+
+def trajectory_errors(y_true: Trajectories, y_pred: Trajectories, power: int = 2) -> np.ndarray:
+    """Per-trajectory mean of ``|error|**power`` over steps ``1..T``; shape ``(R * M,)``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.concatenate(
+            [(np.abs(p[1:] - t[1:]) ** power).mean(axis=0) for t, p in _pairs(y_true, y_pred)]
+        )
+
+
+def all_steps_mse(y_true: Trajectories, y_pred: Trajectories) -> Summary:
+    """Mean over (run, test) trajectories of the mean squared error over steps ``1..T``."""
+    return _summary(trajectory_errors(y_true, y_pred, power=2))
+
+
+def all_steps_mae(y_true: Trajectories, y_pred: Trajectories) -> Summary:
+    """Mean over (run, test) trajectories of the mean absolute error over steps ``1..T``."""
+    return _summary(trajectory_errors(y_true, y_pred, power=1))
+
+
+def final_step_mse(y_true: Trajectories, y_pred: Trajectories) -> Summary:
+    """Mean over (run, test) trajectories of the squared error at the last step ``T``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        errors = np.concatenate([(p[-1] - t[-1]) ** 2 for t, p in _pairs(y_true, y_pred)])
+    return _summary(errors)
+
+
+def final_step_spearman(y_true: Trajectories, y_pred: Trajectories) -> Summary:
+    """Within each run, Spearman correlation across test examples of true vs simulated ``L_T``.
+
+    Mean and std over runs. A run whose predictions are constant (or not finite) scores 0:
+    it ranks nothing.
+    """
+    rhos = []
+    for t, p in _pairs(y_true, y_pred):
+        if not np.isfinite(p[-1]).all() or np.ptp(p[-1]) == 0 or np.ptp(t[-1]) == 0:
+            rhos.append(0.0)
+            continue
+        rhos.append(float(stats.spearmanr(t[-1], p[-1]).statistic))
+    return Summary(float(np.mean(rhos)), float(np.std(rhos)))

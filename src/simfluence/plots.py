@@ -1,0 +1,81 @@
+"""Figures a person would rather look at than read: true vs simulated loss trajectories."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from simfluence._atomic import atomic_path  # noqa: E402
+
+#: a fixed colour per well-known method, so every figure reads the same way
+METHOD_COLORS = {
+    "true": "black",
+    "linear": "tab:red",
+    "additive": "tab:blue",
+    "mean": "tab:gray",
+    "persistence": "tab:olive",
+    "truth": "tab:green",
+}
+
+
+def pick_test_examples(true: np.ndarray, count: int) -> list[int]:
+    """Columns worth showing: the ones whose loss moves most over the run (``true``: (T+1, M))."""
+    movement = np.abs(np.diff(true, axis=0)).sum(axis=0)
+    return [int(j) for j in np.argsort(-movement)[:count]]
+
+
+def plot_trajectories(
+    true: np.ndarray,
+    simulated: Mapping[str, np.ndarray],
+    test_ids: Sequence[str],
+    columns: Sequence[int],
+    title: str = "",
+    path: str | os.PathLike[str] | None = None,
+) -> plt.Figure:
+    """One panel per test example: the recorded trajectory and each method's rollout.
+
+    Args:
+        true: shape ``(T + 1, M)``, recorded losses of one run.
+        simulated: method name -> shape ``(T + 1, M)`` free-running rollout of the same run.
+        test_ids: the ``M`` test ids (panel titles).
+        columns: which test examples to draw.
+        path: where to save a PNG (atomically), if given.
+    """
+    n = len(columns)
+    ncols = min(n, 3)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    steps = np.arange(true.shape[0])
+    for ax, col in zip(axes.ravel(), columns, strict=False):
+        ax.plot(steps, true[:, col], color="black", lw=2.0, label="recorded")
+        for k, (name, traj) in enumerate(simulated.items()):
+            color = METHOD_COLORS.get(name, f"C{k % 10}")
+            ax.plot(steps, traj[:, col], color=color, lw=1.2, alpha=0.85, label=name)
+        ax.set_title(f"test {test_ids[col]}", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(labels), 7),
+        frameon=False,
+    )
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    return fig

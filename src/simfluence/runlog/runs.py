@@ -1,0 +1,258 @@
+"""In-memory run logs: a `Run` is one recorded training run, a `RunSet` many runs over one pool.
+
+Shapes: a run with ``T`` steps over ``M`` test examples has ``losses`` of shape ``(T + 1, M)``:
+row 0 is the loss before training, row ``t`` the loss after consuming batch ``t`` (1-based).
+Its ``curriculum`` is a list of ``T`` batches; a batch is a list of training ids (a multiset:
+an id may repeat, and batches may differ in size).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from simfluence.errors import CurriculumError, RunLogError
+
+Curriculum = list[list[str]]
+#: a curriculum as users give it: batches of str or int ids
+AnyCurriculum = Sequence[Sequence[Any]]
+
+
+def normalize_curriculum(batches: Iterable[Iterable[Any]], where: str = "curriculum") -> Curriculum:
+    """Turn a curriculum given with int or str ids into a list of lists of str ids.
+
+    Raises `CurriculumError` naming the step for a batch that is not a list, or is empty.
+    """
+    if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
+        raise CurriculumError(f"{where}: expected a list of batches (lists of training ids)")
+    out: Curriculum = []
+    for step, batch in enumerate(batches, start=1):
+        if isinstance(batch, str | bytes) or not isinstance(batch, Iterable):
+            raise CurriculumError(
+                f"{where}: step {step}: a batch must be a list of training ids, got {batch!r}"
+            )
+        ids = [str(i) for i in batch]
+        if not ids:
+            raise CurriculumError(f"{where}: step {step}: empty batch")
+        out.append(ids)
+    if not out:
+        raise CurriculumError(f"{where}: the curriculum has no steps")
+    return out
+
+
+def check_curriculum(batches: Sequence[Sequence[Any]], where: str = "curriculum") -> None:
+    """Raise `CurriculumError` unless `batches` is a non-empty list of non-empty batches."""
+    if isinstance(batches, str | bytes) or not isinstance(batches, Sequence) or not batches:
+        raise CurriculumError(f"{where}: expected a non-empty list of batches")
+    for step, batch in enumerate(batches, start=1):
+        if isinstance(batch, str | bytes) or not isinstance(batch, Sequence):
+            raise CurriculumError(
+                f"{where}: step {step}: a batch must be a list of training ids, got {batch!r}"
+            )
+        if not batch:
+            raise CurriculumError(f"{where}: step {step}: empty batch")
+
+
+def count_matrix(
+    curriculum: Sequence[Sequence[Any]], index: dict[str, int], where: str = "curriculum"
+) -> sparse.csr_matrix:
+    """The batch count matrix ``N``, shape ``(T, P)``: ``N[t-1, i]`` = times id ``i`` is in batch t.
+
+    Ids may be str or int (looked up as str). Raises `CurriculumError` naming the first id not
+    in `index`, with its step.
+    """
+    lengths = [len(batch) for batch in curriculum]
+    try:  # fast path: every id is a known string
+        cols = [index[train_id] for batch in curriculum for train_id in batch]
+    except (KeyError, TypeError):
+        cols = []
+        for step, batch in enumerate(curriculum, start=1):
+            for train_id in batch:
+                col = index.get(str(train_id))
+                if col is None:
+                    raise CurriculumError(
+                        f"{where}: step {step}: unknown training id {str(train_id)!r}"
+                    ) from None
+                cols.append(col)
+    indptr = np.zeros(len(curriculum) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    data = np.ones(len(cols), dtype=np.float64)
+    matrix = sparse.csr_matrix(
+        (data, np.asarray(cols, dtype=np.int64), indptr), shape=(len(curriculum), len(index))
+    )
+    matrix.sum_duplicates()  # a repeated id in a batch counts twice
+    return matrix
+
+
+@dataclass
+class Run:
+    """One recorded training run.
+
+    Attributes:
+        run_id: unique within its run set.
+        curriculum: ``T`` batches of training ids, the batch consumed at step ``t`` at index
+            ``t - 1``.
+        losses: shape ``(T + 1, M)``, float64; row 0 is before training.
+        seed: the seed that drew the curriculum, when known.
+        lr: shape ``(T,)``, the learning rate of each step, or None when unknown.
+        metadata: free-form JSON-able metadata (workload, model, config).
+    """
+
+    run_id: str
+    curriculum: Curriculum
+    losses: np.ndarray
+    seed: int | None = None
+    lr: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_id = str(self.run_id)
+        self.losses = np.asarray(self.losses, dtype=np.float64)
+        if self.lr is not None:
+            self.lr = np.asarray(self.lr, dtype=np.float64)
+
+    @property
+    def n_steps(self) -> int:
+        """``T``, the number of training steps."""
+        return len(self.curriculum)
+
+    @property
+    def initial_loss(self) -> np.ndarray:
+        """The loss of every test example before training, shape ``(M,)``."""
+        return self.losses[0]
+
+
+@dataclass
+class RunSet:
+    """Many runs that share one pool of training ids and one list of test ids.
+
+    Attributes:
+        train_ids: the pool, length ``P``; ids are strings.
+        test_ids: the test examples, length ``M``; column ``j`` of every run's losses is
+            ``test_ids[j]``.
+        runs: the runs, in the order they were recorded or loaded.
+        metadata: free-form metadata of the whole set.
+    """
+
+    train_ids: list[str]
+    test_ids: list[str]
+    runs: list[Run] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.train_ids = [str(i) for i in self.train_ids]
+        self.test_ids = [str(i) for i in self.test_ids]
+
+    @property
+    def train_index(self) -> dict[str, int]:
+        """Training id -> column in count matrices."""
+        return {train_id: col for col, train_id in enumerate(self.train_ids)}
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [run.run_id for run in self.runs]
+
+    def run(self, run_id: str) -> Run:
+        """The run with this id; `RunLogError` if there is none."""
+        for run in self.runs:
+            if run.run_id == run_id:
+                return run
+        raise RunLogError(f"no run {run_id!r} in this run set (runs: {_preview(self.run_ids)})")
+
+    def subset(self, run_ids: Sequence[str]) -> RunSet:
+        """A run set holding only the named runs, in the given order."""
+        return RunSet(self.train_ids, self.test_ids, [self.run(r) for r in run_ids], self.metadata)
+
+    def split(self, heldout: int | Sequence[str]) -> tuple[RunSet, RunSet]:
+        """``(train, heldout)`` by whole runs.
+
+        Args:
+            heldout: a number ``H`` (the last ``H`` runs by sorted run id are held out) or the
+                explicit list of held-out run ids.
+        """
+        ordered = sorted(self.run_ids)
+        if isinstance(heldout, int):
+            if not 0 < heldout < len(ordered):
+                raise RunLogError(
+                    f"--holdout {heldout}: must be between 1 and {len(ordered) - 1} "
+                    f"(the run set has {len(ordered)} runs)"
+                )
+            held = ordered[-heldout:]
+        else:
+            held = [str(r) for r in heldout]
+            for run_id in held:
+                self.run(run_id)
+            if len(held) >= len(ordered):
+                raise RunLogError("no training runs left after holding out the given runs")
+        train = [r for r in ordered if r not in set(held)]
+        return self.subset(train), self.subset(held)
+
+    def validate(self, source: str = "run set") -> RunSet:
+        """Check every invariant; raise `RunLogError` naming the run, step or field. Returns self."""
+        _check_unique(self.train_ids, f"{source}: train_ids")
+        _check_unique(self.test_ids, f"{source}: test_ids")
+        if not self.test_ids:
+            raise RunLogError(f"{source}: test_ids is empty")
+        index = self.train_index
+        seen: dict[str, int] = {}
+        for position, run in enumerate(self.runs):
+            if run.run_id in seen:
+                raise RunLogError(
+                    f"{source}: duplicate run id {run.run_id!r} (runs #{seen[run.run_id]} "
+                    f"and #{position})"
+                )
+            seen[run.run_id] = position
+            validate_run(run, index, len(self.test_ids), self.test_ids, source)
+        return self
+
+
+def validate_run(
+    run: Run, index: dict[str, int], n_tests: int, test_ids: Sequence[str], source: str
+) -> None:
+    """Check one run against its pool and test list; raise `RunLogError` on the first fault."""
+    where = f"{source}: run {run.run_id!r}"
+    losses = run.losses
+    if losses.ndim != 2 or losses.shape[1] != n_tests:
+        raise RunLogError(
+            f"{where}: losses have shape {losses.shape}, expected (steps + 1, {n_tests})"
+        )
+    if losses.shape[0] != run.n_steps + 1:
+        raise RunLogError(
+            f"{where}: {run.n_steps} batches but {losses.shape[0]} loss rows "
+            f"(expected steps + 1 = {run.n_steps + 1}, row 0 being before training)"
+        )
+    if run.n_steps == 0:
+        raise RunLogError(f"{where}: the run has no training steps")
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        step, col = (int(v) for v in np.argwhere(bad)[0])
+        raise RunLogError(
+            f"{where}: step {step}: loss of test example {test_ids[col]!r} is {losses[step, col]}"
+        )
+    for step, batch in enumerate(run.curriculum, start=1):
+        if not batch:
+            raise RunLogError(f"{where}: step {step}: empty batch")
+        for train_id in batch:
+            if train_id not in index:
+                raise RunLogError(
+                    f"{where}: step {step}: training id {train_id!r} is not in the pool"
+                )
+    if run.lr is not None and run.lr.shape != (run.n_steps,):
+        raise RunLogError(f"{where}: lr has shape {run.lr.shape}, expected ({run.n_steps},)")
+
+
+def _check_unique(ids: Sequence[str], where: str) -> None:
+    counts = Counter(ids)
+    dupes = [i for i, c in counts.items() if c > 1]
+    if dupes:
+        raise RunLogError(f"{where}: duplicate ids {_preview(dupes)}")
+
+
+def _preview(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")

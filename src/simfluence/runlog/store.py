@@ -1,0 +1,192 @@
+"""Run sets on disk: a JSON manifest plus one Parquet file per run (format in docs/runlog.md).
+
+    DIR/manifest.json         {"format": "simfluence.runset", "schema_version": 1,
+                               "train_ids": [...], "test_ids": [...], "metadata": {...}}
+    DIR/runs/<run_id>.parquet one row per step 0..T: step (int32), batch (list<string>),
+                              lr (float64, null when unknown), loss (fixed_size_list<float64>[M]);
+                              key b"simfluence" of the schema metadata holds JSON
+                              {"run_id", "seed", "test_ids", "metadata"}.
+
+Every file is written atomically (temporary file, then rename), so a crash leaves either the
+whole run or none of it: the recorder resumes by skipping the runs already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simfluence._atomic import write_json_atomic, write_with
+from simfluence.errors import RunLogError
+from simfluence.runlog.runs import Run, RunSet, validate_run
+
+FORMAT = "simfluence.runset"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+RUNS_DIR = "runs"
+_META_KEY = b"simfluence"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def run_path(directory: str | os.PathLike[str], run_id: str) -> Path:
+    """Where run `run_id` lives in the run set at `directory`."""
+    return Path(directory) / RUNS_DIR / f"{_SAFE_NAME.sub('_', run_id)}.parquet"
+
+
+def write_manifest(
+    directory: str | os.PathLike[str],
+    train_ids: list[str],
+    test_ids: list[str],
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Create (or overwrite) the manifest of a run set, atomically."""
+    manifest = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "train_ids": [str(i) for i in train_ids],
+        "test_ids": [str(i) for i in test_ids],
+        "metadata": metadata or {},
+    }
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+
+
+def write_run(directory: str | os.PathLike[str], run: Run, test_ids: list[str]) -> Path:
+    """Write one run atomically into the run set at `directory`; returns its path."""
+    n_tests = len(test_ids)
+    losses = np.ascontiguousarray(run.losses, dtype=np.float64)
+    lr = [None] + ([None] * run.n_steps if run.lr is None else [float(x) for x in run.lr])
+    table = pa.table(
+        {
+            "step": pa.array(np.arange(run.n_steps + 1, dtype=np.int32)),
+            "batch": pa.array([[]] + [list(b) for b in run.curriculum], type=pa.list_(pa.string())),
+            "lr": pa.array(lr, type=pa.float64()),
+            "loss": pa.FixedSizeListArray.from_arrays(pa.array(losses.ravel()), n_tests),
+        }
+    )
+    meta = {"run_id": run.run_id, "seed": run.seed, "test_ids": test_ids, "metadata": run.metadata}
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    path = run_path(directory, run.run_id)
+    write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return path
+
+
+def save_runset(runset: RunSet, directory: str | os.PathLike[str]) -> None:
+    """Validate and write a whole run set (manifest + one file per run)."""
+    runset.validate()
+    write_manifest(directory, runset.train_ids, runset.test_ids, runset.metadata)
+    for run in runset.runs:
+        write_run(directory, run, runset.test_ids)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the manifest; `RunLogError` naming the file and field on any fault."""
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise RunLogError(f"{directory}: no such run-set directory")
+    if not path.is_file():
+        raise RunLogError(f"{path}: missing (not a simfluence run set?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunLogError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise RunLogError(f"{path}: field 'format' must be {FORMAT!r}")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunLogError(
+            f"{path}: schema_version {version!r} is not supported (this version reads "
+            f"{SCHEMA_VERSION})"
+        )
+    for key in ("train_ids", "test_ids"):
+        if not isinstance(manifest.get(key), list):
+            raise RunLogError(f"{path}: field {key!r} must be a list of ids")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise RunLogError(f"{path}: field 'metadata' must be an object")
+    return manifest
+
+
+def list_run_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The finished run files of a run set (temporary files of interrupted writes excluded)."""
+    runs_dir = Path(directory) / RUNS_DIR
+    if not runs_dir.is_dir():
+        return []
+    return sorted(p for p in runs_dir.glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_run(path: str | os.PathLike[str], test_ids: list[str]) -> Run:
+    """Read one run file and check its structure against the set's test ids."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RunLogError(f"{path}: not a readable Parquet file ({exc})") from None
+    raw_meta = (table.schema.metadata or {}).get(_META_KEY)
+    if raw_meta is None:
+        raise RunLogError(f"{path}: missing the simfluence schema metadata")
+    meta = json.loads(raw_meta)
+    run_id = str(meta.get("run_id", path.stem))
+    where = f"{path}: run {run_id!r}"
+    for column in ("step", "batch", "lr", "loss"):
+        if column not in table.column_names:
+            raise RunLogError(f"{where}: missing column {column!r}")
+    if meta.get("test_ids") != test_ids:
+        raise RunLogError(f"{where}: its test_ids differ from the manifest's test list")
+    steps = table.column("step").to_numpy()
+    expected = np.arange(len(steps))
+    if len(steps) == 0 or not np.array_equal(steps, expected):
+        first_bad = int(np.argmax(steps != expected)) if len(steps) == len(expected) else 0
+        raise RunLogError(
+            f"{where}: steps must be 0, 1, ..., T with none missing; found {steps[first_bad]} "
+            f"at row {first_bad}"
+        )
+    loss_col = table.column("loss").combine_chunks()
+    if not pa.types.is_fixed_size_list(loss_col.type) or loss_col.type.list_size != len(test_ids):
+        raise RunLogError(
+            f"{where}: column 'loss' must hold {len(test_ids)} losses per step (one per test "
+            f"example), found type {loss_col.type}"
+        )
+    if loss_col.null_count or loss_col.values.null_count:
+        raise RunLogError(f"{where}: column 'loss' has missing values")
+    losses = loss_col.values.to_numpy(zero_copy_only=False).reshape(len(steps), len(test_ids))
+    batches = table.column("batch").to_pylist()
+    lr_values = table.column("lr").to_pylist()[1:]
+    lr = (
+        None
+        if all(v is None for v in lr_values)
+        else np.array([np.nan if v is None else v for v in lr_values], dtype=np.float64)
+    )
+    return Run(
+        run_id=run_id,
+        curriculum=[list(b or []) for b in batches[1:]],
+        losses=losses,
+        seed=meta.get("seed"),
+        lr=lr,
+        metadata=meta.get("metadata") or {},
+    )
+
+
+def load_runset(directory: str | os.PathLike[str]) -> RunSet:
+    """Load and fully validate a run set written by `save_runset` or the recorder."""
+    manifest = read_manifest(directory)
+    test_ids = [str(i) for i in manifest["test_ids"]]
+    runset = RunSet(manifest["train_ids"], test_ids, [], manifest.get("metadata", {}))
+    runset.validate(source=str(Path(directory) / MANIFEST))  # ids unique, tests non-empty
+    index = runset.train_index
+    seen: dict[str, Path] = {}
+    for path in list_run_files(directory):
+        run = read_run(path, runset.test_ids)
+        if run.run_id in seen:
+            raise RunLogError(f"duplicate run id {run.run_id!r} in {seen[run.run_id]} and {path}")
+        seen[run.run_id] = path
+        validate_run(run, index, len(test_ids), test_ids, str(path))
+        runset.runs.append(run)
+    if not runset.runs:
+        raise RunLogError(f"{directory}: the run set holds no runs (nothing in {RUNS_DIR}/)")
+    return runset

@@ -1,0 +1,28 @@
+"""Training-run simulators: Simfluence-Linear, its special cases and honest baselines."""
+
+from simfluence.simulators.base import NotFittedError, Simulator, load_simulator
+from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.registry import (
+    available_simulators,
+    configure_simulator,
+    make_simulator,
+    simulator_class,
+)
+
+__all__ = [
+    "AdditiveSimulator",
+    "DynamicsSimulator",
+    "LinearSimulator",
+    "MeanTrajectorySimulator",
+    "NotFittedError",
+    "PersistenceSimulator",
+    "Simulator",
+    "available_simulators",
+    "configure_simulator",
+    "load_simulator",
+    "make_simulator",
+    "rollout",
+    "simulator_class",
+]

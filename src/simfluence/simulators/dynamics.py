@@ -1,0 +1,156 @@
+"""Simulators of the Simfluence-Linear family and their shared, vectorized rollout.
+
+Every member predicts, for each test example ``z`` independently,
+
+    L_t(z) = alpha_t(z) * L_{t-1}(z) + beta_t(z),
+    alpha_t(z) = sum_{i in c_t} A_i(z),   beta_t(z) = sum_{i in c_t} B_i(z),
+
+with the batch a multiset (a repeated id counts twice). Purely additive members (Simfluence-
+Additive, TracIn, influence functions) have ``alpha_t = 1``.
+
+Signs: a negative ``B_i(z)`` lowers test example ``z``'s loss each time ``i`` is consumed;
+``A_i(z) < 1/b`` (``b`` the batch size) shrinks the loss multiplicatively.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from scipy import sparse
+
+from simfluence.errors import CurriculumError
+from simfluence.runlog.runs import AnyCurriculum, count_matrix
+from simfluence.simulators.base import Simulator
+
+#: curricula rolled out together; bounds memory at about chunk * T * 2M * 8 bytes per thread
+ROLLOUT_CHUNK = 64
+
+
+def _rollout_block(
+    block: Sequence[sparse.csr_matrix],
+    coef_matrix: np.ndarray,
+    multiplicative: bool,
+    initial: np.ndarray,
+) -> list[np.ndarray]:
+    n_tests = initial.shape[1]
+    n_steps = max(c.shape[0] for c in block)
+    padded = [
+        c
+        if c.shape[0] == n_steps
+        else sparse.vstack([c, sparse.csr_matrix((n_steps - c.shape[0], c.shape[1]))])
+        for c in block
+    ]
+    # one sparse product gives alpha and beta of every step of every curriculum in the block
+    coef = np.asarray(sparse.vstack(padded, format="csr") @ coef_matrix)
+    coef = coef.reshape(len(block), n_steps, -1)
+    traj = np.empty((len(block), n_steps + 1, n_tests))
+    traj[:, 0] = initial
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(n_steps):
+            if multiplicative:
+                np.multiply(coef[:, t, :n_tests], traj[:, t], out=traj[:, t + 1])
+                traj[:, t + 1] += coef[:, t, n_tests:]
+            else:
+                np.add(traj[:, t], coef[:, t], out=traj[:, t + 1])
+    return [traj[k, : c.shape[0] + 1] for k, c in enumerate(block)]
+
+
+def rollout(
+    counts: Sequence[sparse.csr_matrix],
+    A: np.ndarray | None,
+    B: np.ndarray,
+    initial: np.ndarray,
+    chunk: int = ROLLOUT_CHUNK,
+    threads: int | None = None,
+) -> list[np.ndarray]:
+    """Free-running rollouts of many curricula, vectorized across curricula and test examples.
+
+    Args:
+        counts: ``C`` count matrices, the ``c``-th of shape ``(T_c, P)``.
+        A: shape ``(M, P)``, multiplicative parameters, or None for ``alpha = 1``.
+        B: shape ``(M, P)``, additive parameters.
+        initial: shape ``(C, M)``, losses at step 0.
+        chunk: curricula per block; blocks run on `threads` threads (default: all cores; scipy's
+            sparse products and numpy's arithmetic release the GIL).
+
+    Returns:
+        ``C`` arrays of shape ``(T_c + 1, M)``.
+    """
+    coef_matrix = B.T if A is None else np.hstack([A.T, B.T])
+    starts = range(0, len(counts), chunk)
+    jobs = [
+        (counts[s : s + chunk], coef_matrix, A is not None, initial[s : s + chunk]) for s in starts
+    ]
+    workers = min(len(jobs), threads or os.cpu_count() or 1)
+    if workers <= 1:
+        blocks = [_rollout_block(*job) for job in jobs]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            blocks = list(pool.map(lambda job: _rollout_block(*job), jobs))
+    return [traj for block in blocks for traj in block]
+
+
+class DynamicsSimulator(Simulator):
+    """Base of the Simfluence-Linear family: holds ``A_`` (or None) and ``B_``, and rolls out.
+
+    Learned attributes:
+        A_: shape ``(M, P)`` or None (purely additive: ``alpha = 1``).
+        B_: shape ``(M, P)``.
+        seen_: shape ``(P,)`` bool, training examples that the fitted runs consumed at least
+            once. Parameters of unseen examples carry no information.
+    """
+
+    A_: np.ndarray | None
+    B_: np.ndarray
+    seen_: np.ndarray
+
+    def __init__(self, unseen: str = "error") -> None:
+        self.unseen = unseen
+
+    def _check_unseen_policy(self) -> None:
+        if self.unseen not in ("error", "prior"):
+            raise CurriculumError(f"unseen={self.unseen!r}: must be 'error' or 'prior'")
+
+    def encode(self, curricula: Sequence[AnyCurriculum]) -> list[sparse.csr_matrix]:
+        """Count matrices ``(T_c, P)`` of curricula, checked against the fitted pool.
+
+        Encode once and call `simulate_encoded` to roll the same curricula out repeatedly.
+        """
+        self._check_fitted()
+        self._check_unseen_policy()
+        index = {train_id: col for col, train_id in enumerate(self.train_ids_)}
+        counts = [count_matrix(c, index, f"curriculum #{k}") for k, c in enumerate(curricula)]
+        if self.unseen == "error":
+            for k, matrix in enumerate(counts):
+                used = np.unique(matrix.indices)
+                unseen = used[~self.seen_[used]]
+                if unseen.size:
+                    step = int(np.argmax(matrix[:, unseen[0]].toarray().ravel() > 0)) + 1
+                    raise CurriculumError(
+                        f"curriculum #{k}: step {step}: training id "
+                        f"{self.train_ids_[unseen[0]]!r} never appeared in the runs this "
+                        f"{self.name} simulator was fitted on, so it has no learned effect "
+                        f"(pass unseen='prior' / --unseen prior to treat it as having none)"
+                    )
+        return counts
+
+    def _simulate_many(
+        self, curricula: Sequence[AnyCurriculum], initial: np.ndarray
+    ) -> list[np.ndarray]:
+        return rollout(self.encode(curricula), self.A_, self.B_, initial)
+
+    def simulate_encoded(
+        self, counts: Sequence[sparse.csr_matrix], initial_losses: np.ndarray
+    ) -> list[np.ndarray]:
+        """`simulate_many` for curricula already turned into count matrices by `encode`."""
+        initial = np.broadcast_to(
+            np.asarray(initial_losses, dtype=np.float64), (len(counts), len(self.test_ids_))
+        )
+        return rollout(counts, self.A_, self.B_, initial)
+
+    @property
+    def alpha_is_one(self) -> bool:
+        return self.A_ is None
