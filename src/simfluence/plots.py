@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from simfluence._atomic import atomic_path  # noqa: E402
+from simfluence._atomic import atomic_path
 
 #: a fixed colour per well-known method, so every figure reads the same way
 METHOD_COLORS = {

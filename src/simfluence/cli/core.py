@@ -116,9 +116,7 @@ def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
 def _register_fit(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fit", help="fit a simulator on a run set and save it")
     p.add_argument("directory", help="run-set directory")
-    p.add_argument(
-        "--method", required=True, help=f"one of: {', '.join(available_simulators())}"
-    )
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(available_simulators())}")
     p.add_argument(
         "--holdout",
         type=positive_int,

@@ -3,7 +3,8 @@
 One directory per run, holding two JSON-lines files:
 
 * ``train_samples_id.json``: ``{"step": s, "samples_id": [id, ...]}``, steps from 1;
-* ``all_loss_trajectory.out``: ``{"id": test_id, "loss_trajectory": [{"step": s, "loss": x}, ...]}``.
+* ``all_loss_trajectory.out``:
+  ``{"id": test_id, "loss_trajectory": [{"step": s, "loss": x}, ...]}``.
 
 That format has no loss before training. On import, the first recorded loss step becomes the
 starting point (our step 0) and the batch consumed at that step is dropped: it cannot be

@@ -193,7 +193,7 @@ class RunSet:
         return self.subset(train), self.subset(held)
 
     def validate(self, source: str = "run set") -> RunSet:
-        """Check every invariant; raise `RunLogError` naming the run, step or field. Returns self."""
+        """Check every invariant; `RunLogError` names the run, step or field. Returns self."""
         _check_unique(self.train_ids, f"{source}: train_ids")
         _check_unique(self.test_ids, f"{source}: test_ids")
         if not self.test_ids:

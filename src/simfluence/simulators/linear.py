@@ -24,7 +24,7 @@ DEFAULT_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0
 
 
 def run_folds(runs: RunSet, n_folds: int) -> list[tuple[RunSet, RunSet]]:
-    """``(train, validation)`` pairs over whole runs; run ``k`` (by sorted id) goes to fold ``k % K``."""
+    """``(train, validation)`` pairs over whole runs; the k-th run by id validates in fold k % K."""
     ordered = sorted(runs.run_ids)
     folds = []
     for fold in range(n_folds):

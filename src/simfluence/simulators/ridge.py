@@ -138,7 +138,8 @@ class LinearRidgeProblem:
 
 
 class AdditiveRidgeProblem:
-    """Simfluence-Additive: ``B = argmin ||N B - (L_next - L_prev)||^2 + lam ||B||^2``, all tests."""
+    """Simfluence-Additive, all test examples: ``argmin_B ||N B - (L_next - L_prev)||^2 +
+    lam ||B||^2``."""
 
     def __init__(self, design: Design) -> None:
         gram = (design.counts.T @ design.counts).toarray()

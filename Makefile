@@ -1,0 +1,34 @@
+# One command to set up and run the main job, one to run the tests (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e ".[record,dev]"
+	touch $(STAMP)
+
+demo: setup
+	rm -rf demo-out/runs
+	$(VENV)/bin/simfluence synth demo-out/runs --seed 0
+	$(VENV)/bin/simfluence evaluate demo-out/runs --methods linear,additive,mean,persistence,truth \
+		--holdout 5 --json demo-out/evaluation.json --plot demo-out/trajectories.png
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) demo-out
