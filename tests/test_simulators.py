@@ -23,7 +23,8 @@ from simfluence.simulators import (
 from simfluence.simulators.ridge import AdditiveRidgeProblem, Design, LinearRidgeProblem
 from simfluence.synth import SynthConfig, generate, write_synthetic
 
-SMALL = SynthConfig(pool=30, tests=4, runs=12, per_run=20, batch=4, epochs=2, seed=3)
+# 22 per run and batch 4: every epoch ends with a batch of 2, so batch weighting matters
+SMALL = SynthConfig(pool=30, tests=4, runs=12, per_run=22, batch=4, epochs=2, seed=3)
 
 
 def direct_linear_ridge(
@@ -46,7 +47,7 @@ def direct_linear_ridge(
 
 def test_conjugate_gradients_match_the_direct_solve() -> None:
     runs, _ = generate(SMALL)
-    design = Design.from_runs(runs)
+    design = Design.from_runs(runs, 4, "mean")
     for lam in (0.01, 1.0):
         solution = LinearRidgeProblem(design, 0.25).solve(lam, tol=1e-12)
         A, B = direct_linear_ridge(design, lam, 0.25)
@@ -56,7 +57,7 @@ def test_conjugate_gradients_match_the_direct_solve() -> None:
 
 def test_additive_matches_the_direct_solve() -> None:
     runs, _ = generate(SMALL)
-    design = Design.from_runs(runs)
+    design = Design.from_runs(runs, 4, "mean")
     N = design.counts.toarray()
     expected = np.linalg.solve(
         N.T @ N + 0.3 * np.eye(N.shape[1]), N.T @ (design.next - design.prev)
@@ -110,7 +111,8 @@ def test_rollout_matches_a_plain_loop() -> None:
     index = {t: i for i, t in enumerate(sim.train_ids_)}
     for batch in curriculum:
         cols = [index[i] for i in batch]
-        L = sim.A_[:, cols].sum(1) * L + sim.B_[:, cols].sum(1)
+        weight = sim.batch_size_ / len(batch)  # mean batch weighting
+        L = weight * (sim.A_[:, cols].sum(1) * L + sim.B_[:, cols].sum(1))
         expected.append(L.copy())
     got = sim.simulate(curriculum, runs.runs[0].initial_loss)
     np.testing.assert_allclose(got, np.array(expected), rtol=1e-12)
@@ -215,3 +217,24 @@ def test_load_rejects_other_files(tmp_path: Path) -> None:
         load_simulator(tmp_path / "x.npz")
     with pytest.raises(SimfluenceError, match="no such simulator file"):
         load_simulator(tmp_path / "missing.npz")
+
+
+def test_batch_weighting_mean_vs_sum() -> None:
+    runs = RunSet(
+        ["a", "b", "c", "d"],
+        ["t"],
+        [
+            Run("r", [["a", "b"], ["c", "d"], ["a", "c"]], [[1.0], [0.9], [0.8], [0.7]]),
+        ],
+    )
+    mean = LinearSimulator(l2=1e6).fit(runs)  # huge l2: every parameter at "no effect"
+    assert mean.batch_size_ == 2
+    np.testing.assert_allclose(
+        mean.simulate([["a"], ["a", "b", "c"]], [1.0]), [[1.0]] * 3, rtol=1e-5
+    )
+    raw = LinearSimulator(l2=1e6, batch_weighting="sum").fit(runs)
+    np.testing.assert_allclose(
+        raw.simulate([["a"], ["a", "b", "c"]], [1.0])[:, 0], [1.0, 0.5, 0.75], rtol=1e-5
+    )
+    with pytest.raises(SimfluenceError, match="batch_weighting='max'"):
+        LinearSimulator(batch_weighting="max").fit(runs)

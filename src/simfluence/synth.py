@@ -27,6 +27,7 @@ from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import Run, RunSet, count_matrix
 from simfluence.runlog.store import save_runset
+from simfluence.simulators.dynamics import weight_batches
 from simfluence.simulators.truth import TRUTH_FILE
 
 
@@ -85,11 +86,13 @@ def simulate_noisy(
     truth: Truth,
     curriculum: list[list[str]],
     index: dict[str, int],
+    batch_size: int,
     noise: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """One run of the noisy process; shape ``(T + 1, M)``."""
-    counts = count_matrix(curriculum, index)
+    """One run of the noisy process; shape ``(T + 1, M)``. Batches are mean-weighted (a batch
+    of ``k`` examples scales its sums by ``batch_size / k``), as the simulators assume."""
+    counts = weight_batches(count_matrix(curriculum, index), batch_size, "mean")
     alpha = np.asarray(counts @ truth.A.T)
     beta = np.asarray(counts @ truth.B.T)
     losses = np.empty((len(curriculum) + 1, truth.A.shape[0]))
@@ -114,7 +117,7 @@ def generate(config: SynthConfig) -> tuple[RunSet, Truth]:
         curriculum = random_curriculum(
             train_ids, config.per_run, config.batch, config.epochs, run_rng
         )
-        losses = simulate_noisy(truth, curriculum, index, config.noise, run_rng)
+        losses = simulate_noisy(truth, curriculum, index, config.batch, config.noise, run_rng)
         runs.append(Run(f"run-{r:04d}", curriculum, losses, seed=r))
     meta = {"workload": "synthetic", "config": asdict(config)}
     return RunSet(train_ids, test_ids, runs, meta), truth

@@ -8,6 +8,14 @@ Every member predicts, for each test example ``z`` independently,
 with the batch a multiset (a repeated id counts twice). Purely additive members (Simfluence-
 Additive, TracIn, influence functions) have ``alpha_t = 1``.
 
+Batch weighting. Training minimizes the *mean* loss over a batch, so an example in a batch of 3
+pulls harder than one in a batch of 4. With ``batch_weighting="mean"`` (the default) both sums
+are scaled by ``b / |c_t|``, ``b`` the typical (median) batch size of the fitted runs: a batch
+of neutral examples (``A_i = 1/b``, ``B_i = 0``) then leaves the loss unchanged whatever its
+size, and removing an example from a batch does not by itself shrink the loss by a quarter.
+For batches of size ``b`` this is exactly the paper's model; ``batch_weighting="sum"`` is the
+paper's raw sum for every batch size.
+
 Signs: a negative ``B_i(z)`` lowers test example ``z``'s loss each time ``i`` is consumed;
 ``A_i(z) < 1/b`` (``b`` the batch size) shrinks the loss multiplicatively.
 """
@@ -15,18 +23,36 @@ Signs: a negative ``B_i(z)`` lowers test example ``z``'s loss each time ``i`` is
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
 
-from simfluence.errors import CurriculumError
-from simfluence.runlog.runs import AnyCurriculum, count_matrix
+from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.runlog.runs import AnyCurriculum, RunSet, count_matrix
 from simfluence.simulators.base import Simulator
+
+if TYPE_CHECKING:
+    from simfluence.simulators.ridge import Design
 
 #: curricula rolled out together; bounds memory at about chunk * T * 2M * 8 bytes per thread
 ROLLOUT_CHUNK = 64
+
+
+BATCH_WEIGHTINGS = ("mean", "sum")
+
+
+def weight_batches(
+    counts: sparse.csr_matrix, batch_size: float, weighting: str
+) -> sparse.csr_matrix:
+    """Scale row ``t`` of a ``(T, P)`` count matrix by ``batch_size / |c_t|`` ("mean") or 1."""
+    if weighting == "sum":
+        return counts
+    sizes = np.asarray(counts.sum(axis=1)).ravel()
+    return sparse.diags(batch_size / sizes) @ counts
 
 
 def _rollout_block(
@@ -101,18 +127,47 @@ class DynamicsSimulator(Simulator):
         B_: shape ``(M, P)``.
         seen_: shape ``(P,)`` bool, training examples that the fitted runs consumed at least
             once. Parameters of unseen examples carry no information.
+        batch_size_: ``b``, the median batch size of the fitted runs.
+
+    Parameters:
+        unseen: ``"error"`` (default): simulating a training id absent from the fitted runs is
+            an error; ``"prior"``: such an id has no effect (``A = 1/b``, ``B = 0``).
+        batch_weighting: ``"mean"`` (default) or ``"sum"``, see the module docstring.
     """
 
     A_: np.ndarray | None
     B_: np.ndarray
     seen_: np.ndarray
 
-    def __init__(self, unseen: str = "error") -> None:
-        self.unseen = unseen
+    batch_size_: float
 
-    def _check_unseen_policy(self) -> None:
+    def __init__(self, unseen: str = "error", batch_weighting: str = "mean") -> None:
+        self.unseen = unseen
+        self.batch_weighting = batch_weighting
+
+    def _check_policies(self) -> None:
         if self.unseen not in ("error", "prior"):
-            raise CurriculumError(f"unseen={self.unseen!r}: must be 'error' or 'prior'")
+            raise SimfluenceError(f"unseen={self.unseen!r}: must be 'error' or 'prior'")
+        if self.batch_weighting not in BATCH_WEIGHTINGS:
+            raise SimfluenceError(
+                f"batch_weighting={self.batch_weighting!r}: must be one of {BATCH_WEIGHTINGS}"
+            )
+
+    def _fit(self, runs: RunSet) -> None:
+        self._check_policies()
+        sizes = np.concatenate([[len(b) for b in r.curriculum] for r in runs.runs])
+        self.batch_size_ = float(np.median(sizes))
+        self._fit_parameters(runs)
+
+    @abstractmethod
+    def _fit_parameters(self, runs: RunSet) -> None:
+        """Set ``A_``, ``B_``, ``seen_`` (``batch_size_`` is already set)."""
+
+    def design(self, runs: RunSet) -> Design:
+        """The teacher-forced regression data of `runs`, batch-weighted like rollouts."""
+        from simfluence.simulators.ridge import Design  # ridge builds on this module
+
+        return Design.from_runs(runs, self.batch_size_, self.batch_weighting)
 
     def encode(self, curricula: Sequence[AnyCurriculum]) -> list[sparse.csr_matrix]:
         """Count matrices ``(T_c, P)`` of curricula, checked against the fitted pool.
@@ -120,7 +175,7 @@ class DynamicsSimulator(Simulator):
         Encode once and call `simulate_encoded` to roll the same curricula out repeatedly.
         """
         self._check_fitted()
-        self._check_unseen_policy()
+        self._check_policies()
         index = {train_id: col for col, train_id in enumerate(self.train_ids_)}
         counts = [count_matrix(c, index, f"curriculum #{k}") for k, c in enumerate(curricula)]
         if self.unseen == "error":
@@ -135,7 +190,7 @@ class DynamicsSimulator(Simulator):
                         f"{self.name} simulator was fitted on, so it has no learned effect "
                         f"(pass unseen='prior' / --unseen prior to treat it as having none)"
                     )
-        return counts
+        return [weight_batches(c, self.batch_size_, self.batch_weighting) for c in counts]
 
     def _simulate_many(
         self, curricula: Sequence[AnyCurriculum], initial: np.ndarray
@@ -145,7 +200,7 @@ class DynamicsSimulator(Simulator):
     def simulate_encoded(
         self, counts: Sequence[sparse.csr_matrix], initial_losses: np.ndarray
     ) -> list[np.ndarray]:
-        """`simulate_many` for curricula already turned into count matrices by `encode`."""
+        """`simulate_many` for curricula already encoded (and batch-weighted) by `encode`."""
         initial = np.broadcast_to(
             np.asarray(initial_losses, dtype=np.float64), (len(counts), len(self.test_ids_))
         )

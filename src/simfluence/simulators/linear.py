@@ -16,7 +16,7 @@ import numpy as np
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import RunSet, count_matrix
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout, weight_batches
 from simfluence.simulators.ridge import AdditiveRidgeProblem, Design, LinearRidgeProblem
 
 Params = tuple[np.ndarray | None, np.ndarray]
@@ -34,10 +34,14 @@ def run_folds(runs: RunSet, n_folds: int) -> list[tuple[RunSet, RunSet]]:
     return folds
 
 
-def rollout_mse(runs: RunSet, A: np.ndarray | None, B: np.ndarray) -> float:
+def rollout_mse(
+    runs: RunSet, A: np.ndarray | None, B: np.ndarray, batch_size: float, weighting: str
+) -> float:
     """All-steps MSE of free-running rollouts of `runs` under parameters ``A``, ``B`` (M, P)."""
     index = runs.train_index
-    counts = [count_matrix(r.curriculum, index) for r in runs.runs]
+    counts = [
+        weight_batches(count_matrix(r.curriculum, index), batch_size, weighting) for r in runs.runs
+    ]
     initial = np.stack([r.initial_loss for r in runs.runs])
     simulated = rollout(counts, A, B, initial)
     return all_steps_mse([r.losses for r in runs.runs], simulated).mean
@@ -47,8 +51,7 @@ class _RidgeSimulator(DynamicsSimulator):
     """Shared CV machinery; subclasses say how to solve for every ``l2`` of a grid."""
 
     l2_: float
-    cv_mse_: list[float] | None
-    prior_batch_size_: float
+    cv_mse_: list[list[float]] | None
 
     def __init__(
         self,
@@ -57,8 +60,9 @@ class _RidgeSimulator(DynamicsSimulator):
         cv_folds: int = 4,
         patience: int = 2,
         unseen: str = "error",
+        batch_weighting: str = "mean",
     ) -> None:
-        super().__init__(unseen=unseen)
+        super().__init__(unseen=unseen, batch_weighting=batch_weighting)
         self.l2 = l2
         self.l2_grid = list(l2_grid)
         self.cv_folds = cv_folds
@@ -77,17 +81,14 @@ class _RidgeSimulator(DynamicsSimulator):
             raise SimfluenceError(f"{self.name}: cv_folds must be at least 2")
         return grid
 
-    def _fit(self, runs: RunSet) -> None:
-        self._check_unseen_policy()
+    def _fit_parameters(self, runs: RunSet) -> None:
         grid = self._validate_params(runs)
-        sizes = np.concatenate([[len(b) for b in r.curriculum] for r in runs.runs])
-        self.prior_batch_size_ = float(np.median(sizes))
         self.cv_mse_ = None
         if len(grid) > 1:
             self.cv_mse_ = self._cross_validate(runs, grid)
             finite = [(mse, l2) for l2, mse in self.cv_mse_ if np.isfinite(mse)]
             grid = [min(finite)[1] if finite else grid[0]]
-        design = Design.from_runs(runs)
+        design = self.design(runs)
         self.l2_ = grid[0]
         self.A_, self.B_ = next(self._path(design, grid, final=True))
         self.seen_ = design.seen
@@ -100,14 +101,15 @@ class _RidgeSimulator(DynamicsSimulator):
         slow ones, and the curve is U-shaped.
         """
         folds = run_folds(runs, min(self.cv_folds, len(runs.runs)))
-        paths = [self._path(Design.from_runs(train), grid, final=False) for train, _ in folds]
+        paths = [self._path(self.design(train), grid, final=False) for train, _ in folds]
+        weighting = (self.batch_size_, self.batch_weighting)
         curve: list[list[float]] = []
         best, rises = np.inf, 0
         for lam in grid:
             mse = float(
                 np.mean(
                     [
-                        rollout_mse(valid, *next(path))
+                        rollout_mse(valid, *next(path), *weighting)
                         for path, (_, valid) in zip(paths, folds, strict=True)
                     ]
                 )
@@ -134,6 +136,8 @@ class LinearSimulator(_RidgeSimulator):
         cv_folds: folds of whole training runs.
         unseen: ``"error"`` (default): simulating a training id absent from the fitted runs is an
             error; ``"prior"``: such an id has no effect (``A = 1/b``, ``B = 0``).
+        batch_weighting: ``"mean"`` (default): each batch's sums are scaled by ``b / |c_t|``
+            (training minimizes the batch mean); ``"sum"``: the paper's raw sums.
         tol: relative residual at which conjugate gradients stop.
         max_iter: conjugate-gradient iterations at most (per ``l2``).
 
@@ -142,7 +146,7 @@ class LinearSimulator(_RidgeSimulator):
 
     Learned attributes: ``A_``, ``B_`` (M, P), ``seen_`` (P,), ``l2_``, ``cv_mse_`` (``[l2, mse]``
     pairs in descending ``l2`` as far as the search went, or None when `l2` was given),
-    ``prior_batch_size_`` (``b``, the median batch size of the training runs),
+    ``batch_size_`` (``b``, the median batch size of the training runs),
     ``cg_iterations_`` and ``cg_residual_`` of the final solve.
     """
 
@@ -155,17 +159,18 @@ class LinearSimulator(_RidgeSimulator):
         cv_folds: int = 4,
         patience: int = 2,
         unseen: str = "error",
+        batch_weighting: str = "mean",
         tol: float = 1e-8,
         cv_tol: float = 1e-4,
         max_iter: int = 1000,
     ) -> None:
-        super().__init__(l2, l2_grid, cv_folds, patience, unseen)
+        super().__init__(l2, l2_grid, cv_folds, patience, unseen, batch_weighting)
         self.tol = tol
         self.cv_tol = cv_tol
         self.max_iter = max_iter
 
     def _path(self, design: Design, grid: list[float], final: bool) -> Iterator[Params]:
-        prior_a = 1.0 / self.prior_batch_size_
+        prior_a = 1.0 / self.batch_size_
         problem = LinearRidgeProblem(design, prior_a)
         tol = self.tol if final else self.cv_tol
         solution = None

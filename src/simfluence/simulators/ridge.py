@@ -25,6 +25,7 @@ import numpy as np
 from scipy import sparse
 
 from simfluence.runlog.runs import RunSet, count_matrix
+from simfluence.simulators.dynamics import weight_batches
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Design:
     """Teacher-forced regression data, stacked over runs.
 
     Attributes:
-        counts: ``(n, P)`` sparse batch counts, one row per step of every run.
+        counts: ``(n, P)`` sparse batch counts, one row per step of every run, each row
+            scaled by its batch weight.
         prev: ``(n, M)`` observed loss before each step.
         next: ``(n, M)`` observed loss after each step.
     """
@@ -42,10 +44,16 @@ class Design:
     next: np.ndarray
 
     @classmethod
-    def from_runs(cls, runs: RunSet) -> Design:
+    def from_runs(cls, runs: RunSet, batch_size: float, weighting: str) -> Design:
+        """Stack the steps of every run; batches weighted as in rollouts (see dynamics)."""
         index = runs.train_index
         counts = sparse.vstack(
-            [count_matrix(r.curriculum, index, f"run {r.run_id!r}") for r in runs.runs],
+            [
+                weight_batches(
+                    count_matrix(r.curriculum, index, f"run {r.run_id!r}"), batch_size, weighting
+                )
+                for r in runs.runs
+            ],
             format="csr",
         )
         prev = np.concatenate([r.losses[:-1] for r in runs.runs])
@@ -75,13 +83,13 @@ class LinearRidgeProblem:
         self.N = design.counts
         self.NT = design.counts.T.tocsr()
         self.prev = design.prev
-        # residual of the prior: L_next - (sum_{i in batch} 1/b) * L_prev
-        batch_sizes = np.asarray(self.N.sum(axis=1))
-        resid = design.next - prior_a * batch_sizes * design.prev
+        # residual of the prior: L_next - (sum_{i in batch} w_t / b) * L_prev
+        batch_mass = np.asarray(self.N.sum(axis=1))
+        resid = design.next - prior_a * batch_mass * design.prev
         self.rhs_A = self.NT @ (self.prev * resid)
         self.rhs_B = self.NT @ resid
         # exact diagonal 2x2 blocks of X_j^T X_j, for all (example, test) pairs: (P, M) each
-        squared = self.NT.multiply(self.NT).tocsr()
+        squared = self.NT.multiply(self.NT).tocsr()  # sum_t N_ti^2 (weights included)
         self.s2 = squared @ (self.prev**2)
         self.s1 = squared @ self.prev
         self.s0 = np.asarray(squared.sum(axis=1))  # (P, 1), shared by all test examples

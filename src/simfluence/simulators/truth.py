@@ -23,11 +23,13 @@ class TruthSimulator(DynamicsSimulator):
 
     name = "truth"
 
-    def __init__(self, path: str = "", unseen: str = "prior") -> None:
-        super().__init__(unseen=unseen)
+    def __init__(
+        self, path: str = "", unseen: str = "prior", batch_weighting: str = "mean"
+    ) -> None:
+        super().__init__(unseen=unseen, batch_weighting=batch_weighting)
         self.path = path
 
-    def _fit(self, runs: RunSet) -> None:
+    def _fit_parameters(self, runs: RunSet) -> None:
         if not Path(self.path).is_file():
             raise SimfluenceError(
                 f"truth: {self.path or '(no path)'} not found; only synthetic run sets have one"
