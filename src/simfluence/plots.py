@@ -79,3 +79,60 @@ def plot_trajectories(
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return fig
+
+
+def plot_method_grid(
+    true: np.ndarray,
+    simulated: Mapping[str, np.ndarray],
+    test_ids: Sequence[str],
+    columns: Sequence[int],
+    title: str = "",
+    path: str | os.PathLike[str] | None = None,
+) -> plt.Figure:
+    """One panel per method, the same few test examples in each: recorded (thick, faint) vs
+    simulated (thin), one colour per test example. The y-axis follows the recorded losses, so
+    a rollout that explodes runs off the panel instead of flattening every other curve.
+
+    Args: as `plot_trajectories`.
+    """
+    names = list(simulated)
+    ncols = min(len(names), 4)
+    nrows = int(np.ceil(len(names) / ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False, sharex=True, sharey=True
+    )
+    steps = np.arange(true.shape[0])
+    low, high = true[:, columns].min(), true[:, columns].max()
+    margin = 0.15 * (high - low + 1e-12)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        for k, col in enumerate(columns):
+            color = f"C{k % 10}"
+            ax.plot(steps, true[:, col], color=color, lw=3.0, alpha=0.3)
+            ax.plot(steps, simulated[name][:, col], color=color, lw=1.1, label=test_ids[col])
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(low - margin, high + margin)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(names) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("loss")
+    fig.suptitle(
+        (title + "\n" if title else "") + "thick faint: recorded; thin: simulated", fontsize=10
+    )
+    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=len(labels),
+        frameon=False,
+        title="test example",
+    )
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    return fig

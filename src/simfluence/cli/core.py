@@ -16,7 +16,7 @@ from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.cli._args import comma_list, positive_int, read_json
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate, format_table
-from simfluence.plots import pick_test_examples, plot_trajectories
+from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
     export_gptfluence,
     import_gptfluence,
@@ -258,9 +258,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.plot:
         run = runs.run(result.heldout_runs[0])
         simulated = {name: m.simulated[0] for name, m in result.methods.items()}
-        columns = pick_test_examples(run.losses, 6)
         title = f"held-out run {run.run_id}: recorded vs simulated"
-        plot_trajectories(run.losses, simulated, runs.test_ids, columns, title, args.plot)
+        if len(simulated) > 5:  # too many lines for one panel: one panel per method
+            columns = pick_test_examples(run.losses, 4)
+            plot_method_grid(run.losses, simulated, runs.test_ids, columns, title, args.plot)
+        else:
+            columns = pick_test_examples(run.losses, 6)
+            plot_trajectories(run.losses, simulated, runs.test_ids, columns, title, args.plot)
         print(f"wrote {args.plot}")
 
 

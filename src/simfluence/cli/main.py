@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from simfluence.cli import core
+from simfluence.cli import core, record
 from simfluence.errors import SimfluenceError
 
 #: command modules; each has ``register(subparsers)`` and sets ``func`` on its parsers
-COMMAND_MODULES = [core]
+COMMAND_MODULES = [core, record]
 
 
 def build_parser() -> argparse.ArgumentParser:

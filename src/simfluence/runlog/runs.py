@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,12 +138,14 @@ class RunSet:
             ``test_ids[j]``.
         runs: the runs, in the order they were recorded or loaded.
         metadata: free-form metadata of the whole set.
+        source: the directory it was loaded from, if any (where checkpoints live).
     """
 
     train_ids: list[str]
     test_ids: list[str]
     runs: list[Run] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.train_ids = [str(i) for i in self.train_ids]
@@ -166,7 +169,8 @@ class RunSet:
 
     def subset(self, run_ids: Sequence[str]) -> RunSet:
         """A run set holding only the named runs, in the given order."""
-        return RunSet(self.train_ids, self.test_ids, [self.run(r) for r in run_ids], self.metadata)
+        runs = [self.run(r) for r in run_ids]
+        return RunSet(self.train_ids, self.test_ids, runs, self.metadata, self.source)
 
     def split(self, heldout: int | Sequence[str]) -> tuple[RunSet, RunSet]:
         """``(train, heldout)`` by whole runs.

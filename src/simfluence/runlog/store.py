@@ -176,7 +176,8 @@ def load_runset(directory: str | os.PathLike[str]) -> RunSet:
     """Load and fully validate a run set written by `save_runset` or the recorder."""
     manifest = read_manifest(directory)
     test_ids = [str(i) for i in manifest["test_ids"]]
-    runset = RunSet(manifest["train_ids"], test_ids, [], manifest.get("metadata", {}))
+    metadata = manifest.get("metadata", {})
+    runset = RunSet(manifest["train_ids"], test_ids, [], metadata, Path(directory))
     runset.validate(source=str(Path(directory) / MANIFEST))  # ids unique, tests non-empty
     index = runset.train_index
     seen: dict[str, Path] = {}

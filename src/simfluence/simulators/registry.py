@@ -22,7 +22,17 @@ _CORE: dict[str, type[Simulator]] = {
     )
 }
 #: name -> "module:Class" for simulators that live outside the core (they import torch)
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    name: f"simfluence.attribution.simulators:{cls}"
+    for name, cls in [
+        ("tracin-cp", "TracInCPSimulator"),
+        ("tracin-cp-scaled", "ScaledTracInCPSimulator"),
+        ("grad-dot", "GradDotSimulator"),
+        ("grad-dot-scaled", "ScaledGradDotSimulator"),
+        ("influence", "InfluenceSimulator"),
+        ("influence-scaled", "ScaledInfluenceSimulator"),
+    ]
+}
 
 
 def available_simulators() -> list[str]:

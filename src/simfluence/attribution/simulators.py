@@ -1,0 +1,289 @@
+"""Gradient-based TDA as simulators: TracIn-CP, Grad-Dot and influence functions.
+
+Simfluence's central claim is that these methods are special cases of Simfluence-Linear: purely
+additive (``alpha = 1``) with ``B_i(z)`` computed from gradients instead of learned,
+
+    L_t(z) = L_{t-1}(z) + w_t * sum_{i in c_t} B_i(z),     w_t = b / |c_t| (mean weighting),
+
+so they are fitted, simulated, saved and evaluated exactly like `linear`. ``B`` has shape
+``(M, P)`` = (test examples, pool); a negative ``B_i(z)`` means consuming ``i`` once lowers
+``z``'s loss.
+
+`fit(runs)` needs a run set recorded by `simfluence record --checkpoints ...`: it rebuilds the
+workload's pool and test examples from the manifest, loads every training run's checkpoints,
+computes each run's scores and **averages them over runs** (the expected scores for a random
+run of the protocol). Per checkpoint ``k`` of a run, the learning rate ``eta_k`` is the one of
+the step taken from that checkpoint, and ``b`` is the batch size of the protocol:
+
+* ``tracin-cp``: ``B_i(z) = -(1/K) sum_k eta_k / b * g_z(theta_k) . g_i(theta_k)`` over the
+  ``K`` saved checkpoints. We **average** over checkpoints (TracIn-CP sums): ``B`` is an effect
+  *per consumption*, and each consumption happens at one step, so the average over the run is
+  the right unit for a simulator (the ``-scaled`` variants make the choice moot).
+* ``grad-dot``: the same at the last saved checkpoint only.
+* ``influence``: ``B_i(z) = -(eta / b) g_z^T (F + lambda I)^{-1} g_i`` at the last checkpoint,
+  with ``F`` the empirical Fisher of the pool (a positive semi-definite Gauss-Newton-style
+  approximation of the training-loss Hessian; ``curvature="hessian"`` uses the exact Hessian
+  through Hessian-vector products) and damping ``lambda = damping * trace(F) / D`` (relative
+  to the mean eigenvalue).
+
+Every method also comes as ``NAME-scaled``: one global factor ``s >= 0`` on ``B`` fitted in
+closed form on the *training* runs' rollouts (least squares of ``L_t - L_0`` on the rollout's
+cumulative change), never on the held-out runs. The raw variants use ``s = 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from simfluence.errors import SimfluenceError
+from simfluence.recording.runner import load_checkpoint
+from simfluence.recording.task import Examples, Task
+from simfluence.runlog.runs import Run, RunSet, count_matrix
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout, weight_batches
+
+
+class GradientSimulator(DynamicsSimulator):
+    """Base of the gradient methods: ``A_`` is None and ``B_`` comes from `_scores`.
+
+    Parameters:
+        scaled: fit one global scale on the training runs (the ``-scaled`` variants).
+        max_runs: use the checkpoints of at most this many training runs (None: all).
+        projection_dim: project gradients to this many dimensions (None: exact dot products).
+        projection_seed: seed of the projection.
+        workload: override the workload named in the run set's manifest.
+        checkpoints_dir: where the checkpoints are (default: the run set's directory).
+
+    Learned attributes: ``B_`` (M, P), ``A_`` None, ``scale_`` (1.0 unless scaled),
+    ``runs_used_``, ``checkpoint_steps_`` (per run used).
+    """
+
+    #: "all" checkpoints of a run, or only the "last" one
+    checkpoints_used: str = "all"
+    #: the ``-scaled`` variants scale whatever their ``scaled`` parameter says
+    always_scaled: bool = False
+
+    def __init__(
+        self,
+        scaled: bool = False,
+        max_runs: int | None = None,
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        workload: str | None = None,
+        checkpoints_dir: str | None = None,
+        unseen: str = "error",
+        batch_weighting: str = "mean",
+    ) -> None:
+        super().__init__(unseen=unseen, batch_weighting=batch_weighting)
+        self.scaled = scaled
+        self.max_runs = max_runs
+        self.projection_dim = projection_dim
+        self.projection_seed = projection_seed
+        self.workload = workload
+        self.checkpoints_dir = checkpoints_dir
+
+    # -- what subclasses say ----------------------------------------------------------------
+    def _scores(
+        self,
+        task: Task,
+        model: torch.nn.Module,
+        checkpoints: list[Mapping[str, torch.Tensor]],
+        lrs: list[float],
+        pool: Examples,
+        tests: Examples,
+    ) -> np.ndarray:
+        """``B`` of one run, shape ``(M, P)``, from its checkpoints (oldest first)."""
+        raise NotImplementedError
+
+    # -- fitting ----------------------------------------------------------------------------
+    def _fit_parameters(self, runs: RunSet) -> None:
+        task, config = self._task(runs)
+        pool, tests = task.prepare(config["pool"], config["tests"], config["seed"])
+        if pool.ids != runs.train_ids or tests.ids != runs.test_ids:
+            raise SimfluenceError(
+                f"{self.name}: workload {task.name!r} rebuilt other pool/test ids than the "
+                "run set's manifest (was it recorded with another version of the workload?)"
+            )
+        model = task.make_model(config["seed"])
+        used = runs.runs[: self.max_runs] if self.max_runs else runs.runs
+        directory = self.checkpoints_dir or runs.source
+        if directory is None:
+            raise SimfluenceError(
+                f"{self.name}: the run set has no directory to find checkpoints in"
+            )
+        total = np.zeros((len(runs.test_ids), len(runs.train_ids)))
+        self.checkpoint_steps_ = {}
+        for run in used:
+            steps = self._steps(run)
+            checkpoints = [load_checkpoint(directory, run.run_id, s) for s in steps]
+            lrs = [_lr_at(run, s, config["lr"]) for s in steps]
+            total += self._scores(task, model, checkpoints, lrs, pool, tests)
+            self.checkpoint_steps_[run.run_id] = steps
+        self.runs_used_ = len(used)
+        self.A_ = None
+        self.B_ = total / len(used)
+        self.seen_ = np.ones(len(runs.train_ids), dtype=bool)  # gradients exist for all
+        self.scale_ = self._fit_scale(runs) if self.scaled or self.always_scaled else 1.0
+        self.B_ = self.B_ * self.scale_
+
+    def _task(self, runs: RunSet) -> tuple[Task, dict[str, Any]]:
+        from simfluence.recording.workloads import get_workload
+
+        config = runs.metadata.get("config")
+        name = self.workload or (config or {}).get("workload")
+        if not config or not name:
+            raise SimfluenceError(
+                f"{self.name}: the run set was not recorded by `simfluence record` (its manifest "
+                "has no workload config), so the model and examples cannot be rebuilt"
+            )
+        return get_workload(name), config
+
+    def _steps(self, run: Run) -> list[int]:
+        steps = sorted(run.metadata.get("checkpoint_steps") or [])
+        if not steps:
+            raise SimfluenceError(
+                f"{self.name}: run {run.run_id!r} has no saved checkpoints; record with "
+                "--checkpoints (e.g. --checkpoints 0,32,64) to use gradient methods"
+            )
+        return steps if self.checkpoints_used == "all" else steps[-1:]
+
+    def _fit_scale(self, runs: RunSet) -> float:
+        """Least-squares ``s >= 0`` of ``L_t - L_0`` on ``s * (rollout change)`` over the
+        training runs' steps and test examples (closed form)."""
+        index = runs.train_index
+        counts = [
+            weight_batches(
+                count_matrix(r.curriculum, index), self.batch_size_, self.batch_weighting
+            )
+            for r in runs.runs
+        ]
+        zeros = np.zeros((len(runs.runs), len(runs.test_ids)))
+        change = rollout(counts, None, self.B_, zeros)  # cumulative sum of beta_t from 0
+        observed = [r.losses - r.losses[0] for r in runs.runs]
+        num = sum(float((c * o).sum()) for c, o in zip(change, observed, strict=True))
+        den = sum(float((c * c).sum()) for c in change)
+        return max(num / den, 0.0) if den > 0 else 0.0
+
+    def _projection(self) -> Any:
+        if self.projection_dim is None:
+            return None
+        from simfluence.attribution.gradients import RandomProjection
+
+        return RandomProjection(self.projection_dim, seed=self.projection_seed)
+
+
+def _lr_at(run: Run, step: int, default: float) -> float:
+    """The learning rate of the step taken from the checkpoint at `step` (the last one for T)."""
+    if run.lr is None or not len(run.lr):
+        return float(default)
+    value = float(run.lr[min(step, len(run.lr) - 1)])
+    return value if np.isfinite(value) else float(default)
+
+
+class TracInCPSimulator(GradientSimulator):
+    """TracIn-CP as a simulator: the average over saved checkpoints (module docstring)."""
+
+    name = "tracin-cp"
+
+    def _scores(self, task, model, checkpoints, lrs, pool, tests):  # type: ignore[no-untyped-def]
+        from simfluence.attribution.tracin import tracin_cp_scores
+
+        weights = [1.0 / len(checkpoints)] * len(checkpoints)
+        return tracin_cp_scores(
+            task,
+            model,
+            checkpoints,
+            lrs,
+            pool,
+            tests,
+            self.batch_size_,
+            self._projection(),
+            checkpoint_weights=weights,
+        )
+
+
+class GradDotSimulator(TracInCPSimulator):
+    """Grad-Dot: TracIn at the last saved checkpoint."""
+
+    name = "grad-dot"
+    checkpoints_used = "last"
+
+
+class InfluenceSimulator(GradientSimulator):
+    """Influence functions at the last saved checkpoint (module docstring).
+
+    Extra parameters:
+        damping: relative damping; ``lambda = damping * trace(F) / D``.
+        curvature: ``"fisher"`` (default; positive semi-definite) or ``"hessian"`` (exact).
+    """
+
+    name = "influence"
+    checkpoints_used = "last"
+
+    def __init__(
+        self,
+        scaled: bool = False,
+        max_runs: int | None = None,
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        workload: str | None = None,
+        checkpoints_dir: str | None = None,
+        unseen: str = "error",
+        batch_weighting: str = "mean",
+        damping: float = 0.1,
+        curvature: str = "fisher",
+    ) -> None:
+        super().__init__(
+            scaled,
+            max_runs,
+            projection_dim,
+            projection_seed,
+            workload,
+            checkpoints_dir,
+            unseen,
+            batch_weighting,
+        )
+        self.damping = damping
+        self.curvature = curvature
+
+    def _scores(self, task, model, checkpoints, lrs, pool, tests):  # type: ignore[no-untyped-def]
+        from simfluence.attribution.gradients import per_example_gradients
+        from simfluence.attribution.influence import influence_scores
+
+        grads = per_example_gradients(task, model, checkpoints[-1], pool)
+        mean_eigenvalue = float((grads.double() ** 2).sum(1).mean()) / grads.shape[1]
+        return influence_scores(
+            task,
+            model,
+            checkpoints[-1],
+            lrs[-1],
+            pool,
+            tests,
+            self.batch_size_,
+            damping=self.damping * mean_eigenvalue,
+            curvature=self.curvature,  # type: ignore[arg-type]
+        )
+
+
+class ScaledTracInCPSimulator(TracInCPSimulator):
+    """``tracin-cp`` with one global scale fitted on the training runs."""
+
+    name = "tracin-cp-scaled"
+    always_scaled = True
+
+
+class ScaledGradDotSimulator(GradDotSimulator):
+    """``grad-dot`` with one global scale fitted on the training runs."""
+
+    name = "grad-dot-scaled"
+    always_scaled = True
+
+
+class ScaledInfluenceSimulator(InfluenceSimulator):
+    """``influence`` with one global scale fitted on the training runs."""
+
+    name = "influence-scaled"
+    always_scaled = True

@@ -1,0 +1,348 @@
+"""Record many runs of a `Task` on random curricula, in the paper's protocol (resumable).
+
+Each run draws ``per_run`` training examples of the pool, then trains ``epochs`` epochs over them
+in freshly shuffled batches of ``batch`` (`simfluence.curricula.random_curriculum`), always from
+the same initial model ``task.make_model(seed)``, with ``task.make_optimizer(model, lr)`` on the
+mean of ``task.example_losses`` over the batch. Every test example is scored before training and
+after every step.
+
+Layout of the run-set directory (see `simfluence.runlog.store` for the run files)::
+
+    DIR/manifest.json                          pool + test ids; metadata: config, task
+    DIR/runs/run-0000.parquet ...              one file per finished run
+    DIR/checkpoints/run-0000/step-20.pt ...    the model's state_dict at the requested steps
+
+Run ``r`` is called ``run-{r:04d}``. Its ``seed`` (stored in the run) is
+``np.random.SeedSequence([seed, r]).generate_state(1)[0]``; ``np.random.default_rng(run.seed)``
+drew its curriculum and ``torch.manual_seed(run.seed)`` was set before it trained, so the same
+arguments give bit-identical losses on the same machine.
+
+Files are written atomically and a run's checkpoints before its run file, so an interrupted
+recording (Ctrl-C, kill -9) is resumed by calling `record_runs` again with the same arguments:
+runs already on disk are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from simfluence._atomic import atomic_path
+from simfluence.curricula import random_curriculum
+from simfluence.errors import SimfluenceError
+from simfluence.recording.recorder import Recorder, RecordingError
+from simfluence.recording.task import Task
+from simfluence.runlog import RunSet, load_runset, read_manifest, write_manifest, write_run
+from simfluence.runlog.store import MANIFEST, RUNS_DIR, run_path
+
+CHECKPOINTS_DIR = "checkpoints"
+RECORDER_NAME = "simfluence.recording.runner"
+#: models with fewer parameters than this are trained on one CPU thread (faster and steadier)
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def run_id_for(index: int) -> str:
+    """The id of run number `index`: ``run-0000``, ``run-0001``, ..."""
+    return f"run-{index:04d}"
+
+
+def run_seed(seed: int, index: int) -> int:
+    """The seed of run number `index` of a recording seeded with `seed` (a uint32)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def steps_per_run(per_run: int, batch: int, epochs: int) -> int:
+    """``T = epochs * ceil(per_run / batch)``."""
+    return epochs * math.ceil(per_run / batch)
+
+
+def checkpoint_path(directory: str | os.PathLike[str], run_id: str, step: int) -> Path:
+    """Where the checkpoint of run `run_id` at step `step` lives."""
+    return Path(directory) / CHECKPOINTS_DIR / run_id / f"step-{int(step)}.pt"
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], run_id: str, step: int
+) -> dict[str, torch.Tensor]:
+    """The model's ``state_dict`` saved for run `run_id` at step `step` (0 = before training).
+
+    Raises `SimfluenceError` naming the run and step when there is no such checkpoint.
+    """
+    path = checkpoint_path(directory, run_id, step)
+    if not path.is_file():
+        saved = (
+            sorted(int(p.stem.removeprefix("step-")) for p in path.parent.glob("step-*.pt"))
+            if path.parent.is_dir()
+            else []
+        )
+        hint = f"saved steps: {saved}" if saved else "no checkpoints were saved for this run"
+        raise SimfluenceError(
+            f"{directory}: no checkpoint of run {run_id!r} at step {step} ({hint}; record with "
+            "--checkpoints to save some)"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def record_runs(
+    task: Task,
+    directory: str | os.PathLike[str],
+    *,
+    runs: int,
+    pool: int,
+    per_run: int,
+    tests: int,
+    batch: int,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    checkpoints: Sequence[int] = (),
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> RunSet:
+    """Record `runs` runs of `task` on random curricula into `directory`; returns them.
+
+    Every run has ``T = epochs * ceil(per_run / batch)`` steps; its losses have shape
+    ``(T + 1, tests)``. Resumes an interrupted recording in `directory` (the same arguments
+    are required; `runs` may grow). `checkpoints` are steps in ``0..T`` at which the model's
+    ``state_dict`` is saved for every run (`load_checkpoint`). `num_threads` is the number of
+    torch CPU threads while training (default: 1 for models under a million parameters, else
+    unchanged).
+
+    Raises `SimfluenceError` on bad options, or when `directory` holds a different recording.
+    """
+    config = _check_config(task, runs, pool, per_run, tests, batch, epochs, lr, seed, checkpoints)
+    n_steps = config["steps"]
+    directory = Path(directory)
+    try:
+        pool_examples, test_examples = task.prepare(pool, tests, seed)
+    except ValueError as exc:
+        if isinstance(exc, SimfluenceError):
+            raise
+        raise SimfluenceError(f"workload {task.name!r}: {exc}") from None
+    if len(pool_examples) != pool or len(test_examples) != tests:
+        raise SimfluenceError(
+            f"workload {task.name!r}: prepare({pool}, {tests}, {seed}) returned "
+            f"{len(pool_examples)} pool and {len(test_examples)} test examples"
+        )
+    metadata = {
+        "recorder": RECORDER_NAME,
+        "config": {k: v for k, v in config.items() if k != "runs"},
+        "runs": runs,
+        "task": _jsonable(task.describe()),
+    }
+    _prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
+
+    row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
+    initial = task.make_model(seed)
+    todo = [r for r in range(runs) if not run_path(directory, run_id_for(r)).is_file()]
+    if num_threads is None:
+        n_params = sum(p.numel() for p in initial.parameters())
+        num_threads = 1 if n_params < SMALL_MODEL_PARAMS else None
+    bar = tqdm(
+        total=len(todo) * n_steps,
+        unit="step",
+        disable=not progress or not todo,
+        desc=f"recording {task.name}",
+        dynamic_ncols=True,
+    )
+    with bar, _torch_threads(num_threads):
+        for done, r in enumerate(todo):
+            bar.set_postfix_str(f"run {done + 1}/{len(todo)} ({run_id_for(r)})")
+            _record_one(
+                task, directory, initial, pool_examples, test_examples, row_of, config, r, bar
+            )
+    return load_runset(directory).subset([run_id_for(r) for r in range(runs)])
+
+
+def _record_one(
+    task: Task,
+    directory: Path,
+    initial: torch.nn.Module,
+    pool_examples: Any,
+    test_examples: Any,
+    row_of: dict[str, int],
+    config: dict[str, Any],
+    index: int,
+    bar: tqdm,
+) -> None:
+    run_id = run_id_for(index)
+    seed = run_seed(config["seed"], index)
+    rng = np.random.default_rng(seed)
+    curriculum = random_curriculum(
+        pool_examples.ids, config["per_run"], config["batch"], config["epochs"], rng
+    )
+    ckpt_steps = set(config["checkpoints"])
+    torch.manual_seed(seed)
+    model = copy.deepcopy(initial)
+    model.train()
+    optimizer = task.make_optimizer(model, config["lr"])
+    recorder = Recorder.from_task(
+        task,
+        model,
+        test_examples,
+        pool=pool_examples.ids,
+        run_id=run_id,
+        seed=seed,
+        metadata={"run_index": index, "checkpoint_steps": sorted(ckpt_steps)},
+    )
+    if 0 in ckpt_steps:
+        _save_checkpoint(directory, run_id, 0, model)
+    for step, batch_ids in enumerate(curriculum, start=1):
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad(set_to_none=True)
+        inputs = pool_examples.take([row_of[i] for i in batch_ids])
+        losses = task.example_losses(model, inputs)
+        if losses.shape != (len(batch_ids),):
+            raise RecordingError(
+                f"run {run_id!r}: step {step}: example_losses returned shape "
+                f"{tuple(losses.shape)} for a batch of {len(batch_ids)}"
+            )
+        losses.mean().backward()
+        optimizer.step()
+        recorder.step(batch_ids, lr=lr)
+        if step in ckpt_steps:
+            _save_checkpoint(directory, run_id, step, model)
+        bar.update(1)
+    write_run(directory, recorder.run(), test_examples.ids)
+
+
+def _save_checkpoint(directory: Path, run_id: str, step: int, model: torch.nn.Module) -> None:
+    state = {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
+    with atomic_path(checkpoint_path(directory, run_id, step)) as tmp:
+        torch.save(state, tmp)
+
+
+def _check_config(
+    task: Task,
+    runs: int,
+    pool: int,
+    per_run: int,
+    tests: int,
+    batch: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    checkpoints: Sequence[int],
+) -> dict[str, Any]:
+    for flag, value in [
+        ("--runs", runs),
+        ("--pool", pool),
+        ("--per-run", per_run),
+        ("--tests", tests),
+        ("--batch", batch),
+        ("--epochs", epochs),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise SimfluenceError(f"{flag} {value!r}: must be a whole number of at least 1")
+    if per_run > pool:
+        raise SimfluenceError(f"--per-run {per_run}: must not exceed the pool size {pool}")
+    if batch > per_run:
+        raise SimfluenceError(f"--batch {batch}: must not exceed --per-run {per_run}")
+    lr = float(lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise SimfluenceError(f"--lr {lr}: must be a positive number")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise SimfluenceError(f"--seed {seed!r}: must be a whole number >= 0")
+    n_steps = steps_per_run(per_run, batch, epochs)
+    steps: list[int] = []
+    for step in checkpoints:
+        if isinstance(step, bool) or not isinstance(step, int | np.integer):
+            raise SimfluenceError(f"--checkpoints: {step!r} is not a step number")
+        if not 0 <= step <= n_steps:
+            raise SimfluenceError(
+                f"--checkpoints: step {step} is outside 0..{n_steps} (a run has {n_steps} steps: "
+                f"{epochs} epochs x ceil({per_run} / {batch}) batches)"
+            )
+        steps.append(int(step))
+    return {
+        "workload": task.name,
+        "runs": int(runs),
+        "pool": int(pool),
+        "per_run": int(per_run),
+        "tests": int(tests),
+        "batch": int(batch),
+        "epochs": int(epochs),
+        "lr": lr,
+        "seed": int(seed),
+        "steps": n_steps,
+        "checkpoints": sorted(set(steps)),
+    }
+
+
+def _prepare_directory(
+    directory: Path, train_ids: list[str], test_ids: list[str], metadata: dict[str, Any]
+) -> None:
+    """Create the manifest, or check that the existing one is this recording's."""
+    if directory.exists() and not directory.is_dir():
+        raise SimfluenceError(f"{directory}: exists and is not a directory")
+    if not (directory / MANIFEST).is_file():
+        if directory.is_dir() and any(directory.iterdir()):
+            raise SimfluenceError(
+                f"{directory}: is not empty and has no {MANIFEST}; choose an empty or new directory"
+            )
+        write_manifest(directory, train_ids, test_ids, metadata)
+        return
+    manifest = read_manifest(directory)
+    old = manifest.get("metadata", {})
+    hint = "choose another directory, or rerun with the options it was recorded with"
+    if old.get("recorder") != RECORDER_NAME:
+        raise SimfluenceError(
+            f"{directory}: holds a run set that was not recorded by `simfluence record`; {hint}"
+        )
+    for key in ("config", "task"):
+        if old.get(key) != metadata[key]:
+            diffs = _diff(old.get(key) or {}, metadata[key])
+            raise SimfluenceError(
+                f"{directory}: holds a recording with a different {key} ({diffs}); {hint}"
+            )
+    if manifest["train_ids"] != train_ids or manifest["test_ids"] != test_ids:
+        raise SimfluenceError(
+            f"{directory}: its pool or test ids differ from this recording's; {hint}"
+        )
+    if old.get("runs") != metadata["runs"]:
+        write_manifest(directory, train_ids, test_ids, {**old, "runs": metadata["runs"]})
+    _remove_stale_temporaries(directory)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files an interrupted (killed) recording left behind."""
+    for folder in [directory / RUNS_DIR, *(directory / CHECKPOINTS_DIR).glob("*")]:
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    parts = [
+        f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)
+    ]
+    return "; ".join(parts[:3])
+
+
+def _jsonable(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (so a manifest compares equal to a fresh description)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
