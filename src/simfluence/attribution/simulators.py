@@ -51,7 +51,8 @@ class GradientSimulator(DynamicsSimulator):
 
     Parameters:
         scaled: fit one global scale on the training runs (the ``-scaled`` variants).
-        max_runs: use the checkpoints of at most this many training runs (None: all).
+        max_runs: average the scores of at most this many training runs (None: all; 8 by
+            default: the average barely moves beyond a few runs, and each costs gradients).
         projection_dim: project gradients to this many dimensions (None: exact dot products).
         projection_seed: seed of the projection.
         workload: override the workload named in the run set's manifest.
@@ -69,7 +70,7 @@ class GradientSimulator(DynamicsSimulator):
     def __init__(
         self,
         scaled: bool = False,
-        max_runs: int | None = None,
+        max_runs: int | None = 8,
         projection_dim: int | None = None,
         projection_seed: int = 0,
         workload: str | None = None,
@@ -226,7 +227,7 @@ class InfluenceSimulator(GradientSimulator):
     def __init__(
         self,
         scaled: bool = False,
-        max_runs: int | None = None,
+        max_runs: int | None = 8,
         projection_dim: int | None = None,
         projection_seed: int = 0,
         workload: str | None = None,

@@ -14,6 +14,13 @@ from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.cli._args import comma_list, positive_int, read_json
+from simfluence.cli.counterfactual import (
+    add_curriculum_source_options,
+    add_edit_options,
+    edit_spec,
+    edited,
+    load_curriculum,
+)
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
@@ -21,7 +28,6 @@ from simfluence.runlog import (
     export_gptfluence,
     import_gptfluence,
     load_runset,
-    normalize_curriculum,
     save_runset,
 )
 from simfluence.runlog.runs import RunSet
@@ -149,16 +155,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="predict the loss trajectories of a curriculum")
     p.add_argument("model", help="simulator file written by `simfluence fit`")
-    p.add_argument(
-        "--curriculum", required=True, help="JSON file: a list of batches of training ids"
-    )
-    p.add_argument(
-        "--initial-loss",
-        default=None,
-        help="JSON file: {test_id: loss} before training (default: the mean recorded one)",
-    )
+    add_curriculum_source_options(p)
     p.add_argument("-o", "--output", required=True, help="predictions: .json or .csv")
     p.add_argument("--plot", default=None, help="also draw the trajectories to this PNG")
+    add_edit_options(p)
     p.set_defaults(func=cmd_simulate)
 
 
@@ -175,29 +175,16 @@ def _initial_loss(simulator: Simulator, path: str | None) -> np.ndarray:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
+    """Simulate a curriculum (a file, or a recorded run's); with edits, simulate the edited
+    curriculum (written to the output) and report both mean final losses."""
     simulator = load_simulator(args.model)
-    curriculum = normalize_curriculum(
-        read_json(args.curriculum, "curriculum"), f"curriculum {args.curriculum}"
-    )
-    initial = _initial_loss(simulator, args.initial_loss)
+    curriculum, initial, _ = load_curriculum(args, simulator)
+    spec = edit_spec(args, simulator)
+    original = None
+    if spec:
+        original, curriculum = curriculum, edited(curriculum, spec, simulator)
     trajectory = simulator.simulate(curriculum, initial)
-    if args.output.endswith(".csv"):
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["step", *simulator.test_ids_])
-        for step, row in enumerate(trajectory):
-            writer.writerow([step, *(f"{v:.10g}" for v in row)])
-        write_text_atomic(args.output, buffer.getvalue())
-    else:
-        write_json_atomic(
-            args.output,
-            {
-                "method": simulator.name,
-                "test_ids": simulator.test_ids_,
-                "loss": trajectory.tolist(),
-                "final_loss": dict(zip(simulator.test_ids_, trajectory[-1].tolist(), strict=True)),
-            },
-        )
+    _write_predictions(args.output, simulator, trajectory)
     if args.plot:
         columns = pick_test_examples(trajectory, 6)
         plot_trajectories(
@@ -208,6 +195,32 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         f"simulated {len(curriculum)} steps with {simulator.name}: mean test loss "
         f"{mean0:.4f} -> {mean_t:.4f}; wrote {args.output}"
     )
+    if original is not None:
+        before = simulator.simulate(original, initial)[-1].mean()
+        print(
+            f"predicted mean final loss: original ({len(original)} steps) {before:.5f}, edited "
+            f"({len(curriculum)} steps) {mean_t:.5f}, change {mean_t - before:+.5f}"
+        )
+
+
+def _write_predictions(output: str, simulator: Simulator, trajectory: np.ndarray) -> None:
+    if output.endswith(".csv"):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["step", *simulator.test_ids_])
+        for step, row in enumerate(trajectory):
+            writer.writerow([step, *(f"{v:.10g}" for v in row)])
+        write_text_atomic(output, buffer.getvalue())
+    else:
+        write_json_atomic(
+            output,
+            {
+                "method": simulator.name,
+                "test_ids": simulator.test_ids_,
+                "loss": trajectory.tolist(),
+                "final_loss": dict(zip(simulator.test_ids_, trajectory[-1].tolist(), strict=True)),
+            },
+        )
 
 
 # -- evaluate ---------------------------------------------------------------------------------

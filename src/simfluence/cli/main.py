@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from simfluence.cli import core, record
+from simfluence.cli import core, counterfactual, demo, record, report, validate
 from simfluence.errors import SimfluenceError
 
 #: command modules; each has ``register(subparsers)`` and sets ``func`` on its parsers
-COMMAND_MODULES = [core, record]
+COMMAND_MODULES = [core, record, demo, validate, counterfactual, report]
 
 
 def build_parser() -> argparse.ArgumentParser:

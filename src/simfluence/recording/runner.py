@@ -28,7 +28,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ from simfluence._atomic import atomic_path
 from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.recording.recorder import Recorder, RecordingError
-from simfluence.recording.task import Task
-from simfluence.runlog import RunSet, load_runset, read_manifest, write_manifest, write_run
+from simfluence.recording.task import Examples, Task
+from simfluence.runlog import Run, RunSet, load_runset, read_manifest, write_manifest, write_run
 from simfluence.runlog.store import MANIFEST, RUNS_DIR, run_path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -145,9 +145,6 @@ def record_runs(
     row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
     initial = task.make_model(seed)
     todo = [r for r in range(runs) if not run_path(directory, run_id_for(r)).is_file()]
-    if num_threads is None:
-        n_params = sum(p.numel() for p in initial.parameters())
-        num_threads = 1 if n_params < SMALL_MODEL_PARAMS else None
     bar = tqdm(
         total=len(todo) * n_steps,
         unit="step",
@@ -155,7 +152,7 @@ def record_runs(
         desc=f"recording {task.name}",
         dynamic_ncols=True,
     )
-    with bar, _torch_threads(num_threads):
+    with bar, torch_threads(initial, num_threads):
         for done, r in enumerate(todo):
             bar.set_postfix_str(f"run {done + 1}/{len(todo)} ({run_id_for(r)})")
             _record_one(
@@ -182,10 +179,54 @@ def _record_one(
         pool_examples.ids, config["per_run"], config["batch"], config["epochs"], rng
     )
     ckpt_steps = set(config["checkpoints"])
+
+    def on_step(step: int, model: torch.nn.Module) -> None:
+        if step in ckpt_steps:
+            _save_checkpoint(directory, run_id, step, model)
+        if step:
+            bar.update(1)
+
+    run = train_on_curriculum(
+        task,
+        initial,
+        pool_examples,
+        test_examples,
+        curriculum,
+        config["lr"],
+        seed,
+        run_id=run_id,
+        row_of=row_of,
+        on_step=on_step,
+        metadata={"run_index": index, "checkpoint_steps": sorted(ckpt_steps)},
+    )
+    write_run(directory, run, test_examples.ids)
+
+
+def train_on_curriculum(
+    task: Task,
+    initial: torch.nn.Module,
+    pool_examples: Examples,
+    test_examples: Examples,
+    curriculum: Sequence[Sequence[str]],
+    lr: float,
+    seed: int,
+    *,
+    run_id: str = "run",
+    row_of: dict[str, int] | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Run:
+    """Train a fresh copy of `initial` on `curriculum` (SGD on the batch-mean loss, as the
+    runner does) and score every test example before training and after every step.
+
+    `on_step(step, model)` is called at step 0 (before training) and after every step.
+    Returns the `Run` (losses of shape ``(T + 1, M)``); nothing is written.
+    """
+    row_of = row_of or {train_id: row for row, train_id in enumerate(pool_examples.ids)}
     torch.manual_seed(seed)
     model = copy.deepcopy(initial)
     model.train()
-    optimizer = task.make_optimizer(model, config["lr"])
+    optimizer = task.make_optimizer(model, lr)
     recorder = Recorder.from_task(
         task,
         model,
@@ -193,14 +234,19 @@ def _record_one(
         pool=pool_examples.ids,
         run_id=run_id,
         seed=seed,
-        metadata={"run_index": index, "checkpoint_steps": sorted(ckpt_steps)},
+        metadata=metadata or {},
     )
-    if 0 in ckpt_steps:
-        _save_checkpoint(directory, run_id, 0, model)
+    if on_step:
+        on_step(0, model)
     for step, batch_ids in enumerate(curriculum, start=1):
-        lr = float(optimizer.param_groups[0]["lr"])
+        step_lr = float(optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
-        inputs = pool_examples.take([row_of[i] for i in batch_ids])
+        try:
+            inputs = pool_examples.take([row_of[i] for i in batch_ids])
+        except KeyError as exc:
+            raise RecordingError(
+                f"run {run_id!r}: step {step}: training id {exc.args[0]!r} is not in the pool"
+            ) from None
         losses = task.example_losses(model, inputs)
         if losses.shape != (len(batch_ids),):
             raise RecordingError(
@@ -209,11 +255,10 @@ def _record_one(
             )
         losses.mean().backward()
         optimizer.step()
-        recorder.step(batch_ids, lr=lr)
-        if step in ckpt_steps:
-            _save_checkpoint(directory, run_id, step, model)
-        bar.update(1)
-    write_run(directory, recorder.run(), test_examples.ids)
+        recorder.step(batch_ids, lr=step_lr)
+        if on_step:
+            on_step(step, model)
+    return recorder.run()
 
 
 def _save_checkpoint(directory: Path, run_id: str, step: int, model: torch.nn.Module) -> None:
@@ -336,7 +381,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(model: torch.nn.Module, n: int | None = None) -> Iterator[None]:
+    """Run the block on `n` torch threads; by default 1 for models under `SMALL_MODEL_PARAMS`
+    parameters (much faster for tiny models) and unchanged otherwise."""
+    if n is None and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        n = 1
     if n is None:
         yield
         return

@@ -58,7 +58,7 @@ class Examples:
 
 @dataclass(frozen=True)
 class TaskDefaults:
-    """A workload's default recording protocol (the paper's: pool, per-run subset, batch, epochs)."""
+    """A workload's default recording protocol: runs, pool, per-run subset, batch, epochs, lr."""
 
     runs: int = 32
     pool: int = 200

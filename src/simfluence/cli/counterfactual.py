@@ -1,0 +1,375 @@
+"""Counterfactual commands: attribute (which examples, where in training) and optimize (the
+curriculum a simulator predicts is best). Also the curriculum-source and edit options that
+`simulate` shares."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import numpy as np
+
+from simfluence._atomic import atomic_path, write_json_atomic
+from simfluence.cli._args import comma_list, positive_int, read_json
+from simfluence.counterfactual import (
+    SIGN_CONVENTION,
+    LeaveOneOut,
+    StepContributions,
+    leave_one_out,
+    optimize_curriculum,
+    pair_interactions,
+    step_contributions,
+)
+from simfluence.curricula import apply_edits
+from simfluence.errors import SimfluenceError
+from simfluence.runlog import load_runset, normalize_curriculum
+from simfluence.simulators import Simulator, load_simulator
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_attribute(subparsers)
+    _register_optimize(subparsers)
+
+
+# -- shared options ---------------------------------------------------------------------------
+def add_curriculum_source_options(p: argparse.ArgumentParser) -> None:
+    """``--curriculum FILE`` or ``--runs DIR --run RUN_ID``, and ``--initial-loss FILE``."""
+    p.add_argument("--curriculum", default=None, help="JSON file: a list of batches of ids")
+    p.add_argument("--runs", default=None, help="run-set directory holding --run")
+    p.add_argument(
+        "--run", default=None, help="take the curriculum and initial loss of this recorded run"
+    )
+    p.add_argument(
+        "--initial-loss",
+        default=None,
+        help="JSON file: {test_id: loss} before training (default: the run's recorded one "
+        "with --run, else the model's mean recorded one)",
+    )
+
+
+def load_curriculum(
+    args: argparse.Namespace, simulator: Simulator
+) -> tuple[list[list[str]], np.ndarray, str]:
+    """``(curriculum, initial loss (M,), description)`` from the source options."""
+    from simfluence.cli.core import _initial_loss  # core imports this module
+
+    if (args.curriculum is None) == (args.run is None):
+        raise SimfluenceError("give either --curriculum FILE or --runs DIR --run RUN_ID")
+    if args.curriculum is not None:
+        raw = read_json(args.curriculum, "curriculum")
+        curriculum = normalize_curriculum(raw, f"curriculum {args.curriculum}")
+        return curriculum, _initial_loss(simulator, args.initial_loss), args.curriculum
+    if args.runs is None:
+        raise SimfluenceError("--run needs --runs DIR, the run set that holds it")
+    runset = load_runset(args.runs)
+    run = runset.run(args.run)
+    if args.initial_loss is not None:
+        return run.curriculum, _initial_loss(simulator, args.initial_loss), f"run {run.run_id}"
+    columns = {t: j for j, t in enumerate(runset.test_ids)}
+    missing = [t for t in simulator.test_ids_ if t not in columns]
+    if missing:
+        raise SimfluenceError(
+            f"run set {args.runs} has no recorded loss for the model's test example "
+            f"{missing[0]!r}; pass --initial-loss"
+        )
+    initial = run.initial_loss[[columns[t] for t in simulator.test_ids_]]
+    return run.curriculum, initial, f"run {run.run_id}"
+
+
+def add_edit_options(p: argparse.ArgumentParser) -> None:
+    """Counterfactual edits; applied after --edits, in the order listed here."""
+    g = p.add_argument_group(
+        "counterfactual edits (applied after --edits FILE, in this order: remove, repeat, add, "
+        "reorder, truncate)"
+    )
+    g.add_argument("--edits", default=None, help="JSON edit spec (see curricula.apply_edits)")
+    g.add_argument(
+        "--remove",
+        type=comma_list,
+        action="append",
+        default=None,
+        metavar="IDS",
+        help="drop every occurrence of these ids (comma-separated)",
+    )
+    g.add_argument(
+        "--repeat",
+        type=comma_list,
+        action="append",
+        default=None,
+        metavar="ID:TIMES",
+        help="consume each occurrence of ID TIMES times",
+    )
+    g.add_argument(
+        "--add",
+        type=comma_list,
+        action="append",
+        default=None,
+        metavar="IDS",
+        help="new batches of these ids",
+    )
+    g.add_argument(
+        "--add-batch",
+        type=positive_int,
+        default=None,
+        help="batch size of --add batches (default: the model's)",
+    )
+    g.add_argument(
+        "--add-at",
+        default="end",
+        help="where --add batches go: start, end, or after step K (default: end)",
+    )
+    g.add_argument(
+        "--reorder",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="shuffle the order (same batch sizes) with this seed",
+    )
+    g.add_argument(
+        "--truncate",
+        type=positive_int,
+        default=None,
+        metavar="STEPS",
+        help="keep only the first STEPS batches",
+    )
+
+
+def edit_spec(args: argparse.Namespace, simulator: Simulator) -> list[dict[str, Any]]:
+    """The edit spec the options ask for (empty: no edits)."""
+    spec: list[dict[str, Any]] = []
+    if args.edits:
+        spec.extend(_read_spec(args.edits))
+    for ids in args.remove or []:
+        spec.append({"op": "remove", "ids": ids})
+    for items in args.repeat or []:
+        spec.extend({"op": "repeat", "ids": [i], "times": t} for i, t in map(_id_times, items))
+    for ids in args.add or []:
+        batch = args.add_batch or round(float(getattr(simulator, "batch_size_", len(ids))))
+        at = args.add_at if args.add_at in ("start", "end") else _step(args.add_at)
+        spec.append({"op": "add", "ids": ids, "batch_size": batch, "position": at})
+    if args.reorder is not None:
+        spec.append({"op": "reorder", "seed": args.reorder})
+    if args.truncate is not None:
+        spec.append({"op": "truncate", "steps": args.truncate})
+    return spec
+
+
+def _read_spec(path: str) -> list[dict[str, Any]]:
+    spec = read_json(path, "edit spec")
+    if not isinstance(spec, list):
+        raise SimfluenceError(f"edit spec {path}: expected a list of operations")
+    return spec
+
+
+def _id_times(item: str) -> tuple[str, int]:
+    train_id, sep, times = item.rpartition(":")
+    if not sep or not train_id or not times.isdigit():
+        raise SimfluenceError(f"--repeat {item!r}: expected ID:TIMES, e.g. train-3:2")
+    return train_id, int(times)
+
+
+def _step(text: str) -> int:
+    if not text.isdigit():
+        raise SimfluenceError(f"--add-at {text!r}: expected start, end or a step number")
+    return int(text)
+
+
+def edited(
+    curriculum: list[list[str]], spec: list[dict[str, Any]], simulator: Simulator
+) -> list[list[str]]:
+    """`apply_edits` with the model's pool, so unknown ids are named early."""
+    return apply_edits(curriculum, spec, pool=set(simulator.train_ids_))
+
+
+# -- attribute --------------------------------------------------------------------------------
+def _register_attribute(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "attribute",
+        help="which training examples, and which steps, moved a test loss (by simulation)",
+    )
+    p.add_argument("model", help="simulator file written by `simfluence fit`")
+    p.add_argument(
+        "--test",
+        action="append",
+        required=True,
+        metavar="ID",
+        help="test example id; repeat to average a group",
+    )
+    add_curriculum_source_options(p)
+    p.add_argument("--top", type=positive_int, default=10, help="rows per table (default 10)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=6,
+        help="pairwise interactions among the top K by |effect| (0: none; default 6)",
+    )
+    p.add_argument("--json", default=None, help="write every view as JSON here")
+    p.add_argument("--plot", default=None, help="draw trajectory and top effects to this PNG")
+    p.set_defaults(func=cmd_attribute)
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    simulator = load_simulator(args.model)
+    curriculum, initial, source = load_curriculum(args, simulator)
+    loo = leave_one_out(simulator, curriculum, initial, args.test)
+    steps = step_contributions(simulator, curriculum, initial, args.test)
+    pairs = None
+    if args.pairs >= 2:
+        pairs = pair_interactions(simulator, curriculum, initial, args.test, args.pairs, loo)
+    print(_attribute_report(loo, steps, pairs, source, len(curriculum), args.top))
+    if args.json:
+        payload = {
+            "model": str(args.model),
+            "method": simulator.name,
+            "curriculum": source,
+            "sign_convention": SIGN_CONVENTION,
+            "leave_one_out": loo.to_json(),
+            "steps": steps.to_json(args.top),
+            "pairs": None if pairs is None else pairs.to_json(),
+        }
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_attribution(loo, steps, args.top, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _attribute_report(
+    loo: LeaveOneOut, steps: StepContributions, pairs: Any, source: str, n_steps: int, top: int
+) -> str:
+    target = loo.test_ids[0] if len(loo.test_ids) == 1 else f"mean of {len(loo.test_ids)} tests"
+    lines = [
+        f"{target} on {source} ({n_steps} steps, {len(loo.train_ids)} distinct training ids): "
+        f"simulated loss {steps.trajectory[0]:.4f} -> {loo.final_loss:.4f}",
+        f"sign: {SIGN_CONVENTION}",
+    ]
+    for title, rows in (("most helpful", loo.helpful(top)), ("most harmful", loo.harmful(top))):
+        lines.append(f"{title} (leave-one-out):" + ("" if rows else " none"))
+        lines.extend(f"  {i:<24} x{c:<3} effect {e:+.5f}" for i, c, e in rows)
+    lines.append("steps where the simulated loss moved most (change = L_t - L_{t-1}):")
+    for t in steps.top_steps(min(top, 5)):
+        ex = ", ".join(f"{i} {c:+.4f}" for i, c in steps.top_examples(t, 3))
+        lines.append(
+            f"  step {t:<5} change {steps.change[t - 1]:+.5f}" + (f"  [{ex}]" if ex else "")
+        )
+    if pairs is not None and pairs.pairs:
+        lines.append(
+            "pair interactions (joint - (effect_i + effect_j); <0 for two helpful = redundant):"
+        )
+        for i, j, joint, add, inter in pairs.pairs[:top]:
+            lines.append(
+                f"  {i} + {j}: joint {joint:+.5f} additive {add:+.5f} interaction {inter:+.5f}"
+            )
+    return "\n".join(lines)
+
+
+def plot_attribution(
+    loo: LeaveOneOut, steps: StepContributions, top: int, path: str | os.PathLike[str]
+) -> None:
+    """Left: the simulated trajectory with the top steps marked; right: the top LOO effects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(np.arange(steps.trajectory.size), steps.trajectory, color="tab:red", lw=1.5)
+    marked = steps.top_steps(min(top, 5))
+    left.scatter(marked, steps.trajectory[marked], color="black", zorder=3, label="top steps")
+    left.set(xlabel="training step", ylabel="simulated loss", title="simulated trajectory")
+    left.legend(frameon=False)
+    left.grid(alpha=0.3)
+    rows = sorted(loo.rows(), key=lambda r: -abs(r[2]))[:top][::-1]
+    colors = ["tab:green" if e < 0 else "tab:red" for _, _, e in rows]
+    right.barh([r[0] for r in rows], [r[2] for r in rows], color=colors)
+    right.axvline(0, color="black", lw=0.8)
+    right.set(xlabel="L_T(with) - L_T(without)  (<0 helpful)", title="leave-one-out effects")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+# -- optimize ---------------------------------------------------------------------------------
+def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "optimize", help="search the curriculum the simulator predicts gives the lowest loss"
+    )
+    p.add_argument("model", help="simulator file written by `simfluence fit`")
+    p.add_argument("--size", type=positive_int, required=True, help="K pool examples to use")
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        help="batch size (default: the model's training batch size)",
+    )
+    p.add_argument("--epochs", type=positive_int, default=1, help="epochs over the K (default 1)")
+    p.add_argument(
+        "--objective",
+        choices=["mean", "ids"],
+        default=None,
+        help="mean final loss of all test examples (default), or of the --test ids",
+    )
+    p.add_argument(
+        "--test",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="test id of the objective (implies --objective ids); repeatable",
+    )
+    p.add_argument("--initial-loss", default=None, help="JSON file: {test_id: loss}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--budget",
+        type=positive_int,
+        default=200_000,
+        help="curricula to roll out at most (default 200000)",
+    )
+    p.add_argument("--max-seconds", type=float, default=60.0, help="time limit (default 60)")
+    p.add_argument(
+        "--include-unseen",
+        action="store_true",
+        help="also consider pool examples absent from the fitted runs",
+    )
+    p.add_argument("-o", "--output", required=True, help="curriculum JSON to write")
+    p.set_defaults(func=cmd_optimize)
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from simfluence.cli.core import _initial_loss  # core imports this module
+
+    simulator = load_simulator(args.model)
+    if args.objective == "ids" and not args.test:
+        raise SimfluenceError("--objective ids needs at least one --test ID")
+    objective = args.test if args.test and args.objective != "mean" else "mean"
+    batch = args.batch or round(float(getattr(simulator, "batch_size_", 0)))
+    if batch < 1:
+        raise SimfluenceError(f"{simulator.name} model has no batch size: pass --batch")
+    result = optimize_curriculum(
+        simulator,
+        args.size,
+        batch,
+        args.epochs,
+        objective,
+        _initial_loss(simulator, args.initial_loss),
+        seed=args.seed,
+        max_evaluations=args.budget,
+        max_seconds=args.max_seconds,
+        include_unseen=args.include_unseen,
+    )
+    write_json_atomic(args.output, result.curriculum)
+    randoms = result.random_objectives
+    what = "mean final loss" + ("" if objective == "mean" else f" of {', '.join(objective)}")
+    print(
+        f"optimized {args.size} examples x {args.epochs} epochs, batch {batch} "
+        f"({len(result.curriculum)} steps) in {result.seconds:.1f} s, "
+        f"{result.evaluations} rollouts, {len(result.history)} rounds"
+    )
+    print(
+        f"predicted {what}: {result.objective:.5f} (random curricula of the same size: mean "
+        f"{randoms.mean():.5f}, best of {randoms.size} {randoms.min():.5f}"
+        + ("" if result.greedy_objective is None else f"; greedy {result.greedy_objective:.5f}")
+        + ")"
+    )
+    print(f"wrote {args.output}")

@@ -1,0 +1,167 @@
+"""`simfluence report`: evaluate methods on held-out runs and write one self-contained HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from simfluence.cli._args import comma_list, positive_int, read_json
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import EvaluationResult, MethodResult, evaluate, score
+from simfluence.plots import pick_test_examples, plot_method_grid
+from simfluence.report.html import write_report
+from simfluence.runlog import load_runset
+from simfluence.runlog.runs import RunSet
+from simfluence.simulators import Simulator, load_simulator
+from simfluence.simulators.registry import configure_simulator
+from simfluence.simulators.truth import TRUTH_FILE
+
+DEFAULT_METHODS = ["linear", "additive", "mean", "persistence"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="evaluate methods on held-out runs and write a self-contained interactive HTML report",
+    )
+    p.add_argument("directory", help="run-set directory")
+    p.add_argument(
+        "--methods",
+        type=comma_list,
+        default=DEFAULT_METHODS,
+        help="comma-separated methods to fit and evaluate (default: "
+        f"{','.join(DEFAULT_METHODS)}; 'truth' adds the true parameters of a synthetic set)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a simulator file from `simfluence fit` to include as an extra method, simulated "
+        "on the held-out runs without refitting (repeatable; fit it with the same --holdout)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--holdout", type=positive_int, default=None, help="hold out the last H runs by id"
+    )
+    group.add_argument("--heldout-runs", type=comma_list, default=None, help="run ids to hold out")
+    p.add_argument("--validation", default=None, help="JSON from a validation command to include")
+    p.add_argument("--attribution", default=None, help="JSON of attribution results to include")
+    p.add_argument("--title", default=None, help="page title (default: from the run set)")
+    p.add_argument(
+        "--unseen",
+        choices=["error", "prior"],
+        default="error",
+        help="a training id absent from the fitted runs: an error (default), or no effect",
+    )
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.set_defaults(func=cmd_report)
+
+
+def _default_holdout(runs: RunSet) -> int:
+    """As `simfluence evaluate`: about 5 in 32 runs, at least 1."""
+    return max(1, round(len(runs.runs) * 5 / 32))
+
+
+def prefitted_result(simulator: Simulator, heldout: RunSet, where: str) -> MethodResult:
+    """Roll out a pre-fitted simulator on the held-out runs (no refit) and score it."""
+    if list(simulator.test_ids_) != list(heldout.test_ids):
+        raise SimfluenceError(
+            f"{where}: its test examples ({len(simulator.test_ids_)}) are not the run set's "
+            f"({len(heldout.test_ids)}) in the same order"
+        )
+    start = time.perf_counter()
+    simulated = simulator.simulate_many(
+        [r.curriculum for r in heldout.runs], np.stack([r.initial_loss for r in heldout.runs])
+    )
+    seconds = time.perf_counter() - start
+    scores = score([r.losses for r in heldout.runs], simulated)
+    scores |= {"fit_seconds": math.nan, "simulate_seconds": seconds}
+    return MethodResult(scores, simulated, simulator)
+
+
+def _model_name(path: Path, simulator: Simulator, taken: set[str]) -> str:
+    base = f"{path.stem} ({simulator.name})" if path.stem != simulator.name else path.stem
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base} #{k}", k + 1
+    return name
+
+
+def build_evaluation(
+    runs: RunSet,
+    methods: list[str],
+    models: list[str],
+    heldout: int | list[str],
+    options: dict[str, Any],
+) -> tuple[EvaluationResult, list[str]]:
+    """Evaluate `methods` (fitted here) and `models` (pre-fitted files); returns notes too."""
+    simulators = {name: configure_simulator(name, **options) for name in methods}
+    result = evaluate(runs, simulators, heldout)
+    notes: list[str] = []
+    if models:
+        _, held = runs.split(heldout)
+        for model in models:
+            path = Path(model)
+            simulator = load_simulator(path)
+            name = _model_name(path, simulator, set(result.methods))
+            result.methods[name] = prefitted_result(simulator, held, f"--model {model}")
+            notes.append(
+                f"{name}: pre-fitted simulator {path.name}, not refitted here; its scores are "
+                "fair only if it was fitted without the held-out runs."
+            )
+    return result, notes
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    runs = load_runset(args.directory)
+    heldout = args.heldout_runs or args.holdout or _default_holdout(runs)
+    attribution = read_json(args.attribution, "attribution") if args.attribution else None
+    validation = read_json(args.validation, "validation") if args.validation else None
+    for what, value in (("attribution", attribution), ("validation", validation)):
+        if value is not None and not isinstance(value, dict):
+            raise SimfluenceError(f"{what} {getattr(args, what)}: expected a JSON object")
+    options = {
+        "l2": None,
+        "unseen": args.unseen,
+        "path": str(Path(args.directory) / TRUTH_FILE),
+    }
+    print(f"fitting {', '.join(args.methods)} on the training runs ...")
+    result, notes = build_evaluation(runs, args.methods, args.model, heldout, options)
+    workload = (runs.metadata or {}).get("workload", Path(args.directory).name)
+    title = args.title or f"simfluence report: {workload}"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = runs.run(result.heldout_runs[0])
+        simulated = {name: m.simulated[0] for name, m in result.methods.items()}
+        figure = Path(tmp) / "methods.png"
+        fig = plot_method_grid(
+            run.losses,
+            simulated,
+            runs.test_ids,
+            pick_test_examples(run.losses, 4),
+            f"held-out run {run.run_id}: recorded vs simulated, one panel per method",
+            figure,
+        )
+        plt.close(fig)
+        written = write_report(
+            args.output,
+            title=title,
+            runs=runs,
+            evaluation=result,
+            attribution=attribution,
+            validation=validation,
+            figures={f"per-method rollouts, held-out run {run.run_id}": figure},
+            notes=notes,
+        )
+    size = written.stat().st_size / 1e6
+    print(
+        f"{len(result.train_runs)} training runs, {len(result.heldout_runs)} held-out runs, "
+        f"{len(result.methods)} methods; wrote {written} ({size:.1f} MB)"
+    )

@@ -1,0 +1,94 @@
+"""`simfluence validate`: train the workload on new curricula and score every simulator."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from tqdm.auto import tqdm
+
+from simfluence._atomic import write_json_atomic
+from simfluence.cli._args import comma_list, positive_int
+from simfluence.errors import SimfluenceError
+from simfluence.runlog import load_runset
+from simfluence.simulators import configure_simulator
+
+DEFAULT_METHODS = ["linear", "additive", "tracin-cp-scaled", "mean"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "validate",
+        help="validate simulators against real retraining on new curricula",
+        description="Train the workload on C new curricula of each kind (never recorded), "
+        "and compare every simulator's predictions with what training actually did.",
+    )
+    p.add_argument("directory", help="run set recorded by `simfluence record`")
+    p.add_argument("--workload", default=None, help="the run set's workload (checked)")
+    p.add_argument("--curricula", type=positive_int, default=20, help="curricula per kind")
+    p.add_argument(
+        "--kinds",
+        type=comma_list,
+        default=["random", "leave-out", "reorder", "repeat", "optimized"],
+        help="comma-separated kinds (default: all five)",
+    )
+    p.add_argument(
+        "--methods",
+        type=comma_list,
+        default=DEFAULT_METHODS,
+        help="comma-separated methods; the first one searches the optimized curricula "
+        f"(default: {','.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from simfluence.recording.validation import validate
+    from simfluence.recording.workloads import get_workload
+
+    runs = load_runset(args.directory)
+    recorded = (runs.metadata.get("config") or {}).get("workload")
+    if recorded is None:
+        raise SimfluenceError(f"{args.directory}: not recorded by `simfluence record`")
+    if args.workload and args.workload != recorded:
+        raise SimfluenceError(
+            f"--workload {args.workload}: the run set was recorded with {recorded!r}"
+        )
+    task = get_workload(recorded)
+    simulators = {name: configure_simulator(name) for name in args.methods}
+    start = time.perf_counter()
+
+    def progress(items, total):  # type: ignore[no-untyped-def]
+        return tqdm(items, total=total, desc="training", unit="curriculum", leave=False)
+
+    result = validate(task, runs, simulators, args.kinds, args.curricula, args.seed, progress)
+    result["seconds"] = time.perf_counter() - start
+    print(format_validation(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
+
+
+def format_validation(result: dict) -> str:  # type: ignore[type-arg]
+    """Plain-text tables: per kind, methods x (all-steps MSE, final-step Spearman, LDS)."""
+    lines = []
+    for kind, block in result["kinds"].items():
+        lines.append(f"{kind} ({block['curricula']} curricula)")
+        lines.append(f"  {'method':<18} {'all-steps MSE':>14} {'final Spearman':>15} {'LDS':>7}")
+        for name, s in block["methods"].items():
+            lines.append(
+                f"  {name:<18} {s['all_steps_mse']:>14.4g} {s['final_step_spearman']:>15.3f} "
+                f"{s['lds']:>7.3f}"
+            )
+    if "optimized" in result:
+        o = result["optimized"]
+        lines.append(
+            f"optimized curriculum: actual mean test loss {o['actual_mean_test_loss']:.4f} "
+            f"(predicted {o['predicted_mean_test_loss']:.4f}); random curricula: mean "
+            f"{sum(o['random_mean_test_losses']) / len(o['random_mean_test_losses']):.4f}, "
+            f"min {min(o['random_mean_test_losses']):.4f}; beats "
+            f"{100 * o['fraction_of_random_beaten']:.0f}% of them"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""Attribution views of one curriculum for one test example (or a group), by simulation.
+
+Every view is about the *objective*: the simulated loss of the chosen test examples, averaged
+over them (one test id: its loss). All views work with any fitted `Simulator`; the
+per-example decomposition of each step needs a Simfluence-Linear-family (`DynamicsSimulator`).
+
+Sign convention (all views): an *effect* is ``L_T(with) - L_T(without)``, the simulated final
+loss with the example(s) consumed minus without. **Negative = helpful**: consuming the example
+lowered the final loss. Positive = harmful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.runlog.runs import AnyCurriculum, normalize_curriculum
+from simfluence.simulators.base import Simulator
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+
+SIGN_CONVENTION = (
+    "effect = L_T(with) - L_T(without): negative = consuming it lowered the final loss (helpful)"
+)
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+def test_columns(simulator: Simulator, test_ids: str | Sequence[str]) -> np.ndarray:
+    """Column indices of `test_ids` in the simulator's rollouts; `SimfluenceError` for unknown."""
+    simulator._check_fitted()
+    ids = [test_ids] if isinstance(test_ids, str) else [str(t) for t in test_ids]
+    if not ids:
+        raise SimfluenceError("no test ids given")
+    index = {t: j for j, t in enumerate(simulator.test_ids_)}
+    unknown = [t for t in ids if t not in index]
+    if unknown:
+        known = ", ".join(repr(t) for t in simulator.test_ids_[:5])
+        raise SimfluenceError(
+            f"unknown test id {unknown[0]!r}: this model predicts {len(index)} test examples "
+            f"({known}{', ...' if len(index) > 5 else ''})"
+        )
+    return np.array([index[t] for t in ids], dtype=np.int64)
+
+
+def _initial(simulator: Simulator, initial_loss: np.ndarray | None) -> np.ndarray:
+    initial = simulator.initial_loss_ if initial_loss is None else initial_loss
+    initial = np.asarray(initial, dtype=np.float64)
+    if initial.shape != (len(simulator.test_ids_),):
+        raise CurriculumError(
+            f"initial loss has shape {initial.shape}, expected ({len(simulator.test_ids_)},)"
+        )
+    return initial
+
+
+def _rollouts(
+    simulator: Simulator,
+    curricula: Sequence[AnyCurriculum],
+    initial: np.ndarray,
+    columns: np.ndarray,
+) -> list[np.ndarray]:
+    """Rollouts of the `columns` only, each ``(T_c + 1, len(columns))``; one vectorized call.
+    Dynamics simulators roll out just those test examples' parameters."""
+    if isinstance(simulator, DynamicsSimulator):
+        A = None if simulator.A_ is None else simulator.A_[columns]
+        counts = simulator.encode(curricula)
+        start = np.broadcast_to(initial[columns], (len(curricula), len(columns)))
+        return rollout(counts, A, simulator.B_[columns], np.ascontiguousarray(start))
+    return [t[:, columns] for t in simulator.simulate_many(curricula, initial)]
+
+
+def final_objective(
+    simulator: Simulator,
+    curricula: Sequence[AnyCurriculum],
+    initial: np.ndarray,
+    columns: np.ndarray,
+) -> np.ndarray:
+    """Shape ``(C,)``: the simulated final loss of each curriculum, averaged over `columns`.
+
+    A curriculum with no steps (``[]``) ends where it starts: its value is the initial loss.
+    """
+    out = np.full(len(curricula), float(initial[columns].mean()))
+    busy = [k for k, c in enumerate(curricula) if len(c)]
+    if busy:
+        trajs = _rollouts(simulator, [curricula[k] for k in busy], initial, columns)
+        out[busy] = [traj[-1].mean() for traj in trajs]
+    return out
+
+
+def _without(curriculum: list[list[str]], dropped: set[str]) -> list[list[str]]:
+    """`curricula.remove` that may return ``[]`` (all steps gone)."""
+    return [kept for batch in curriculum if (kept := [i for i in batch if i not in dropped])]
+
+
+def _prepare(
+    simulator: Simulator,
+    curriculum: AnyCurriculum,
+    initial_loss: np.ndarray | None,
+    test_ids: str | Sequence[str],
+) -> tuple[list[list[str]], np.ndarray, np.ndarray, list[str]]:
+    columns = test_columns(simulator, test_ids)
+    batches = normalize_curriculum(curriculum)
+    ids = [simulator.test_ids_[j] for j in columns]
+    return batches, _initial(simulator, initial_loss), columns, ids
+
+
+# -- leave-one-out ----------------------------------------------------------------------------
+@dataclass
+class LeaveOneOut:
+    """Simulated leave-one-out of every distinct training id of a curriculum.
+
+    Attributes:
+        test_ids: the test examples whose mean final loss is the objective.
+        final_loss: the objective with the full curriculum, ``L_T(with)``.
+        train_ids: the ``N`` distinct training ids, most helpful first (ascending effect).
+        counts: shape ``(N,)``, how many times each was consumed in the curriculum.
+        effects: shape ``(N,)``, ``L_T(with) - L_T(without it)``; negative = helpful.
+    """
+
+    test_ids: list[str]
+    final_loss: float
+    train_ids: list[str]
+    counts: np.ndarray
+    effects: np.ndarray
+
+    def helpful(self, k: int) -> list[tuple[str, int, float]]:
+        """Up to `k` rows ``(id, count, effect)`` with negative effect, most helpful first."""
+        rows = [r for r in self.rows() if r[2] < 0]
+        return rows[:k]
+
+    def harmful(self, k: int) -> list[tuple[str, int, float]]:
+        """Up to `k` rows with positive effect, most harmful first."""
+        rows = [r for r in reversed(self.rows()) if r[2] > 0]
+        return rows[:k]
+
+    def rows(self) -> list[tuple[str, int, float]]:
+        return [
+            (i, int(c), float(e))
+            for i, c, e in zip(self.train_ids, self.counts, self.effects, strict=True)
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sign_convention": SIGN_CONVENTION,
+            "test_ids": self.test_ids,
+            "final_loss": self.final_loss,
+            "effects": [{"train_id": i, "count": c, "effect": e} for i, c, e in self.rows()],
+        }
+
+
+def leave_one_out(
+    simulator: Simulator,
+    curriculum: AnyCurriculum,
+    initial_loss: np.ndarray | None,
+    test_ids: str | Sequence[str],
+) -> LeaveOneOut:
+    """Each distinct training id's effect on the final loss by simulated leave-one-out.
+
+    For every distinct id ``i`` of `curriculum`, every occurrence is removed (batches left
+    empty are dropped) and the curriculum re-simulated; all ``N`` counterfactuals are rolled
+    out in one vectorized call. ``effect_i = L_T(with) - L_T(without i)``, averaged over
+    `test_ids`: **negative = consuming i lowered the final loss (helpful)**.
+
+    Args:
+        initial_loss: shape ``(M,)`` (all test examples of the model), or None for the
+            simulator's mean recorded one.
+    """
+    batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
+    distinct, counts = np.unique([i for b in batches for i in b], return_counts=True)
+    curricula = [batches] + [_without(batches, {str(i)}) for i in distinct]
+    finals = final_objective(simulator, curricula, initial, columns)
+    effects = finals[0] - finals[1:]
+    order = np.argsort(effects, kind="stable")
+    return LeaveOneOut(
+        ids, float(finals[0]), [str(distinct[k]) for k in order], counts[order], effects[order]
+    )
+
+
+# -- where in training ------------------------------------------------------------------------
+@dataclass
+class StepContributions:
+    """Where in training the objective moved.
+
+    Attributes:
+        test_ids: the test examples averaged.
+        trajectory: shape ``(T + 1,)``, the simulated objective after each step (0 = start).
+        change: shape ``(T,)``, ``L_t - L_{t-1}`` for steps ``t = 1..T``; negative = the
+            step lowered the loss.
+        contributions: for dynamics simulators, one dict per step ``{train_id: contribution}``
+            whose values sum exactly to that step's change (an id repeated in a batch is
+            summed); None for simulators without a per-example decomposition.
+    """
+
+    test_ids: list[str]
+    trajectory: np.ndarray
+    change: np.ndarray
+    contributions: list[dict[str, float]] | None
+
+    def top_steps(self, k: int) -> list[int]:
+        """The `k` steps (1-based) with the largest ``|L_t - L_{t-1}|``, largest first."""
+        order = np.argsort(-np.abs(self.change), kind="stable")[:k]
+        return [int(t) + 1 for t in order]
+
+    def top_examples(self, step: int, k: int) -> list[tuple[str, float]]:
+        """The `k` largest-magnitude contributions ``(id, contribution)`` at `step` (1-based)."""
+        if self.contributions is None:
+            return []
+        items = sorted(self.contributions[step - 1].items(), key=lambda kv: -abs(kv[1]))
+        return items[:k]
+
+    def to_json(self, top: int = 10, per_step: int = 5) -> dict[str, Any]:
+        return {
+            "test_ids": self.test_ids,
+            "trajectory": self.trajectory.tolist(),
+            "change": self.change.tolist(),
+            "top_steps": [
+                {
+                    "step": t,
+                    "change": float(self.change[t - 1]),
+                    "top_examples": [
+                        {"train_id": i, "contribution": c}
+                        for i, c in self.top_examples(t, per_step)
+                    ],
+                }
+                for t in self.top_steps(top)
+            ],
+        }
+
+
+def step_contributions(
+    simulator: Simulator,
+    curriculum: AnyCurriculum,
+    initial_loss: np.ndarray | None,
+    test_ids: str | Sequence[str],
+) -> StepContributions:
+    """Per-step change of the simulated objective and, for dynamics simulators, its exact
+    decomposition into per-example contributions.
+
+    With ``w_t`` the batch weight (``b / |c_t|`` for ``batch_weighting="mean"``, 1 for
+    ``"sum"``) and ``n_ti`` the times ``i`` is in batch ``t``, the rollout's step is
+    ``L_t = sum_i n_ti w_t (A_i L_{t-1} + B_i)``, so
+
+        L_t - L_{t-1} = sum_{i in c_t} n_ti [w_t (A_i L_{t-1} + B_i) - L_{t-1} / |c_t|],
+
+    which for "mean" weighting is ``sum_i n_ti w_t ((A_i - 1/b) L_{t-1} + B_i)``: each example
+    is credited with its departure from "no effect" (``A = 1/b``, ``B = 0``). Additive
+    simulators (``A_`` None, alpha = 1): contribution ``n_ti w_t B_i``. Negative = the example
+    lowered the loss at that step. Contributions are averaged over `test_ids` like the loss.
+    """
+    batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
+    traj = _rollouts(simulator, [batches], initial, columns)[0]
+    objective = traj.mean(axis=1)
+    contributions = None
+    if isinstance(simulator, DynamicsSimulator):
+        contributions = _decompose(simulator, batches, traj, columns)
+    return StepContributions(ids, objective, np.diff(objective), contributions)
+
+
+def _decompose(
+    simulator: DynamicsSimulator,
+    batches: list[list[str]],
+    traj: np.ndarray,
+    columns: np.ndarray,
+) -> list[dict[str, float]]:
+    W = simulator.encode([batches])[0].tocsr()  # (T, P): n_ti * w_t
+    W.sum_duplicates()
+    rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
+    cols, w = W.indices, W.data
+    size = np.asarray(W.sum(axis=1)).ravel()  # w_t |c_t|, so n_ti / |c_t| = W_ti / size_t
+    prev = traj[rows]  # (nnz, m): L_{t-1} of the step each entry belongs to
+    B = simulator.B_[columns][:, cols].T
+    if simulator.A_ is None:
+        per = w[:, None] * B
+    else:
+        A = simulator.A_[columns][:, cols].T
+        per = w[:, None] * (A * prev + B) - (w / size[rows])[:, None] * prev
+    values = per.mean(axis=1)
+    out: list[dict[str, float]] = [{} for _ in batches]
+    for t, col, v in zip(rows, cols, values, strict=True):
+        out[t][simulator.train_ids_[col]] = float(v)
+    return out
+
+
+# -- non-additivity ---------------------------------------------------------------------------
+@dataclass
+class PairInteractions:
+    """Pairwise non-additivity among the top ``K`` examples by ``|LOO effect|``.
+
+    Attributes:
+        test_ids: the test examples averaged.
+        train_ids: the ``K`` examples.
+        singles: shape ``(K,)``, their leave-one-out effects.
+        pairs: one row per pair ``(id_i, id_j, joint, additive, interaction)``: ``joint`` =
+            ``L_T(with) - L_T(without i and j)``, ``additive`` = ``effect_i + effect_j``,
+            ``interaction = joint - additive``. Zero = additive. For two helpful examples a
+            negative interaction means removing both hurts more than the sum of removing each
+            (they are redundant: each covers for the other).
+    """
+
+    test_ids: list[str]
+    train_ids: list[str]
+    singles: np.ndarray
+    pairs: list[tuple[str, str, float, float, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sign_convention": SIGN_CONVENTION + "; interaction = joint - (effect_i + effect_j)",
+            "test_ids": self.test_ids,
+            "singles": dict(zip(self.train_ids, self.singles.tolist(), strict=True)),
+            "pairs": [
+                {"i": i, "j": j, "joint": a, "additive": s, "interaction": x}
+                for i, j, a, s, x in self.pairs
+            ],
+        }
+
+
+def pair_interactions(
+    simulator: Simulator,
+    curriculum: AnyCurriculum,
+    initial_loss: np.ndarray | None,
+    test_ids: str | Sequence[str],
+    top: int = 10,
+    loo: LeaveOneOut | None = None,
+) -> PairInteractions:
+    """Interactions of all pairs of the `top` examples by ``|LOO effect|``: the simulated effect
+    of removing both vs the sum of removing each (``interaction = joint - (single_i +
+    single_j)``); all pairs are rolled out in one vectorized call. Pairs are sorted by
+    ``|interaction|``, largest first. Pass `loo` to reuse a `leave_one_out` result."""
+    batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
+    loo = loo or leave_one_out(simulator, batches, initial, ids)
+    chosen = np.argsort(-np.abs(loo.effects), kind="stable")[: max(top, 0)]
+    names = [loo.train_ids[k] for k in chosen]
+    singles = loo.effects[chosen]
+    pairs = list(combinations(range(len(names)), 2))
+    curricula = [batches] + [_without(batches, {names[a], names[b]}) for a, b in pairs]
+    finals = final_objective(simulator, curricula, initial, columns)
+    rows = []
+    for (a, b), final in zip(pairs, finals[1:], strict=True):
+        joint = float(finals[0] - final)
+        additive = float(singles[a] + singles[b])
+        rows.append((names[a], names[b], joint, additive, joint - additive))
+    rows.sort(key=lambda r: -abs(r[4]))
+    return PairInteractions(ids, names, singles, rows)

@@ -1,0 +1,205 @@
+"""Validation against real retraining: how far can each kind of counterfactual answer be trusted?
+
+Held-out random runs (the paper's protocol) measure only part of what users ask. Here the
+workload is actually trained on new curricula of several kinds, none of them recorded before,
+and every simulator (fitted on *all* recorded runs) predicts them from the recorded step-0 loss:
+
+* ``random``: new random curricula in the recording protocol;
+* ``leave-out``: one new random base curriculum with a different random tenth of its distinct
+  examples removed from each variant (batches shrink; empty ones vanish);
+* ``reorder``: the base curriculum's multiset in new random orders (same batch sizes);
+* ``repeat``: the base with a different random tenth of its examples consumed twice where they
+  occur;
+* ``optimized``: curricula searched by `simfluence.counterfactual.search.optimize_curriculum`
+  (the first method given, usually ``linear``) to minimize the mean final test loss, one search
+  per seed; their *actual* mean final test loss is compared with the random curricula's.
+
+Per kind and method: all-steps MSE and final-step Spearman (as in `simfluence.metrics`), and the
+linear datamodeling score (LDS, as TRAK and dattri define it): for each test example, the
+Spearman correlation across the kind's curricula between predicted and actual final loss, then
+the mean over test examples. The JSON (see `validate`) is what `simfluence validate --json`
+writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from simfluence import metrics
+from simfluence.counterfactual.search import optimize_curriculum
+from simfluence.curricula import random_curriculum, remove, reorder, repeat
+from simfluence.errors import SimfluenceError
+from simfluence.recording.runner import torch_threads, train_on_curriculum
+from simfluence.recording.task import Task
+from simfluence.runlog.runs import Curriculum, RunSet
+from simfluence.simulators.base import Simulator
+
+KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
+#: share of the base curriculum's distinct examples left out or repeated per variant
+EDIT_FRACTION = 0.1
+
+
+def linear_datamodeling_score(true_final: np.ndarray, predicted_final: np.ndarray) -> float:
+    """LDS: mean over test examples of the Spearman correlation across curricula.
+
+    Args:
+        true_final, predicted_final: shape ``(C, M)``, final losses of ``C`` curricula.
+    Returns:
+        in ``[-1, 1]``; a test example whose predictions (or actual losses) do not vary scores 0.
+    """
+    scores = []
+    for j in range(true_final.shape[1]):
+        t, p = true_final[:, j], predicted_final[:, j]
+        if not np.isfinite(p).all() or np.ptp(p) == 0 or np.ptp(t) == 0:
+            scores.append(0.0)
+        else:
+            scores.append(float(stats.spearmanr(t, p).statistic))
+    return float(np.mean(scores))
+
+
+def make_curricula(
+    kind: str,
+    count: int,
+    runs: RunSet,
+    seed: int,
+    optimizer: Simulator | None = None,
+    search_seconds: float = 5.0,
+) -> list[Curriculum]:
+    """`count` new curricula of `kind` in the protocol of `runs` (manifest ``config``).
+
+    ``optimized`` curricula are searched with `optimizer` (fitted), `search_seconds` each.
+    """
+    config = runs.metadata["config"]
+    pool, per_run, batch, epochs = (
+        runs.train_ids,
+        config["per_run"],
+        config["batch"],
+        config["epochs"],
+    )
+
+    def rng(*key: int) -> np.random.Generator:
+        return np.random.default_rng([seed, 7_919, *key])  # apart from the recorded runs' seeds
+
+    base = random_curriculum(pool, per_run, batch, epochs, rng(0))
+    distinct = sorted({i for b in base for i in b})
+    n_edit = max(1, round(EDIT_FRACTION * len(distinct)))
+    if kind == "random":
+        return [random_curriculum(pool, per_run, batch, epochs, rng(1, k)) for k in range(count)]
+    if kind == "leave-out":
+        return [
+            remove(base, rng(2, k).choice(distinct, n_edit, replace=False)) for k in range(count)
+        ]
+    if kind == "reorder":
+        return [reorder(base, rng(3, k)) for k in range(count)]
+    if kind == "repeat":
+        return [
+            repeat(base, rng(4, k).choice(distinct, n_edit, replace=False), 2) for k in range(count)
+        ]
+    if kind == "optimized":
+        if optimizer is None:
+            raise SimfluenceError("optimized curricula need a fitted simulator to search with")
+        return [
+            optimize_curriculum(
+                optimizer, per_run, batch, epochs, seed=seed * 1000 + k, max_seconds=search_seconds
+            ).curriculum
+            for k in range(count)
+        ]
+    raise SimfluenceError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+
+def _score_kind(
+    true: list[np.ndarray], predicted: dict[str, list[np.ndarray]]
+) -> dict[str, dict[str, float]]:
+    true_final = np.stack([t[-1] for t in true])
+    out = {}
+    for name, pred in predicted.items():
+        out[name] = {
+            "all_steps_mse": metrics.all_steps_mse(true, pred).mean,
+            "final_step_spearman": metrics.final_step_spearman(true, pred).mean,
+            "lds": linear_datamodeling_score(true_final, np.stack([p[-1] for p in pred])),
+        }
+    return out
+
+
+def validate(
+    task: Task,
+    runs: RunSet,
+    simulators: dict[str, Simulator],
+    kinds: Sequence[str] = KINDS,
+    count: int = 20,
+    seed: int = 0,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+    search_seconds: float = 5.0,
+) -> dict[str, Any]:
+    """Train `task` on `count` new curricula of each kind and score every simulator.
+
+    The simulators are fitted on all of `runs` here. Returns the JSON-able dict::
+
+        {"kinds": {KIND: {"curricula": C, "methods": {NAME: {"all_steps_mse",
+                   "final_step_spearman", "lds"}}}},
+         "optimized": {"actual_mean_test_loss", "random_mean_test_losses": [...],
+                       "fraction_of_random_beaten", "predicted_mean_test_loss",
+                       "actual_mean_test_losses_per_search": [...]}}   # when both kinds ran
+
+    ``fraction_of_random_beaten``: the share of the random curricula whose actual mean final
+    test loss is higher than the first optimized curriculum's.
+    """
+    config = runs.metadata.get("config") or {}
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise SimfluenceError(f"unknown kind {unknown[0]!r}; kinds: {', '.join(KINDS)}")
+    if count < 2:
+        raise SimfluenceError("--curricula must be at least 2 (LDS correlates across curricula)")
+    pool, tests = task.prepare(config["pool"], config["tests"], config["seed"])
+    if pool.ids != runs.train_ids or tests.ids != runs.test_ids:
+        raise SimfluenceError(f"workload {task.name!r} does not rebuild this run set's ids")
+    for simulator in simulators.values():
+        simulator.fit(runs)
+    initial_model = task.make_model(config["seed"])
+    initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
+    wrap = progress or (lambda items, total: items)
+    result: dict[str, Any] = {"kinds": {}, "curricula_per_kind": count, "seed": seed}
+    actual_mean: dict[str, list[float]] = {}
+    searched: list[float] = []
+    for kind in kinds:
+        optimizer = next(iter(simulators.values()))
+        curricula = make_curricula(kind, count, runs, seed, optimizer, search_seconds)
+        true = []
+        with torch_threads(initial_model):
+            for k, curriculum in enumerate(wrap(curricula, len(curricula))):
+                run = train_on_curriculum(
+                    task,
+                    initial_model,
+                    pool,
+                    tests,
+                    curriculum,
+                    config["lr"],
+                    seed + k,
+                    run_id=f"{kind}-{k}",
+                )
+                true.append(run.losses)
+        predicted = {
+            name: sim.simulate_many(curricula, initial_loss) for name, sim in simulators.items()
+        }
+        if kind == "optimized":
+            searched = [float(p[-1].mean()) for p in predicted[next(iter(simulators))]]
+        result["kinds"][kind] = {
+            "curricula": len(curricula),
+            "methods": _score_kind(true, predicted),
+        }
+        actual_mean[kind] = [float(t[-1].mean()) for t in true]
+    if "optimized" in actual_mean and "random" in actual_mean:
+        best = actual_mean["optimized"][0]
+        randoms = actual_mean["random"]
+        result["optimized"] = {
+            "actual_mean_test_loss": best,
+            "predicted_mean_test_loss": searched[0],
+            "random_mean_test_losses": randoms,
+            "fraction_of_random_beaten": float(np.mean([best < r for r in randoms])),
+            "actual_mean_test_losses_per_search": actual_mean["optimized"],
+        }
+    return result

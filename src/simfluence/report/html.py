@@ -1,0 +1,923 @@
+"""One self-contained, interactive HTML file that shows an evaluation to a person.
+
+`write_report` writes a single ``.html`` file with no external resources (inline CSS, vanilla
+JavaScript, PNG figures as base64 data URIs, the data as a JSON blob in a
+``<script type="application/json" id="simfluence-data">``). It shows:
+
+* the run set (workload, runs, split, pool, test examples) and the methods;
+* the protocol's metrics per method, the best value of each column highlighted;
+* an interactive trajectory viewer: pick a held-out run and a test example, toggle methods,
+  hover for the step and every visible line's value; the y-axis follows the recorded losses
+  and rollouts that leave that range are clipped, so an exploding method does not flatten
+  the others;
+* optional attribution and validation sections (JSON produced by other commands), rendered
+  generically: lists of records become tables, number series become sparklines;
+* static figures (PNG or SVG files), embedded.
+
+Only the held-out runs' recorded and simulated losses are embedded, rounded to 5 significant
+digits; when that would exceed `max_bytes`, each run keeps the `max_tests` test examples whose
+recorded loss moves most, and the page says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simfluence._atomic import write_text_atomic
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import EvaluationResult
+from simfluence.runlog.runs import RunSet
+
+#: same colours as `simfluence.plots.METHOD_COLORS` (matplotlib's tab10), as hex
+KNOWN_COLORS = {
+    "linear": "#d62728",
+    "additive": "#1f77b4",
+    "mean": "#7f7f7f",
+    "persistence": "#bcbd22",
+    "truth": "#2ca02c",
+}
+PALETTE = [
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#bcbd22",
+    "#7f7f7f",
+]
+#: estimated JSON bytes per embedded number (5 significant digits, comma)
+_BYTES_PER_NUMBER = 10
+
+#: (key, label, better, explanation) of each metric column
+METRICS = [
+    (
+        "all_steps_mse",
+        "all-steps MSE",
+        "min",
+        "mean over (held-out run, test example) trajectories of the squared error of the "
+        "free-running rollout, averaged over steps 1..T.",
+    ),
+    (
+        "all_steps_mae",
+        "all-steps MAE",
+        "min",
+        "the same with the absolute error: less dominated by a few spikes.",
+    ),
+    (
+        "final_step_mse",
+        "final-step MSE",
+        "min",
+        "squared error of the predicted loss after the last step only.",
+    ),
+    (
+        "final_step_spearman",
+        "final-step Spearman",
+        "max",
+        "within each held-out run, the rank correlation across test examples between predicted "
+        "and recorded final loss (does the method know which examples end up learned?), "
+        "averaged over runs.",
+    ),
+    (
+        "fit_seconds",
+        "fit s",
+        "min",
+        "wall-clock seconds to fit on the training runs (pre-fitted models: not measured).",
+    ),
+]
+
+
+def method_colors(names: Sequence[str]) -> dict[str, str]:
+    """A fixed colour per method: the library's colours for known ones, a palette for others."""
+    used = {KNOWN_COLORS[n] for n in names if n in KNOWN_COLORS}
+    free = [c for c in PALETTE if c not in used] or PALETTE
+    out: dict[str, str] = {}
+    k = 0
+    for name in names:
+        if name in KNOWN_COLORS:
+            out[name] = KNOWN_COLORS[name]
+        else:
+            out[name] = free[k % len(free)]
+            k += 1
+    return out
+
+
+def _sig(values: np.ndarray) -> list[float | None]:
+    """Floats rounded to 5 significant digits; non-finite values become None (JSON null)."""
+    return [
+        float(f"{v:.5g}") if math.isfinite(v) else None
+        for v in np.asarray(values, dtype=np.float64).ravel().tolist()
+    ]
+
+
+def _movement(losses: np.ndarray) -> np.ndarray:
+    """Total variation of each column of a ``(T + 1, M)`` loss array."""
+    return np.abs(np.diff(losses, axis=0)).sum(axis=0)
+
+
+def build_payload(
+    runs: RunSet,
+    evaluation: EvaluationResult,
+    max_bytes: int = 10_000_000,
+    max_tests: int = 20,
+) -> dict[str, Any]:
+    """The data the trajectory viewer needs, JSON-able.
+
+    Returns ``{"test_ids", "methods", "colors", "runs": [{"id", "tests", "movement",
+    "recorded", "simulated": {method: [...]}}], "trimmed", "max_tests"}`` where ``tests`` are
+    column indices into ``test_ids`` (most moving first) and ``recorded[k]`` /
+    ``simulated[m][k]`` the trajectories (length ``T + 1``) of test ``tests[k]``.
+    """
+    names = list(evaluation.methods)
+    held = [runs.run(r) for r in evaluation.heldout_runs]
+    n_numbers = sum(run.losses.size for run in held) * (1 + len(names))
+    trimmed = n_numbers * _BYTES_PER_NUMBER > max_bytes and len(runs.test_ids) > max_tests
+    out_runs = []
+    for k, run in enumerate(held):
+        movement = _movement(run.losses)
+        order = np.argsort(-movement, kind="stable")
+        columns = order[:max_tests] if trimmed else order
+        out_runs.append(
+            {
+                "id": run.run_id,
+                "steps": run.n_steps,
+                "tests": [int(j) for j in columns],
+                "movement": _sig(movement[columns]),
+                "recorded": [_sig(run.losses[:, j]) for j in columns],
+                "simulated": {
+                    name: [_sig(evaluation.methods[name].simulated[k][:, j]) for j in columns]
+                    for name in names
+                },
+            }
+        )
+    return {
+        "test_ids": list(runs.test_ids),
+        "methods": names,
+        "colors": method_colors(names),
+        "runs": out_runs,
+        "trimmed": bool(trimmed),
+        "max_tests": max_tests,
+    }
+
+
+# -- HTML pieces --------------------------------------------------------------------------------
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    """A number or scalar for a table cell."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        if math.isnan(v):
+            return "—"
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        return f"{v:.4g}"
+    return _e(value)
+
+
+def _humanize(key: str) -> str:
+    text = str(key).replace("_", " ").strip()
+    return text[:1].upper() + text[1:]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _best(values: Sequence[Any], better: str) -> float | None:
+    finite = [float(v) for v in values if _is_number(v) and math.isfinite(float(v))]
+    if not finite:
+        return None
+    return min(finite) if better == "min" else max(finite)
+
+
+def _sparkline(values: Sequence[Any], width: int = 240, height: int = 36) -> str:
+    """A small static SVG line of a number series (None/non-finite values leave gaps)."""
+    ys = [float(v) if _is_number(v) and math.isfinite(float(v)) else None for v in values]
+    finite = [y for y in ys if y is not None]
+    if len(finite) < 2:
+        return ""
+    lo, hi = min(finite), max(finite)
+    span = hi - lo or 1.0
+    n = len(ys)
+    parts: list[str] = []
+    pen = "M"
+    for i, y in enumerate(ys):
+        if y is None:
+            pen = "M"
+            continue
+        x = 2 + (width - 4) * i / max(n - 1, 1)
+        yy = 2 + (height - 4) * (1 - (y - lo) / span)
+        parts.append(f"{pen}{x:.1f},{yy:.1f}")
+        pen = "L"
+    zero = ""
+    if lo < 0 < hi:
+        z = 2 + (height - 4) * (1 - (0 - lo) / span)
+        zero = f'<line x1="0" x2="{width}" y1="{z:.1f}" y2="{z:.1f}" class="zero"/>'
+    return (
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+        f'{zero}<path d="{" ".join(parts)}"/></svg>'
+        f' <span class="muted">{n} values, {_fmt(lo)} … {_fmt(hi)}</span>'
+    )
+
+
+def _cell(value: Any, depth: int) -> str:
+    """A table cell for any JSON value (nested records become a nested table)."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return _records_table(value, depth + 1, limit=10)
+    if isinstance(value, list) and value and all(_is_number(v) or v is None for v in value):
+        if len(value) > 8:
+            return _sparkline(value, width=120, height=24)
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict | list):
+        text = json.dumps(value, default=str)
+        return f"<code>{_e(text[:200] + ('…' if len(text) > 200 else ''))}</code>"
+    return _fmt(value)
+
+
+def _records_table(rows: Sequence[Mapping[str, Any]], depth: int = 0, limit: int = 100) -> str:
+    """A table of a list of dicts: one column per key (in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    cls = "records nested" if depth else "records"
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for row in rows[:limit]:
+        cells = "".join(
+            f'<td class="{"num" if _is_number(row.get(c)) else ""}">{_cell(row.get(c), depth)}</td>'
+            for c in columns
+        )
+        body.append(f"<tr>{cells}</tr>")
+    more = ""
+    if len(rows) > limit:
+        more = f'<p class="muted">… and {len(rows) - limit} more rows (not shown).</p>'
+    return (
+        f'<table class="{cls}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>{more}"
+    )
+
+
+def render_value(obj: Any, level: int = 3) -> str:
+    """Render any JSON-able value readably: a dict's ``description`` as a paragraph, its
+    scalars as a key/value table, lists of dicts as tables, number series as sparklines, nested
+    dicts as sub-sections."""
+    if isinstance(obj, list):
+        if obj and all(isinstance(v, dict) for v in obj):
+            return _records_table(obj)
+        if obj and all(_is_number(v) or v is None for v in obj):
+            return f"<p>{_sparkline(obj)}</p>" if len(obj) > 8 else f"<p>{_cell(obj, 0)}</p>"
+        return f"<p>{_cell(obj, 0)}</p>"
+    if not isinstance(obj, dict):
+        return f"<p>{_fmt(obj)}</p>"
+    parts: list[str] = []
+    if isinstance(obj.get("description"), str):
+        parts.append(f'<p class="desc">{_e(obj["description"])}</p>')
+    scalars = [
+        (k, v) for k, v in obj.items() if k != "description" and not isinstance(v, dict | list)
+    ]
+    short_lists = [
+        (k, v)
+        for k, v in obj.items()
+        if isinstance(v, list) and all(not isinstance(x, dict | list) for x in v) and v
+    ]
+    if scalars or short_lists:
+        rows = [f"<tr><th>{_e(_humanize(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in scalars]
+        for k, v in short_lists:
+            if all(_is_number(x) or x is None for x in v) and len(v) > 8:
+                shown = _sparkline(v)
+            else:
+                text = ", ".join(_fmt(x) for x in v[:30])
+                shown = text + (f" … ({len(v)} in all)" if len(v) > 30 else "")
+            rows.append(f"<tr><th>{_e(_humanize(k))}</th><td>{shown}</td></tr>")
+        parts.append(f'<table class="kv">{"".join(rows)}</table>')
+    h = min(level, 6)
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            if value and all(_is_number(v) or v is None for v in value.values()):
+                rows_ = [{"key": k, "value": v} for k, v in value.items()]
+                parts.append(f"<h{h}>{_e(_humanize(key))}</h{h}>{_records_table(rows_)}")
+            else:
+                parts.append(
+                    f'<section class="sub"><h{h}>{_e(_humanize(key))}</h{h}>'
+                    f"{render_value(value, level + 1)}</section>"
+                )
+        elif isinstance(value, list) and value and any(isinstance(x, dict | list) for x in value):
+            parts.append(f"<h{h}>{_e(_humanize(key))}</h{h}>{render_value(value, level + 1)}")
+    return "".join(parts)
+
+
+def _shown(value: Any, key: str) -> Any:
+    """Fit seconds compare as shown (2 decimals), so equal-looking cells tie."""
+    if key == "fit_seconds" and _is_number(value) and math.isfinite(float(value)):
+        return round(float(value), 2)
+    return value
+
+
+def _metrics_table(evaluation: EvaluationResult) -> str:
+    names = list(evaluation.methods)
+    head = "".join(f"<th>{_e(label)}</th>" for _, label, _, _ in METRICS)
+    best = {
+        key: _best([_shown(evaluation.methods[n].scores.get(key), key) for n in names], better)
+        for key, _, better, _ in METRICS
+    }
+    rows = []
+    for name in names:
+        scores = evaluation.methods[name].scores
+        cells = []
+        for key, _, _, _ in METRICS:
+            value = scores.get(key)
+            std = scores.get(f"{key}_std")
+            text = _fmt(value)
+            if key == "final_step_spearman" and _is_number(value) and math.isfinite(value):
+                text = f"{value:.3f}"
+            if std is not None and _is_number(std) and math.isfinite(std):
+                text += f' <span class="std">± {std:.2g}</span>'
+            if key == "fit_seconds" and _is_number(value) and math.isfinite(value):
+                text = f"{value:.2f}"
+            is_best = (
+                best[key] is not None
+                and _is_number(value)
+                and math.isfinite(float(value))
+                and _shown(value, key) == best[key]
+                and len(names) > 1
+            )
+            cells.append(f'<td class="num{" best" if is_best else ""}">{text}</td>')
+        label = f'<span class="swatch" data-method="{_e(name)}"></span><code>{_e(name)}</code>'
+        if name == "mean":
+            label += ' <span class="muted">(curriculum-blind baseline)</span>'
+        rows.append(f"<tr><th>{label}</th>{''.join(cells)}</tr>")
+    explain = "".join(
+        f"<li><b>{_e(label)}</b> ({'lower' if better == 'min' else 'higher'} is better): "
+        f"{_e(text)}</li>"
+        for _, label, better, text in METRICS
+    )
+    return (
+        f'<table class="metrics" id="metrics"><thead><tr><th>method</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        '<p class="muted">Mean ± standard deviation over held-out trajectories (Spearman: over '
+        "held-out runs). The best value of each column is highlighted.</p>"
+        f'<ul class="explain">{explain}'
+        "<li><code>mean</code> predicts every test example's average recorded trajectory over "
+        "the training runs, whatever the curriculum: it is the <b>curriculum-blind baseline to "
+        "beat</b>. A simulator that does not beat it has learned nothing about the curriculum."
+        "</li></ul>"
+    )
+
+
+_VALIDATION_KEYS = [
+    ("all_steps_mse", "all-steps MSE", "min"),
+    ("final_step_spearman", "final-step Spearman", "max"),
+    ("lds", "LDS", "max"),
+]
+
+
+def _validation_section(validation: Mapping[str, Any]) -> str:
+    kinds = validation.get("kinds")
+    parts: list[str] = [
+        '<p class="muted">Simulators checked against real counterfactual training runs '
+        "(curricula the simulators never saw). LDS: linear datamodeling score, the rank "
+        "correlation between predicted and actual outcomes across counterfactual curricula "
+        "(higher is better).</p>"
+    ]
+    if isinstance(validation.get("description"), str):
+        parts.append(f'<p class="desc">{_e(validation["description"])}</p>')
+    if isinstance(kinds, dict):
+        for kind, body in kinds.items():
+            methods = body.get("methods") if isinstance(body, dict) else None
+            parts.append(f"<h3>{_e(_humanize(kind))}</h3>")
+            if not isinstance(methods, dict):
+                parts.append(render_value(body, 4))
+                continue
+            keys = [k for k, _, _ in _VALIDATION_KEYS]
+            for scores in methods.values():
+                if isinstance(scores, dict):
+                    keys += [k for k in scores if k not in keys and _is_number(scores[k])]
+            labels = {k: lab for k, lab, _ in _VALIDATION_KEYS}
+            better = {k: b for k, _, b in _VALIDATION_KEYS}
+            head = "".join(f"<th>{_e(labels.get(k, k))}</th>" for k in keys)
+            best = {
+                k: _best([s.get(k) for s in methods.values() if isinstance(s, dict)], better[k])
+                if k in better
+                else None
+                for k in keys
+            }
+            rows = []
+            for name, scores in methods.items():
+                scores = scores if isinstance(scores, dict) else {}
+                cells = []
+                for k in keys:
+                    v = scores.get(k)
+                    hit = best[k] is not None and _is_number(v) and float(v) == best[k]
+                    cells.append(f'<td class="num{" best" if hit else ""}">{_fmt(v)}</td>')
+                rows.append(f"<tr><th><code>{_e(name)}</code></th>{''.join(cells)}</tr>")
+            parts.append(
+                f'<table class="metrics validation"><thead><tr><th>method</th>{head}</tr>'
+                f"</thead><tbody>{''.join(rows)}</tbody></table>"
+            )
+            rest = {k: v for k, v in body.items() if k != "methods"}
+            if rest:
+                parts.append(render_value(rest, 4))
+    if "optimized" in validation:
+        parts.append("<h3>Optimized curriculum</h3>" + render_value(validation["optimized"], 4))
+    rest = {k: v for k, v in validation.items() if k not in ("kinds", "optimized", "description")}
+    if rest:
+        parts.append(render_value(rest, 3))
+    return "".join(parts)
+
+
+def _figure(name: str, path: str | os.PathLike[str]) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise SimfluenceError(f"report figure {name!r}: {path}: no such file")
+    data = path.read_bytes()
+    mime = {
+        ".png": "image/png",
+        ".svg": "image/svg+xml",
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+    }.get(path.suffix.lower())
+    if mime is None:
+        raise SimfluenceError(f"report figure {name!r}: {path}: expected a .png, .svg or .jpg")
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return f'<figure><img src="{uri}" alt="{_e(name)}"><figcaption>{_e(name)}</figcaption></figure>'
+
+
+def _header(title: str, runs: RunSet, evaluation: EvaluationResult) -> str:
+    meta = runs.metadata or {}
+    held = [runs.run(r) for r in evaluation.heldout_runs]
+    steps = sorted({run.n_steps for run in runs.runs})
+    step_text = str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+    facts = [
+        ("workload", meta.get("workload", "unknown")),
+        ("runs", len(runs.runs)),
+        ("training runs", len(evaluation.train_runs)),
+        ("held-out runs", f"{len(held)} ({', '.join(evaluation.heldout_runs)})"),
+        ("steps per run", step_text),
+        ("pool (training examples)", len(runs.train_ids)),
+        ("test examples", len(runs.test_ids)),
+    ]
+    for key, value in meta.items():
+        if key != "workload" and not isinstance(value, dict | list) and value is not None:
+            facts.append((_humanize(key), value))
+    config = meta.get("config")
+    if isinstance(config, dict):
+        shown = [f"{k}={v}" for k, v in config.items() if not isinstance(v, dict | list)]
+        facts.append(("config", ", ".join(shown)))
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
+    methods = " ".join(
+        f'<span class="chip"><span class="swatch" data-method="{_e(n)}"></span>{_e(n)}</span>'
+        for n in evaluation.methods
+    )
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: UP017
+    return (
+        f"<header><h1>{_e(title)}</h1>"
+        f'<p class="muted">simfluence report, generated {stamp}. Every method is fitted on the '
+        "training runs and rolled out free-running on the held-out runs from their recorded "
+        "loss before training.</p>"
+        f'<table class="kv" id="runset">{rows}</table>'
+        f'<p class="methods"><b>Methods:</b> {methods}</p></header>'
+    )
+
+
+def render_report(
+    *,
+    title: str,
+    runs: RunSet,
+    evaluation: EvaluationResult,
+    attribution: Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
+    figures: Mapping[str, str | os.PathLike[str]] | None = None,
+    notes: Sequence[str] | None = None,
+    max_bytes: int = 10_000_000,
+    max_tests: int = 20,
+) -> str:
+    """The report as one HTML string (see `write_report`)."""
+    if not evaluation.methods:
+        raise SimfluenceError("report: the evaluation has no methods")
+    payload = build_payload(runs, evaluation, max_bytes, max_tests)
+    # "<" never occurs in numbers; escaping it keeps "</script>" out of the JSON blob
+    blob = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    notes = list(notes or [])
+    if payload["trimmed"]:
+        notes.append(
+            f"To keep this file small, the viewer holds only the {max_tests} test examples per "
+            "held-out run whose recorded loss moves most; the metrics use all of them."
+        )
+    sections = [_header(title, runs, evaluation)]
+    if notes:
+        items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+        sections.append(f'<section class="notes"><h2>Notes</h2><ul>{items}</ul></section>')
+    sections.append(
+        f'<section id="metrics-section"><h2>Held-out metrics</h2>{_metrics_table(evaluation)}'
+        "</section>"
+    )
+    sections.append(
+        '<section id="viewer-section"><h2>Trajectory viewer</h2>'
+        '<p class="muted">Choose a held-out run and a test example (listed by how much its '
+        "recorded loss moves, most first). Black: the recorded loss; coloured: each method's "
+        "free-running rollout. The y-axis follows the recorded range; a rollout that leaves it "
+        "is clipped (marked ↕ in the legend). Hover for values.</p>"
+        '<div class="controls">'
+        '<label>run <select id="run-select"></select></label>'
+        '<label>test example <select id="test-select"></select></label>'
+        '<label>filter <input id="test-filter" type="search" placeholder="test id…" '
+        'size="12"></label>'
+        '<button type="button" id="prev-test" title="previous test example">◀</button>'
+        '<button type="button" id="next-test" title="next test example">▶</button>'
+        "</div>"
+        '<div id="method-toggles" class="toggles"></div>'
+        '<div id="viewer" class="viewer"><div id="tooltip" class="tooltip" hidden></div></div>'
+        '<table id="trajectory-errors" class="metrics small"></table>'
+        "</section>"
+    )
+    if attribution:
+        sections.append(
+            '<section id="attribution-section"><h2>Attribution</h2>'
+            '<p class="muted">Simulated counterfactuals: the effect of removing training '
+            "examples, where in training the loss moved, and how pairs interact (see each "
+            "table's sign convention).</p>"
+            f"{render_value(dict(attribution), 3)}</section>"
+        )
+    if validation:
+        sections.append(
+            '<section id="validation-section"><h2>Validation against real runs</h2>'
+            f"{_validation_section(validation)}</section>"
+        )
+    if figures:
+        figs = "".join(_figure(name, path) for name, path in figures.items())
+        sections.append(f'<section id="figures-section"><h2>Figures</h2>{figs}</section>')
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
+        + "".join(sections)
+        + '<footer class="muted">Written by simfluence. Self-contained: no network access.'
+        "</footer></main>"
+        f'<script type="application/json" id="simfluence-data">{blob}</script>'
+        f"<script>{_JS}</script></body></html>\n"
+    )
+
+
+def write_report(
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    runs: RunSet,
+    evaluation: EvaluationResult,
+    attribution: Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
+    figures: Mapping[str, str | os.PathLike[str]] | None = None,
+    notes: Sequence[str] | None = None,
+    max_bytes: int = 10_000_000,
+    max_tests: int = 20,
+) -> Path:
+    """Write one self-contained HTML report of `evaluation` on `runs` to `path` (atomically).
+
+    Args:
+        title: the page title.
+        runs: the run set evaluated (its held-out runs' recorded losses are embedded).
+        evaluation: from `simfluence.evaluation.evaluate`; every method's rollouts are shown.
+        attribution: optional JSON-able dict (e.g. leave-one-out effects, step contributions,
+            pair interactions); lists of dicts become tables, ``description`` strings are shown.
+        validation: optional ``{"kinds": {KIND: {"methods": {NAME: {"all_steps_mse",
+            "final_step_spearman", "lds"}}}}, "optimized": {...}}``.
+        figures: name -> PNG/SVG/JPEG file, embedded as data URIs.
+        notes: sentences shown near the top.
+        max_bytes: beyond about this much embedded data, keep `max_tests` test examples per run.
+
+    Returns:
+        the path written.
+    """
+    text = render_report(
+        title=title,
+        runs=runs,
+        evaluation=evaluation,
+        attribution=attribution,
+        validation=validation,
+        figures=figures,
+        notes=notes,
+        max_bytes=max_bytes,
+        max_tests=max_tests,
+    )
+    path = Path(path)
+    write_text_atomic(path, text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # a report is for sharing: not the temp file's 0600
+    return path
+
+
+_CSS = """
+:root { --fg:#1d2125; --muted:#667085; --line:#e4e7ec; --bg:#fff; --accent:#f5f8ff;
+  --best:#e7f6ec; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.5 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+  color:var(--fg); background:#f7f8fa; }
+main { max-width:1120px; margin:0 auto; padding:24px 28px 40px; background:var(--bg);
+  min-height:100vh; }
+h1 { font-size:24px; margin:0 0 4px; } h2 { font-size:18px; margin:32px 0 8px;
+  border-bottom:1px solid var(--line); padding-bottom:4px; }
+h3 { font-size:15px; margin:18px 0 6px; } h4,h5,h6 { font-size:14px; margin:12px 0 4px; }
+.muted { color:var(--muted); } .desc { font-style:italic; }
+code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12.5px; }
+table { border-collapse:collapse; margin:6px 0; }
+th, td { padding:4px 10px; border-bottom:1px solid var(--line); text-align:left;
+  vertical-align:top; }
+thead th { font-weight:600; background:#fafbfc; border-bottom:2px solid var(--line); }
+td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.best { background:var(--best); font-weight:700; }
+.std { color:var(--muted); font-weight:400; font-size:12px; }
+table.kv th { font-weight:500; color:var(--muted); white-space:nowrap; }
+table.nested { font-size:12px; margin:0; } table.nested th, table.nested td { padding:1px 6px; }
+table.small { font-size:12.5px; }
+.explain { color:#475467; font-size:13px; padding-left:20px; } .explain li { margin:2px 0; }
+.chip { display:inline-flex; align-items:center; gap:4px; border:1px solid var(--line);
+  border-radius:12px; padding:1px 8px; margin:2px; font-size:13px; }
+.swatch { display:inline-block; width:12px; height:12px; border-radius:2px; margin-right:4px;
+  vertical-align:-1px; background:#999; }
+.notes { background:#fffbeb; border:1px solid #fde68a; padding:4px 14px; border-radius:6px;
+  margin-top:16px; } .notes h2 { border:0; margin:8px 0 0; font-size:15px; }
+.controls { display:flex; flex-wrap:wrap; gap:14px; align-items:center; margin:8px 0; }
+.controls select, .controls input { font:inherit; padding:2px 4px; }
+.controls button { font:inherit; padding:1px 8px; cursor:pointer; }
+.toggles { display:flex; flex-wrap:wrap; gap:6px 14px; margin:6px 0 4px; }
+.toggles label { cursor:pointer; user-select:none; white-space:nowrap; }
+.toggles .clip { color:#b42318; font-size:12px; margin-left:2px; }
+.viewer { position:relative; width:100%; }
+.viewer svg { width:100%; height:auto; display:block; font-size:11px; }
+.viewer .grid line { stroke:#eef0f3; } .viewer .axis line, .viewer .axis path { stroke:#98a2b3; }
+.viewer .axis text { fill:#667085; }
+.viewer path.series { fill:none; stroke-linejoin:round; stroke-linecap:round; }
+.viewer .crosshair { stroke:#344054; stroke-dasharray:3 3; }
+.tooltip { position:absolute; pointer-events:none; background:rgba(255,255,255,.96);
+  border:1px solid #d0d5dd; border-radius:6px; padding:6px 9px; font-size:12px;
+  box-shadow:0 2px 8px rgba(16,24,40,.12); white-space:nowrap; z-index:2; }
+.tooltip td { border:0; padding:0 6px 0 0; } .tooltip td.num { padding-left:10px; }
+figure { margin:12px 0; } figure img { max-width:100%; border:1px solid var(--line); }
+figcaption { color:var(--muted); font-size:12.5px; }
+section.sub { margin-left:8px; padding-left:10px; border-left:3px solid var(--line); }
+svg.spark { vertical-align:middle; } svg.spark path { fill:none; stroke:#1f77b4;
+  stroke-width:1.3; } svg.spark .zero { stroke:#d0d5dd; stroke-dasharray:2 2; }
+footer { margin-top:36px; font-size:12px; }
+"""
+
+_JS = r"""
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("simfluence-data").textContent);
+  var NS = "http://www.w3.org/2000/svg";
+  var W = 900, H = 400, M = {l: 62, r: 18, t: 14, b: 40};
+  var visible = {};
+  DATA.methods.forEach(function (m) { visible[m] = true; });
+  var runSel = document.getElementById("run-select");
+  var testSel = document.getElementById("test-select");
+  var filter = document.getElementById("test-filter");
+  var viewer = document.getElementById("viewer");
+  var tooltip = document.getElementById("tooltip");
+  var errTable = document.getElementById("trajectory-errors");
+  var current = null;
+
+  document.querySelectorAll(".swatch[data-method]").forEach(function (el) {
+    var c = DATA.colors[el.getAttribute("data-method")];
+    if (c) { el.style.background = c; }
+  });
+
+  function el(tag, attrs, parent) {
+    var node = document.createElementNS(NS, tag);
+    for (var k in attrs) { node.setAttribute(k, attrs[k]); }
+    if (parent) { parent.appendChild(node); }
+    return node;
+  }
+  function fmt(v) {
+    if (v === null || v === undefined || isNaN(v)) { return "—"; }
+    if (!isFinite(v)) { return v > 0 ? "∞" : "−∞"; }
+    var a = Math.abs(v);
+    if (a !== 0 && (a >= 1e5 || a < 1e-3)) { return v.toExponential(3); }
+    return v.toPrecision(4);
+  }
+  function tick(v) {
+    var a = Math.abs(v);
+    if (a !== 0 && (a >= 1e5 || a < 1e-3)) { return v.toExponential(2); }
+    return String(Number(v.toPrecision(6)));
+  }
+  function niceTicks(lo, hi, n) {
+    var span = hi - lo || 1, step = Math.pow(10, Math.floor(Math.log10(span / n)));
+    var err = span / n / step;
+    if (err >= 7.5) { step *= 10; } else if (err >= 3.5) { step *= 5; }
+    else if (err >= 1.5) { step *= 2; }
+    var out = [];
+    for (var v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
+      out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+    }
+    return out;
+  }
+
+  DATA.runs.forEach(function (run, i) {
+    var o = document.createElement("option");
+    o.value = i; o.textContent = run.id + " (" + run.steps + " steps)";
+    runSel.appendChild(o);
+  });
+
+  function fillTests() {
+    var run = DATA.runs[+runSel.value], q = filter.value.trim().toLowerCase();
+    var keep = testSel.value;
+    testSel.innerHTML = "";
+    run.tests.forEach(function (j, k) {
+      var id = DATA.test_ids[j];
+      if (q && id.toLowerCase().indexOf(q) < 0) { return; }
+      var o = document.createElement("option");
+      o.value = k; o.textContent = id + "  (moves " + fmt(run.movement[k]) + ")";
+      testSel.appendChild(o);
+    });
+    if (keep !== "" && testSel.querySelector('option[value="' + keep + '"]')) {
+      testSel.value = keep;
+    }
+  }
+
+  function buildToggles() {
+    var box = document.getElementById("method-toggles");
+    var rec = document.createElement("label");
+    rec.innerHTML = '<span class="swatch" style="background:#111"></span><b>recorded</b>';
+    box.appendChild(rec);
+    DATA.methods.forEach(function (m) {
+      var lab = document.createElement("label");
+      var cb = document.createElement("input");
+      cb.type = "checkbox"; cb.checked = true; cb.setAttribute("data-method", m);
+      cb.addEventListener("change", function () { visible[m] = cb.checked; draw(); });
+      var sw = document.createElement("span");
+      sw.className = "swatch"; sw.style.background = DATA.colors[m];
+      var name = document.createElement("span"); name.textContent = m;
+      var clip = document.createElement("span");
+      clip.className = "clip"; clip.setAttribute("data-clip", m);
+      clip.title = "part of this rollout is outside the plotted range";
+      lab.appendChild(cb); lab.appendChild(sw); lab.appendChild(name); lab.appendChild(clip);
+      box.appendChild(lab);
+    });
+  }
+
+  function draw() {
+    var run = DATA.runs[+runSel.value];
+    var k = testSel.value === "" ? null : +testSel.value;
+    var old = viewer.querySelector("svg");
+    if (old) { viewer.removeChild(old); }
+    tooltip.hidden = true;
+    if (k === null) { errTable.innerHTML = ""; return; }
+    var rec = run.recorded[k], T = rec.length - 1;
+    var lines = [{name: "recorded", color: "#111", width: 2.6, ys: rec}];
+    DATA.methods.forEach(function (m) {
+      if (visible[m]) {
+        lines.push({name: m, color: DATA.colors[m], width: 1.6, ys: run.simulated[m][k]});
+      }
+    });
+    var lo = Infinity, hi = -Infinity;
+    rec.forEach(function (v) { if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); } });
+    if (!isFinite(lo)) { lo = 0; hi = 1; }
+    var span = (hi - lo) || Math.abs(hi) || 1;
+    // follow the recorded range; let rollouts widen it by at most half of that range
+    var ylo = lo - 0.08 * span, yhi = hi + 0.08 * span;
+    var capLo = lo - 0.5 * span, capHi = hi + 0.5 * span;
+    lines.slice(1).forEach(function (ln) {
+      ln.ys.forEach(function (v) {
+        if (v === null) { return; }
+        if (v < ylo && v >= capLo) { ylo = v; }
+        if (v > yhi && v <= capHi) { yhi = v; }
+      });
+    });
+    var pw = W - M.l - M.r, ph = H - M.t - M.b;
+    function X(s) { return M.l + pw * s / Math.max(T, 1); }
+    function Y(v) { return M.t + ph * (1 - (v - ylo) / (yhi - ylo)); }
+    var svg = el("svg", {viewBox: "0 0 " + W + " " + H, role: "img",
+      "aria-label": "loss trajectories"});
+    var defs = el("defs", {}, svg), cp = el("clipPath", {id: "plot-clip"}, defs);
+    el("rect", {x: M.l, y: M.t, width: pw, height: ph}, cp);
+    var grid = el("g", {"class": "grid"}, svg), axis = el("g", {"class": "axis"}, svg);
+    niceTicks(ylo, yhi, 6).forEach(function (v) {
+      el("line", {x1: M.l, x2: M.l + pw, y1: Y(v), y2: Y(v)}, grid);
+      var t = el("text", {x: M.l - 6, y: Y(v) + 4, "text-anchor": "end"}, axis);
+      t.textContent = tick(v);
+    });
+    niceTicks(0, T, 10).forEach(function (s) {
+      el("line", {x1: X(s), x2: X(s), y1: M.t, y2: M.t + ph}, grid);
+      el("line", {x1: X(s), x2: X(s), y1: M.t + ph, y2: M.t + ph + 4}, axis);
+      var t = el("text", {x: X(s), y: M.t + ph + 16, "text-anchor": "middle"}, axis);
+      t.textContent = String(Math.round(s));
+    });
+    el("line", {x1: M.l, x2: M.l + pw, y1: M.t + ph, y2: M.t + ph}, axis);
+    el("line", {x1: M.l, x2: M.l, y1: M.t, y2: M.t + ph}, axis);
+    var xl = el("text", {x: M.l + pw / 2, y: H - 6, "text-anchor": "middle"}, axis);
+    xl.textContent = "training step";
+    var yl = el("text", {x: 14, y: M.t + ph / 2, "text-anchor": "middle",
+      transform: "rotate(-90 14 " + (M.t + ph / 2) + ")"}, axis);
+    yl.textContent = "loss";
+    var plot = el("g", {"clip-path": "url(#plot-clip)"}, svg);
+    document.querySelectorAll("[data-clip]").forEach(function (c) { c.textContent = ""; });
+    // rollouts first, recorded on top
+    lines.slice(1).concat([lines[0]]).forEach(function (ln) {
+      var d = "", pen = "M", clipped = false;
+      ln.ys.forEach(function (v, s) {
+        if (v === null) { pen = "M"; clipped = true; return; }
+        if (v < ylo || v > yhi) { clipped = true; }
+        // keep far-off values finite for the path; the clip path hides them
+        var y = Math.max(-1e4, Math.min(1e4, Y(v)));
+        d += pen + X(s).toFixed(1) + "," + y.toFixed(1);
+        pen = "L";
+      });
+      el("path", {d: d, "class": "series", "data-name": ln.name, stroke: ln.color,
+        "stroke-width": ln.width}, plot);
+      if (clipped && ln.name !== "recorded") {
+        var mark = document.querySelector('[data-clip="' + ln.name + '"]');
+        if (mark) { mark.textContent = "↕"; }
+      }
+    });
+    var cross = el("line", {"class": "crosshair", y1: M.t, y2: M.t + ph, x1: -10, x2: -10,
+      visibility: "hidden"}, svg);
+    var dots = el("g", {}, svg);
+    var overlay = el("rect", {x: M.l, y: M.t, width: pw, height: ph, fill: "transparent",
+      "class": "overlay"}, svg);
+    function hover(evt) {
+      var box = svg.getBoundingClientRect();
+      var px = (evt.clientX - box.left) * W / box.width;
+      var s = Math.round((px - M.l) / pw * T);
+      s = Math.max(0, Math.min(T, s));
+      cross.setAttribute("x1", X(s)); cross.setAttribute("x2", X(s));
+      cross.setAttribute("visibility", "visible");
+      dots.innerHTML = "";
+      var rows = "<b>step " + s + "</b><table>";
+      lines.forEach(function (ln) {
+        var v = ln.ys[s];
+        if (v !== null && v >= ylo && v <= yhi) {
+          el("circle", {cx: X(s), cy: Y(v), r: 3, fill: ln.color}, dots);
+        }
+        rows += '<tr><td><span class="swatch" style="background:' + ln.color + '"></span>' +
+          ln.name + '</td><td class="num">' + fmt(v) + "</td></tr>";
+      });
+      tooltip.innerHTML = rows + "</table>";
+      tooltip.hidden = false;
+      var vbox = viewer.getBoundingClientRect();
+      var left = evt.clientX - vbox.left + 14;
+      if (left + tooltip.offsetWidth > vbox.width) { left -= tooltip.offsetWidth + 28; }
+      tooltip.style.left = left + "px";
+      tooltip.style.top = Math.max(0, evt.clientY - vbox.top - 20) + "px";
+    }
+    overlay.addEventListener("mousemove", hover);
+    overlay.addEventListener("mouseleave", function () {
+      cross.setAttribute("visibility", "hidden"); dots.innerHTML = ""; tooltip.hidden = true;
+    });
+    viewer.insertBefore(svg, tooltip);
+    // this trajectory's errors, per method
+    var html = "<thead><tr><th>" + DATA.test_ids[run.tests[k]] + " in " + run.id +
+      "</th><th>MSE over steps 1..T</th><th>final loss</th><th>recorded final</th></tr>" +
+      "</thead><tbody>";
+    DATA.methods.forEach(function (m) {
+      var ys = run.simulated[m][k], sum = 0, n = 0;
+      for (var s = 1; s <= T; s++) {
+        if (ys[s] === null || rec[s] === null) { sum = Infinity; break; }
+        sum += (ys[s] - rec[s]) * (ys[s] - rec[s]); n++;
+      }
+      html += '<tr><th><span class="swatch" style="background:' + DATA.colors[m] + '"></span>' +
+        m + '</th><td class="num">' + fmt(n ? sum / n : sum) + '</td><td class="num">' +
+        fmt(ys[T]) + '</td><td class="num">' + fmt(rec[T]) + "</td></tr>";
+    });
+    errTable.innerHTML = html + "</tbody>";
+    current = {run: +runSel.value, test: k};
+  }
+
+  function step(delta) {
+    var i = testSel.selectedIndex + delta;
+    if (i >= 0 && i < testSel.options.length) { testSel.selectedIndex = i; draw(); }
+  }
+  runSel.addEventListener("change", function () { fillTests(); draw(); });
+  testSel.addEventListener("change", draw);
+  filter.addEventListener("input", function () { fillTests(); draw(); });
+  document.getElementById("prev-test").addEventListener("click", function () { step(-1); });
+  document.getElementById("next-test").addEventListener("click", function () { step(1); });
+  buildToggles();
+  fillTests();
+  draw();
+  window.simfluenceViewer = {data: DATA, draw: draw, current: function () { return current; }};
+})();
+"""

@@ -1,0 +1,375 @@
+"""Counterfactual edits, attribution views (against brute force), curriculum search, and the
+attribute / optimize / simulate-with-edits commands."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simfluence.cli.main import main
+from simfluence.counterfactual import (
+    final_objective,
+    leave_one_out,
+    optimize_curriculum,
+    pair_interactions,
+    step_contributions,
+)
+from simfluence.counterfactual.search import _Evaluator, _random_layouts
+from simfluence.curricula import (
+    add,
+    apply_edits,
+    remove,
+    reorder,
+    repeat,
+    sort_by,
+    truncate,
+)
+from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.runlog import save_runset
+from simfluence.simulators import AdditiveSimulator, LinearSimulator
+from simfluence.synth import SynthConfig, generate
+
+CURRICULUM = [["a", "b"], ["c", "a"], ["d"]]
+
+
+def _flat(curriculum: list[list[str]]) -> list[str]:
+    return [i for batch in curriculum for i in batch]
+
+
+# -- edits ------------------------------------------------------------------------------------
+def test_remove_drops_every_occurrence_and_empty_batches() -> None:
+    assert remove(CURRICULUM, ["a"]) == [["b"], ["c"], ["d"]]
+    assert remove(CURRICULUM, "d") == [["a", "b"], ["c", "a"]]
+    assert CURRICULUM == [["a", "b"], ["c", "a"], ["d"]]  # pure
+    with pytest.raises(CurriculumError, match=r"'z'.*never occur"):
+        remove(CURRICULUM, ["z"])
+    with pytest.raises(CurriculumError, match="empty curriculum"):
+        remove(CURRICULUM, ["a", "b", "c", "d"])
+    with pytest.raises(CurriculumError, match="no training ids"):
+        remove(CURRICULUM, [])
+
+
+def test_add_inserts_new_batches() -> None:
+    assert add(CURRICULUM, ["x", "y", "z"], 2) == [*CURRICULUM, ["x", "y"], ["z"]]
+    assert add(CURRICULUM, ["x"], 2, position=1) == [["a", "b"], ["x"], ["c", "a"], ["d"]]
+    assert add(CURRICULUM, ["x"], 2, position="start")[0] == ["x"]
+    with pytest.raises(CurriculumError, match="position"):
+        add(CURRICULUM, ["x"], 2, position=4)
+    with pytest.raises(CurriculumError, match="unknown training id 'x'"):
+        add(CURRICULUM, ["x"], 2, pool={"a", "b"})
+
+
+def test_repeat_reorder_sort_truncate() -> None:
+    assert repeat(CURRICULUM, ["a"], 2) == [["a", "a", "b"], ["c", "a", "a"], ["d"]]
+    with pytest.raises(CurriculumError, match="never occur"):
+        repeat(CURRICULUM, ["q"], 2)
+    with pytest.raises(CurriculumError, match="at least 1"):
+        repeat(CURRICULUM, ["a"], 0)
+    shuffled = reorder(CURRICULUM, 3)
+    assert [len(b) for b in shuffled] == [2, 2, 1]
+    assert sorted(_flat(shuffled)) == sorted(_flat(CURRICULUM))
+    assert reorder(CURRICULUM, np.random.default_rng(3)) == shuffled
+    scores = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 0.0}
+    assert sort_by(CURRICULUM, scores) == [["d", "b"], ["c", "a"], ["a"]]
+    assert sort_by(CURRICULUM, scores, descending=True) == [["a", "a"], ["c", "b"], ["d"]]
+    with pytest.raises(CurriculumError, match="no score for training id 'd'"):
+        sort_by(CURRICULUM, {"a": 1, "b": 1, "c": 1})
+    assert truncate(CURRICULUM, 2) == CURRICULUM[:2]
+    with pytest.raises(CurriculumError, match="between 1 and"):
+        truncate(CURRICULUM, 4)
+    with pytest.raises(CurriculumError, match="non-empty"):
+        truncate([], 1)
+
+
+def test_apply_edits_in_order() -> None:
+    spec = [
+        {"op": "remove", "ids": ["d"]},
+        {"op": "repeat", "ids": ["b"], "times": 3},
+        {"op": "add", "ids": ["e"], "batch_size": 1, "position": 0},
+        {"op": "truncate", "steps": 2},
+    ]
+    assert apply_edits(CURRICULUM, spec) == [["e"], ["a", "b", "b", "b"]]
+    with pytest.raises(CurriculumError, match="operation #1"):
+        apply_edits(CURRICULUM, [{"op": "explode"}])
+    with pytest.raises(CurriculumError, match="operation #1 \\(truncate\\)"):
+        apply_edits(CURRICULUM, [{"op": "truncate"}])
+
+
+# -- attribution against brute force ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic() -> tuple:
+    config = SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2, seed=3)
+    runs, _ = generate(config)
+    return runs, LinearSimulator(l2=1.0).fit(runs), AdditiveSimulator(l2=1.0).fit(runs)
+
+
+def _brute_final(sim, curriculum, initial, cols) -> float:
+    if not curriculum:
+        return float(initial[cols].mean())
+    return float(sim.simulate(curriculum, initial)[-1, cols].mean())
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_leave_one_out_equals_brute_force(synthetic: tuple, which: int) -> None:
+    runs, *sims = synthetic
+    sim = sims[which - 1]
+    run = runs.runs[0]
+    tests = ["test-1", "test-4"]
+    cols = np.array([1, 4])
+    loo = leave_one_out(sim, run.curriculum, run.initial_loss, tests)
+    full = _brute_final(sim, run.curriculum, run.initial_loss, cols)
+    assert loo.final_loss == pytest.approx(full, abs=1e-10)
+    assert np.all(np.diff(loo.effects) >= 0)  # most helpful first
+    flat = _flat(run.curriculum)
+    for train_id, count, effect in loo.rows():
+        without = remove(run.curriculum, [train_id])
+        expected = full - _brute_final(sim, without, run.initial_loss, cols)
+        assert effect == pytest.approx(expected, abs=1e-10)
+        assert count == flat.count(train_id)
+    assert {i for i, _, _ in loo.helpful(100)} | {i for i, _, _ in loo.harmful(100)} <= set(flat)
+
+
+def test_leave_one_out_of_the_only_example_ends_at_the_start(synthetic: tuple) -> None:
+    _, sim, _ = synthetic
+    loo = leave_one_out(sim, [["train-0"]] * 3, None, "test-0")
+    full = _brute_final(sim, [["train-0"]] * 3, sim.initial_loss_, np.array([0]))
+    assert loo.effects[0] == pytest.approx(full - sim.initial_loss_[0], abs=1e-12)
+    assert final_objective(sim, [[]], sim.initial_loss_, np.array([0, 1]))[0] == pytest.approx(
+        sim.initial_loss_[:2].mean()
+    )
+
+
+@pytest.mark.parametrize("weighting", ["mean", "sum"])
+@pytest.mark.parametrize("cls", [LinearSimulator, AdditiveSimulator])
+def test_step_contributions_sum_exactly_to_the_rollout(synthetic, cls, weighting) -> None:
+    runs = synthetic[0]
+    sim = cls(l2=1.0, batch_weighting=weighting).fit(runs)
+    curriculum = repeat(runs.runs[1].curriculum, ["train-3"], 2)  # uneven batch sizes, repeats
+    curriculum = remove(curriculum, [curriculum[0][0]])
+    result = step_contributions(sim, curriculum, None, ["test-0", "test-2"])
+    traj = sim.simulate(curriculum, sim.initial_loss_)[:, [0, 2]].mean(axis=1)
+    np.testing.assert_allclose(result.trajectory, traj, atol=1e-12)
+    np.testing.assert_allclose(result.change, np.diff(traj), atol=1e-12)
+    sums = np.array([sum(step.values()) for step in result.contributions])
+    np.testing.assert_allclose(sums, result.change, atol=1e-12)
+    for step, batch in zip(result.contributions, curriculum, strict=True):
+        assert set(step) == set(batch)
+    top = result.top_steps(3)
+    assert abs(result.change[top[0] - 1]) == pytest.approx(np.abs(result.change).max())
+    assert len(result.top_examples(top[0], 2)) <= 2
+
+
+def test_pair_interactions_equal_brute_force(synthetic: tuple) -> None:
+    runs, sim, _ = synthetic
+    run = runs.runs[2]
+    result = pair_interactions(sim, run.curriculum, run.initial_loss, "test-3", top=4)
+    cols = np.array([3])
+    full = _brute_final(sim, run.curriculum, run.initial_loss, cols)
+    assert len(result.pairs) == 6 == len(list(combinations(range(4), 2)))
+    single = dict(zip(result.train_ids, result.singles, strict=True))
+    for i, j, joint, additive, inter in result.pairs:
+        both = full - _brute_final(sim, remove(run.curriculum, [i, j]), run.initial_loss, cols)
+        assert joint == pytest.approx(both, abs=1e-10)
+        assert additive == pytest.approx(single[i] + single[j], abs=1e-12)
+        assert inter == pytest.approx(both - single[i] - single[j], abs=1e-10)
+    # an additive simulator has no interactions
+    additive_sim = synthetic[2]
+    flat = pair_interactions(additive_sim, run.curriculum, run.initial_loss, "test-3", top=4)
+    assert max(abs(p[4]) for p in flat.pairs) < 1e-12
+
+
+def test_unknown_test_id_is_a_clear_error(synthetic: tuple) -> None:
+    runs, sim, _ = synthetic
+    with pytest.raises(SimfluenceError, match="unknown test id 'nope'"):
+        leave_one_out(sim, runs.runs[0].curriculum, None, ["nope"])
+
+
+# -- search -----------------------------------------------------------------------------------
+def test_search_evaluator_matches_simulate(synthetic: tuple) -> None:
+    _, sim, additive_sim = synthetic
+    for s in (sim, additive_sim):
+        cols = np.array([0, 5])
+        evaluate = _Evaluator(s, cols, s.initial_loss_, 3)
+        layouts = _random_layouts(np.arange(40), 10, 2, 4, np.random.default_rng(0))
+        values = evaluate(layouts)
+        for layout, value in zip(layouts, values, strict=True):
+            c = evaluate.curriculum(layout)
+            assert len(c) == 8 and len(c[3]) == 1
+            assert value == pytest.approx(_brute_final(s, c, s.initial_loss_, cols), abs=1e-10)
+
+
+def _known_optimum(runs, seed: int) -> tuple[LinearSimulator, set[str]]:
+    """Neutral A = 1/b, distinct B: the final loss is L_0 + E * sum of B over the subset, so
+    the best K-subset is the K most negative B (any order)."""
+    sim = LinearSimulator(l2=1.0).fit(runs)
+    b = sim.batch_size_
+    rng = np.random.default_rng(seed)
+    sim.A_ = np.full_like(sim.A_, 1.0 / b)
+    effect = rng.normal(0.0, 0.05, sim.B_.shape[1])
+    sim.B_ = np.broadcast_to(effect * rng.uniform(0.5, 1.5, (sim.B_.shape[0], 1)), sim.B_.shape)
+    sim.B_ = np.ascontiguousarray(sim.B_)
+    sim.seen_ = np.ones_like(sim.seen_)
+    best = set(np.array(sim.train_ids_)[np.argsort(effect)[:8]])
+    return sim, best
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_search_finds_the_known_optimum(synthetic: tuple, greedy: bool) -> None:
+    sim, best = _known_optimum(synthetic[0], seed=7)
+    result = optimize_curriculum(sim, 8, 4, epochs=2, seed=1, greedy=greedy, n_random=16)
+    chosen = set(_flat(result.curriculum))
+    assert chosen == best
+    assert len(result.curriculum) == 4 and all(len(b) == 4 for b in result.curriculum)
+    assert result.objective < result.random_objectives.min()
+    sim_final = _brute_final(sim, result.curriculum, sim.initial_loss_, np.arange(6))
+    assert result.objective == pytest.approx(sim_final, abs=1e-10)
+    assert result.history and result.history[-1]["objective"] == result.objective
+
+
+def test_search_beats_random_on_a_realistic_set(synthetic: tuple) -> None:
+    _, sim, _ = synthetic
+    result = optimize_curriculum(sim, 16, 4, epochs=2, objective=["test-2"], seed=0)
+    assert result.objective < result.random_objectives.min()
+    assert len(set(_flat(result.curriculum))) == 16
+    with pytest.raises(SimfluenceError, match="size 99"):
+        optimize_curriculum(sim, 99, 4)
+
+
+# -- command line -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_files(synthetic: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    runs, sim, _ = synthetic
+    root = tmp_path_factory.mktemp("cf")
+    save_runset(runs, root / "runs")
+    sim.save(root / "linear.npz")
+    (root / "c.json").write_text(json.dumps(runs.runs[0].curriculum))
+    (root / "empty.json").write_text("[]")
+    return {"root": root, "model": root / "linear.npz", "runs": root / "runs", "c": root / "c.json"}
+
+
+def test_attribute_command(model_files: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    f = model_files
+    out, png = f["root"] / "attr.json", f["root"] / "attr.png"
+    args = [
+        "attribute",
+        str(f["model"]),
+        "--test",
+        "test-1",
+        "--test",
+        "test-2",
+        "--curriculum",
+        str(f["c"]),
+        "--top",
+        "5",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "most helpful" in text and "negative = consuming it lowered" in text
+    payload = json.loads(out.read_text())
+    assert payload["leave_one_out"]["test_ids"] == ["test-1", "test-2"]
+    assert len(payload["pairs"]["pairs"]) == 15
+    assert png.stat().st_size > 1000
+    assert (
+        main(
+            [
+                "attribute",
+                str(f["model"]),
+                "--test",
+                "test-0",
+                "--runs",
+                str(f["runs"]),
+                "--run",
+                "run-0003",
+            ]
+        )
+        == 0
+    )
+
+
+def test_simulate_with_edits(model_files: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    f = model_files
+    curriculum = json.loads(f["c"].read_text())
+    first, second = curriculum[0][0], curriculum[1][0]
+    out = f["root"] / "pred.json"
+    args = [
+        "simulate",
+        str(f["model"]),
+        "--runs",
+        str(f["runs"]),
+        "--run",
+        "run-0000",
+        "-o",
+        str(out),
+        "--remove",
+        first,
+        "--repeat",
+        f"{second}:2",
+        "--reorder",
+        "1",
+        "--truncate",
+        "5",
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "predicted mean final loss: original (12 steps)" in text and "edited (5 steps)" in text
+    assert np.array(json.loads(out.read_text())["loss"]).shape == (6, 6)
+
+
+def test_optimize_command(model_files: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    f = model_files
+    out = f["root"] / "best.json"
+    args = [
+        "optimize",
+        str(f["model"]),
+        "--size",
+        "8",
+        "--epochs",
+        "2",
+        "--test",
+        "test-1",
+        "--max-seconds",
+        "10",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "random curricula of the same size" in capsys.readouterr().out
+    best = json.loads(out.read_text())
+    assert len(best) == 4
+    assert (
+        main(
+            ["simulate", str(f["model"]), "--curriculum", str(out), "-o", str(f["root"] / "p.json")]
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["attribute", "--test", "nope", "--curriculum", "c.json"], "unknown test id 'nope'"),
+        (["simulate", "--curriculum", "c.json", "-o", "x.json", "--remove", "zzz"], "'zzz'"),
+        (["attribute", "--test", "test-0", "--curriculum", "empty.json"], "no steps"),
+        (["attribute", "--test", "test-0"], "either --curriculum"),
+        (["simulate", "--curriculum", "c.json", "-o", "x.json", "--add", "zzz"], "unknown"),
+        (["optimize", "--size", "999", "-o", "x.json"], "size 999"),
+    ],
+)
+def test_cli_mistakes_exit_2_with_one_line(
+    model_files: dict, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = model_files
+    args = [extra[0], str(f["model"])] + [
+        str(f["root"] / a) if a.endswith(".json") else a for a in extra[1:]
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

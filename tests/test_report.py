@@ -1,0 +1,273 @@
+"""The HTML report: structure, self-containedness, the CLI, and rendering in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from simfluence.cli.main import main
+from simfluence.evaluation import evaluate
+from simfluence.report import build_payload, write_report
+from simfluence.runlog import save_runset
+from simfluence.simulators import configure_simulator
+from simfluence.synth import SynthConfig, generate
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+METHODS = ["linear", "mean", "persistence"]
+
+ATTRIBUTION = {
+    "description": "Simulated leave-one-out on test-0.",
+    "test-0": {
+        "sign_convention": "effect = L_T(with) - L_T(without); negative = helpful",
+        "helpful": [{"train_id": "train-3", "count": 2, "effect": -0.0123}],
+        "harmful": [{"train_id": "train-9", "count": 1, "effect": 0.0456}],
+        "steps": {
+            "change": [0.01 * np.sin(k) for k in range(20)],
+            "top_steps": [
+                {
+                    "step": 4,
+                    "change": -0.03,
+                    "top_examples": [{"train_id": "train-1", "contribution": -0.02}],
+                }
+            ],
+        },
+        "pairs": [{"i": "train-3", "j": "train-9", "interaction": 0.001}],
+    },
+}
+VALIDATION = {
+    "kinds": {
+        "random": {
+            "methods": {
+                "linear": {"all_steps_mse": 0.01, "final_step_spearman": 0.9, "lds": 0.7},
+                "mean": {"all_steps_mse": 0.05, "final_step_spearman": 0.4, "lds": 0.1},
+            }
+        }
+    },
+    "optimized": {"predicted_final_loss": 1.2, "actual_final_loss": 1.25},
+}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    runs, _ = generate(SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2))
+    sims = {name: configure_simulator(name, l2=None, unseen="prior") for name in METHODS}
+    return runs, evaluate(runs, sims, 2)
+
+
+@pytest.fixture(scope="module")
+def report(setup, tmp_path_factory) -> Path:
+    runs, result = setup
+    folder = tmp_path_factory.mktemp("report")
+    figure = folder / "fig.png"
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(figure)
+    plt.close(fig)
+    return write_report(
+        folder / "report.html",
+        title="Test <report>",
+        runs=runs,
+        evaluation=result,
+        attribution=ATTRIBUTION,
+        validation=VALIDATION,
+        figures={"a figure": figure},
+        notes=["a note"],
+    )
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _data(text: str) -> dict:
+    match = re.search(
+        r'<script type="application/json" id="simfluence-data">(.*?)</script>', text, re.S
+    )
+    assert match
+    return json.loads(match.group(1))
+
+
+def test_structure(report: Path, setup) -> None:
+    runs, result = setup
+    text = report.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert "Test &lt;report&gt;" in text  # escaped title
+    for section in ("metrics", "viewer-section", "attribution-section", "validation-section"):
+        assert f'id="{section}"' in text
+    assert "curriculum-blind baseline" in text and "a note" in text
+    assert "Simulated leave-one-out on test-0." in text  # the description is shown
+    assert "train-9" in text and "Optimized curriculum" in text
+    assert text.count('class="metrics') >= 2  # metrics + one validation kind
+    assert "<table" in text and "data:image/png;base64," in text
+    parser = _Collector()
+    parser.feed(text)
+    for tag, attrs in parser.tags:  # self-contained: nothing fetched from the network
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            assert not value.startswith(("http:", "https:", "//")), (tag, value)
+    assert not re.search(r"<link\b", text)
+    data = _data(text)
+    assert data["methods"] == METHODS and not data["trimmed"]
+    run0 = runs.run(result.heldout_runs[0])
+    r0 = data["runs"][0]
+    j = r0["tests"][0]
+    np.testing.assert_allclose(r0["recorded"][0], run0.losses[:, j], rtol=1e-4)
+    sim = result.methods["linear"].simulated[0][:, j]
+    np.testing.assert_allclose(r0["simulated"]["linear"][0], sim, rtol=1e-4)
+    assert len(r0["tests"]) == len(runs.test_ids)
+    best = re.findall(r'<td class="num best">', text)
+    assert len(best) >= 4
+
+
+def test_payload_is_trimmed_when_large(setup) -> None:
+    runs, result = setup
+    data = build_payload(runs, result, max_bytes=1000, max_tests=2)
+    assert data["trimmed"]
+    run = runs.run(result.heldout_runs[0])
+    movement = np.abs(np.diff(run.losses, axis=0)).sum(axis=0)
+    assert data["runs"][0]["tests"] == list(np.argsort(-movement)[:2])
+
+
+def test_nonfinite_rollouts_become_null(setup) -> None:
+    runs, result = setup
+    result.methods["persistence"].simulated[0][3, 0] = np.inf
+    try:
+        data = build_payload(runs, result)
+    finally:
+        result.methods["persistence"].simulated[0][3, 0] = result.methods["persistence"].simulated[
+            0
+        ][2, 0]
+    k = data["runs"][0]["tests"].index(0)
+    assert data["runs"][0]["simulated"]["persistence"][k][3] is None
+
+
+def test_cli(tmp_path: Path, capsys) -> None:
+    runs, _ = generate(SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2))
+    save_runset(runs, tmp_path / "runs")
+    (tmp_path / "val.json").write_text(json.dumps(VALIDATION))
+    (tmp_path / "attr.json").write_text(json.dumps(ATTRIBUTION))
+    fit = ["fit", str(tmp_path / "runs"), "--method", "mean", "--holdout", "2"]
+    assert main([*fit, "-o", str(tmp_path / "m.npz")]) == 0
+    out = tmp_path / "r.html"
+    argv = ["report", str(tmp_path / "runs"), "--methods", "mean,persistence", "--holdout", "2"]
+    argv += ["--model", str(tmp_path / "m.npz"), "--validation", str(tmp_path / "val.json")]
+    argv += ["--attribution", str(tmp_path / "attr.json"), "-o", str(out)]
+    assert main(argv) == 0
+    text = out.read_text()
+    data = _data(text)
+    assert data["methods"] == ["mean", "persistence", "m (mean)"]
+    assert "validation-section" in text and "data:image/png;base64," in text
+    capsys.readouterr()
+    bad = ["report", str(tmp_path / "runs"), "--validation", str(tmp_path / "no.json")]
+    assert main([*bad, "-o", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "runs"), "--methods", "nope", "-o", str(out)]) == 2
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+def _browser_missing() -> str | None:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        return (
+            f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} "
+            "(apt-get install chromium chromium-driver)"
+        )
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "headless browser test needs selenium (pip install selenium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def driver():
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,1000",
+    ):
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="simfluence-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_renders_in_chromium(driver, report: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver.get(report.resolve().as_uri())
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
+
+    def paths():
+        return driver.find_elements(By.CSS_SELECTOR, "#viewer svg path.series")
+
+    assert len(paths()) == 1 + len(METHODS)  # recorded + every method
+    names = [p.get_attribute("data-name") for p in paths()]
+    assert sorted(names) == sorted(["recorded", *METHODS])
+
+    toggle = driver.find_element(By.CSS_SELECTOR, '#method-toggles input[data-method="mean"]')
+    toggle.click()
+    assert len(paths()) == len(METHODS)
+    assert "mean" not in [p.get_attribute("data-name") for p in paths()]
+    toggle.click()
+    assert len(paths()) == 1 + len(METHODS)
+
+    def recorded_d():
+        return driver.find_element(
+            By.CSS_SELECTOR, '#viewer svg path.series[data-name="recorded"]'
+        ).get_attribute("d")
+
+    before = recorded_d()
+    select = Select(driver.find_element(By.ID, "test-select"))
+    assert len(select.options) == 6
+    select.select_by_index(3)
+    after = recorded_d()
+    assert after != before
+    assert len(paths()) == 1 + len(METHODS)
+    Select(driver.find_element(By.ID, "run-select")).select_by_index(1)
+    assert recorded_d() != after
+
+    overlay = driver.find_element(By.CSS_SELECTOR, "#viewer svg rect.overlay")
+    ActionChains(driver).move_to_element(overlay).perform()
+    tooltip = driver.find_element(By.ID, "tooltip")
+    assert tooltip.is_displayed()
+    assert "step" in tooltip.text and "linear" in tooltip.text
+
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
