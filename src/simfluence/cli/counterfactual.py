@@ -16,11 +16,9 @@ from simfluence.counterfactual import (
     SIGN_CONVENTION,
     LeaveOneOut,
     StepContributions,
-    leave_one_out,
     optimize_curriculum,
-    pair_interactions,
-    step_contributions,
 )
+from simfluence.counterfactual.attribution import attribution_views
 from simfluence.curricula import apply_edits
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset, normalize_curriculum
@@ -212,23 +210,12 @@ def _register_attribute(subparsers: argparse._SubParsersAction) -> None:
 def cmd_attribute(args: argparse.Namespace) -> None:
     simulator = load_simulator(args.model)
     curriculum, initial, source = load_curriculum(args, simulator)
-    loo = leave_one_out(simulator, curriculum, initial, args.test)
-    steps = step_contributions(simulator, curriculum, initial, args.test)
-    pairs = None
-    if args.pairs >= 2:
-        pairs = pair_interactions(simulator, curriculum, initial, args.test, args.pairs, loo)
+    loo, steps, pairs, views = attribution_views(
+        simulator, curriculum, initial, args.test, args.top, args.pairs
+    )
     print(_attribute_report(loo, steps, pairs, source, len(curriculum), args.top))
     if args.json:
-        payload = {
-            "model": str(args.model),
-            "method": simulator.name,
-            "curriculum": source,
-            "sign_convention": SIGN_CONVENTION,
-            "leave_one_out": loo.to_json(),
-            "steps": steps.to_json(args.top),
-            "pairs": None if pairs is None else pairs.to_json(),
-        }
-        write_json_atomic(args.json, payload)
+        write_json_atomic(args.json, {"model": str(args.model), "curriculum": source, **views})
         print(f"wrote {args.json}")
     if args.plot:
         plot_attribution(loo, steps, args.top, args.plot)

@@ -96,6 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     write_json_atomic(out / "evaluation.json", result.to_json())
     print(f"[3/3] writing figures and the report into {out}")
     figures = _figures(runs, result, out)
+    attribution = _attribution(runs, result, out)
     from simfluence.report.html import write_report
 
     report = write_report(
@@ -103,6 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         title=f"simfluence demo: {task.name}",
         runs=runs,
         evaluation=result,
+        attribution=attribution,
         figures=figures,
         notes=[
             f"Recorded {runs_count} runs in {recorded:.1f} s; every simulator was fitted on "
@@ -112,6 +114,31 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     total = time.perf_counter() - start
     print(f"wrote {out / 'evaluation.json'} and {report} ({total:.0f} s in all)")
+
+
+def _attribution(runs, result, out: Path) -> dict | None:  # type: ignore[no-untyped-def,type-arg]
+    """Leave-one-out, per-step and pair views under `linear` for the test example whose loss
+    moves most in the first held-out run; written to ``attribution.json`` too."""
+    if "linear" not in result.methods:
+        return None
+    from simfluence.counterfactual.attribution import attribution_views
+
+    run = runs.run(result.heldout_runs[0])
+    test_id = runs.test_ids[pick_test_examples(run.losses, 1)[0]]
+    simulator = result.methods["linear"].simulator
+    *_, views = attribution_views(simulator, run.curriculum, run.initial_loss, test_id)
+    views = {
+        "description": f"Why did {test_id} end where it did in held-out run {run.run_id}? "
+        "Simulated by linear (fitted on the training runs).",
+        "curriculum": f"held-out run {run.run_id}",
+        **views,
+    }
+    write_json_atomic(out / "attribution.json", views)
+    # the page shows the ten most helpful and most harmful; the JSON file keeps every example
+    effects = views["leave_one_out"].pop("effects")
+    views["leave_one_out"]["most_helpful"] = [e for e in effects if e["effect"] < 0][:10]
+    views["leave_one_out"]["most_harmful"] = [e for e in effects if e["effect"] > 0][::-1][:10]
+    return views
 
 
 def _figures(runs, result, out: Path) -> dict[str, Path]:  # type: ignore[no-untyped-def]

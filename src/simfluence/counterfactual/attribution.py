@@ -344,3 +344,31 @@ def pair_interactions(
         rows.append((names[a], names[b], joint, additive, joint - additive))
     rows.sort(key=lambda r: -abs(r[4]))
     return PairInteractions(ids, names, singles, rows)
+
+
+def attribution_views(
+    simulator: Simulator,
+    curriculum: AnyCurriculum,
+    initial_loss: np.ndarray | None,
+    test_ids: str | Sequence[str],
+    top: int = 10,
+    pairs: int = 10,
+) -> tuple[LeaveOneOut, StepContributions, PairInteractions | None, dict[str, Any]]:
+    """All three views for one test example (or the mean of several), and their JSON form:
+    ``{"method", "sign_convention", "leave_one_out", "steps", "pairs"}`` (what
+    ``simfluence attribute --json`` writes, without the file names). ``pairs < 2``: no pairs."""
+    loo = leave_one_out(simulator, curriculum, initial_loss, test_ids)
+    steps = step_contributions(simulator, curriculum, initial_loss, test_ids)
+    interactions = (
+        pair_interactions(simulator, curriculum, initial_loss, test_ids, pairs, loo)
+        if pairs >= 2
+        else None
+    )
+    payload = {
+        "method": simulator.name,
+        "sign_convention": SIGN_CONVENTION,
+        "leave_one_out": loo.to_json(),
+        "steps": steps.to_json(top),
+        "pairs": None if interactions is None else interactions.to_json(),
+    }
+    return loo, steps, interactions, payload
