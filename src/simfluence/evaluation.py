@@ -36,11 +36,14 @@ class EvaluationResult:
     train_runs: list[str]
     heldout_runs: list[str]
     methods: dict[str, MethodResult] = field(default_factory=dict)
+    #: share of the held-out runs' consumptions whose id no training run consumed
+    unseen_fraction: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "train_runs": self.train_runs,
             "heldout_runs": self.heldout_runs,
+            "heldout_unseen_fraction": self.unseen_fraction,
             "methods": {name: result.scores for name, result in self.methods.items()},
         }
 
@@ -57,6 +60,18 @@ def score(true: Sequence[np.ndarray], simulated: Sequence[np.ndarray]) -> dict[s
         summary = fn(true, simulated)
         out[name], out[f"{name}_std"] = summary.mean, summary.std
     return out
+
+
+def unseen_fraction(train: RunSet, heldout: RunSet) -> float:
+    """Share of the held-out consumptions of ids that no training run consumed (such ids get
+    "no effect" under ``unseen="prior"``, or stop the evaluation under ``"error"``)."""
+    seen = {i for run in train.runs for batch in run.curriculum for i in batch}
+    total = unseen = 0
+    for run in heldout.runs:
+        for batch in run.curriculum:
+            total += len(batch)
+            unseen += sum(i not in seen for i in batch)
+    return unseen / total if total else 0.0
 
 
 def evaluate_simulator(simulator: Simulator, train: RunSet, heldout: RunSet) -> MethodResult:
@@ -85,7 +100,9 @@ def evaluate(
     `progress` wraps the list of methods (e.g. `tqdm`) to show progress.
     """
     train, held = runs.split(heldout)
-    result = EvaluationResult(train.run_ids, held.run_ids)
+    result = EvaluationResult(
+        train.run_ids, held.run_ids, unseen_fraction=unseen_fraction(train, held)
+    )
     for name, simulator in progress(list(simulators.items())):
         result.methods[name] = evaluate_simulator(simulator, train, held)
     return result

@@ -95,7 +95,9 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 # -- fit --------------------------------------------------------------------------------------
-def _add_simulator_options(p: argparse.ArgumentParser) -> None:
+def _add_simulator_options(p: argparse.ArgumentParser, unseen: str = "error") -> None:
+    """``--l2`` and ``--unseen``. Evaluations default to ``--unseen prior``: a held-out run may
+    consume an example no training run did, and that is a fact to report, not an error."""
     p.add_argument(
         "--l2",
         type=float,
@@ -106,8 +108,9 @@ def _add_simulator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unseen",
         choices=["error", "prior"],
-        default="error",
-        help="a training id absent from the fitted runs: an error (default), or no effect",
+        default=unseen,
+        help=f"a training id absent from the fitted runs: an error, or no effect (default: "
+        f"{unseen})",
     )
 
 
@@ -243,7 +246,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--heldout-runs", type=comma_list, default=None, help="run ids to hold out")
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plot", default=None, help="draw true vs simulated trajectories to this PNG")
-    _add_simulator_options(p)
+    _add_simulator_options(p, unseen="prior")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -264,6 +267,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         f"{len(result.train_runs)} training runs, {len(result.heldout_runs)} held-out runs, "
         f"{len(runs.test_ids)} test examples"
     )
+    if result.unseen_fraction:
+        print(
+            f"note: {100 * result.unseen_fraction:.1f}% of the held-out runs' consumptions are of "
+            f"examples no training run consumed (--unseen {args.unseen})"
+        )
     print(format_table(result))
     if args.json:
         write_json_atomic(args.json, result.to_json())

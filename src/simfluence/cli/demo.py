@@ -88,7 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"[2/3] fitting {len(args.methods)} simulators on {runs_count - args.holdout} runs, "
         f"simulating {args.holdout} held-out runs"
     )
-    simulators = {name: configure_simulator(name) for name in args.methods}
+    simulators = {name: configure_simulator(name, unseen="prior") for name in args.methods}
     result = evaluate(
         runs, simulators, args.holdout, lambda items: tqdm(items, desc="methods", leave=False)
     )

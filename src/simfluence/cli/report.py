@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--unseen",
         choices=["error", "prior"],
-        default="error",
-        help="a training id absent from the fitted runs: an error (default), or no effect",
+        default="prior",
+        help="a training id absent from the fitted runs: no effect (default), or an error",
     )
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.set_defaults(func=cmd_report)

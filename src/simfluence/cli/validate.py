@@ -57,7 +57,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
             f"--workload {args.workload}: the run set was recorded with {recorded!r}"
         )
     task = get_workload(recorded)
-    simulators = {name: configure_simulator(name) for name in args.methods}
+    # new curricula may consume examples no recorded run did: they get "no effect"
+    simulators = {name: configure_simulator(name, unseen="prior") for name in args.methods}
     start = time.perf_counter()
 
     def progress(items, total):  # type: ignore[no-untyped-def]

@@ -1,0 +1,154 @@
+"""Gradient methods as simulators, validation against retraining, and the demo, on digits-mlp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from simfluence.attribution.tracin import tracin_cp_scores
+from simfluence.cli.main import main
+from simfluence.errors import SimfluenceError
+from simfluence.recording.runner import checkpoint_path, load_checkpoint, record_runs
+from simfluence.recording.workloads import get_workload
+from simfluence.runlog import load_runset
+from simfluence.simulators import AdditiveSimulator, configure_simulator
+
+TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("digits") / "runs"
+    record_runs(
+        get_workload("digits-mlp"), directory, checkpoints=[0, 4, 8], progress=False, **TINY
+    )
+    return directory
+
+
+def test_tracin_cp_is_the_average_over_runs_and_checkpoints(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    sim = configure_simulator("tracin-cp", max_runs=None).fit(runs)
+    task = get_workload("digits-mlp")
+    pool, tests = task.prepare(TINY["pool"], TINY["tests"], TINY["seed"])
+    model = task.make_model(TINY["seed"])
+    expected = np.zeros_like(sim.B_)
+    for run in runs.runs:
+        checkpoints = [load_checkpoint(recorded, run.run_id, s) for s in (0, 4, 8)]
+        lrs = [run.lr[0], run.lr[4], run.lr[7]]  # the step taken from each checkpoint
+        expected += tracin_cp_scores(
+            task, model, checkpoints, lrs, pool, tests, 4, checkpoint_weights=[1 / 3] * 3
+        )
+    np.testing.assert_allclose(sim.B_, expected / len(runs.runs), rtol=1e-10, atol=1e-14)
+    assert sim.A_ is None and sim.scale_ == 1.0 and sim.runs_used_ == 6
+
+
+def test_additive_fed_tracin_scores_is_the_tracin_rollout(recorded: Path) -> None:
+    """The special-case identity: TracIn is Simfluence-Additive with B from gradients."""
+    runs = load_runset(recorded)
+    tracin = configure_simulator("tracin-cp").fit(runs)
+    additive = AdditiveSimulator(l2=1.0).fit(runs)
+    additive.B_ = tracin.B_.copy()
+    additive.seen_ = tracin.seen_
+    for run in runs.runs:
+        np.testing.assert_array_equal(
+            additive.simulate(run.curriculum, run.initial_loss),
+            tracin.simulate(run.curriculum, run.initial_loss),
+        )
+
+
+def test_scaled_variant_fits_one_scale_on_training_runs(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    raw = configure_simulator("grad-dot").fit(runs)
+    scaled = configure_simulator("grad-dot-scaled").fit(runs)
+    # the closed form: least squares of L_t - L_0 on the raw rollout's change
+    change = [raw.simulate(r.curriculum, np.zeros(len(runs.test_ids))) for r in runs.runs]
+    observed = [r.losses - r.losses[0] for r in runs.runs]
+    s = sum((c * o).sum() for c, o in zip(change, observed, strict=True)) / sum(
+        (c * c).sum() for c in change
+    )
+    assert scaled.scale_ == pytest.approx(max(s, 0.0), rel=1e-9)
+    np.testing.assert_allclose(scaled.B_, raw.B_ * scaled.scale_, rtol=1e-12)
+
+
+def test_influence_runs_and_is_finite(recorded: Path) -> None:
+    sim = configure_simulator("influence-scaled", max_runs=2).fit(load_runset(recorded))
+    assert sim.B_.shape == (TINY["tests"], TINY["pool"]) and np.isfinite(sim.B_).all()
+
+
+def test_missing_checkpoints_name_the_run_and_step(recorded: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    record_runs(get_workload("digits-mlp"), bare, progress=False, **{**TINY, "runs": 2})
+    with pytest.raises(SimfluenceError, match=r"run 'run-0000' has no saved checkpoints"):
+        configure_simulator("tracin-cp").fit(load_runset(bare))
+    broken = tmp_path / "broken"
+    record_runs(
+        get_workload("digits-mlp"),
+        broken,
+        checkpoints=[0, 8],
+        progress=False,
+        **{**TINY, "runs": 2},
+    )
+    checkpoint_path(broken, "run-0001", 8).unlink()
+    with pytest.raises(SimfluenceError, match=r"no checkpoint of run 'run-0001' at step 8"):
+        configure_simulator("grad-dot").fit(load_runset(broken))
+
+
+def test_evaluate_and_validate_commands(recorded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    methods = "linear,tracin-cp,tracin-cp-scaled,grad-dot,influence,mean"
+    args = ["evaluate", str(recorded), "--methods", methods, "--holdout", "2", "--json", str(out)]
+    assert main(args) == 0
+    assert set(json.loads(out.read_text())["methods"]) == set(methods.split(","))
+    out = tmp_path / "validation.json"
+    args = [
+        "validate",
+        str(recorded),
+        "--curricula",
+        "3",
+        "--kinds",
+        "random,leave-out,optimized",
+        "--methods",
+        "linear,mean",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["kinds"]) == {"random", "leave-out", "optimized"}
+    for block in result["kinds"].values():
+        for scores in block["methods"].values():
+            assert set(scores) >= {"all_steps_mse", "final_step_spearman", "lds"}
+    optimized = result["optimized"]
+    assert len(optimized["random_mean_test_losses"]) == 3
+    assert 0.0 <= optimized["fraction_of_random_beaten"] <= 1.0
+    assert main(["validate", str(recorded), "--workload", "newsgroups-minilm"]) == 2
+
+
+def test_demo_writes_everything(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--runs",
+        "6",
+        "--holdout",
+        "2",
+        "--methods",
+        "linear,additive,grad-dot-scaled,mean",
+    ]
+    assert main(args) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert len(evaluation["heldout_runs"]) == 2
+    assert set(evaluation["methods"]) == {"linear", "additive", "grad-dot-scaled", "mean"}
+    html = (out / "report.html").read_text()
+    assert "simfluence-data" in html
+    assert "Most helpful" in html  # the attribution views of the demo's report
+    for name in ("methods.png", "trajectories.png", "attribution.json"):
+        assert (out / name).stat().st_size > 0
