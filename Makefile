@@ -17,10 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	rm -rf demo-out/runs
-	$(VENV)/bin/simfluence synth demo-out/runs --seed 0
-	$(VENV)/bin/simfluence evaluate demo-out/runs --methods linear,additive,mean,persistence,truth \
-		--holdout 5 --json demo-out/evaluation.json --plot demo-out/trajectories.png
+	$(VENV)/bin/simfluence demo --out demo-out
 
 test: setup
 	$(PY) -m pytest -q
