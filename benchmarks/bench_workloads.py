@@ -23,10 +23,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli.demo import ALL_METHODS, checkpoint_steps
+from simfluence.cli.demo import ALL_METHODS
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
-from simfluence.recording.runner import record_runs, steps_per_run
+from simfluence.recording.runner import record_defaults, steps_per_run
 from simfluence.recording.workloads import get_workload
 from simfluence.simulators import configure_simulator
 
@@ -91,19 +91,7 @@ def main() -> None:
     runs_count = args.runs or d.runs
     steps = steps_per_run(d.per_run, d.batch, d.epochs)
     start = time.perf_counter()
-    runs = record_runs(
-        task,
-        out / task.name / "runs",
-        runs=runs_count,
-        pool=d.pool,
-        per_run=d.per_run,
-        tests=d.tests,
-        batch=d.batch,
-        epochs=d.epochs,
-        lr=d.lr,
-        seed=0,
-        checkpoints=checkpoint_steps(steps),
-    )
+    runs = record_defaults(task, out / task.name / "runs", runs_count)
     record_seconds = time.perf_counter() - start
     methods = args.methods.split(",")
     simulators = {name: configure_simulator(name, unseen="prior") for name in methods}

@@ -50,13 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def checkpoint_steps(n_steps: int, count: int = 4) -> list[int]:
-    """``count`` evenly spaced steps from 0 to ``n_steps`` inclusive (TracIn-CP's checkpoints)."""
-    return sorted({round(k * n_steps / (count - 1)) for k in range(count)})
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
-    from simfluence.recording.runner import record_runs, steps_per_run
+    from simfluence.recording.runner import record_defaults, steps_per_run
     from simfluence.recording.workloads import get_workload
 
     out = Path(args.out)
@@ -69,19 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"[1/3] recording {runs_count} runs x {steps} steps of {task.name} (pool {d.pool}, "
         f"{d.tests} test examples, batch {d.batch}, lr {d.lr}) into {out / 'runs'}"
     )
-    runs = record_runs(
-        task,
-        out / "runs",
-        runs=runs_count,
-        pool=d.pool,
-        per_run=d.per_run,
-        tests=d.tests,
-        batch=d.batch,
-        epochs=d.epochs,
-        lr=d.lr,
-        seed=args.seed,
-        checkpoints=checkpoint_steps(steps),
-    )
+    runs = record_defaults(task, out / "runs", runs_count, args.seed)
     recorded = time.perf_counter() - start
     print(f"      recorded in {recorded:.1f} s")
     print(

@@ -161,6 +161,38 @@ def record_runs(
     return load_runset(directory).subset([run_id_for(r) for r in range(runs)])
 
 
+def checkpoint_steps(n_steps: int, count: int = 4) -> list[int]:
+    """``count`` evenly spaced steps from 0 to ``n_steps`` inclusive (TracIn-CP's checkpoints)."""
+    return sorted({round(k * n_steps / (count - 1)) for k in range(count)})
+
+
+def record_defaults(
+    task: Task,
+    directory: str | os.PathLike[str],
+    runs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> RunSet:
+    """`record_runs` with the workload's default protocol (`task.defaults`) and checkpoints at
+    4 evenly spaced steps (what the gradient methods need)."""
+    d = task.defaults
+    n_steps = steps_per_run(d.per_run, d.batch, d.epochs)
+    return record_runs(
+        task,
+        directory,
+        runs=runs or d.runs,
+        pool=d.pool,
+        per_run=d.per_run,
+        tests=d.tests,
+        batch=d.batch,
+        epochs=d.epochs,
+        lr=d.lr,
+        seed=seed,
+        checkpoints=checkpoint_steps(n_steps),
+        progress=progress,
+    )
+
+
 def _record_one(
     task: Task,
     directory: Path,
