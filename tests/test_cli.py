@@ -170,3 +170,15 @@ def test_bad_curriculum_file_names_the_step(runs_dir: Path, tmp_path: Path) -> N
         "simulate", str(model), "--curriculum", str(curriculum), "-o", str(tmp_path / "o")
     )
     assert done.returncode == 2 and "not valid JSON" in done.stderr
+
+
+def test_core_and_command_line_never_import_torch() -> None:
+    """The arrows point one way: the core (and the CLI until a torch command runs) is torch-free."""
+    code = (
+        "import sys, simfluence, simfluence.simulators, simfluence.runlog, simfluence.metrics, "
+        "simfluence.evaluation, simfluence.counterfactual, simfluence.report, simfluence.synth, "
+        "simfluence.curricula, simfluence.plots, simfluence.cli.main; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
