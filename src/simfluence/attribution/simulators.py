@@ -34,20 +34,26 @@ cumulative change), never on the held-out runs. The raw variants use ``s = 1``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import load_checkpoint
+from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import Run, RunSet, count_matrix
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout, weight_batches
 
+#: per-checkpoint kernels, shared by the simulators of one process (-scaled twins, grad-dot)
+_KERNELS: dict[tuple[Any, ...], np.ndarray] = {}
+_KERNEL_CACHE_SIZE = 512
+
 
 class GradientSimulator(DynamicsSimulator):
-    """Base of the gradient methods: ``A_`` is None and ``B_`` comes from `_scores`.
+    """Base of the gradient methods: ``A_`` is None, ``B_`` comes from the per-checkpoint
+    `_kernel`.
 
     Parameters:
         scaled: fit one global scale on the training runs (the ``-scaled`` variants).
@@ -87,17 +93,40 @@ class GradientSimulator(DynamicsSimulator):
         self.checkpoints_dir = checkpoints_dir
 
     # -- what subclasses say ----------------------------------------------------------------
-    def _scores(
+    def _kernel(
         self,
         task: Task,
         model: torch.nn.Module,
-        checkpoints: list[Mapping[str, torch.Tensor]],
-        lrs: list[float],
+        checkpoint: Mapping[str, torch.Tensor],
         pool: Examples,
         tests: Examples,
     ) -> np.ndarray:
-        """``B`` of one run, shape ``(M, P)``, from its checkpoints (oldest first)."""
+        """``K`` of shape ``(M, P)`` at one checkpoint, with ``B = -(eta / b) K`` for one step:
+        ``g_z . g_i`` for TracIn, ``g_z^T (F + lambda I)^{-1} g_i`` for influence."""
         raise NotImplementedError
+
+    def _kernel_key(self) -> tuple[Any, ...]:
+        """What, besides the checkpoint file, the kernel depends on (for the cache)."""
+        return (type(self)._kernel, self.projection_dim, self.projection_seed)
+
+    def _cached_kernel(
+        self, task: Task, model: torch.nn.Module, path: Path, pool: Examples, tests: Examples
+    ) -> np.ndarray:
+        # the -scaled twin and grad-dot (tracin-cp's last checkpoint) reuse these: computing
+        # per-example gradients is the whole cost of a gradient method
+        key = (
+            str(path),
+            path.stat().st_mtime_ns,
+            tuple(pool.ids),
+            tuple(tests.ids),
+            *self._kernel_key(),
+        )
+        if key not in _KERNELS:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            if len(_KERNELS) >= _KERNEL_CACHE_SIZE:
+                _KERNELS.pop(next(iter(_KERNELS)))
+            _KERNELS[key] = self._kernel(task, model, checkpoint, pool, tests)
+        return _KERNELS[key]
 
     # -- fitting ----------------------------------------------------------------------------
     def _fit_parameters(self, runs: RunSet) -> None:
@@ -119,9 +148,11 @@ class GradientSimulator(DynamicsSimulator):
         self.checkpoint_steps_ = {}
         for run in used:
             steps = self._steps(run)
-            checkpoints = [load_checkpoint(directory, run.run_id, s) for s in steps]
-            lrs = [_lr_at(run, s, config["lr"]) for s in steps]
-            total += self._scores(task, model, checkpoints, lrs, pool, tests)
+            for step in steps:
+                path = require_checkpoint(directory, run.run_id, step)
+                kernel = self._cached_kernel(task, model, path, pool, tests)
+                eta = _lr_at(run, step, config["lr"])
+                total -= (eta / self.batch_size_ / len(steps)) * kernel
             self.checkpoint_steps_[run.run_id] = steps
         self.runs_used_ = len(used)
         self.A_ = None
@@ -189,21 +220,10 @@ class TracInCPSimulator(GradientSimulator):
 
     name = "tracin-cp"
 
-    def _scores(self, task, model, checkpoints, lrs, pool, tests):  # type: ignore[no-untyped-def]
-        from simfluence.attribution.tracin import tracin_cp_scores
+    def _kernel(self, task, model, checkpoint, pool, tests):  # type: ignore[no-untyped-def]
+        from simfluence.attribution.tracin import gradient_similarity
 
-        weights = [1.0 / len(checkpoints)] * len(checkpoints)
-        return tracin_cp_scores(
-            task,
-            model,
-            checkpoints,
-            lrs,
-            pool,
-            tests,
-            self.batch_size_,
-            self._projection(),
-            checkpoint_weights=weights,
-        )
+        return gradient_similarity(task, model, checkpoint, pool, tests, self._projection()).numpy()
 
 
 class GradDotSimulator(TracInCPSimulator):
@@ -250,20 +270,24 @@ class InfluenceSimulator(GradientSimulator):
         self.damping = damping
         self.curvature = curvature
 
-    def _scores(self, task, model, checkpoints, lrs, pool, tests):  # type: ignore[no-untyped-def]
+    def _kernel_key(self) -> tuple[Any, ...]:
+        return (*super()._kernel_key(), self.damping, self.curvature)
+
+    def _kernel(self, task, model, checkpoint, pool, tests):  # type: ignore[no-untyped-def]
         from simfluence.attribution.gradients import per_example_gradients
         from simfluence.attribution.influence import influence_scores
 
-        grads = per_example_gradients(task, model, checkpoints[-1], pool)
+        grads = per_example_gradients(task, model, checkpoint, pool)
         mean_eigenvalue = float((grads.double() ** 2).sum(1).mean()) / grads.shape[1]
+        # influence_scores returns -(lr / b) g_z^T (F + lambda I)^{-1} g_i: ask for lr = -b = -1
         return influence_scores(
             task,
             model,
-            checkpoints[-1],
-            lrs[-1],
+            checkpoint,
+            -1.0,
             pool,
             tests,
-            self.batch_size_,
+            1,
             damping=self.damping * mean_eigenvalue,
             curvature=self.curvature,  # type: ignore[arg-type]
         )

@@ -71,13 +71,9 @@ def checkpoint_path(directory: str | os.PathLike[str], run_id: str, step: int) -
     return Path(directory) / CHECKPOINTS_DIR / run_id / f"step-{int(step)}.pt"
 
 
-def load_checkpoint(
-    directory: str | os.PathLike[str], run_id: str, step: int
-) -> dict[str, torch.Tensor]:
-    """The model's ``state_dict`` saved for run `run_id` at step `step` (0 = before training).
-
-    Raises `SimfluenceError` naming the run and step when there is no such checkpoint.
-    """
+def require_checkpoint(directory: str | os.PathLike[str], run_id: str, step: int) -> Path:
+    """The path of run `run_id`'s checkpoint at `step`; `SimfluenceError` naming the run and
+    step (and the steps that were saved) when there is none."""
     path = checkpoint_path(directory, run_id, step)
     if not path.is_file():
         saved = (
@@ -90,6 +86,17 @@ def load_checkpoint(
             f"{directory}: no checkpoint of run {run_id!r} at step {step} ({hint}; record with "
             "--checkpoints to save some)"
         )
+    return path
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], run_id: str, step: int
+) -> dict[str, torch.Tensor]:
+    """The model's ``state_dict`` saved for run `run_id` at step `step` (0 = before training).
+
+    Raises `SimfluenceError` naming the run and step when there is no such checkpoint.
+    """
+    path = require_checkpoint(directory, run_id, step)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
