@@ -274,11 +274,9 @@ class InfluenceSimulator(GradientSimulator):
         return (*super()._kernel_key(), self.damping, self.curvature)
 
     def _kernel(self, task, model, checkpoint, pool, tests):  # type: ignore[no-untyped-def]
-        from simfluence.attribution.gradients import per_example_gradients
         from simfluence.attribution.influence import influence_scores
 
-        grads = per_example_gradients(task, model, checkpoint, pool)
-        mean_eigenvalue = float((grads.double() ** 2).sum(1).mean()) / grads.shape[1]
+        mean_eigenvalue = _mean_fisher_eigenvalue(task, model, checkpoint, pool)
         # influence_scores returns -(lr / b) g_z^T (F + lambda I)^{-1} g_i: ask for lr = -b = -1
         return influence_scores(
             task,
@@ -291,6 +289,20 @@ class InfluenceSimulator(GradientSimulator):
             damping=self.damping * mean_eigenvalue,
             curvature=self.curvature,  # type: ignore[arg-type]
         )
+
+
+def _mean_fisher_eigenvalue(
+    task: Task, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], pool: Examples
+) -> float:
+    """``trace(F) / D`` = mean squared per-example gradient norm / D, streamed in small chunks
+    (a model's ``n x D`` gradients in float64 would not fit in memory)."""
+    from simfluence.attribution.gradients import iter_per_example_gradients
+
+    total, dim = 0.0, 1
+    for _, grads in iter_per_example_gradients(task, model, checkpoint, pool, chunk_size=32):
+        total += float(torch.linalg.vector_norm(grads, dim=1).double().pow(2).sum())
+        dim = grads.shape[1]
+    return total / len(pool) / dim
 
 
 class ScaledTracInCPSimulator(TracInCPSimulator):
