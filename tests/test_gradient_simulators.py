@@ -152,3 +152,30 @@ def test_demo_writes_everything(tmp_path: Path) -> None:
     assert "Most helpful" in html  # the attribution views of the demo's report
     for name in ("methods.png", "trajectories.png", "attribution.json"):
         assert (out / name).stat().st_size > 0
+
+
+def test_closed_form_fisher_influence_matches_the_dense_solve(recorded: Path) -> None:
+    """Woodbury's n x n solve equals the dense (F + lambda I)^{-1} solve on a small model."""
+    from simfluence.attribution.influence import influence_scores
+    from simfluence.attribution.simulators import InfluenceSimulator, _mean_fisher_eigenvalue
+
+    task = get_workload("digits-mlp")
+    pool, tests = task.prepare(TINY["pool"], TINY["tests"], TINY["seed"])
+    model = task.make_model(TINY["seed"])
+    checkpoint = load_checkpoint(recorded, "run-0000", 8)
+    sim = InfluenceSimulator(damping=0.1)
+    closed = sim._kernel(task, model, checkpoint, pool, tests)
+    lam = 0.1 * _mean_fisher_eigenvalue(task, model, checkpoint, pool)
+    dense = influence_scores(
+        task,
+        model,
+        checkpoint,
+        -1.0,
+        pool,
+        tests,
+        1,
+        damping=lam,
+        curvature="fisher",
+        method="dense",
+    )
+    np.testing.assert_allclose(closed, dense, rtol=1e-4, atol=1e-6 * np.abs(dense).max())

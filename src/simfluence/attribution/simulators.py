@@ -22,9 +22,10 @@ the step taken from that checkpoint, and ``b`` is the batch size of the protocol
 * ``grad-dot``: the same at the last saved checkpoint only.
 * ``influence``: ``B_i(z) = -(eta / b) g_z^T (F + lambda I)^{-1} g_i`` at the last checkpoint,
   with ``F`` the empirical Fisher of the pool (a positive semi-definite Gauss-Newton-style
-  approximation of the training-loss Hessian; ``curvature="hessian"`` uses the exact Hessian
-  through Hessian-vector products) and damping ``lambda = damping * trace(F) / D`` (relative
-  to the mean eigenvalue).
+  approximation of the training-loss Hessian), solved in closed form through Woodbury's
+  identity with ``n x n`` Gram matrices (never a ``D x D`` matrix), and damping
+  ``lambda = damping * trace(F) / D`` (relative to the mean eigenvalue);
+  ``curvature="hessian"`` uses the exact Hessian through iterative Hessian-vector products.
 
 Every method also comes as ``NAME-scaled``: one global factor ``s >= 0`` on ``B`` fitted in
 closed form on the *training* runs' rollouts (least squares of ``L_t - L_0`` on the rollout's
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from simfluence.errors import SimfluenceError
@@ -274,10 +276,12 @@ class InfluenceSimulator(GradientSimulator):
         return (*super()._kernel_key(), self.damping, self.curvature)
 
     def _kernel(self, task, model, checkpoint, pool, tests):  # type: ignore[no-untyped-def]
+        if self.curvature == "fisher":
+            return self._fisher_kernel(task, model, checkpoint, pool, tests)
         from simfluence.attribution.influence import influence_scores
 
         mean_eigenvalue = _mean_fisher_eigenvalue(task, model, checkpoint, pool)
-        # influence_scores returns -(lr / b) g_z^T (F + lambda I)^{-1} g_i: ask for lr = -b = -1
+        # influence_scores returns -(lr / b) g_z^T (H + lambda I)^{-1} g_i: ask for lr = -b = -1
         return influence_scores(
             task,
             model,
@@ -289,6 +293,27 @@ class InfluenceSimulator(GradientSimulator):
             damping=self.damping * mean_eigenvalue,
             curvature=self.curvature,  # type: ignore[arg-type]
         )
+
+    def _fisher_kernel(self, task, model, checkpoint, pool, tests):  # type: ignore[no-untyped-def]
+        """``g_z^T (F + lambda I)^{-1} g_i`` in closed form, never a ``D x D`` matrix.
+
+        With ``G`` the ``(n, D)`` pool gradients, ``F = G^T G / n``; Woodbury's identity gives
+        ``(F + lambda I)^{-1} = (I - G^T (n lambda I + G G^T)^{-1} G) / lambda``, so the whole
+        kernel is ``n * T (K + n lambda I)^{-1}`` with the Gram matrices ``K = G G^T``
+        ``(n, n)`` and ``T = G_test G^T`` ``(M, n)``: one Cholesky solve of size ``n``.
+        ``lambda = damping * trace(F) / D`` (the mean eigenvalue of ``F`` times `damping`).
+        """
+        from simfluence.attribution.gradients import per_example_gradients
+
+        projection = self._projection()
+        pool_grads = per_example_gradients(task, model, checkpoint, pool, projection=projection)
+        test_grads = per_example_gradients(task, model, checkpoint, tests, projection=projection)
+        gram = (pool_grads @ pool_grads.T).double().numpy()
+        cross = (test_grads @ pool_grads.T).double().numpy()
+        n, dim = pool_grads.shape
+        lam = self.damping * np.trace(gram) / n / dim
+        factor = scipy.linalg.cho_factor(gram + n * lam * np.eye(n))
+        return n * scipy.linalg.cho_solve(factor, cross.T).T
 
 
 def _mean_fisher_eigenvalue(
