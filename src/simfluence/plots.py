@@ -75,10 +75,7 @@ def plot_trajectories(
         ncol=min(len(labels), 7),
         frameon=False,
     )
-    if path is not None:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    return fig
+    return _finish(fig, path)
 
 
 def plot_method_grid(
@@ -132,7 +129,14 @@ def plot_method_grid(
         frameon=False,
         title="test example",
     )
+    return _finish(fig, path)
+
+
+def _finish(fig: plt.Figure, path: str | os.PathLike[str] | None) -> plt.Figure:
+    """Save to `path` as PNG, atomically, and release pyplot's hold on the figure (commands
+    that draw many figures would otherwise keep them all in memory)."""
     if path is not None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        plt.close(fig)
     return fig
