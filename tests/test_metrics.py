@@ -45,3 +45,10 @@ def test_shape_mismatch_is_an_error() -> None:
         metrics.all_steps_mse([np.zeros((3, 2))], [np.zeros((3, 3))])
     with pytest.raises(ValueError, match="2 true runs but 1"):
         metrics.all_steps_mse([np.zeros((3, 2))] * 2, [np.zeros((3, 2))])
+
+
+def test_linear_datamodeling_score_correlates_across_curricula() -> None:
+    true = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])  # 3 curricula, 2 test examples
+    pred = np.array([[0.1, 1.0], [0.2, 3.0], [0.3, 2.0]])
+    # test 0 ranked perfectly (1.0); test 1's actual loss never varies: scores 0
+    assert metrics.linear_datamodeling_score(true, pred) == 0.5

@@ -5,6 +5,7 @@ Inputs are the true and simulated trajectories of held-out runs: either an array
 length). Row 0 (before training) is never scored: both start from the recorded loss.
 Each function returns a `Summary` of the mean and the standard deviation over trajectories
 (one per held-out run and test example) or, for Spearman, over held-out runs.
+`linear_datamodeling_score` compares final losses across curricula instead (validation).
 """
 
 from __future__ import annotations
@@ -81,10 +82,26 @@ def final_step_spearman(y_true: Trajectories, y_pred: Trajectories) -> Summary:
     Mean and std over runs. A run whose predictions are constant (or not finite) scores 0:
     it ranks nothing.
     """
-    rhos = []
-    for t, p in _pairs(y_true, y_pred):
-        if not np.isfinite(p[-1]).all() or np.ptp(p[-1]) == 0 or np.ptp(t[-1]) == 0:
-            rhos.append(0.0)
-            continue
-        rhos.append(float(stats.spearmanr(t[-1], p[-1]).statistic))
+    rhos = [spearman_or_zero(t[-1], p[-1]) for t, p in _pairs(y_true, y_pred)]
     return Summary(float(np.mean(rhos)), float(np.std(rhos)))
+
+
+def linear_datamodeling_score(true_final: np.ndarray, predicted_final: np.ndarray) -> float:
+    """LDS (as TRAK and dattri define it): for each test example, the Spearman correlation
+    across curricula of predicted vs actual final loss; then the mean over test examples.
+
+    Args:
+        true_final, predicted_final: shape ``(C, M)``, final losses of ``C`` curricula.
+    Returns:
+        in ``[-1, 1]``; a test example whose predictions (or actual losses) do not vary scores 0.
+    """
+    columns = zip(true_final.T, predicted_final.T, strict=True)
+    return float(np.mean([spearman_or_zero(t, p) for t, p in columns]))
+
+
+def spearman_or_zero(true: np.ndarray, predicted: np.ndarray) -> float:
+    """Spearman correlation, or 0 when either side is constant or a prediction is not finite
+    (such a prediction ranks nothing)."""
+    if not np.isfinite(predicted).all() or np.ptp(predicted) == 0 or np.ptp(true) == 0:
+        return 0.0
+    return float(stats.spearmanr(true, predicted).statistic)

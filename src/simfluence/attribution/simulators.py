@@ -45,8 +45,8 @@ import torch
 from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
-from simfluence.runlog.runs import Run, RunSet, count_matrix
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout, weight_batches
+from simfluence.runlog.runs import Run, RunSet
+from simfluence.simulators.dynamics import DynamicsSimulator, encode_runs, rollout
 
 #: per-checkpoint kernels, shared by the simulators of one process (-scaled twins, grad-dot)
 _KERNELS: dict[tuple[Any, ...], np.ndarray] = {}
@@ -187,13 +187,7 @@ class GradientSimulator(DynamicsSimulator):
     def _fit_scale(self, runs: RunSet) -> float:
         """Least-squares ``s >= 0`` of ``L_t - L_0`` on ``s * (rollout change)`` over the
         training runs' steps and test examples (closed form)."""
-        index = runs.train_index
-        counts = [
-            weight_batches(
-                count_matrix(r.curriculum, index), self.batch_size_, self.batch_weighting
-            )
-            for r in runs.runs
-        ]
+        counts = encode_runs(runs, self.batch_size_, self.batch_weighting)
         zeros = np.zeros((len(runs.runs), len(runs.test_ids)))
         change = rollout(counts, None, self.B_, zeros)  # cumulative sum of beta_t from 0
         observed = [r.losses - r.losses[0] for r in runs.runs]

@@ -27,12 +27,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from simfluence import metrics
 from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.curricula import random_curriculum, remove, reorder, repeat
 from simfluence.errors import SimfluenceError
+from simfluence.metrics import linear_datamodeling_score
 from simfluence.recording.runner import torch_threads, train_on_curriculum
 from simfluence.recording.task import Task
 from simfluence.runlog.runs import Curriculum, RunSet
@@ -41,24 +41,6 @@ from simfluence.simulators.base import Simulator
 KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
 #: share of the base curriculum's distinct examples left out or repeated per variant
 EDIT_FRACTION = 0.1
-
-
-def linear_datamodeling_score(true_final: np.ndarray, predicted_final: np.ndarray) -> float:
-    """LDS: mean over test examples of the Spearman correlation across curricula.
-
-    Args:
-        true_final, predicted_final: shape ``(C, M)``, final losses of ``C`` curricula.
-    Returns:
-        in ``[-1, 1]``; a test example whose predictions (or actual losses) do not vary scores 0.
-    """
-    scores = []
-    for j in range(true_final.shape[1]):
-        t, p = true_final[:, j], predicted_final[:, j]
-        if not np.isfinite(p).all() or np.ptp(p) == 0 or np.ptp(t) == 0:
-            scores.append(0.0)
-        else:
-            scores.append(float(stats.spearmanr(t, p).statistic))
-    return float(np.mean(scores))
 
 
 def make_curricula(

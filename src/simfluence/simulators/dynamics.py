@@ -55,6 +55,17 @@ def weight_batches(
     return sparse.diags(batch_size / sizes) @ counts
 
 
+def encode_runs(runs: RunSet, batch_size: float, weighting: str) -> list[sparse.csr_matrix]:
+    """The batch-weighted count matrix ``(T_r, P)`` of every run of `runs`, in order."""
+    index = runs.train_index
+    return [
+        weight_batches(
+            count_matrix(r.curriculum, index, f"run {r.run_id!r}"), batch_size, weighting
+        )
+        for r in runs.runs
+    ]
+
+
 def _rollout_block(
     block: Sequence[sparse.csr_matrix],
     coef_matrix: np.ndarray,
@@ -205,7 +216,3 @@ class DynamicsSimulator(Simulator):
             np.asarray(initial_losses, dtype=np.float64), (len(counts), len(self.test_ids_))
         )
         return rollout(counts, self.A_, self.B_, initial)
-
-    @property
-    def alpha_is_one(self) -> bool:
-        return self.A_ is None

@@ -15,8 +15,8 @@ import numpy as np
 
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
-from simfluence.runlog.runs import RunSet, count_matrix
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout, weight_batches
+from simfluence.runlog.runs import RunSet
+from simfluence.simulators.dynamics import DynamicsSimulator, encode_runs, rollout
 from simfluence.simulators.ridge import AdditiveRidgeProblem, Design, LinearRidgeProblem
 
 Params = tuple[np.ndarray | None, np.ndarray]
@@ -38,12 +38,8 @@ def rollout_mse(
     runs: RunSet, A: np.ndarray | None, B: np.ndarray, batch_size: float, weighting: str
 ) -> float:
     """All-steps MSE of free-running rollouts of `runs` under parameters ``A``, ``B`` (M, P)."""
-    index = runs.train_index
-    counts = [
-        weight_batches(count_matrix(r.curriculum, index), batch_size, weighting) for r in runs.runs
-    ]
     initial = np.stack([r.initial_loss for r in runs.runs])
-    simulated = rollout(counts, A, B, initial)
+    simulated = rollout(encode_runs(runs, batch_size, weighting), A, B, initial)
     return all_steps_mse([r.losses for r in runs.runs], simulated).mean
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from simfluence.runlog.runs import RunSet, count_matrix
-from simfluence.simulators.dynamics import weight_batches
+from simfluence.runlog.runs import RunSet
+from simfluence.simulators.dynamics import encode_runs
 
 
 @dataclass
@@ -46,16 +46,7 @@ class Design:
     @classmethod
     def from_runs(cls, runs: RunSet, batch_size: float, weighting: str) -> Design:
         """Stack the steps of every run; batches weighted as in rollouts (see dynamics)."""
-        index = runs.train_index
-        counts = sparse.vstack(
-            [
-                weight_batches(
-                    count_matrix(r.curriculum, index, f"run {r.run_id!r}"), batch_size, weighting
-                )
-                for r in runs.runs
-            ],
-            format="csr",
-        )
+        counts = sparse.vstack(encode_runs(runs, batch_size, weighting), format="csr")
         prev = np.concatenate([r.losses[:-1] for r in runs.runs])
         nxt = np.concatenate([r.losses[1:] for r in runs.runs])
         return cls(counts, prev, nxt)
