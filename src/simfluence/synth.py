@@ -27,7 +27,7 @@ from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import Run, RunSet, count_matrix
 from simfluence.runlog.store import save_runset
-from simfluence.simulators.dynamics import weight_batches
+from simfluence.simulators.encoding import weight_batches
 from simfluence.simulators.truth import TRUTH_FILE
 
 

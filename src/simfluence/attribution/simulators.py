@@ -46,7 +46,8 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import Run, RunSet
-from simfluence.simulators.dynamics import DynamicsSimulator, encode_runs, rollout
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.encoding import encode_runs
 
 #: per-checkpoint kernels, shared by the simulators of one process (-scaled twins, grad-dot)
 _KERNELS: dict[tuple[Any, ...], np.ndarray] = {}

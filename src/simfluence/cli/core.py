@@ -13,15 +13,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli._args import comma_list, positive_int, read_json
-from simfluence.cli.counterfactual import (
+from simfluence.cli._args import comma_list, positive_int
+from simfluence.cli._curricula import (
     add_curriculum_source_options,
     add_edit_options,
     edit_spec,
     edited,
     load_curriculum,
 )
-from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
@@ -163,18 +162,6 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, help="also draw the trajectories to this PNG")
     add_edit_options(p)
     p.set_defaults(func=cmd_simulate)
-
-
-def _initial_loss(simulator: Simulator, path: str | None) -> np.ndarray:
-    if path is None:
-        return simulator.initial_loss_
-    given = read_json(path, "initial loss")
-    if not isinstance(given, dict):
-        raise SimfluenceError(f"initial loss {path}: expected an object {{test_id: loss}}")
-    missing = [t for t in simulator.test_ids_ if t not in given]
-    if missing:
-        raise SimfluenceError(f"initial loss {path}: no loss for test example {missing[0]!r}")
-    return np.array([float(given[t]) for t in simulator.test_ids_])
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:

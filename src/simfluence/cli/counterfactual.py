@@ -1,6 +1,5 @@
 """Counterfactual commands: attribute (which examples, where in training) and optimize (the
-curriculum a simulator predicts is best). Also the curriculum-source and edit options that
-`simulate` shares."""
+curriculum a simulator predicts is best)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from simfluence._atomic import atomic_path, write_json_atomic
-from simfluence.cli._args import comma_list, positive_int, read_json
+from simfluence.cli._args import positive_int
+from simfluence.cli._curricula import add_curriculum_source_options, initial_loss, load_curriculum
 from simfluence.counterfactual import (
     SIGN_CONVENTION,
     LeaveOneOut,
@@ -19,165 +19,13 @@ from simfluence.counterfactual import (
     optimize_curriculum,
 )
 from simfluence.counterfactual.attribution import attribution_views
-from simfluence.curricula import apply_edits
 from simfluence.errors import SimfluenceError
-from simfluence.runlog import load_runset, normalize_curriculum
-from simfluence.simulators import Simulator, load_simulator
+from simfluence.simulators import load_simulator
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_attribute(subparsers)
     _register_optimize(subparsers)
-
-
-# -- shared options ---------------------------------------------------------------------------
-def add_curriculum_source_options(p: argparse.ArgumentParser) -> None:
-    """``--curriculum FILE`` or ``--runs DIR --run RUN_ID``, and ``--initial-loss FILE``."""
-    p.add_argument("--curriculum", default=None, help="JSON file: a list of batches of ids")
-    p.add_argument("--runs", default=None, help="run-set directory holding --run")
-    p.add_argument(
-        "--run", default=None, help="take the curriculum and initial loss of this recorded run"
-    )
-    p.add_argument(
-        "--initial-loss",
-        default=None,
-        help="JSON file: {test_id: loss} before training (default: the run's recorded one "
-        "with --run, else the model's mean recorded one)",
-    )
-
-
-def load_curriculum(
-    args: argparse.Namespace, simulator: Simulator
-) -> tuple[list[list[str]], np.ndarray, str]:
-    """``(curriculum, initial loss (M,), description)`` from the source options."""
-    from simfluence.cli.core import _initial_loss  # core imports this module
-
-    if (args.curriculum is None) == (args.run is None):
-        raise SimfluenceError("give either --curriculum FILE or --runs DIR --run RUN_ID")
-    if args.curriculum is not None:
-        raw = read_json(args.curriculum, "curriculum")
-        curriculum = normalize_curriculum(raw, f"curriculum {args.curriculum}")
-        return curriculum, _initial_loss(simulator, args.initial_loss), args.curriculum
-    if args.runs is None:
-        raise SimfluenceError("--run needs --runs DIR, the run set that holds it")
-    runset = load_runset(args.runs)
-    run = runset.run(args.run)
-    if args.initial_loss is not None:
-        return run.curriculum, _initial_loss(simulator, args.initial_loss), f"run {run.run_id}"
-    columns = {t: j for j, t in enumerate(runset.test_ids)}
-    missing = [t for t in simulator.test_ids_ if t not in columns]
-    if missing:
-        raise SimfluenceError(
-            f"run set {args.runs} has no recorded loss for the model's test example "
-            f"{missing[0]!r}; pass --initial-loss"
-        )
-    initial = run.initial_loss[[columns[t] for t in simulator.test_ids_]]
-    return run.curriculum, initial, f"run {run.run_id}"
-
-
-def add_edit_options(p: argparse.ArgumentParser) -> None:
-    """Counterfactual edits; applied after --edits, in the order listed here."""
-    g = p.add_argument_group(
-        "counterfactual edits (applied after --edits FILE, in this order: remove, repeat, add, "
-        "reorder, truncate)"
-    )
-    g.add_argument("--edits", default=None, help="JSON edit spec (see curricula.apply_edits)")
-    g.add_argument(
-        "--remove",
-        type=comma_list,
-        action="append",
-        default=None,
-        metavar="IDS",
-        help="drop every occurrence of these ids (comma-separated)",
-    )
-    g.add_argument(
-        "--repeat",
-        type=comma_list,
-        action="append",
-        default=None,
-        metavar="ID:TIMES",
-        help="consume each occurrence of ID TIMES times",
-    )
-    g.add_argument(
-        "--add",
-        type=comma_list,
-        action="append",
-        default=None,
-        metavar="IDS",
-        help="new batches of these ids",
-    )
-    g.add_argument(
-        "--add-batch",
-        type=positive_int,
-        default=None,
-        help="batch size of --add batches (default: the model's)",
-    )
-    g.add_argument(
-        "--add-at",
-        default="end",
-        help="where --add batches go: start, end, or after step K (default: end)",
-    )
-    g.add_argument(
-        "--reorder",
-        type=int,
-        default=None,
-        metavar="SEED",
-        help="shuffle the order (same batch sizes) with this seed",
-    )
-    g.add_argument(
-        "--truncate",
-        type=positive_int,
-        default=None,
-        metavar="STEPS",
-        help="keep only the first STEPS batches",
-    )
-
-
-def edit_spec(args: argparse.Namespace, simulator: Simulator) -> list[dict[str, Any]]:
-    """The edit spec the options ask for (empty: no edits)."""
-    spec: list[dict[str, Any]] = []
-    if args.edits:
-        spec.extend(_read_spec(args.edits))
-    for ids in args.remove or []:
-        spec.append({"op": "remove", "ids": ids})
-    for items in args.repeat or []:
-        spec.extend({"op": "repeat", "ids": [i], "times": t} for i, t in map(_id_times, items))
-    for ids in args.add or []:
-        batch = args.add_batch or round(float(getattr(simulator, "batch_size_", len(ids))))
-        at = args.add_at if args.add_at in ("start", "end") else _step(args.add_at)
-        spec.append({"op": "add", "ids": ids, "batch_size": batch, "position": at})
-    if args.reorder is not None:
-        spec.append({"op": "reorder", "seed": args.reorder})
-    if args.truncate is not None:
-        spec.append({"op": "truncate", "steps": args.truncate})
-    return spec
-
-
-def _read_spec(path: str) -> list[dict[str, Any]]:
-    spec = read_json(path, "edit spec")
-    if not isinstance(spec, list):
-        raise SimfluenceError(f"edit spec {path}: expected a list of operations")
-    return spec
-
-
-def _id_times(item: str) -> tuple[str, int]:
-    train_id, sep, times = item.rpartition(":")
-    if not sep or not train_id or not times.isdigit():
-        raise SimfluenceError(f"--repeat {item!r}: expected ID:TIMES, e.g. train-3:2")
-    return train_id, int(times)
-
-
-def _step(text: str) -> int:
-    if not text.isdigit():
-        raise SimfluenceError(f"--add-at {text!r}: expected start, end or a step number")
-    return int(text)
-
-
-def edited(
-    curriculum: list[list[str]], spec: list[dict[str, Any]], simulator: Simulator
-) -> list[list[str]]:
-    """`apply_edits` with the model's pool, so unknown ids are named early."""
-    return apply_edits(curriculum, spec, pool=set(simulator.train_ids_))
 
 
 # -- attribute --------------------------------------------------------------------------------
@@ -324,8 +172,6 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> None:
-    from simfluence.cli.core import _initial_loss  # core imports this module
-
     simulator = load_simulator(args.model)
     if args.objective == "ids" and not args.test:
         raise SimfluenceError("--objective ids needs at least one --test ID")
@@ -339,7 +185,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         batch,
         args.epochs,
         objective,
-        _initial_loss(simulator, args.initial_loss),
+        initial_loss(simulator, args.initial_loss),
         seed=args.seed,
         max_evaluations=args.budget,
         max_seconds=args.max_seconds,

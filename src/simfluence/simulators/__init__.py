@@ -1,12 +1,13 @@
 """Training-run simulators: Simfluence-Linear, its special cases and honest baselines."""
 
-from simfluence.simulators.base import NotFittedError, Simulator, load_simulator
+from simfluence.simulators.base import NotFittedError, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.registry import (
     available_simulators,
     configure_simulator,
+    load_simulator,
     make_simulator,
     simulator_class,
 )

@@ -5,7 +5,8 @@
 * `simulate(curriculum, initial_loss)` returns a free-running rollout of shape ``(T + 1, M)``:
   row 0 is `initial_loss`, row ``t`` the predicted loss after batch ``t``; the simulator feeds
   its own predictions back and never sees an observed loss after step 0;
-* `save(path)` / `load(path)`: one ``.npz`` file (format in docs/simulators.md).
+* `save(path)`, and `simfluence.simulators.registry.load_simulator(path)`: one ``.npz`` file
+  (format in docs/simulators.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -156,27 +156,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in a simulator file")
-
-
-def load_simulator(path: str | os.PathLike[str]) -> Simulator:
-    """Load a simulator written by `Simulator.save`; the class is chosen by its method name."""
-    from simfluence.simulators.registry import simulator_class
-
-    path = Path(path)
-    if not path.is_file():
-        raise SimfluenceError(f"{path}: no such simulator file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError) as exc:
-        raise SimfluenceError(f"{path}: not a simfluence simulator file ({exc})") from None
-    if meta.get("format") != MODEL_FORMAT or meta.get("schema_version") != MODEL_SCHEMA_VERSION:
-        raise SimfluenceError(
-            f"{path}: unsupported simulator file (format {meta.get('format')!r}, "
-            f"schema_version {meta.get('schema_version')!r})"
-        )
-    simulator = simulator_class(meta["method"])(**meta["params"])
-    for key, value in {**meta["learned"], **arrays}.items():
-        setattr(simulator, key, value)
-    return simulator

@@ -26,7 +26,6 @@ import os
 from abc import abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
@@ -34,36 +33,11 @@ from scipy import sparse
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, RunSet, count_matrix
 from simfluence.simulators.base import Simulator
-
-if TYPE_CHECKING:
-    from simfluence.simulators.ridge import Design
+from simfluence.simulators.encoding import BATCH_WEIGHTINGS, weight_batches
+from simfluence.simulators.ridge import Design
 
 #: curricula rolled out together; bounds memory at about chunk * T * 2M * 8 bytes per thread
 ROLLOUT_CHUNK = 64
-
-
-BATCH_WEIGHTINGS = ("mean", "sum")
-
-
-def weight_batches(
-    counts: sparse.csr_matrix, batch_size: float, weighting: str
-) -> sparse.csr_matrix:
-    """Scale row ``t`` of a ``(T, P)`` count matrix by ``batch_size / |c_t|`` ("mean") or 1."""
-    if weighting == "sum":
-        return counts
-    sizes = np.asarray(counts.sum(axis=1)).ravel()
-    return sparse.diags(batch_size / sizes) @ counts
-
-
-def encode_runs(runs: RunSet, batch_size: float, weighting: str) -> list[sparse.csr_matrix]:
-    """The batch-weighted count matrix ``(T_r, P)`` of every run of `runs`, in order."""
-    index = runs.train_index
-    return [
-        weight_batches(
-            count_matrix(r.curriculum, index, f"run {r.run_id!r}"), batch_size, weighting
-        )
-        for r in runs.runs
-    ]
 
 
 def _rollout_block(
@@ -176,8 +150,6 @@ class DynamicsSimulator(Simulator):
 
     def design(self, runs: RunSet) -> Design:
         """The teacher-forced regression data of `runs`, batch-weighted like rollouts."""
-        from simfluence.simulators.ridge import Design  # ridge builds on this module
-
         return Design.from_runs(runs, self.batch_size_, self.batch_weighting)
 
     def encode(self, curricula: Sequence[AnyCurriculum]) -> list[sparse.csr_matrix]:

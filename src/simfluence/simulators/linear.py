@@ -16,7 +16,8 @@ import numpy as np
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import RunSet
-from simfluence.simulators.dynamics import DynamicsSimulator, encode_runs, rollout
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.encoding import encode_runs
 from simfluence.simulators.ridge import AdditiveRidgeProblem, Design, LinearRidgeProblem
 
 Params = tuple[np.ndarray | None, np.ndarray]

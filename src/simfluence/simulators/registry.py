@@ -1,12 +1,17 @@
-"""Simulator names -> classes. Methods that need PyTorch are imported only when asked for, so
-the core never imports torch."""
+"""Simulator names -> classes, and loading saved simulators (the class is found by name).
+Methods that need PyTorch are imported only when asked for, so the core never imports torch."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
 
 from simfluence.errors import SimfluenceError
-from simfluence.simulators.base import Simulator
+from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.truth import TruthSimulator
@@ -67,3 +72,25 @@ def configure_simulator(name: str, **options: object) -> Simulator:
     cls = simulator_class(name)
     taken = set(cls._param_names())
     return cls(**{k: v for k, v in options.items() if k in taken and v is not None})
+
+
+def load_simulator(path: str | os.PathLike[str]) -> Simulator:
+    """Load a simulator written by `Simulator.save`; the class is chosen by its method name."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimfluenceError(f"{path}: no such simulator file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["__meta__"]))
+            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise SimfluenceError(f"{path}: not a simfluence simulator file ({exc})") from None
+    if meta.get("format") != MODEL_FORMAT or meta.get("schema_version") != MODEL_SCHEMA_VERSION:
+        raise SimfluenceError(
+            f"{path}: unsupported simulator file (format {meta.get('format')!r}, "
+            f"schema_version {meta.get('schema_version')!r})"
+        )
+    simulator = simulator_class(meta["method"])(**meta["params"])
+    for key, value in {**meta["learned"], **arrays}.items():
+        setattr(simulator, key, value)
+    return simulator

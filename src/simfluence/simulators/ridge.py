@@ -25,7 +25,7 @@ import numpy as np
 from scipy import sparse
 
 from simfluence.runlog.runs import RunSet
-from simfluence.simulators.dynamics import encode_runs
+from simfluence.simulators.encoding import encode_runs
 
 
 @dataclass
