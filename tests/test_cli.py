@@ -126,6 +126,24 @@ def test_gptfluence_commands_round_trip(runs_dir: Path, tmp_path: Path) -> None:
     for run in original.runs:
         np.testing.assert_array_equal(back.run(run.run_id).losses, run.losses)
         assert back.run(run.run_id).curriculum == run.curriculum
+    assert back.train_ids == original.train_ids and back.test_ids == original.test_ids
+
+
+def test_import_gptfluence_names_a_non_integer_id(tmp_path: Path) -> None:
+    run_dir = tmp_path / "gpt" / "run-seed-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train_samples_id.json").write_text(
+        '{"step": 1, "samples_id": [0, 1]}\n{"step": 2, "samples_id": ["x", 1]}\n'
+    )
+    traj = [{"step": s, "loss": 1.0} for s in (0, 1, 2)]
+    (run_dir / "all_loss_trajectory.out").write_text(
+        json.dumps({"id": 0, "loss_trajectory": traj}) + "\n"
+    )
+    done = run_cli("import-gptfluence", str(tmp_path / "gpt"), str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert f"{run_dir / 'train_samples_id.json'}: line 2:" in done.stderr
+    assert "'x'" in done.stderr
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

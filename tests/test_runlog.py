@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -235,19 +236,87 @@ def test_gptfluence_import_drops_first_batch(tmp_path: Path) -> None:
     assert_same_runset(runset, again)
 
 
-def test_gptfluence_export_import_round_trip(tmp_path: Path) -> None:
-    runset = RunSet(
-        [str(i) for i in range(6)],
-        ["100", "101"],
-        [Run("a", [["0", "1"], ["2", "2"]], np.array([[1.0, 2.0], [0.9, 1.8], [0.8, 1.9]]))],
-    )
+def test_gptfluence_export_writes_integer_ids_and_round_trips_exactly(tmp_path: Path) -> None:
+    runset = small_runset()  # string ids: pool a..d, tests t0..t2
     export_gptfluence(runset, tmp_path)
-    lines = (tmp_path / "a" / "train_samples_id.json").read_text().splitlines()
-    assert json.loads(lines[1]) == {"step": 2, "samples_id": [2, 2]}  # ints, from step 1
+    lines = (tmp_path / "r0" / "train_samples_id.json").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "samples_id": [0, 1]},
+        {"step": 2, "samples_id": [2, 2]},
+        {"step": 3, "samples_id": [3]},
+    ]
+    first = json.loads((tmp_path / "r0" / "all_loss_trajectory.out").read_text().splitlines()[0])
+    assert first["id"] == 0 and first["loss_trajectory"][0]["step"] == 0
     back = import_gptfluence(tmp_path)
-    assert back.train_ids == ["0", "1", "2"]  # the pool is what the runs used
-    np.testing.assert_array_equal(back.runs[0].losses, runset.runs[0].losses)
-    assert back.runs[0].curriculum == runset.runs[0].curriculum
+    assert_same_runset(runset, back)  # ids, pool order, losses, lr, seeds
+    assert back.metadata == runset.metadata
+    assert back.run("r0").metadata == {"note": "x"}
+    # one run directory finds the side file in its parent
+    assert import_gptfluence(tmp_path / "r1").train_ids == runset.train_ids
+
+
+def peer_reader_rows(run_dir: Path, n_train: int, n_test: int) -> list[tuple]:
+    """GPTfluence's reader of a run (dataset/simfluence_dataset.py, ``is_train``): consecutive
+    trajectory points are paired, the batch is the one of the later point's step; its
+    parameter table is indexed by ``n_train * test_id + train_id``."""
+    batches = {}
+    for line in (run_dir / "train_samples_id.json").read_text().splitlines():
+        row = json.loads(line)
+        batches[row["step"]] = row["samples_id"]
+    rows = []
+    for line in (run_dir / "all_loss_trajectory.out").read_text().splitlines():
+        row = json.loads(line)
+        test_id, traj = row["id"], row["loss_trajectory"]
+        assert isinstance(test_id, int) and 0 <= test_id < n_test
+        for prev, cur in itertools.pairwise(traj):
+            batch = batches[cur["step"]]
+            assert all(
+                type(i) is int and 0 <= n_train * test_id + i < n_train * n_test for i in batch
+            )
+            rows.append((test_id, prev["loss"], cur["loss"], batch))
+    return rows
+
+
+def test_gptfluence_export_is_what_the_peer_reader_reads(tmp_path: Path) -> None:
+    runset = small_runset()
+    export_gptfluence(runset, tmp_path)
+    run = runset.run("r0")
+    rows = peer_reader_rows(tmp_path / "r0", len(runset.train_ids), len(runset.test_ids))
+    index = runset.train_index
+    expected = [
+        (j, run.losses[t, j], run.losses[t + 1, j], [index[i] for i in run.curriculum[t]])
+        for j in range(len(runset.test_ids))
+        for t in range(run.n_steps)
+    ]
+    assert rows == expected  # step 0 is the starting point: every step is a training pair
+
+
+def test_gptfluence_import_rejects_non_integer_ids(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    write_gptfluence_run(run_dir, [[1, 2], [2, 3]], np.ones((2, 2)), [1, 2])
+    path = run_dir / "train_samples_id.json"
+    path.write_text('{"step": 1, "samples_id": [1, 2]}\n{"step": 2, "samples_id": [2, "x"]}\n')
+    with pytest.raises(RunLogError, match=r"train_samples_id\.json: line 2: .*integer.*'x'"):
+        import_gptfluence(tmp_path)
+    path.write_text('{"step": "one", "samples_id": [1, 2]}\n')
+    with pytest.raises(RunLogError, match=r"line 1: 'step' must be an integer"):
+        import_gptfluence(tmp_path)
+    write_gptfluence_run(tmp_path / "s", [[1], [2]], np.ones((2, 2)), [1, "t2"])
+    with pytest.raises(RunLogError, match=r"all_loss_trajectory\.out: line 2: .*'t2'"):
+        import_gptfluence(tmp_path / "s")
+
+
+def test_gptfluence_import_checks_ids_against_the_side_file(tmp_path: Path) -> None:
+    export_gptfluence(small_runset(), tmp_path)
+    path = tmp_path / "r1" / "train_samples_id.json"
+    path.write_text(path.read_text().replace("[3, 0]", "[3, 4]"))
+    with pytest.raises(
+        RunLogError, match=r"r1/train_samples_id\.json: line 1: .*id 4 is outside 0\.\.3"
+    ):
+        import_gptfluence(tmp_path)
+    (tmp_path / "simfluence_ids.json").write_text("{}")
+    with pytest.raises(RunLogError, match=r"not a simfluence\.gptfluence-ids file"):
+        import_gptfluence(tmp_path)
 
 
 def test_gptfluence_bad_input(tmp_path: Path) -> None:

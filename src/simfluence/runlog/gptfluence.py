@@ -6,11 +6,16 @@ One directory per run, holding two JSON-lines files:
 * ``all_loss_trajectory.out``:
   ``{"id": test_id, "loss_trajectory": [{"step": s, "loss": x}, ...]}``.
 
-That format has no loss before training. On import, the first recorded loss step becomes the
-starting point (our step 0) and the batch consumed at that step is dropped: it cannot be
-simulated because its input loss is unknown. On export we also write the step-0 loss as
-``{"step": 0, ...}`` so that an export/import round trip is exact; GPTfluence's readers index
-losses by step and ignore it.
+Ids are integers: GPTfluence's Simfluence keeps its parameters in one table indexed by
+``test_id * n_train + train_id``, so training ids must be ``0..P-1`` and test ids ``0..M-1``.
+Its reader pairs consecutive points of a loss trajectory (point ``k-1`` -> point ``k``, with the
+batch of point ``k``'s step), so the first point of a trajectory is the starting point.
+
+On import, the first recorded loss step becomes our step 0 and the batch consumed at that step is
+dropped: its input loss is unknown, so it cannot be simulated. On export we write the loss before
+training as ``{"step": 0, ...}``, which the peer then uses as its starting point, and a side file
+``simfluence_ids.json`` mapping the integer ids back to ours (plus what the format has no room
+for: seeds, learning rates, metadata), so that export followed by import is exact.
 """
 
 from __future__ import annotations
@@ -23,16 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from simfluence._atomic import write_text_atomic
+from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.errors import RunLogError
 from simfluence.runlog.runs import Run, RunSet
 
 TRAIN_FILE = "train_samples_id.json"
 LOSS_FILE = "all_loss_trajectory.out"
+IDS_FILE = "simfluence_ids.json"
+IDS_FORMAT = "simfluence.gptfluence-ids"
 _SEED = re.compile(r"seed[-_]?(\d+)")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line."""
     rows = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -43,43 +51,73 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise RunLogError(f"{path}: line {line_no}: not valid JSON ({exc})") from None
         if not isinstance(row, dict):
             raise RunLogError(f"{path}: line {line_no}: expected a JSON object")
-        rows.append(row)
+        rows.append((line_no, row))
     return rows
 
 
-def _read_batches(path: Path) -> dict[int, list[str]]:
+def _integer(value: Any, where: str) -> int:
+    """`value` if it is a JSON integer (not a bool), else a `RunLogError` naming `where`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise RunLogError(f"{where} must be an integer, got {value!r}")
+
+
+class _Names:
+    """Integer id -> our id: through the side file's list when there is one, else ``str``."""
+
+    def __init__(self, names: list[str] | None, kind: str) -> None:
+        self.names = names
+        self.kind = kind
+
+    def __call__(self, value: Any, where: str) -> str:
+        number = _integer(value, f"{where}: {self.kind} id")
+        if self.names is None:
+            return str(number)
+        if not 0 <= number < len(self.names):
+            raise RunLogError(
+                f"{where}: {self.kind} id {number} is outside 0..{len(self.names) - 1} "
+                f"(the ids listed in {IDS_FILE})"
+            )
+        return self.names[number]
+
+
+def _read_batches(path: Path, name: _Names) -> dict[int, list[str]]:
     batches: dict[int, list[str]] = {}
-    for row in _read_jsonl(path):
+    for line_no, row in _read_jsonl(path):
+        where = f"{path}: line {line_no}"
         if "step" not in row or "samples_id" not in row:
-            raise RunLogError(f"{path}: every line needs fields 'step' and 'samples_id'")
-        step = int(row["step"])
+            raise RunLogError(f"{where}: every line needs fields 'step' and 'samples_id'")
+        step = _integer(row["step"], f"{where}: 'step'")
         if step in batches:
-            raise RunLogError(f"{path}: step {step} appears twice")
-        batches[step] = [str(i) for i in row["samples_id"]]
+            raise RunLogError(f"{where}: step {step} appears twice")
+        if not isinstance(row["samples_id"], list):
+            raise RunLogError(f"{where}: 'samples_id' must be a list of integers")
+        batches[step] = [name(i, f"{where}: 'samples_id'") for i in row["samples_id"]]
     return batches
 
 
-def _read_losses(path: Path) -> tuple[list[str], list[int], np.ndarray]:
+def _read_losses(path: Path, name: _Names) -> tuple[list[str], list[int], np.ndarray]:
     """Test ids, the recorded steps, and losses of shape ``(n_steps, M)``."""
     test_ids: list[str] = []
     columns: list[np.ndarray] = []
     steps_ref: list[int] | None = None
-    for row in _read_jsonl(path):
+    for line_no, row in _read_jsonl(path):
+        where = f"{path}: line {line_no}"
         if "id" not in row or "loss_trajectory" not in row:
-            raise RunLogError(f"{path}: every line needs fields 'id' and 'loss_trajectory'")
-        test_id = str(row["id"])
+            raise RunLogError(f"{where}: every line needs fields 'id' and 'loss_trajectory'")
+        test_id = name(row["id"], f"{where}: 'id'")
         try:
-            points = sorted(row["loss_trajectory"], key=lambda p: int(p["step"]))
-        except (KeyError, TypeError, ValueError):
+            points = sorted(row["loss_trajectory"], key=lambda p: _integer(p["step"], ""))
+        except (KeyError, TypeError, RunLogError):
             raise RunLogError(
-                f"{path}: test example {test_id!r}: every point needs an integer 'step'"
+                f"{where}: test example {test_id!r}: every point needs an integer 'step'"
             ) from None
         steps = [int(p["step"]) for p in points]
         if steps_ref is None:
             steps_ref = steps
         elif steps != steps_ref:
             raise RunLogError(
-                f"{path}: test example {test_id!r} is recorded at other steps than the first "
+                f"{where}: test example {test_id!r} is recorded at other steps than the first "
                 "test example (ragged trajectories)"
             )
         test_ids.append(test_id)
@@ -87,7 +125,7 @@ def _read_losses(path: Path) -> tuple[list[str], list[int], np.ndarray]:
             columns.append(np.array([float(p["loss"]) for p in points]))
         except (KeyError, TypeError, ValueError):
             raise RunLogError(
-                f"{path}: test example {test_id!r}: every point needs a numeric 'loss'"
+                f"{where}: test example {test_id!r}: every point needs a numeric 'loss'"
             ) from None
     if steps_ref is None:
         raise RunLogError(f"{path}: no test example trajectories")
@@ -96,9 +134,11 @@ def _read_losses(path: Path) -> tuple[list[str], list[int], np.ndarray]:
     return test_ids, steps_ref, np.stack(columns, axis=1)
 
 
-def _import_run(run_dir: Path) -> tuple[Run, list[str]]:
-    batches = _read_batches(run_dir / TRAIN_FILE)
-    test_ids, steps, losses = _read_losses(run_dir / LOSS_FILE)
+def _import_run(run_dir: Path, ids: dict[str, Any] | None) -> tuple[Run, list[str]]:
+    train_name = _Names(ids["train_ids"] if ids else None, "training")
+    test_name = _Names(ids["test_ids"] if ids else None, "test")
+    batches = _read_batches(run_dir / TRAIN_FILE, train_name)
+    test_ids, steps, losses = _read_losses(run_dir / LOSS_FILE, test_name)
     first, last = steps[0], steps[-1]
     missing = [s for s in range(first + 1, last + 1) if s not in batches]
     if missing:
@@ -111,76 +151,140 @@ def _import_run(run_dir: Path) -> tuple[Run, list[str]]:
         seed=int(seed_match.group(1)) if seed_match else None,
         metadata={"imported_from": "gptfluence", "first_recorded_step": first},
     )
+    saved = (ids or {}).get("runs", {}).get(run.run_id)
+    if saved is not None:
+        _restore_run(run, saved, run_dir)
     return run, test_ids
 
 
+def _restore_run(run: Run, saved: dict[str, Any], run_dir: Path) -> None:
+    """Give back what the format has no room for, as `export_gptfluence` saved it."""
+    run.seed = saved.get("seed")
+    run.metadata = dict(saved.get("metadata") or {})
+    lr = saved.get("lr")
+    if lr is not None:
+        if len(lr) != run.n_steps:
+            raise RunLogError(
+                f"{run_dir.parent / IDS_FILE}: run {run.run_id!r} has {len(lr)} learning rates "
+                f"but {run.n_steps} steps in {run_dir / LOSS_FILE}"
+            )
+        run.lr = np.array([np.nan if x is None else x for x in lr], dtype=np.float64)
+
+
+def _read_ids(path: Path) -> dict[str, Any]:
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunLogError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(ids, dict) or ids.get("format") != IDS_FORMAT:
+        raise RunLogError(f"{path}: not a {IDS_FORMAT} file")
+    for field in ("train_ids", "test_ids"):
+        names = ids.get(field)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RunLogError(f"{path}: {field!r} must be a list of strings")
+        if len(set(names)) != len(names):
+            raise RunLogError(f"{path}: {field!r} has duplicates")
+    if not isinstance(ids.get("runs", {}), dict):
+        raise RunLogError(f"{path}: 'runs' must be an object")
+    return ids
+
+
 def _sort_ids(ids: set[str]) -> list[str]:
-    """Numeric order when every id is an integer, else lexical."""
-    if all(i.lstrip("-").isdigit() for i in ids):
-        return sorted(ids, key=int)
-    return sorted(ids)
+    """Numeric order (every id on import without a side file is an integer)."""
+    return sorted(ids, key=int)
 
 
 def import_gptfluence(source: str | os.PathLike[str]) -> RunSet:
-    """Read a folder of GPTfluence run directories into a validated `RunSet`.
+    """Read a folder of GPTfluence run directories (or one run directory) into a `RunSet`.
 
-    The pool is the union of every training id seen in any run; run ids are directory names.
+    Ids must be JSON integers. When the folder (or, for one run directory, its parent) holds
+    ``simfluence_ids.json`` (written by `export_gptfluence`), integer ids are mapped back to the
+    original ids and the pool, seeds, learning rates and metadata are restored; otherwise ids
+    become their decimal strings and the pool is the union of the ids the runs consumed. Run
+    ids are directory names (a ``seed-N`` in the name becomes the run's seed).
     """
     source = Path(source)
     if not source.is_dir():
         raise RunLogError(f"{source}: no such directory")
     run_dirs = sorted(p for p in source.iterdir() if p.is_dir() and (p / TRAIN_FILE).exists())
+    ids_path = source / IDS_FILE
     if (source / TRAIN_FILE).exists():
         run_dirs = [source]
+        ids_path = source.parent / IDS_FILE
     if not run_dirs:
         raise RunLogError(f"{source}: no run directories holding {TRAIN_FILE}")
+    ids = _read_ids(ids_path) if ids_path.exists() else None
     runs: list[Run] = []
     test_ref: list[str] | None = None
     for run_dir in run_dirs:
         if not (run_dir / LOSS_FILE).exists():
             raise RunLogError(f"{run_dir}: has {TRAIN_FILE} but no {LOSS_FILE}")
-        run, test_ids = _import_run(run_dir)
+        run, test_ids = _import_run(run_dir, ids)
         if test_ref is None:
             test_ref = test_ids
         elif test_ids != test_ref:
             raise RunLogError(f"{run_dir / LOSS_FILE}: its test ids differ from the first run's")
         runs.append(run)
-    pool = _sort_ids({i for run in runs for batch in run.curriculum for i in batch})
-    runset = RunSet(pool, test_ref or [], runs, {"imported_from": str(source)})
+    if ids is not None:
+        pool = list(ids["train_ids"])
+        metadata = dict(ids.get("metadata") or {})
+    else:
+        pool = _sort_ids({i for run in runs for batch in run.curriculum for i in batch})
+        metadata = {"imported_from": str(source)}
+    runset = RunSet(pool, test_ref or [], runs, metadata)
     return runset.validate(source=str(source))
-
-
-def _json_id(value: str) -> int | str:
-    return int(value) if value.lstrip("-").isdigit() else value
 
 
 def export_gptfluence(runset: RunSet, out: str | os.PathLike[str]) -> list[Path]:
     """Write every run as a GPTfluence run directory under `out`; returns the directories.
 
-    Integer-like ids are written as JSON integers, others as strings.
+    Training ids become their position in ``runset.train_ids`` (``0..P-1``), test ids their
+    position in ``runset.test_ids`` (``0..M-1``); ``out/simfluence_ids.json`` keeps the
+    mapping (and seeds, learning rates, metadata) for `import_gptfluence`. Loss trajectories
+    start at step 0, the loss before training.
     """
     out = Path(out)
+    train_index = runset.train_index
     written = []
     for run in runset.runs:
         run_dir = out / run.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         batch_lines = [
-            json.dumps({"step": step, "samples_id": [_json_id(i) for i in batch]})
+            json.dumps({"step": step, "samples_id": [train_index[i] for i in batch]})
             for step, batch in enumerate(run.curriculum, start=1)
         ]
         loss_lines = [
             json.dumps(
                 {
-                    "id": _json_id(test_id),
+                    "id": col,
                     "loss_trajectory": [
                         {"step": step, "loss": float(loss)}
                         for step, loss in enumerate(run.losses[:, col])
                     ],
                 }
             )
-            for col, test_id in enumerate(runset.test_ids)
+            for col in range(len(runset.test_ids))
         ]
         write_text_atomic(run_dir / TRAIN_FILE, "\n".join(batch_lines) + "\n")
         write_text_atomic(run_dir / LOSS_FILE, "\n".join(loss_lines) + "\n")
         written.append(run_dir)
+    write_json_atomic(out / IDS_FILE, _ids_document(runset))
     return written
+
+
+def _ids_document(runset: RunSet) -> dict[str, Any]:
+    runs = {
+        run.run_id: {
+            "seed": run.seed,
+            "lr": None if run.lr is None else [None if np.isnan(x) else x for x in run.lr.tolist()],
+            "metadata": run.metadata,
+        }
+        for run in runset.runs
+    }
+    return {
+        "format": IDS_FORMAT,
+        "train_ids": runset.train_ids,
+        "test_ids": runset.test_ids,
+        "runs": runs,
+        "metadata": runset.metadata,
+    }
