@@ -20,7 +20,12 @@ from simfluence.simulators import (
     load_simulator,
     make_simulator,
 )
-from simfluence.simulators.ridge import AdditiveRidgeProblem, Design, LinearRidgeProblem
+from simfluence.simulators.ridge import (
+    AdditiveRidgeProblem,
+    Design,
+    LinearRidgeProblem,
+    loss_weights,
+)
 from simfluence.synth import SynthConfig, generate, write_synthetic
 
 # 22 per run and batch 4: every epoch ends with a batch of 2, so batch weighting matters
@@ -28,17 +33,19 @@ SMALL = SynthConfig(pool=30, tests=4, runs=12, per_run=22, batch=4, epochs=2, se
 
 
 def direct_linear_ridge(
-    design: Design, lam: float, prior_a: float
+    design: Design, lam: float, prior_a: float, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per test example, the dense normal equations solved by numpy: the reference."""
+    """Per test example, the dense (weighted) normal equations solved by numpy: the reference."""
     N = design.counts.toarray()
     P = N.shape[1]
     A, B = [], []
     for j in range(design.prev.shape[1]):
         X = np.hstack([design.prev[:, [j]] * N, N])
+        w = np.ones(len(X)) if weights is None else weights[:, j]
         theta0 = np.concatenate([np.full(P, prior_a), np.zeros(P)])
         theta = np.linalg.solve(
-            X.T @ X + lam * np.eye(2 * P), X.T @ design.next[:, j] + lam * theta0
+            X.T @ (w[:, None] * X) + lam * np.eye(2 * P),
+            X.T @ (w * design.next[:, j]) + lam * theta0,
         )
         A.append(theta[:P])
         B.append(theta[P:])
@@ -53,6 +60,37 @@ def test_conjugate_gradients_match_the_direct_solve() -> None:
         A, B = direct_linear_ridge(design, lam, 0.25)
         np.testing.assert_allclose(0.25 + solution.delta_A.T, A, rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(solution.delta_B.T, B, rtol=1e-7, atol=1e-9)
+
+
+def test_weighted_conjugate_gradients_match_the_direct_solve() -> None:
+    runs, _ = generate(SMALL)
+    design = Design.from_runs(runs, 4, "mean")
+    weights = loss_weights(design.prev, 1.0)
+    assert weights.shape == design.prev.shape
+    np.testing.assert_allclose(weights.mean(axis=0), 1.0)
+    # a smaller loss before the step weighs more, per test example
+    j = 0
+    order = np.argsort(design.prev[:, j])
+    assert np.all(np.diff(weights[order, j]) <= 0)
+    solution = LinearRidgeProblem(design, 0.25, weights).solve(0.1, tol=1e-12)
+    A, B = direct_linear_ridge(design, 0.1, 0.25, weights)
+    np.testing.assert_allclose(0.25 + solution.delta_A.T, A, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(solution.delta_B.T, B, rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(loss_weights(design.prev, 0.0), 1.0)
+
+
+def test_loss_power_fits_small_losses_more_precisely() -> None:
+    runs, _ = generate(SynthConfig(seed=1))
+    design = Design.from_runs(runs, 4, "mean")
+    small = design.prev < np.quantile(design.prev, 0.25)
+    errors = {}
+    for power in (0.0, 2.0):
+        sim = LinearSimulator(l2=0.3, loss_power=power).fit(runs)
+        one_step = (design.counts @ sim.A_.T) * design.prev + design.counts @ sim.B_.T
+        errors[power] = np.abs(one_step - design.next)[small].mean()
+    assert errors[2.0] < 0.97 * errors[0.0], errors  # 4% on this set
+    with pytest.raises(SimfluenceError, match="loss_power must be between 0 and 4, got -1"):
+        LinearSimulator(loss_power=-1).fit(runs)
 
 
 def test_additive_matches_the_direct_solve() -> None:

@@ -95,14 +95,23 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 # -- fit --------------------------------------------------------------------------------------
 def _add_simulator_options(p: argparse.ArgumentParser, unseen: str = "error") -> None:
-    """``--l2`` and ``--unseen``. Evaluations default to ``--unseen prior``: a held-out run may
-    consume an example no training run did, and that is a fact to report, not an error."""
+    """``--l2``, ``--loss-power`` and ``--unseen``. Evaluations default to ``--unseen prior``: a
+    held-out run may consume an example no training run did, and that is a fact to report, not
+    an error."""
     p.add_argument(
         "--l2",
         type=float,
         default=None,
         help="ridge strength toward 'no effect' for linear/additive (default: chosen by "
         "cross-validation over whole training runs)",
+    )
+    p.add_argument(
+        "--loss-power",
+        type=float,
+        default=None,
+        help="linear: weight each step's squared error by (loss before it)^-POWER, so small "
+        "losses are fitted more precisely (default 0, ordinary least squares; 1 ranks final "
+        "losses better at some cost in all-steps MSE: see the README)",
     )
     p.add_argument(
         "--unseen",
@@ -116,6 +125,7 @@ def _add_simulator_options(p: argparse.ArgumentParser, unseen: str = "error") ->
 def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "l2": args.l2,
+        "loss_power": args.loss_power,
         "unseen": args.unseen,
         "path": str(Path(args.directory) / TRUTH_FILE),
     }

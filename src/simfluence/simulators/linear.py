@@ -18,7 +18,12 @@ from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.encoding import encode_runs
-from simfluence.simulators.ridge import AdditiveRidgeProblem, Design, LinearRidgeProblem
+from simfluence.simulators.ridge import (
+    AdditiveRidgeProblem,
+    Design,
+    LinearRidgeProblem,
+    loss_weights,
+)
 
 Params = tuple[np.ndarray | None, np.ndarray]
 DEFAULT_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -137,6 +142,10 @@ class LinearSimulator(_RidgeSimulator):
             (training minimizes the batch mean); ``"sum"``: the paper's raw sums.
         tol: relative residual at which conjugate gradients stop.
         max_iter: conjugate-gradient iterations at most (per ``l2``).
+        loss_power: weight each step's squared error by ``(L_{t-1} + c)^-loss_power`` (per test
+            example, ``c`` a tenth of its median loss; see `ridge.loss_weights`). 0 (default)
+            is the paper's ordinary least squares; larger values fit small losses more
+            precisely (better ranking of final losses) at some cost in all-steps MSE.
 
         cv_tol: the same during cross-validation, where ranking ``l2`` values needs less.
         patience: cross-validation stops after this many rises of the error past its minimum.
@@ -160,15 +169,25 @@ class LinearSimulator(_RidgeSimulator):
         tol: float = 1e-8,
         cv_tol: float = 1e-4,
         max_iter: int = 1000,
+        loss_power: float = 0.0,
     ) -> None:
         super().__init__(l2, l2_grid, cv_folds, patience, unseen, batch_weighting)
         self.tol = tol
         self.cv_tol = cv_tol
         self.max_iter = max_iter
+        self.loss_power = loss_power
+
+    def _validate_params(self, runs: RunSet) -> list[float]:
+        if not 0 <= self.loss_power <= 4:
+            raise SimfluenceError(
+                f"{self.name}: loss_power must be between 0 and 4, got {self.loss_power}"
+            )
+        return super()._validate_params(runs)
 
     def _path(self, design: Design, grid: list[float], final: bool) -> Iterator[Params]:
         prior_a = 1.0 / self.batch_size_
-        problem = LinearRidgeProblem(design, prior_a)
+        weights = loss_weights(design.prev, self.loss_power) if self.loss_power else None
+        problem = LinearRidgeProblem(design, prior_a, weights)
         tol = self.tol if final else self.cv_tol
         solution = None
         for lam in grid:  # descending: each solution warm-starts the next, less smooth one

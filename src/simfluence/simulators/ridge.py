@@ -57,6 +57,20 @@ class Design:
         return np.asarray(self.counts.sum(axis=0)).ravel() > 0
 
 
+def loss_weights(prev: np.ndarray, power: float, floor: float = 0.1) -> np.ndarray:
+    """Row weights ``(n, M)`` proportional to ``(|L_prev| + floor * median_t |L_prev|)^-power``
+    per test example, scaled to mean 1 over its rows.
+
+    ``power = 0`` is ordinary least squares; ``1`` treats the noise variance of a step as
+    proportional to the loss before it; ``2`` fits relative errors. The floor keeps a loss near
+    zero from taking all the weight.
+    """
+    magnitude = np.abs(prev)
+    scale = np.median(magnitude, axis=0, keepdims=True)
+    weights = (magnitude + floor * np.maximum(scale, np.finfo(float).tiny)) ** -power
+    return weights / weights.mean(axis=0, keepdims=True)
+
+
 @dataclass
 class LinearSolution:
     """``delta_A``, ``delta_B``: shape ``(P, M)``, the departures from the prior."""
@@ -70,23 +84,29 @@ class LinearSolution:
 class LinearRidgeProblem:
     """The ``M`` normal-equation systems of Simfluence-Linear for one design, any ``lam``."""
 
-    def __init__(self, design: Design, prior_a: float) -> None:
+    def __init__(self, design: Design, prior_a: float, weights: np.ndarray | None = None) -> None:
         self.N = design.counts
         self.NT = design.counts.T.tocsr()
         self.prev = design.prev
+        # per-row, per-test weights (n, M) of the squared errors; None weighs every row alike
+        self.weights = weights
+        w = 1.0 if weights is None else weights
         # residual of the prior: L_next - (sum_{i in batch} w_t / b) * L_prev
         batch_mass = np.asarray(self.N.sum(axis=1))
         resid = design.next - prior_a * batch_mass * design.prev
-        self.rhs_A = self.NT @ (self.prev * resid)
-        self.rhs_B = self.NT @ resid
-        # exact diagonal 2x2 blocks of X_j^T X_j, for all (example, test) pairs: (P, M) each
+        self.rhs_A = self.NT @ (w * self.prev * resid)
+        self.rhs_B = self.NT @ (w * resid)
+        # exact diagonal 2x2 blocks of X_j^T W_j X_j, for all (example, test) pairs: (P, M) each
         squared = self.NT.multiply(self.NT).tocsr()  # sum_t N_ti^2 (weights included)
-        self.s2 = squared @ (self.prev**2)
-        self.s1 = squared @ self.prev
-        self.s0 = np.asarray(squared.sum(axis=1))  # (P, 1), shared by all test examples
+        self.s2 = squared @ (w * self.prev**2)
+        self.s1 = squared @ (w * self.prev)
+        # (P, 1) shared by all test examples when unweighted
+        self.s0 = np.asarray(squared.sum(axis=1)) if weights is None else squared @ weights
 
     def matvec(self, vA: np.ndarray, vB: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
         u = self.prev * (self.N @ vA) + self.N @ vB
+        if self.weights is not None:
+            u = self.weights * u
         return self.NT @ (self.prev * u) + lam * vA, self.NT @ u + lam * vB
 
     def solve(
