@@ -12,6 +12,7 @@ from simfluence.evaluation import evaluate
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import (
     AdditiveSimulator,
+    BlendSimulator,
     LinearSimulator,
     MeanTrajectorySimulator,
     NotFittedError,
@@ -20,6 +21,7 @@ from simfluence.simulators import (
     load_simulator,
     make_simulator,
 )
+from simfluence.simulators.blend import blend_weights
 from simfluence.simulators.ridge import (
     AdditiveRidgeProblem,
     Design,
@@ -91,6 +93,37 @@ def test_loss_power_fits_small_losses_more_precisely() -> None:
     assert errors[2.0] < 0.97 * errors[0.0], errors  # 4% on this set
     with pytest.raises(SimfluenceError, match="loss_power must be between 0 and 4, got -1"):
         LinearSimulator(loss_power=-1).fit(runs)
+
+
+def test_blend_weight_is_the_least_squares_mix() -> None:
+    rng = np.random.default_rng(0)
+    on_loss, on_log = rng.random((3, 9, 4)), rng.random((3, 9, 4))
+    mix = np.array([0.0, 0.3, 0.8, 1.0])
+    num, den = blend_weights(on_loss, on_log, mix * on_loss + (1 - mix) * on_log)
+    np.testing.assert_allclose(num / den, mix)
+
+
+def test_blend_mixes_its_two_sides_per_test_example() -> None:
+    runs, _ = generate(SMALL)
+    train, held = runs.split(3)
+    sim = BlendSimulator(unseen="prior").fit(train)
+    assert sim.weight_.shape == (len(runs.test_ids),)
+    assert np.all((sim.weight_ >= 0) & (sim.weight_ <= 1))
+    assert sim.log_floor_ > 0
+    run = held.runs[0]
+    traj = sim.simulate(run.curriculum, run.initial_loss)
+    on_loss, on_log = sim.sides()
+    expected = sim.weight_ * on_loss.simulate(run.curriculum, run.initial_loss) + (
+        1 - sim.weight_
+    ) * np.exp(on_log.simulate(run.curriculum, np.log(run.initial_loss)))
+    np.testing.assert_allclose(traj[1:], expected[1:])
+    np.testing.assert_array_equal(traj[0], run.initial_loss)
+    # never much worse than Simfluence-Linear on held-out runs: the weights were chosen on CV
+    result = evaluate(runs, {"linear": LinearSimulator(unseen="prior"), "blend": sim}, 3)
+    blend, linear = result.methods["blend"].scores, result.methods["linear"].scores
+    assert blend["all_steps_mse"] < 1.1 * linear["all_steps_mse"]
+    with pytest.raises(SimfluenceError, match="at least 2 training runs"):
+        BlendSimulator().fit(runs.subset(runs.run_ids[:1]))
 
 
 def test_additive_matches_the_direct_solve() -> None:
@@ -219,7 +252,9 @@ def test_baselines() -> None:
     np.testing.assert_allclose(pers.simulate([["a"], ["b"]], np.array([3.0, 0.5])), [[3, 0.5]] * 3)
 
 
-@pytest.mark.parametrize("method", ["linear", "additive", "mean", "persistence", "truth"])
+@pytest.mark.parametrize(
+    "method", ["linear", "linear-blend", "additive", "mean", "persistence", "truth"]
+)
 def test_save_load_round_trip(tmp_path: Path, method: str) -> None:
     runs = write_synthetic(tmp_path / "runs", SMALL)
     sim = configure_simulator(method, path=str(tmp_path / "runs" / "truth.npz")).fit(runs)

@@ -2,6 +2,7 @@
 
 from simfluence.simulators.base import NotFittedError, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
+from simfluence.simulators.blend import BlendSimulator
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.registry import (
@@ -14,6 +15,7 @@ from simfluence.simulators.registry import (
 
 __all__ = [
     "AdditiveSimulator",
+    "BlendSimulator",
     "DynamicsSimulator",
     "LinearSimulator",
     "MeanTrajectorySimulator",

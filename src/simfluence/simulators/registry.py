@@ -13,6 +13,7 @@ import numpy as np
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
+from simfluence.simulators.blend import BlendSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.truth import TruthSimulator
 
@@ -20,6 +21,7 @@ _CORE: dict[str, type[Simulator]] = {
     cls.name: cls
     for cls in (
         LinearSimulator,
+        BlendSimulator,
         AdditiveSimulator,
         PersistenceSimulator,
         MeanTrajectorySimulator,
