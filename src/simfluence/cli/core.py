@@ -29,6 +29,7 @@ from simfluence.runlog import (
     load_runset,
     save_runset,
 )
+from simfluence.runlog.gptfluence import IDS_FILE
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator, available_simulators, load_simulator
 from simfluence.simulators.registry import configure_simulator
@@ -300,4 +301,8 @@ def cmd_import_gptfluence(args: argparse.Namespace) -> None:
 def cmd_export_gptfluence(args: argparse.Namespace) -> None:
     runset = load_runset(args.directory)
     written = export_gptfluence(runset, args.out)
-    print(f"exported {len(written)} runs to {args.out}")
+    print(
+        f"exported {len(written)} runs to {args.out}: training ids 0..{len(runset.train_ids) - 1} "
+        f"and test ids 0..{len(runset.test_ids) - 1} as GPTfluence reads them, the mapping to "
+        f"ours in {Path(args.out) / IDS_FILE}"
+    )
