@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gptfluence.py RUNS --gptfluence REPO --python PEER_PYTHON
         [--holdout 5] [--tests 50] [--seeds 42] [--epochs 300] [--methods linear,mean]
+        [--loss-powers 1,2]
         [--work DIR] [--json OUT]
 
 RUNS is a simfluence run set; REPO a checkout of github.com/ernie-research/gptfluence and
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="42", help="the peer's seeds, comma-separated")
     parser.add_argument("--epochs", type=int, default=300, help="the peer's max_epoch")
     parser.add_argument("--methods", default="linear", help="our methods, comma-separated")
+    parser.add_argument(
+        "--loss-powers", default="", help="also `linear` with these loss_power values (e.g. 1,2)"
+    )
     parser.add_argument("--work", type=Path, default=Path("gptfluence-bench"))
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
@@ -146,12 +150,16 @@ def main() -> None:
         n_fit = len(train.runs) - 2
         rows.append((f"GPTfluence's Simfluence (seed {seed}, {n_fit} + 2 runs)", scores))
     ours = {}
-    for name in args.methods.split(","):
+    candidates = [(name, {}) for name in args.methods.split(",")]
+    candidates += [("linear", {"loss_power": float(p)}) for p in args.loss_powers.split(",") if p]
+    for name, options in candidates:
+        label = name + "".join(f" {k}={v:g}" for k, v in options.items())
+        simulator = configure_simulator(name, unseen="prior", **options)
         start = time.perf_counter()
-        result = evaluate_simulator(configure_simulator(name, unseen="prior"), train, held)
-        ours[name] = result.scores
-        rows.append((f"simfluence `{name}` ({len(train.runs)} runs)", result.scores))
-        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+        result = evaluate_simulator(simulator, train, held)
+        ours[label] = result.scores
+        rows.append((f"simfluence `{label}` ({len(train.runs)} runs)", result.scores))
+        print(f"{label}: {time.perf_counter() - start:.1f} s", flush=True)
     table = markdown(rows)
     print(f"\n{len(runs.test_ids)} test examples, held out: {', '.join(held.run_ids)}\n")
     print(table)
