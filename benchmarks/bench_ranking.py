@@ -10,8 +10,8 @@ all-steps MSE, final-step MSE, final-step Spearman and fit seconds. Variants:
 * ``pX``: `LinearSimulator(loss_power=X)`, each step's squared error weighted by
   ``(L_{t-1} + c)^-X`` (small losses fitted more precisely);
 * ``log``: Simfluence-Linear fitted and rolled out on ``log L`` (positive by construction);
-* ``blend``: per test example, ``w * linear + (1 - w) * log`` with ``w`` in [0, 1] fitted by
-  least squares on run-wise cross-validated rollouts of the training runs;
+* ``blend``: `BlendSimulator` (``linear-blend``): per test example, a blend of ``linear``,
+  ``log`` and ``mean`` with weights on the simplex fitted on cross-validated rollouts;
 * ``bag8``: the mean rollout of 8 fits on bootstrap resamples of the training runs (``l2``
   from the default fit);
 * ``mean``: the curriculum-blind mean trajectory.
@@ -29,8 +29,7 @@ import numpy as np
 
 from simfluence.evaluation import score
 from simfluence.runlog import RunSet, load_runset
-from simfluence.simulators import LinearSimulator, MeanTrajectorySimulator
-from simfluence.simulators.linear import run_folds
+from simfluence.simulators import BlendSimulator, LinearSimulator, MeanTrajectorySimulator
 
 
 def transformed(runs: RunSet, f) -> RunSet:  # type: ignore[no-untyped-def]
@@ -48,32 +47,10 @@ def log_transform(train: RunSet):  # type: ignore[no-untyped-def]
     return lambda x: np.log(np.maximum(x, floor))
 
 
-def log_variant(train: RunSet, curricula, initial, l2=None):  # type: ignore[no-untyped-def]
+def log_variant(train: RunSet, curricula, initial):  # type: ignore[no-untyped-def]
     f = log_transform(train)
-    sim = LinearSimulator(l2=l2, unseen="prior").fit(transformed(train, f))
-    return [np.exp(s) for s in sim.simulate_many(curricula, f(initial))], sim.l2_
-
-
-def blend_variant(train: RunSet, curricula, initial):  # type: ignore[no-untyped-def]
-    """Per test example, the least-squares blend ``w * linear + (1 - w) * log``, ``w`` in
-    [0, 1] fitted on run-wise cross-validated rollouts (each side's l2 from its own fit)."""
-    linear = LinearSimulator(unseen="prior").fit(train)
-    on_log, l2_log = log_variant(train, curricula, initial)
-    num = den = 0.0
-    for fold_train, valid in run_folds(train, 4):
-        c = [r.curriculum for r in valid.runs]
-        i = np.stack([r.initial_loss for r in valid.runs])
-        a = np.stack(
-            LinearSimulator(l2=linear.l2_, unseen="prior").fit(fold_train).simulate_many(c, i)
-        )
-        b = np.stack(log_variant(fold_train, c, i, l2_log)[0])
-        y = np.stack([r.losses for r in valid.runs])
-        d, e = (a - b)[:, 1:], (y - b)[:, 1:]
-        num = num + (d * e).sum(axis=(0, 1))
-        den = den + (d * d).sum(axis=(0, 1))
-    w = np.clip(num / np.maximum(den, 1e-300), 0.0, 1.0)
-    on_linear = linear.simulate_many(curricula, initial)
-    return [w * x + (1 - w) * z for x, z in zip(on_linear, on_log, strict=True)]
+    sim = LinearSimulator(unseen="prior").fit(transformed(train, f))
+    return [np.exp(s) for s in sim.simulate_many(curricula, f(initial))]
 
 
 def bagged(train: RunSet, curricula, initial, n_bags: int = 8):  # type: ignore[no-untyped-def]
@@ -92,13 +69,13 @@ def bagged(train: RunSet, curricula, initial, n_bags: int = 8):  # type: ignore[
 
 def rollouts(name: str, train: RunSet, curricula, initial):  # type: ignore[no-untyped-def]
     if name == "log":
-        return log_variant(train, curricula, initial)[0]
-    if name == "blend":
-        return blend_variant(train, curricula, initial)
+        return log_variant(train, curricula, initial)
     if name == "bag8":
         return bagged(train, curricula, initial)
     if name == "mean":
         sim = MeanTrajectorySimulator().fit(train)
+    elif name == "blend":
+        sim = BlendSimulator(unseen="prior").fit(train)
     elif name == "linear":
         sim = LinearSimulator(unseen="prior").fit(train)
     elif name.startswith("p"):

@@ -21,7 +21,7 @@ from simfluence.simulators import (
     load_simulator,
     make_simulator,
 )
-from simfluence.simulators.blend import blend_weights
+from simfluence.simulators.blend import blend_moments, simplex_weights
 from simfluence.simulators.ridge import (
     AdditiveRidgeProblem,
     Design,
@@ -95,27 +95,31 @@ def test_loss_power_fits_small_losses_more_precisely() -> None:
         LinearSimulator(loss_power=-1).fit(runs)
 
 
-def test_blend_weight_is_the_least_squares_mix() -> None:
+def test_blend_weights_are_the_least_squares_mix_on_the_simplex() -> None:
     rng = np.random.default_rng(0)
-    on_loss, on_log = rng.random((3, 9, 4)), rng.random((3, 9, 4))
-    mix = np.array([0.0, 0.3, 0.8, 1.0])
-    num, den = blend_weights(on_loss, on_log, mix * on_loss + (1 - mix) * on_log)
-    np.testing.assert_allclose(num / den, mix)
+    sides = rng.random((3, 2, 9, 4))
+    mix = np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.6, 0.4], [0.0, 0.0, 1.0]])
+    true = np.einsum("ma,artm->rtm", mix, sides)
+    np.testing.assert_allclose(simplex_weights(*blend_moments(sides, true)), mix, atol=1e-12)
 
 
-def test_blend_mixes_its_two_sides_per_test_example() -> None:
+def test_blend_mixes_its_sides_per_test_example() -> None:
     runs, _ = generate(SMALL)
     train, held = runs.split(3)
     sim = BlendSimulator(unseen="prior").fit(train)
-    assert sim.weight_.shape == (len(runs.test_ids),)
-    assert np.all((sim.weight_ >= 0) & (sim.weight_ <= 1))
+    assert sim.weight_.shape == (len(runs.test_ids), 3)
+    assert np.all(sim.weight_ >= 0)
+    np.testing.assert_allclose(sim.weight_.sum(axis=1), 1.0)
     assert sim.log_floor_ > 0
     run = held.runs[0]
     traj = sim.simulate(run.curriculum, run.initial_loss)
-    on_loss, on_log = sim.sides()
-    expected = sim.weight_ * on_loss.simulate(run.curriculum, run.initial_loss) + (
-        1 - sim.weight_
-    ) * np.exp(on_log.simulate(run.curriculum, np.log(run.initial_loss)))
+    on_loss, on_log, mean = sim.sides()
+    w = sim.weight_
+    expected = (
+        w[:, 0] * on_loss.simulate(run.curriculum, run.initial_loss)
+        + w[:, 1] * np.exp(on_log.simulate(run.curriculum, np.log(run.initial_loss)))
+        + w[:, 2] * mean.simulate(run.curriculum, run.initial_loss)
+    )
     np.testing.assert_allclose(traj[1:], expected[1:])
     np.testing.assert_array_equal(traj[0], run.initial_loss)
     # never much worse than Simfluence-Linear on held-out runs: the weights were chosen on CV
