@@ -9,6 +9,7 @@ from simfluence.errors import CurriculumError, RunLogError, SimfluenceError
 from simfluence.runlog import Run, RunSet, load_runset, save_runset
 from simfluence.simulators import (
     AdditiveSimulator,
+    BlendSimulator,
     LinearSimulator,
     MeanTrajectorySimulator,
     PersistenceSimulator,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdditiveSimulator",
+    "BlendSimulator",
     "CurriculumError",
     "LinearSimulator",
     "MeanTrajectorySimulator",
