@@ -30,27 +30,15 @@ import numpy as np
 from simfluence.evaluation import score
 from simfluence.runlog import RunSet, load_runset
 from simfluence.simulators import BlendSimulator, LinearSimulator, MeanTrajectorySimulator
-
-
-def transformed(runs: RunSet, f) -> RunSet:  # type: ignore[no-untyped-def]
-    return RunSet(
-        runs.train_ids,
-        runs.test_ids,
-        [replace(r, losses=f(r.losses)) for r in runs.runs],
-        runs.metadata,
-    )
-
-
-def log_transform(train: RunSet):  # type: ignore[no-untyped-def]
-    """``log(max(L, floor))``, the floor a tenth of the smallest positive recorded loss."""
-    floor = min(float(r.losses[r.losses > 0].min()) for r in train.runs) / 10
-    return lambda x: np.log(np.maximum(x, floor))
+from simfluence.simulators.blend import LOG_FLOOR_SHARE, log_runs
 
 
 def log_variant(train: RunSet, curricula, initial):  # type: ignore[no-untyped-def]
-    f = log_transform(train)
-    sim = LinearSimulator(unseen="prior").fit(transformed(train, f))
-    return [np.exp(s) for s in sim.simulate_many(curricula, f(initial))]
+    """`linear` fitted and rolled out on ``log L`` (the floor `linear-blend` uses)."""
+    floor = LOG_FLOOR_SHARE * min(float(r.losses[r.losses > 0].min()) for r in train.runs)
+    sim = LinearSimulator(unseen="prior").fit(log_runs(train, floor))
+    logged = np.log(np.maximum(initial, floor))
+    return [np.exp(s) for s in sim.simulate_many(curricula, logged)]
 
 
 def bagged(train: RunSet, curricula, initial, n_bags: int = 8):  # type: ignore[no-untyped-def]

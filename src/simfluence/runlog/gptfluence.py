@@ -106,13 +106,15 @@ def _read_losses(path: Path, name: _Names) -> tuple[list[str], list[int], np.nda
         if "id" not in row or "loss_trajectory" not in row:
             raise RunLogError(f"{where}: every line needs fields 'id' and 'loss_trajectory'")
         test_id = name(row["id"], f"{where}: 'id'")
-        try:
-            points = sorted(row["loss_trajectory"], key=lambda p: _integer(p["step"], ""))
-        except (KeyError, TypeError, RunLogError):
+        points = row["loss_trajectory"]
+        if not isinstance(points, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("step"), int) for p in points
+        ):
             raise RunLogError(
                 f"{where}: test example {test_id!r}: every point needs an integer 'step'"
-            ) from None
-        steps = [int(p["step"]) for p in points]
+            )
+        points = sorted(points, key=lambda p: p["step"])
+        steps = [p["step"] for p in points]
         if steps_ref is None:
             steps_ref = steps
         elif steps != steps_ref:
