@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from simfluence.curricula import random_curriculum
-from simfluence.simulators import LinearSimulator
+from simfluence.simulators import LinearSimulator, rollout
 from simfluence.synth import SynthConfig, generate
 
 
@@ -81,6 +81,23 @@ def main() -> None:
         f"from id lists ({end_to_end:.2f} s), {work / rollout_only:.3g} from encoded "
         f"curricula ({rollout_only:.2f} s)"
     )
+    start = time.perf_counter()
+    rollout(encoded, sim.A_, sim.B_, np.broadcast_to(initial, (len(encoded), initial.size)))
+    unfloored = time.perf_counter() - start
+    print(
+        f"  the same without the loss floor: {work / unfloored:.3g} ({unfloored:.2f} s): the "
+        f"floor costs {100 * (rollout_only / unfloored - 1):+.0f}%"
+    )
+    start = time.perf_counter()
+    sim.calibrate(runs)
+    calibrate_seconds = time.perf_counter() - start
+    print(
+        f"calibrate predictive intervals (5 run-wise folds, l2 kept): {calibrate_seconds:.1f} s "
+        f"= {calibrate_seconds / fit_seconds:.2f} x the fit, peak memory {peak_rss_gib():.2f} GiB"
+    )
+    start = time.perf_counter()
+    sim.simulate_interval(curricula[:100], initial)
+    print(f"  90% intervals of 100 curricula: {time.perf_counter() - start:.2f} s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import checkpoint_path, load_checkpoint, record_runs
 from simfluence.recording.workloads import get_workload
 from simfluence.runlog import load_runset
-from simfluence.simulators import AdditiveSimulator, configure_simulator
+from simfluence.simulators import AdditiveSimulator, configure_simulator, rollout
 
 TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, seed=0)
 
@@ -67,7 +67,9 @@ def test_scaled_variant_fits_one_scale_on_training_runs(recorded: Path) -> None:
     raw = configure_simulator("grad-dot").fit(runs)
     scaled = configure_simulator("grad-dot-scaled").fit(runs)
     # the closed form: least squares of L_t - L_0 on the raw rollout's change
-    change = [raw.simulate(r.curriculum, np.zeros(len(runs.test_ids))) for r in runs.runs]
+    # (the raw rollout's change from 0, unfloored: a change may be negative)
+    counts = raw.encode([r.curriculum for r in runs.runs])
+    change = rollout(counts, None, raw.B_, np.zeros((len(runs.runs), len(runs.test_ids))))
     observed = [r.losses - r.losses[0] for r in runs.runs]
     s = sum((c * o).sum() for c, o in zip(change, observed, strict=True)) / sum(
         (c * c).sum() for c in change
@@ -104,7 +106,10 @@ def test_evaluate_and_validate_commands(recorded: Path, tmp_path: Path) -> None:
     methods = "linear,tracin-cp,tracin-cp-scaled,grad-dot,influence,mean"
     args = ["evaluate", str(recorded), "--methods", methods, "--holdout", "2", "--json", str(out)]
     assert main(args) == 0
-    assert set(json.loads(out.read_text())["methods"]) == set(methods.split(","))
+    scores = json.loads(out.read_text())["methods"]
+    assert set(scores) == set(methods.split(","))
+    for name in ("linear", "tracin-cp", "mean"):  # tracin-cp calibrates in-sample
+        assert 0.0 < scores[name]["coverage_90"] <= 1.0 and scores[name]["interval_width_90"] > 0
     out = tmp_path / "validation.json"
     args = [
         "validate",
@@ -124,9 +129,16 @@ def test_evaluate_and_validate_commands(recorded: Path, tmp_path: Path) -> None:
     for block in result["kinds"].values():
         for scores in block["methods"].values():
             assert set(scores) >= {"all_steps_mse", "final_step_spearman", "lds"}
+    for kind, block in result["kinds"].items():
+        linear = block["methods"]["linear"]
+        assert 0.0 <= linear["coverage_90"] <= 1.0 and linear["interval_width_90"] > 0, kind
+        assert len(linear["mean_final_in_interval"]) == 3
     optimized = result["optimized"]
     assert len(optimized["random_mean_test_losses"]) == 3
     assert 0.0 <= optimized["fraction_of_random_beaten"] <= 1.0
+    low, high = optimized["predicted_interval_90"]
+    assert 0.0 <= low <= optimized["predicted_mean_test_loss_in_trust_region"] <= high
+    assert optimized["actual_in_interval"] == (low <= optimized["actual_mean_test_loss"] <= high)
     assert main(["validate", str(recorded), "--workload", "newsgroups-minilm"]) == 2
 
 

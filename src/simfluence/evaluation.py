@@ -5,7 +5,13 @@ The JSON written by `simfluence evaluate --json` is `EvaluationResult.to_json()`
     {"train_runs": [...], "heldout_runs": [...],
      "methods": {NAME: {"all_steps_mse", "all_steps_mse_std", "all_steps_mae", "all_steps_mae_std",
                         "final_step_mse", "final_step_mse_std", "final_step_spearman",
-                        "final_step_spearman_std", "fit_seconds", "simulate_seconds", "params"}}}
+                        "final_step_spearman_std", "fit_seconds", "simulate_seconds",
+                        "coverage_90", "interval_width_90", "calibrate_seconds"}}}
+
+``coverage_90``: the share of held-out (run, step >= 1, test example) points inside the method's
+90% predictive interval (`Simulator.calibrate` on the training runs, then
+`simulate_interval`); ``interval_width_90``: its mean width. A method whose calibration
+failed has neither (and ``interval_error`` says why).
 """
 
 from __future__ import annotations
@@ -18,17 +24,21 @@ from typing import Any
 import numpy as np
 
 from simfluence import metrics
+from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.base import Simulator
+from simfluence.simulators.intervals import Interval
 
 
 @dataclass
 class MethodResult:
     """Metrics of one method on the held-out runs, and its rollouts (one ``(T + 1, M)`` per run)."""
 
-    scores: dict[str, float]
+    scores: dict[str, Any]
     simulated: list[np.ndarray]
     simulator: Simulator
+    #: 90% predictive intervals of `simulated` (one per held-out run), when calibrated
+    intervals: list[Interval] | None = None
 
 
 @dataclass
@@ -74,8 +84,11 @@ def unseen_fraction(train: RunSet, heldout: RunSet) -> float:
     return unseen / total if total else 0.0
 
 
-def evaluate_simulator(simulator: Simulator, train: RunSet, heldout: RunSet) -> MethodResult:
-    """Fit on `train`, roll out every held-out curriculum from its recorded ``L_0``, score."""
+def evaluate_simulator(
+    simulator: Simulator, train: RunSet, heldout: RunSet, intervals: bool = True
+) -> MethodResult:
+    """Fit on `train`, roll out every held-out curriculum from its recorded ``L_0``, score;
+    with `intervals`, also calibrate on `train` and score the 90% intervals."""
     start = time.perf_counter()
     simulator.fit(train)
     fit_seconds = time.perf_counter() - start
@@ -86,7 +99,38 @@ def evaluate_simulator(simulator: Simulator, train: RunSet, heldout: RunSet) -> 
     simulate_seconds = time.perf_counter() - start
     scores = score([r.losses for r in heldout.runs], simulated)
     scores |= {"fit_seconds": fit_seconds, "simulate_seconds": simulate_seconds}
-    return MethodResult(scores, simulated, simulator)
+    result = MethodResult(scores, simulated, simulator)
+    if intervals:
+        score_intervals(result, train, heldout)
+    return result
+
+
+def score_intervals(result: MethodResult, train: RunSet, heldout: RunSet) -> None:
+    """Calibrate `result`'s simulator on `train` and add ``coverage_90``, ``interval_width_90``
+    and ``calibrate_seconds`` to its scores (its 90% intervals in ``result.intervals``)."""
+    start = time.perf_counter()
+    try:
+        result.simulator.calibrate(train)
+    except SimfluenceError as exc:  # e.g. too few training runs to hold any out
+        result.scores["interval_error"] = str(exc)
+        return
+    result.scores["calibrate_seconds"] = time.perf_counter() - start
+    true = [r.losses for r in heldout.runs]
+    result.intervals, scores = interval_scores(result.simulator, true, result.simulated)
+    result.scores |= scores
+
+
+def interval_scores(
+    simulator: Simulator, true: Sequence[np.ndarray], simulated: Sequence[np.ndarray]
+) -> tuple[list[Interval], dict[str, float]]:
+    """The calibrated `simulator`'s 90% intervals around its rollouts `simulated`, and their
+    ``{"coverage_90", "interval_width_90"}`` against the `true` trajectories (steps >= 1)."""
+    bands = [simulator.interval_of(s, 0.9) for s in simulated]
+    lower, upper = [b.lower for b in bands], [b.upper for b in bands]
+    return bands, {
+        "coverage_90": metrics.interval_coverage(true, lower, upper),
+        "interval_width_90": metrics.interval_width(lower, upper),
+    }
 
 
 def evaluate(
@@ -94,36 +138,46 @@ def evaluate(
     simulators: dict[str, Simulator],
     heldout: int | Sequence[str],
     progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+    intervals: bool = True,
 ) -> EvaluationResult:
     """Split `runs` by whole runs (see `RunSet.split`) and evaluate every simulator.
 
-    `progress` wraps the list of methods (e.g. `tqdm`) to show progress.
+    `progress` wraps the list of methods (e.g. `tqdm`) to show progress; `intervals` also
+    scores every method's 90% predictive intervals (`score_intervals`).
     """
     train, held = runs.split(heldout)
     result = EvaluationResult(
         train.run_ids, held.run_ids, unseen_fraction=unseen_fraction(train, held)
     )
     for name, simulator in progress(list(simulators.items())):
-        result.methods[name] = evaluate_simulator(simulator, train, held)
+        result.methods[name] = evaluate_simulator(simulator, train, held, intervals)
     return result
 
 
 def format_table(result: EvaluationResult) -> str:
     """A plain-text table: one row per method, the protocol's metrics as mean ± std."""
     header = ["method", "all-steps MSE", "all-steps MAE", "final MSE", "final Spearman", "fit s"]
+    with_intervals = any("coverage_90" in m.scores for m in result.methods.values())
+    if with_intervals:
+        header += ["coverage 90%", "width 90%"]
     rows = [header]
     for name, method in result.methods.items():
         s = method.scores
-        rows.append(
-            [
-                name,
-                f"{s['all_steps_mse']:.4g} ± {s['all_steps_mse_std']:.2g}",
-                f"{s['all_steps_mae']:.4g} ± {s['all_steps_mae_std']:.2g}",
-                f"{s['final_step_mse']:.4g} ± {s['final_step_mse_std']:.2g}",
-                f"{s['final_step_spearman']:.3f} ± {s['final_step_spearman_std']:.2f}",
-                f"{s['fit_seconds']:.2f}",
+        row = [
+            name,
+            f"{s['all_steps_mse']:.4g} ± {s['all_steps_mse_std']:.2g}",
+            f"{s['all_steps_mae']:.4g} ± {s['all_steps_mae_std']:.2g}",
+            f"{s['final_step_mse']:.4g} ± {s['final_step_mse_std']:.2g}",
+            f"{s['final_step_spearman']:.3f} ± {s['final_step_spearman_std']:.2f}",
+            f"{s['fit_seconds']:.2f}",
+        ]
+        if with_intervals:
+            has = "coverage_90" in s
+            row += [
+                f"{s['coverage_90']:.3f}" if has else "-",
+                f"{s['interval_width_90']:.4g}" if has else "-",
             ]
-        )
+        rows.append(row)
     widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -5,7 +5,8 @@ Inputs are the true and simulated trajectories of held-out runs: either an array
 length). Row 0 (before training) is never scored: both start from the recorded loss.
 Each function returns a `Summary` of the mean and the standard deviation over trajectories
 (one per held-out run and test example) or, for Spearman, over held-out runs.
-`linear_datamodeling_score` compares final losses across curricula instead (validation).
+`linear_datamodeling_score` compares final losses across curricula instead (validation);
+`interval_coverage` and `interval_width` score predictive intervals (plain floats).
 """
 
 from __future__ import annotations
@@ -105,3 +106,24 @@ def spearman_or_zero(true: np.ndarray, predicted: np.ndarray) -> float:
     if not np.isfinite(predicted).all() or np.ptp(predicted) == 0 or np.ptp(true) == 0:
         return 0.0
     return float(stats.spearmanr(true, predicted).statistic)
+
+
+def interval_coverage(y_true: Trajectories, lower: Trajectories, upper: Trajectories) -> float:
+    """Share of (run, step ``1..T``, test example) points with ``lower <= true <= upper``.
+
+    A calibrated 90% interval covers about 0.9 of held-out points. Row 0 is not scored.
+    """
+    inside = [
+        ((t[1:] >= lo[1:]) & (t[1:] <= hi[1:])).ravel()
+        for (t, lo), (_, hi) in zip(_pairs(y_true, lower), _pairs(y_true, upper), strict=True)
+    ]
+    return float(np.mean(np.concatenate(inside)))
+
+
+def interval_width(lower: Trajectories, upper: Trajectories) -> float:
+    """Mean of ``upper - lower`` over (run, step ``1..T``, test example) points (in loss units;
+    infinite when a bound is)."""
+    with np.errstate(invalid="ignore"):
+        widths = [(hi[1:] - lo[1:]).ravel() for lo, hi in _pairs(lower, upper)]
+    values = np.concatenate(widths)
+    return float(np.mean(np.where(np.isnan(values), np.inf, values)))

@@ -31,29 +31,43 @@ def pick_test_examples(true: np.ndarray, count: int) -> list[int]:
 
 
 def plot_trajectories(
-    true: np.ndarray,
+    true: np.ndarray | None,
     simulated: Mapping[str, np.ndarray],
     test_ids: Sequence[str],
     columns: Sequence[int],
     title: str = "",
     path: str | os.PathLike[str] | None = None,
+    band: tuple[np.ndarray, np.ndarray] | None = None,
+    band_label: str = "90% interval",
 ) -> plt.Figure:
     """One panel per test example: the recorded trajectory and each method's rollout.
 
     Args:
-        true: shape ``(T + 1, M)``, recorded losses of one run.
+        true: shape ``(T + 1, M)``, recorded losses of one run, or None (a simulation only).
         simulated: method name -> shape ``(T + 1, M)`` free-running rollout of the same run.
         test_ids: the ``M`` test ids (panel titles).
         columns: which test examples to draw.
         path: where to save a PNG (atomically), if given.
+        band: ``(lower, upper)``, each ``(T + 1, M)``: a predictive interval, shaded.
     """
     n = len(columns)
     ncols = min(n, 3)
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
-    steps = np.arange(true.shape[0])
+    steps = np.arange((true if true is not None else next(iter(simulated.values()))).shape[0])
     for ax, col in zip(axes.ravel(), columns, strict=False):
-        ax.plot(steps, true[:, col], color="black", lw=2.0, label="recorded")
+        if band is not None:
+            ax.fill_between(
+                steps,
+                band[0][:, col],
+                band[1][:, col],
+                color="tab:red",
+                alpha=0.15,
+                lw=0,
+                label=band_label,
+            )
+        if true is not None:
+            ax.plot(steps, true[:, col], color="black", lw=2.0, label="recorded")
         for k, (name, traj) in enumerate(simulated.items()):
             color = METHOD_COLORS.get(name, f"C{k % 10}")
             ax.plot(steps, traj[:, col], color=color, lw=1.2, alpha=0.85, label=name)
@@ -98,7 +112,7 @@ def plot_method_grid(
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False, sharex=True, sharey=True
     )
-    steps = np.arange(true.shape[0])
+    steps = np.arange((true if true is not None else next(iter(simulated.values()))).shape[0])
     low, high = true[:, columns].min(), true[:, columns].max()
     margin = 0.15 * (high - low + 1e-12)
     for ax, name in zip(axes.ravel(), names, strict=False):

@@ -46,6 +46,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import Run, RunSet
+from simfluence.simulators.base import Simulator
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.encoding import encode_runs
 
@@ -163,6 +164,17 @@ class GradientSimulator(DynamicsSimulator):
         self.seen_ = np.ones(len(runs.train_ids), dtype=bool)  # gradients exist for all
         self.scale_ = self._fit_scale(runs) if self.scaled or self.always_scaled else 1.0
         self.B_ = self.B_ * self.scale_
+
+    def _calibration_rollouts(
+        self, runs: RunSet, n_folds: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[Simulator]]:
+        """In-sample rollouts of `runs`: ``B`` comes from gradients, not from the recorded
+        losses (at most one global scale is fitted on them), so there is nothing to hold out,
+        and refitting per fold would recompute per-example gradients of other runs."""
+        simulated = self.simulate_many(
+            [r.curriculum for r in runs.runs], np.stack([r.initial_loss for r in runs.runs])
+        )
+        return [r.losses for r in runs.runs], simulated, []
 
     def _task(self, runs: RunSet) -> tuple[Task, dict[str, Any]]:
         from simfluence.recording.workloads import get_workload

@@ -20,6 +20,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def level(text: str) -> float:
+    """An interval level strictly between 0 and 1 (e.g. 0.9)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.9, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {value}")
+    return value
+
+
 def comma_list(text: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:

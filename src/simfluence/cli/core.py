@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli._args import comma_list, positive_int
+from simfluence.cli._args import comma_list, level, positive_int
 from simfluence.cli._curricula import (
     add_curriculum_source_options,
     add_edit_options,
@@ -32,6 +32,7 @@ from simfluence.runlog import (
 from simfluence.runlog.gptfluence import IDS_FILE
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator, available_simulators, load_simulator
+from simfluence.simulators.intervals import Interval
 from simfluence.simulators.registry import configure_simulator
 from simfluence.simulators.truth import TRUTH_FILE
 from simfluence.synth import SynthConfig, write_synthetic
@@ -143,6 +144,13 @@ def _register_fit(subparsers: argparse._SubParsersAction) -> None:
         help="leave out the last H runs by run id (to evaluate them later)",
     )
     p.add_argument("-o", "--output", required=True, help="simulator file to write (.npz)")
+    p.add_argument(
+        "--no-intervals",
+        dest="intervals",
+        action="store_false",
+        help="skip the calibration of predictive intervals (5 refits on run-wise folds; "
+        "`simulate --interval`, attribution and search intervals need it)",
+    )
     _add_simulator_options(p)
     p.set_defaults(func=cmd_fit)
 
@@ -156,12 +164,20 @@ def cmd_fit(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     simulator.fit(runs)
     seconds = time.perf_counter() - start
-    simulator.save(args.output)
     extra = f", l2 = {simulator.l2_:g}" if hasattr(simulator, "l2_") else ""
-    print(
-        f"fitted {args.method} on {len(runs.runs)} runs in {seconds:.2f} s{extra}; "
-        f"wrote {args.output}"
-    )
+    print(f"fitted {args.method} on {len(runs.runs)} runs in {seconds:.2f} s{extra}")
+    if args.intervals:
+        if len(runs.runs) < 2:
+            print("note: one run cannot calibrate intervals (needs 2 or more); skipped")
+        else:
+            start = time.perf_counter()
+            simulator.calibrate(runs)
+            print(
+                f"calibrated predictive intervals on {len(runs.runs)} runs in "
+                f"{time.perf_counter() - start:.2f} s"
+            )
+    simulator.save(args.output)
+    print(f"wrote {args.output}")
 
 
 # -- simulate ---------------------------------------------------------------------------------
@@ -171,6 +187,14 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     add_curriculum_source_options(p)
     p.add_argument("-o", "--output", required=True, help="predictions: .json or .csv")
     p.add_argument("--plot", default=None, help="also draw the trajectories to this PNG")
+    p.add_argument(
+        "--interval",
+        type=level,
+        default=None,
+        metavar="LEVEL",
+        help="also write the predictive interval at this level (e.g. 0.9) as lower/upper "
+        "(the model must be calibrated: `simfluence fit` does it by default)",
+    )
     add_edit_options(p)
     p.set_defaults(func=cmd_simulate)
 
@@ -185,16 +209,27 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     if spec:
         original, curriculum = curriculum, edited(curriculum, spec, simulator)
     trajectory = simulator.simulate(curriculum, initial)
-    _write_predictions(args.output, simulator, trajectory)
+    interval = None if args.interval is None else simulator.interval_of(trajectory, args.interval)
+    _write_predictions(args.output, simulator, trajectory, interval)
     if args.plot:
         columns = pick_test_examples(trajectory, 6)
         plot_trajectories(
-            trajectory, {}, simulator.test_ids_, columns, f"{simulator.name} rollout", args.plot
+            None,
+            {simulator.name: trajectory},
+            simulator.test_ids_,
+            columns,
+            f"{simulator.name} rollout",
+            args.plot,
+            band=None if interval is None else (interval.lower, interval.upper),
         )
     mean0, mean_t = trajectory[0].mean(), trajectory[-1].mean()
+    band = ""
+    if interval is not None:
+        low, high = simulator.objective_interval(trajectory, np.arange(trajectory.shape[1]))
+        band = f" ({100 * args.interval:g}% interval of the mean: {low:.4f} to {high:.4f})"
     print(
         f"simulated {len(curriculum)} steps with {simulator.name}: mean test loss "
-        f"{mean0:.4f} -> {mean_t:.4f}; wrote {args.output}"
+        f"{mean0:.4f} -> {mean_t:.4f}{band}; wrote {args.output}"
     )
     if original is not None:
         before = simulator.simulate(original, initial)[-1].mean()
@@ -204,24 +239,39 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         )
 
 
-def _write_predictions(output: str, simulator: Simulator, trajectory: np.ndarray) -> None:
+def _write_predictions(
+    output: str, simulator: Simulator, trajectory: np.ndarray, interval: Interval | None = None
+) -> None:
+    """JSON ``{"method", "test_ids", "loss", "final_loss"}`` (+ ``"interval_level"``,
+    ``"lower"``, ``"upper"``, each ``(T + 1, M)``), or CSV with one row per step: ``step``, the
+    test ids (+ ``lower:<id>`` and ``upper:<id>`` columns)."""
+    test_ids = simulator.test_ids_
     if output.endswith(".csv"):
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["step", *simulator.test_ids_])
-        for step, row in enumerate(trajectory):
+        header = ["step", *test_ids]
+        blocks = [trajectory]
+        if interval is not None:
+            header += [f"lower:{t}" for t in test_ids] + [f"upper:{t}" for t in test_ids]
+            blocks += [interval.lower, interval.upper]
+        writer.writerow(header)
+        for step, row in enumerate(np.hstack(blocks)):
             writer.writerow([step, *(f"{v:.10g}" for v in row)])
         write_text_atomic(output, buffer.getvalue())
-    else:
-        write_json_atomic(
-            output,
-            {
-                "method": simulator.name,
-                "test_ids": simulator.test_ids_,
-                "loss": trajectory.tolist(),
-                "final_loss": dict(zip(simulator.test_ids_, trajectory[-1].tolist(), strict=True)),
-            },
-        )
+        return
+    payload: dict[str, Any] = {
+        "method": simulator.name,
+        "test_ids": test_ids,
+        "loss": trajectory.tolist(),
+        "final_loss": dict(zip(test_ids, trajectory[-1].tolist(), strict=True)),
+    }
+    if interval is not None:
+        payload |= {
+            "interval_level": interval.level,
+            "lower": interval.lower.tolist(),
+            "upper": interval.upper.tolist(),
+        }
+    write_json_atomic(output, payload)
 
 
 # -- evaluate ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from simfluence._atomic import atomic_path, write_json_atomic
-from simfluence.cli._args import positive_int
+from simfluence.cli._args import level, positive_int
 from simfluence.cli._curricula import add_curriculum_source_options, initial_loss, load_curriculum
 from simfluence.counterfactual import (
     SIGN_CONVENTION,
@@ -20,6 +20,7 @@ from simfluence.counterfactual import (
 )
 from simfluence.counterfactual.attribution import attribution_views
 from simfluence.errors import SimfluenceError
+from simfluence.runlog import load_runset
 from simfluence.simulators import load_simulator
 
 
@@ -79,9 +80,26 @@ def _attribute_report(
         f"simulated loss {steps.trajectory[0]:.4f} -> {loo.final_loss:.4f}",
         f"sign: {SIGN_CONVENTION}",
     ]
+    bounds = {}
+    if loo.lower is not None and loo.upper is not None:
+        uncertain = loo.uncertain()
+        bounds = {
+            i: (lo, hi, bool(u))
+            for i, lo, hi, u in zip(loo.train_ids, loo.lower, loo.upper, uncertain, strict=True)
+        }
+        lines.append(
+            f"[low, high]: {100 * (loo.level or 0):g}% interval over the calibration refits; "
+            f"'~' marks an effect whose interval includes 0 ({int(uncertain.sum())} of "
+            f"{uncertain.size}: not even their sign is established)"
+        )
     for title, rows in (("most helpful", loo.helpful(top)), ("most harmful", loo.harmful(top))):
         lines.append(f"{title} (leave-one-out):" + ("" if rows else " none"))
-        lines.extend(f"  {i:<24} x{c:<3} effect {e:+.5f}" for i, c, e in rows)
+        for i, c, e in rows:
+            line = f"  {i:<24} x{c:<3} effect {e:+.5f}"
+            if i in bounds:
+                lo, hi, zero = bounds[i]
+                line += f" [{lo:+.5f}, {hi:+.5f}]" + (" ~" if zero else "")
+            lines.append(line)
     lines.append("steps where the simulated loss moved most (change = L_t - L_{t-1}):")
     for t in steps.top_steps(min(top, 5)):
         ex = ", ".join(f"{i} {c:+.4f}" for i, c in steps.top_examples(t, 3))
@@ -167,7 +185,28 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also consider pool examples absent from the fitted runs",
     )
+    p.add_argument(
+        "--no-trust-region",
+        dest="trust_region",
+        action="store_false",
+        help="let simulated losses go below the lowest recorded at each step (the simulator "
+        "then extrapolates; its predictions are not to be trusted)",
+    )
+    p.add_argument(
+        "--level",
+        type=level,
+        default=0.9,
+        help="interval level of the pessimistic objective and the report (default 0.9)",
+    )
+    p.add_argument(
+        "--runs",
+        default=None,
+        metavar="DIR",
+        help="the run set the model was fitted on: a recorded curriculum whose actual loss beats "
+        "what the search can promise (pessimistically) is returned instead (recommended)",
+    )
     p.add_argument("-o", "--output", required=True, help="curriculum JSON to write")
+    p.add_argument("--json", default=None, help="also write the search's figures as JSON here")
     p.set_defaults(func=cmd_optimize)
 
 
@@ -190,19 +229,32 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         max_evaluations=args.budget,
         max_seconds=args.max_seconds,
         include_unseen=args.include_unseen,
+        trust_region=args.trust_region,
+        level=args.level,
+        recorded=None if args.runs is None else load_runset(args.runs),
     )
     write_json_atomic(args.output, result.curriculum)
-    randoms = result.random_objectives
     what = "mean final loss" + ("" if objective == "mean" else f" of {', '.join(objective)}")
     print(
-        f"optimized {args.size} examples x {args.epochs} epochs, batch {batch} "
+        f"searched {args.size} examples x {args.epochs} epochs, batch {batch} "
         f"({len(result.curriculum)} steps) in {result.seconds:.1f} s, "
         f"{result.evaluations} rollouts, {len(result.history)} rounds"
     )
-    print(
-        f"predicted {what}: {result.objective:.5f} (random curricula of the same size: mean "
-        f"{randoms.mean():.5f}, best of {randoms.size} {randoms.min():.5f}"
-        + ("" if result.greedy_objective is None else f"; greedy {result.greedy_objective:.5f}")
-        + ")"
-    )
-    print(f"wrote {args.output}")
+    print(f"trust region: {result.trust_region}")
+    if result.interval is not None:
+        print(f"objective (pessimistic): the upper end of the {what}'s {args.level:g} interval")
+    print(f"{what}: {result.statement}")
+    if result.unconstrained < result.predicted - 1e-9:
+        print(
+            f"note: without the trust region the simulator predicts {result.unconstrained:.4g} "
+            "for this curriculum, a gain no recorded run showed: not credited"
+        )
+    if result.source != "search":
+        print(f"wrote {args.output} (the curriculum of {result.source})")
+    elif result.gain_established is False:
+        print(f"wrote {args.output} (the best found, not predicted to be reliably better)")
+    else:
+        print(f"wrote {args.output}")
+    if args.json:
+        write_json_atomic(args.json, {"model": str(args.model), **result.to_json()})
+        print(f"wrote {args.json}")

@@ -14,7 +14,13 @@ import numpy as np
 
 from simfluence.cli._args import comma_list, positive_int, read_json
 from simfluence.errors import SimfluenceError
-from simfluence.evaluation import EvaluationResult, MethodResult, evaluate, score
+from simfluence.evaluation import (
+    EvaluationResult,
+    MethodResult,
+    evaluate,
+    interval_scores,
+    score,
+)
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.report.html import write_report
 from simfluence.runlog import load_runset
@@ -84,7 +90,12 @@ def prefitted_result(simulator: Simulator, heldout: RunSet, where: str) -> Metho
     seconds = time.perf_counter() - start
     scores = score([r.losses for r in heldout.runs], simulated)
     scores |= {"fit_seconds": math.nan, "simulate_seconds": seconds}
-    return MethodResult(scores, simulated, simulator)
+    result = MethodResult(scores, simulated, simulator)
+    if simulator.is_calibrated:  # calibrated when it was fitted: show its own intervals
+        true = [r.losses for r in heldout.runs]
+        result.intervals, interval_metrics = interval_scores(simulator, true, simulated)
+        scores |= interval_metrics
+    return result
 
 
 def _model_name(path: Path, simulator: Simulator, taken: set[str]) -> str:

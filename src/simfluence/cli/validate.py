@@ -77,11 +77,17 @@ def format_validation(result: dict) -> str:  # type: ignore[type-arg]
     lines = []
     for kind, block in result["kinds"].items():
         lines.append(f"{kind} ({block['curricula']} curricula)")
-        lines.append(f"  {'method':<18} {'all-steps MSE':>14} {'final Spearman':>15} {'LDS':>7}")
+        lines.append(
+            f"  {'method':<18} {'all-steps MSE':>14} {'final Spearman':>15} {'LDS':>7} "
+            f"{'coverage 90%':>13} {'mean final in 90%':>18}"
+        )
         for name, s in block["methods"].items():
+            inside = s.get("mean_final_in_interval")
             lines.append(
                 f"  {name:<18} {s['all_steps_mse']:>14.4g} {s['final_step_spearman']:>15.3f} "
-                f"{s['lds']:>7.3f}"
+                f"{s['lds']:>7.3f} "
+                + (f"{s['coverage_90']:>13.3f} " if "coverage_90" in s else f"{'-':>13} ")
+                + (f"{sum(inside):>11} of {len(inside):<3}" if inside else f"{'-':>18}")
             )
     if "optimized" in result:
         o = result["optimized"]
@@ -92,4 +98,14 @@ def format_validation(result: dict) -> str:  # type: ignore[type-arg]
             f"min {min(o['random_mean_test_losses']):.4f}; beats "
             f"{100 * o['fraction_of_random_beaten']:.0f}% of them"
         )
+        if "predicted_interval_90" in o:
+            low, high = o["predicted_interval_90"]
+            where = "inside" if o["actual_in_interval"] else "OUTSIDE"
+            lines.append(
+                f"the search's own prediction (trust region): "
+                f"{o['predicted_mean_test_loss_in_trust_region']:.4f}, 90% interval {low:.4f} to "
+                f"{high:.4f}: the actual loss is {where}"
+                f" ({sum(o['actual_in_interval_per_search'])} of "
+                f"{len(o['actual_in_interval_per_search'])} searches inside)"
+            )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import numpy as np
 
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, normalize_curriculum
-from simfluence.simulators.base import Simulator
+from simfluence.simulators.base import Simulator, soft_floor
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 
 SIGN_CONVENTION = (
@@ -68,7 +68,14 @@ def _rollouts(
         A = None if simulator.A_ is None else simulator.A_[columns]
         counts = simulator.encode(curricula)
         start = np.broadcast_to(initial[columns], (len(curricula), len(columns)))
-        return rollout(counts, A, simulator.B_[columns], np.ascontiguousarray(start))
+        trajectories = rollout(counts, A, simulator.B_[columns], np.ascontiguousarray(start))
+        floor, width = (
+            np.broadcast_to(np.asarray(f, dtype=np.float64), initial.shape)[columns]
+            for f in (simulator.floor_, simulator.floor_width_)
+        )
+        for traj in trajectories:  # as `simulate_many` reports them
+            soft_floor(traj[1:], floor, width)
+        return trajectories
     return [t[:, columns] for t in simulator.simulate_many(curricula, initial)]
 
 
@@ -118,6 +125,10 @@ class LeaveOneOut:
         train_ids: the ``N`` distinct training ids, most helpful first (ascending effect).
         counts: shape ``(N,)``, how many times each was consumed in the curriculum.
         effects: shape ``(N,)``, ``L_T(with) - L_T(without it)``; negative = helpful.
+        lower, upper: shape ``(N,)``, each effect's interval at `level` (`effect_intervals`),
+            or None when the simulator has no fold copies (not calibrated, or not a dynamics
+            simulator).
+        level: the nominal level of the intervals, or None.
     """
 
     test_ids: list[str]
@@ -125,6 +136,16 @@ class LeaveOneOut:
     train_ids: list[str]
     counts: np.ndarray
     effects: np.ndarray
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    level: float | None = None
+
+    def uncertain(self) -> np.ndarray:
+        """Shape ``(N,)`` bool: the effect's interval includes 0 (its sign is not established);
+        all False without intervals."""
+        if self.lower is None or self.upper is None:
+            return np.zeros(len(self.effects), dtype=bool)
+        return (self.lower <= 0) & (self.upper >= 0)
 
     def helpful(self, k: int) -> list[tuple[str, int, float]]:
         """Up to `k` rows ``(id, count, effect)`` with negative effect, most helpful first."""
@@ -143,11 +164,25 @@ class LeaveOneOut:
         ]
 
     def to_json(self) -> dict[str, Any]:
+        effects: list[dict[str, Any]] = [
+            {"train_id": i, "count": c, "effect": e} for i, c, e in self.rows()
+        ]
+        if self.lower is not None and self.upper is not None:
+            for row, lo, hi, zero in zip(
+                effects, self.lower, self.upper, self.uncertain(), strict=True
+            ):
+                row |= {
+                    "lower": float(lo),
+                    "upper": float(hi),
+                    "interval_includes_zero": bool(zero),
+                }
         return {
             "sign_convention": SIGN_CONVENTION,
             "test_ids": self.test_ids,
             "final_loss": self.final_loss,
-            "effects": [{"train_id": i, "count": c, "effect": e} for i, c, e in self.rows()],
+            "interval_level": self.level,
+            "interval": None if self.level is None else INTERVAL_NOTE,
+            "effects": effects,
         }
 
 
@@ -156,6 +191,7 @@ def leave_one_out(
     curriculum: AnyCurriculum,
     initial_loss: np.ndarray | None,
     test_ids: str | Sequence[str],
+    level: float | None = 0.9,
 ) -> LeaveOneOut:
     """Each distinct training id's effect on the final loss by simulated leave-one-out.
 
@@ -167,6 +203,8 @@ def leave_one_out(
     Args:
         initial_loss: shape ``(M,)`` (all test examples of the model), or None for the
             simulator's mean recorded one.
+        level: the level of each effect's interval (`effect_intervals`; only for calibrated
+            dynamics simulators), or None for none.
     """
     batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
     distinct, counts = np.unique([i for b in batches for i in b], return_counts=True)
@@ -174,9 +212,49 @@ def leave_one_out(
     finals = final_objective(simulator, curricula, initial, columns)
     effects = finals[0] - finals[1:]
     order = np.argsort(effects, kind="stable")
-    return LeaveOneOut(
+    result = LeaveOneOut(
         ids, float(finals[0]), [str(distinct[k]) for k in order], counts[order], effects[order]
     )
+    folds = simulator.fold_simulators() if isinstance(simulator, DynamicsSimulator) else []
+    if level is not None and folds:
+        per_fold = []
+        for fold in folds:
+            fold_finals = final_objective(fold, curricula, initial, columns)
+            per_fold.append(fold_finals[0] - fold_finals[1:])
+        lower, upper = effect_intervals(effects, np.stack(per_fold), level)
+        result.lower, result.upper, result.level = lower[order], upper[order], float(level)
+    return result
+
+
+INTERVAL_NOTE = (
+    "effect +- t(K-1) * jackknife standard error over the K calibration refits, each without "
+    "one fold of runs: how much the effect depends on which runs were recorded"
+)
+
+
+def effect_intervals(
+    effects: np.ndarray, per_fold: np.ndarray, level: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals of simulated effects from the ``K`` fold refits (delete-a-group jackknife).
+
+    Args:
+        effects: shape ``(N,)``, under the simulator fitted on all runs.
+        per_fold: shape ``(K, N)``, the same effects under each refit without one fold.
+        level: nominal level, e.g. 0.9.
+
+    Returns:
+        ``(lower, upper)``, each ``(N,)``: ``effects -+ t * se`` with the jackknife standard
+        error ``se = sqrt((K - 1) / K * sum_k (e_k - mean_k e)^2)`` and ``t`` the Student
+        quantile with ``K - 1`` degrees of freedom. It measures the parameters' dependence on
+        the recorded runs, not the run-to-run noise of one real retraining.
+    """
+    from scipy import stats
+
+    k = per_fold.shape[0]
+    spread = per_fold - per_fold.mean(axis=0)
+    se = np.sqrt((k - 1) / k * np.sum(spread**2, axis=0))
+    half = float(stats.t.ppf(0.5 + level / 2, df=k - 1)) * se
+    return effects - half, effects + half
 
 
 # -- where in training ------------------------------------------------------------------------
@@ -191,7 +269,8 @@ class StepContributions:
             step lowered the loss.
         contributions: for dynamics simulators, one dict per step ``{train_id: contribution}``
             whose values sum exactly to that step's change (an id repeated in a batch is
-            summed); None for simulators without a per-example decomposition.
+            summed); where the loss floor bent a step (`soft_floor`), an entry ``"(floor)"``
+            holds what it added; None for simulators without a per-example decomposition.
     """
 
     test_ids: list[str]
@@ -253,10 +332,19 @@ def step_contributions(
     batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
     traj = _rollouts(simulator, [batches], initial, columns)[0]
     objective = traj.mean(axis=1)
+    change = np.diff(objective)
     contributions = None
     if isinstance(simulator, DynamicsSimulator):
         contributions = _decompose(simulator, batches, traj, columns)
-    return StepContributions(ids, objective, np.diff(objective), contributions)
+        for step, delta in zip(contributions, change, strict=True):
+            floor = delta - sum(step.values())
+            if abs(floor) > 1e-12 * max(1.0, abs(delta)):
+                step[FLOOR_KEY] = float(floor)
+    return StepContributions(ids, objective, change, contributions)
+
+
+#: the pseudo training id of what the loss floor added to a step (`step_contributions`)
+FLOOR_KEY = "(floor)"
 
 
 def _decompose(
@@ -353,11 +441,12 @@ def attribution_views(
     test_ids: str | Sequence[str],
     top: int = 10,
     pairs: int = 10,
+    level: float | None = 0.9,
 ) -> tuple[LeaveOneOut, StepContributions, PairInteractions | None, dict[str, Any]]:
     """All three views for one test example (or the mean of several), and their JSON form:
     ``{"method", "sign_convention", "leave_one_out", "steps", "pairs"}`` (what
     ``simfluence attribute --json`` writes, without the file names). ``pairs < 2``: no pairs."""
-    loo = leave_one_out(simulator, curriculum, initial_loss, test_ids)
+    loo = leave_one_out(simulator, curriculum, initial_loss, test_ids, level)
     steps = step_contributions(simulator, curriculum, initial_loss, test_ids)
     interactions = (
         pair_interactions(simulator, curriculum, initial_loss, test_ids, pairs, loo)

@@ -17,8 +17,9 @@ import numpy as np
 
 from simfluence.counterfactual.attribution import _initial, test_columns
 from simfluence.errors import SimfluenceError
-from simfluence.simulators.base import Simulator
-from simfluence.simulators.dynamics import DynamicsSimulator
+from simfluence.runlog.runs import RunSet
+from simfluence.simulators.base import Simulator, soft_floor
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 
 #: floats gathered per evaluation chunk (bounds memory at about 16 bytes each)
 _CHUNK_FLOATS = 4_000_000
@@ -26,13 +27,30 @@ _CHUNK_FLOATS = 4_000_000
 
 @dataclass
 class SearchResult:
-    """Outcome of `optimize_curriculum`.
+    """Outcome of `optimize_curriculum`. Every value is a loss: lower is better.
 
     Attributes:
         curriculum: ``E * ceil(K / b)`` batches of training ids.
-        objective: its predicted objective (mean simulated final loss of the chosen tests).
+        objective: the searched (pessimistic) objective of `curriculum`: the upper end of the
+            `level` interval of its mean simulated final loss inside the trust region, or that
+            mean itself when the simulator is not calibrated.
+        predicted: its mean simulated final loss of the objective's test examples inside the
+            trust region (the point prediction).
+        interval: ``(low, high)``, the `level` interval of `predicted`, or None (not
+            calibrated).
+        unconstrained: the same mean simulated without the trust region (what `simulate`
+            says); far below `predicted` when the simulator extrapolates.
         random_objectives: shape ``(n_random,)``, the objective of each random start (random
             curricula of the same size and layout: the baseline to beat).
+        random_predicted: shape ``(n_random,)``, their point predictions.
+        gain_established: whether even the pessimistic objective beats the mean prediction of
+            the random curricula (None: not calibrated, nothing to say).
+        statement: one sentence for a person: the gain and its uncertainty, or that the gain is
+            within the uncertainty and no curriculum is predicted to be reliably better.
+        trust_region: what the search was confined to.
+        source: ``"search"``, or ``"recorded <run id>"`` when a recorded curriculum's actual
+            outcome beat what the search could promise (then `predicted` is that actual
+            outcome and `interval` the calibration spread around it).
         greedy_objective: the objective of the greedy start, or None when it was not used.
         history: one entry per round: ``round``, ``evaluations`` so far, ``objective`` after
             the round, ``accepted`` moves.
@@ -47,10 +65,50 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluations: int = 0
     seconds: float = 0.0
+    predicted: float = float("nan")
+    interval: tuple[float, float] | None = None
+    unconstrained: float = float("nan")
+    random_predicted: np.ndarray = field(default_factory=lambda: np.empty(0))
+    gain_established: bool | None = None
+    statement: str = ""
+    trust_region: str = ""
+    level: float = 0.9
+    source: str = "search"
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the curriculum, JSON-able."""
+        return {
+            "objective": self.objective,
+            "predicted": self.predicted,
+            "interval": None if self.interval is None else list(self.interval),
+            "level": self.level,
+            "unconstrained": self.unconstrained,
+            "random_predicted_mean": float(np.mean(self.random_predicted))
+            if self.random_predicted.size
+            else None,
+            "random_objectives": self.random_objectives.tolist(),
+            "gain_established": self.gain_established,
+            "statement": self.statement,
+            "source": self.source,
+            "trust_region": self.trust_region,
+            "greedy_objective": self.greedy_objective,
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+            "history": self.history,
+        }
+
+
+TRUST_REGION = (
+    "candidates consumed in the fitted runs, each once per epoch (the recorded protocol); at "
+    "every step no test example's simulated loss may go below the lowest loss recorded for it "
+    "at that step in any fitted run (gains beyond that are not credited)"
+)
 
 
 class _Evaluator:
-    """Objective of many layouts ``(N, E, K)`` at once: ``(N,)`` mean final loss of `columns`.
+    """Objective of many layouts ``(N, E, K)`` at once: ``(N,)`` mean final loss of `columns`
+    plus `offset` (the pessimistic objective), every step floored at the simulator's floor and,
+    given an `envelope` ``(T_max + 1, M)``, at the trust region's per-step lowest loss.
 
     Dynamics simulators are rolled out directly from the layouts (a gather of the parameters
     of every position, summed per batch, then ``T`` vectorized steps), the same arithmetic as
@@ -63,15 +121,23 @@ class _Evaluator:
         columns: np.ndarray,
         initial: np.ndarray,
         batch_size: int,
+        envelope: np.ndarray | None = None,
+        offset: float = 0.0,
     ) -> None:
         self.simulator = simulator
         self.columns = columns
         self.initial = initial
         self.batch_size = batch_size
         self.count = 0
+        self.envelope = None if envelope is None else envelope[:, columns]
+        self.offset = offset
         if isinstance(simulator, DynamicsSimulator):
             self.AT = None if simulator.A_ is None else simulator.A_[columns].T.copy()
             self.BT = simulator.B_[columns].T.copy()
+            self.floor = tuple(
+                np.broadcast_to(np.asarray(f, dtype=np.float64), initial.shape)[columns].copy()
+                for f in (simulator.floor_, simulator.floor_width_)
+            )
 
     def curriculum(self, layout: np.ndarray) -> list[list[str]]:
         ids = self.simulator.train_ids_
@@ -79,10 +145,17 @@ class _Evaluator:
         return [[ids[i] for i in row[s : s + b]] for row in layout for s in range(0, row.size, b)]
 
     def __call__(self, layouts: np.ndarray) -> np.ndarray:
+        return self.predict(layouts) + self.offset
+
+    def predict(self, layouts: np.ndarray) -> np.ndarray:
+        """``(N,)`` mean final loss of `columns` inside the trust region (no offset)."""
         self.count += len(layouts)
         if not isinstance(self.simulator, DynamicsSimulator):
             curricula = [self.curriculum(layout) for layout in layouts]
-            trajs = self.simulator.simulate_many(curricula, self.initial)
+            if self.envelope is None:
+                trajs = self.simulator.simulate_many(curricula, self.initial)
+            else:
+                trajs = trust_region_rollouts(self.simulator, curricula, self.initial)
             return np.array([t[-1, self.columns].mean() for t in trajs])
         n, epochs, size = layouts.shape
         step = max(1, _CHUNK_FLOATS // (epochs * size * len(self.columns)))
@@ -100,13 +173,75 @@ class _Evaluator:
             n, -1, self.BT.shape[1]
         )
         loss = np.broadcast_to(self.initial[self.columns], (n, len(self.columns))).copy()
-        if self.AT is None:
-            return (loss + beta.sum(axis=1)).mean(axis=1)
-        alpha = (np.add.reduceat(self.AT[layouts], starts, axis=2) * weight).reshape(beta.shape)
-        for t in range(beta.shape[1]):
-            loss *= alpha[:, t]
+        alpha = (
+            None
+            if self.AT is None
+            else (np.add.reduceat(self.AT[layouts], starts, axis=2) * weight).reshape(beta.shape)
+        )
+        for t in range(beta.shape[1]):  # `rollout`'s arithmetic, floor included
+            if alpha is not None:
+                loss *= alpha[:, t]
             loss += beta[:, t]
-        return loss.mean(axis=1)
+            if self.envelope is not None:
+                np.maximum(loss, self.envelope[min(t + 1, len(self.envelope) - 1)], out=loss)
+        return soft_floor(loss, *self.floor).mean(axis=1)  # as `simulate_many` reports it
+
+
+def trust_region_rollouts(
+    simulator: Simulator,
+    curricula: Sequence[Sequence[Sequence[str]]],
+    initial_loss: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Rollouts ``(T_c + 1, M)`` inside the search's trust region: at every step no simulated
+    loss goes below the lowest loss recorded at that step (`Simulator.envelope_`), and the
+    rollout continues from there; plain `simulate_many` for a simulator without an envelope."""
+    initial = _initial(simulator, initial_loss)
+    envelope = getattr(simulator, "envelope_", None)
+    if envelope is None:
+        return simulator.simulate_many(curricula, initial)
+    envelope = np.asarray(envelope, dtype=np.float64)
+    if isinstance(simulator, DynamicsSimulator):
+        start = np.broadcast_to(initial, (len(curricula), initial.size))
+        counts = simulator.encode(curricula)
+        trajectories = rollout(counts, simulator.A_, simulator.B_, start, envelope=envelope)
+        for traj in trajectories:  # as `simulate_many` reports them
+            soft_floor(traj[1:], simulator.floor_, simulator.floor_width_)
+        return trajectories
+    out = []
+    for traj in simulator.simulate_many(curricula, initial):
+        rows = np.minimum(np.arange(1, traj.shape[0]), len(envelope) - 1)
+        traj[1:] = np.maximum(traj[1:], envelope[rows])
+        out.append(traj)
+    return out
+
+
+def assess_curriculum(
+    simulator: Simulator,
+    curriculum: Sequence[Sequence[str]],
+    objective: str | Sequence[str] = "mean",
+    recorded: RunSet | None = None,
+    level: float = 0.9,
+) -> tuple[float, tuple[float, float] | None, str]:
+    """What `optimize_curriculum` would report for `curriculum` (from the recorded runs' own
+    starting point): ``(predicted, interval, source)``.
+
+    `predicted` is the mean final loss of the objective's test examples inside the trust region
+    (`trust_region_rollouts`), or, when `curriculum` is one of the `recorded` runs', that run's
+    actual one (`source` ``"recorded <run id>"``, else ``"search"``); `interval` its `level`
+    interval (None when the simulator is not calibrated).
+    """
+    columns = _objective_columns(simulator, objective)
+    batches = [[str(i) for i in b] for b in curriculum]
+    source, predicted = "search", None
+    for run in recorded.runs if recorded is not None else []:
+        if run.curriculum == batches:
+            source, predicted = f"recorded {run.run_id}", float(run.losses[-1, columns].mean())
+            break
+    if predicted is None:
+        predicted = float(trust_region_rollouts(simulator, [batches])[0][-1, columns].mean())
+    if not simulator.is_calibrated:
+        return predicted, None, source
+    return predicted, simulator.mean_loss_interval(predicted, columns, len(batches), level), source
 
 
 def _candidates(
@@ -230,6 +365,9 @@ def optimize_curriculum(
     max_seconds: float | None = 60.0,
     candidates: Sequence[str] | None = None,
     include_unseen: bool = False,
+    trust_region: bool = True,
+    level: float = 0.9,
+    recorded: RunSet | None = None,
 ) -> SearchResult:
     """Find the curriculum of `size` pool examples (subset and order, laid out like the
     recording protocol: `epochs` epochs over the same examples, batches of `batch_size`) that
@@ -249,12 +387,32 @@ def optimize_curriculum(
     3. Stop after `patience` rounds without improvement (one round suffices when every
        neighbour was proposed), or when `max_evaluations` rollouts or `max_seconds` are spent.
 
+    Safety. A simulator is least reliable exactly where a search drives it: to combinations
+    of examples whose fitted effects, compounded, promise more than any recorded run showed.
+    So (with `trust_region`) no test example's simulated loss may go below the lowest loss
+    recorded for it at that step in any fitted run (`Simulator.envelope_`): no credit for gains
+    the recorded runs never showed. The objective is pessimistic when the simulator is
+    calibrated: the upper end of the `level` interval of the mean final loss (with the default
+    intervals, the point prediction plus a constant, so the envelope is what shapes the search).
+    The result says whether even that upper end beats the mean prediction of the random
+    curricula of the same layout (`gain_established`), in a plain sentence (`statement`).
+
+    Evidence first. Given the `recorded` runs (those the simulator was fitted on), a recorded
+    curriculum of the same layout whose *actual* final loss (objective) is below the found
+    curriculum's pessimistic objective is returned instead (`source` names the run): a known
+    outcome beats a promise the simulator cannot back. Only from the recorded runs' own
+    starting point (`initial_loss` None, or the simulator's mean recorded one).
+
     Args:
         objective: ``"mean"``: the mean simulated final loss over all test examples; or a list
             of test ids: the mean over those.
         initial_loss: shape ``(M,)``, or None for the simulator's mean recorded one.
         candidates: pool ids allowed; default: those the simulator saw in its fitted runs
             (``seen_``), or all of them with `include_unseen`.
+        trust_region: confine the search to the recorded envelope (above); False searches the
+            simulator's unconstrained predictions (not recommended: see the docs).
+        level: the interval level of the pessimistic objective and of the reported interval.
+        recorded: the fitted runs, to fall back on the best recorded curriculum (above).
 
     Returns:
         a `SearchResult`; lower objective is better (a loss).
@@ -264,7 +422,20 @@ def optimize_curriculum(
     pool = _candidates(simulator, candidates, include_unseen)
     _check_sizes(size, batch_size, epochs, len(pool))
     rng = np.random.default_rng(seed)
-    evaluate = _Evaluator(simulator, columns, _initial(simulator, initial_loss), batch_size)
+    initial = _initial(simulator, initial_loss)
+    envelope = getattr(simulator, "envelope_", None) if trust_region else None
+    n_steps = epochs * -(-size // batch_size)
+    offsets = (
+        simulator.objective_offsets(columns, n_steps, level) if simulator.is_calibrated else None
+    )
+    evaluate = _Evaluator(
+        simulator,
+        columns,
+        initial,
+        batch_size,
+        None if envelope is None else np.asarray(envelope, dtype=np.float64),
+        0.0 if offsets is None else offsets[1],
+    )
     randoms = _random_layouts(pool, size, epochs, max(n_random, 1), rng)
     random_values = evaluate(randoms)
     layout, best = randoms[np.argmin(random_values)], float(random_values.min())
@@ -292,14 +463,110 @@ def optimize_curriculum(
             }
         )
         idle = 0 if accepted else (patience if exhaustive else idle + 1)
-    return SearchResult(
-        evaluate.curriculum(layout),
+    curriculum = evaluate.curriculum(layout)
+    predicted = best - evaluate.offset
+    random_predicted = random_values - evaluate.offset
+    unconstrained = float(simulator.simulate(curriculum, initial)[-1, columns].mean())
+    result = SearchResult(
+        curriculum,
         best,
         random_values,
         greedy_value,
         history,
         evaluate.count,
         time.perf_counter() - start_time,
+        predicted=predicted,
+        unconstrained=unconstrained,
+        random_predicted=random_predicted,
+        trust_region=TRUST_REGION if envelope is not None else "none",
+        level=level,
+    )
+    if recorded is not None and np.allclose(initial, simulator.initial_loss_):
+        _prefer_recorded(result, recorded, simulator, columns, size, epochs)
+    if offsets is not None:
+        result.interval = simulator.mean_loss_interval(result.predicted, columns, n_steps, level)
+        result.gain_established = bool(result.interval[1] < random_predicted.mean())
+    if result.source != "search":  # the returned curriculum's own pessimistic value
+        result.objective = result.interval[1] if result.interval else result.predicted
+    result.statement = _statement(result)
+    return result
+
+
+def _prefer_recorded(
+    result: SearchResult,
+    recorded: RunSet,
+    simulator: Simulator,
+    columns: np.ndarray,
+    size: int,
+    epochs: int,
+) -> None:
+    """Replace the found curriculum by the best recorded one of the same layout when that one's
+    actual objective is below the found one's (pessimistic) objective."""
+    if list(recorded.test_ids) != list(simulator.test_ids_):
+        raise SimfluenceError("the recorded runs have other test examples than the simulator")
+    shape = [len(b) for b in result.curriculum]
+    same = [
+        r
+        for r in recorded.runs
+        if [len(b) for b in r.curriculum] == shape and _is_layout(r.curriculum, size, epochs)
+    ]
+    if not same:
+        return
+    actual = np.array([r.losses[-1, columns].mean() for r in same])
+    best = int(np.argmin(actual))
+    if actual[best] >= result.objective:
+        return
+    run = same[best]
+    result.curriculum = [list(b) for b in run.curriculum]
+    result.predicted = float(actual[best])
+    result.unconstrained = float(
+        simulator.simulate(run.curriculum, run.initial_loss)[-1, columns].mean()
+    )
+    result.source = f"recorded {run.run_id}"
+
+
+def _is_layout(curriculum: Sequence[Sequence[str]], size: int, epochs: int) -> bool:
+    """Whether `curriculum` consumes `size` distinct examples `epochs` times each."""
+    counts: dict[str, int] = {}
+    for batch in curriculum:
+        for i in batch:
+            counts[i] = counts.get(i, 0) + 1
+    return len(counts) == size and set(counts.values()) == {epochs}
+
+
+def _statement(result: SearchResult) -> str:
+    """The search's answer in one or two sentences (see `SearchResult.statement`)."""
+    baseline = float(np.mean(result.random_predicted))
+    gain = baseline - result.predicted
+    if result.interval is None:
+        return (
+            f"predicted {result.predicted:.4g} against {baseline:.4g} for random curricula of "
+            "the same size; the simulator is not calibrated, so the uncertainty of this gain is "
+            "unknown (calibrate it: `simfluence fit` does by default)"
+        )
+    low, high = result.interval
+    level = f"{100 * result.level:g}%"
+    if result.source != "search":
+        what = (
+            f"no searched curriculum is predicted, pessimistically, to beat the best recorded "
+            f"one: returning the curriculum of {result.source.split(' ', 1)[1]}, whose "
+            f"recorded final loss was {result.predicted:.4g} ({level} interval {low:.4g} to "
+            f"{high:.4g}) against {baseline:.4g} predicted for random curricula of the same size"
+        )
+        if result.gain_established:
+            return what + ": a gain larger than the uncertainty"
+        return what + ": a gain within the uncertainty"
+    if result.gain_established:
+        return (
+            f"predicted {result.predicted:.4g} ({level} interval {low:.4g} to {high:.4g}) "
+            f"against {baseline:.4g} for random curricula of the same size: a gain of "
+            f"{gain:.4g}, larger than the uncertainty"
+        )
+    return (
+        f"the predicted gain over random curricula of the same size ({gain:.4g}: "
+        f"{result.predicted:.4g} against {baseline:.4g}) is within the uncertainty ({level} "
+        f"interval {low:.4g} to {high:.4g}): no curriculum is predicted to be reliably better "
+        "than a random one"
     )
 
 

@@ -23,13 +23,14 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from simfluence import metrics
-from simfluence.counterfactual.search import optimize_curriculum
+from simfluence import evaluation, metrics
+from simfluence.counterfactual.search import assess_curriculum, optimize_curriculum
 from simfluence.curricula import random_curriculum, remove, reorder, repeat
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import linear_datamodeling_score
@@ -86,7 +87,13 @@ def make_curricula(
             raise SimfluenceError("optimized curricula need a fitted simulator to search with")
         return [
             optimize_curriculum(
-                optimizer, per_run, batch, epochs, seed=seed * 1000 + k, max_seconds=search_seconds
+                optimizer,
+                per_run,
+                batch,
+                epochs,
+                seed=seed * 1000 + k,
+                max_seconds=search_seconds,
+                recorded=runs,
             ).curriculum
             for k in range(count)
         ]
@@ -94,17 +101,45 @@ def make_curricula(
 
 
 def _score_kind(
-    true: list[np.ndarray], predicted: dict[str, list[np.ndarray]]
-) -> dict[str, dict[str, float]]:
+    true: list[np.ndarray],
+    predicted: dict[str, list[np.ndarray]],
+    simulators: dict[str, Simulator] | None = None,
+) -> dict[str, dict[str, Any]]:
     true_final = np.stack([t[-1] for t in true])
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, pred in predicted.items():
         out[name] = {
             "all_steps_mse": metrics.all_steps_mse(true, pred).mean,
             "final_step_spearman": metrics.final_step_spearman(true, pred).mean,
             "lds": linear_datamodeling_score(true_final, np.stack([p[-1] for p in pred])),
         }
+        simulator = (simulators or {}).get(name)
+        if simulator is not None and simulator.is_calibrated:
+            out[name] |= interval_scores(simulator, true, pred)
     return out
+
+
+def interval_scores(
+    simulator: Simulator, true: list[np.ndarray], predicted: list[np.ndarray]
+) -> dict[str, Any]:
+    """How the calibrated `simulator`'s 90% intervals did on curricula actually trained:
+    `evaluation.interval_scores` (``coverage_90``, ``interval_width_90``), plus
+    ``final_coverage_90`` over (curriculum, test) final losses and ``mean_final_in_interval``:
+    per curriculum, whether its actual mean final test loss fell inside the interval of the
+    simulated one (`Simulator.objective_interval`)."""
+    bands, scores = evaluation.interval_scores(simulator, true, predicted)
+    columns = np.arange(true[0].shape[1])
+    inside_mean = []
+    for t, p in zip(true, predicted, strict=True):
+        low, high = simulator.objective_interval(p, columns)
+        inside_mean.append(bool(low <= t[-1].mean() <= high))
+    finals = np.concatenate(
+        [(t[-1] >= b.lower[-1]) & (t[-1] <= b.upper[-1]) for t, b in zip(true, bands, strict=True)]
+    )
+    return scores | {
+        "final_coverage_90": float(np.mean(finals)),
+        "mean_final_in_interval": inside_mean,
+    }
 
 
 def validate(
@@ -129,6 +164,11 @@ def validate(
 
     ``fraction_of_random_beaten``: the share of the random curricula whose actual mean final
     test loss is higher than the first optimized curriculum's.
+
+    Every simulator that can be calibrated (`Simulator.calibrate` on `runs`) also reports, per
+    kind, ``coverage_90``, ``interval_width_90``, ``final_coverage_90`` and
+    ``mean_final_in_interval`` (`interval_scores`); ``optimized`` adds the search's own
+    prediction inside its trust region, ``predicted_interval_90`` and ``actual_in_interval``.
     """
     config = runs.metadata.get("config") or {}
     unknown = [k for k in kinds if k not in KINDS]
@@ -141,6 +181,8 @@ def validate(
         raise SimfluenceError(f"workload {task.name!r} does not rebuild this run set's ids")
     for simulator in simulators.values():
         simulator.fit(runs)
+        with contextlib.suppress(SimfluenceError):  # e.g. one recorded run: no intervals
+            simulator.calibrate(runs)
     initial_model = task.make_model(config["seed"])
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
     wrap = progress or (lambda items, total: items)
@@ -169,9 +211,12 @@ def validate(
         }
         if kind == "optimized":
             searched = [float(p[-1].mean()) for p in predicted[next(iter(simulators))]]
+            searched_in_region = [
+                assess_curriculum(optimizer, c, recorded=runs)[:2] for c in curricula
+            ]
         result["kinds"][kind] = {
             "curricula": len(curricula),
-            "methods": _score_kind(true, predicted),
+            "methods": _score_kind(true, predicted, simulators),
         }
         actual_mean[kind] = [float(t[-1].mean()) for t in true]
     if "optimized" in actual_mean and "random" in actual_mean:
@@ -184,4 +229,23 @@ def validate(
             "fraction_of_random_beaten": float(np.mean([best < r for r in randoms])),
             "actual_mean_test_losses_per_search": actual_mean["optimized"],
         }
+        result["optimized"] |= _optimized_intervals(searched_in_region, actual_mean["optimized"])
     return result
+
+
+def _optimized_intervals(
+    predictions: list[tuple[float, tuple[float, float] | None]], actual: list[float]
+) -> dict[str, Any]:
+    """The searches' own predictions (`assess_curriculum`: inside the trust region, or the
+    recorded outcome of a recorded curriculum), their 90% intervals, and whether the actual
+    mean final test loss fell inside (first search, then all of them)."""
+    value, interval = predictions[0]
+    out: dict[str, Any] = {"predicted_mean_test_loss_in_trust_region": value}
+    if interval is not None:
+        out["predicted_interval_90"] = list(interval)
+        out["actual_in_interval"] = bool(interval[0] <= actual[0] <= interval[1])
+        out["actual_in_interval_per_search"] = [
+            bool(i is not None and i[0] <= a <= i[1])
+            for (_, i), a in zip(predictions, actual, strict=True)
+        ]
+    return out

@@ -97,6 +97,21 @@ METRICS = [
         "min",
         "wall-clock seconds to fit on the training runs (pre-fitted models: not measured).",
     ),
+    (
+        "coverage_90",
+        "coverage 90%",
+        None,
+        "share of held-out (run, step, test example) points inside the method's 90% predictive "
+        "interval (calibrated on held-out folds of the training runs): about 0.9 is calibrated, "
+        "less is overconfident.",
+    ),
+    (
+        "interval_width_90",
+        "width 90%",
+        None,
+        "mean width of that interval, in loss units: among calibrated methods, narrower is more "
+        "informative (the curriculum-blind mean's width is the spread of the runs themselves).",
+    ),
 ]
 
 
@@ -137,13 +152,16 @@ def build_payload(
     """The data the trajectory viewer needs, JSON-able.
 
     Returns ``{"test_ids", "methods", "colors", "runs": [{"id", "tests", "movement",
-    "recorded", "simulated": {method: [...]}}], "trimmed", "max_tests"}`` where ``tests`` are
-    column indices into ``test_ids`` (most moving first) and ``recorded[k]`` /
-    ``simulated[m][k]`` the trajectories (length ``T + 1``) of test ``tests[k]``.
+    "recorded", "simulated": {method: [...]}, "bands": {method: {"lower": [...], "upper":
+    [...]}}}], "trimmed", "max_tests"}`` where ``tests`` are column indices into ``test_ids``
+    (most moving first), ``recorded[k]`` / ``simulated[m][k]`` the trajectories (length
+    ``T + 1``) of test ``tests[k]``, and ``bands`` the 90% intervals of the methods that have
+    them.
     """
     names = list(evaluation.methods)
+    banded = [n for n in names if evaluation.methods[n].intervals is not None]
     held = [runs.run(r) for r in evaluation.heldout_runs]
-    n_numbers = sum(run.losses.size for run in held) * (1 + len(names))
+    n_numbers = sum(run.losses.size for run in held) * (1 + len(names) + 2 * len(banded))
     trimmed = n_numbers * _BYTES_PER_NUMBER > max_bytes and len(runs.test_ids) > max_tests
     out_runs = []
     for k, run in enumerate(held):
@@ -161,6 +179,7 @@ def build_payload(
                     name: [_sig(evaluation.methods[name].simulated[k][:, j]) for j in columns]
                     for name in names
                 },
+                "bands": {name: _band(evaluation, name, k, columns) for name in banded},
             }
         )
     return {
@@ -170,6 +189,16 @@ def build_payload(
         "runs": out_runs,
         "trimmed": bool(trimmed),
         "max_tests": max_tests,
+    }
+
+
+def _band(
+    evaluation: EvaluationResult, name: str, run: int, columns: np.ndarray
+) -> dict[str, list[list[float | None]]]:
+    band = (evaluation.methods[name].intervals or [])[run]
+    return {
+        "lower": [_sig(band.lower[:, j]) for j in columns],
+        "upper": [_sig(band.upper[:, j]) for j in columns],
     }
 
 
@@ -205,7 +234,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
-def _best(values: Sequence[Any], better: str) -> float | None:
+def _best(values: Sequence[Any], better: str | None) -> float | None:
+    if better is None:
+        return None
     finite = [float(v) for v in values if _is_number(v) and math.isfinite(float(v))]
     if not finite:
         return None
@@ -271,13 +302,22 @@ def _records_table(rows: Sequence[Mapping[str, Any]], depth: int = 0, limit: int
             f'<td class="{"num" if _is_number(row.get(c)) else ""}">{_cell(row.get(c), depth)}</td>'
             for c in columns
         )
-        body.append(f"<tr>{cells}</tr>")
+        # a row whose interval includes 0 (e.g. an attribution whose sign is not established)
+        uncertain = row.get("interval_includes_zero") is True
+        marker = ' class="uncertain" title="its interval includes 0"' if uncertain else ""
+        body.append(f"<tr{marker}>{cells}</tr>")
     more = ""
     if len(rows) > limit:
         more = f'<p class="muted">… and {len(rows) - limit} more rows (not shown).</p>'
+    legend = ""
+    if "interval_includes_zero" in columns:
+        legend = (
+            '<p class="muted"><span class="uncertain-key">greyed</span> rows: the interval '
+            "includes 0, so not even the sign of the effect is established.</p>"
+        )
     return (
         f'<table class="{cls}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>{more}"
+        f"<tbody>{''.join(body)}</tbody></table>{more}{legend}"
     )
 
 
@@ -337,6 +377,12 @@ def _shown(value: Any, key: str) -> Any:
     return value
 
 
+def _better_text(better: str | None) -> str:
+    if better is None:
+        return ""
+    return f"({'lower' if better == 'min' else 'higher'} is better)"
+
+
 def _metrics_table(evaluation: EvaluationResult) -> str:
     names = list(evaluation.methods)
     head = "".join(f"<th>{_e(label)}</th>" for _, label, _, _ in METRICS)
@@ -371,8 +417,7 @@ def _metrics_table(evaluation: EvaluationResult) -> str:
             label += ' <span class="muted">(curriculum-blind baseline)</span>'
         rows.append(f"<tr><th>{label}</th>{''.join(cells)}</tr>")
     explain = "".join(
-        f"<li><b>{_e(label)}</b> ({'lower' if better == 'min' else 'higher'} is better): "
-        f"{_e(text)}</li>"
+        f"<li><b>{_e(label)}</b> {_better_text(better)}: {_e(text)}</li>"
         for _, label, better, text in METRICS
     )
     return (
@@ -539,8 +584,9 @@ def render_report(
         '<section id="viewer-section"><h2>Trajectory viewer</h2>'
         '<p class="muted">Choose a held-out run and a test example (listed by how much its '
         "recorded loss moves, most first). Black: the recorded loss; coloured: each method's "
-        "free-running rollout. The y-axis follows the recorded range; a rollout that leaves it "
-        "is clipped (marked ↕ in the legend). Hover for values.</p>"
+        "free-running rollout, with its 90% predictive interval shaded when the method has one. "
+        "The y-axis follows the recorded range; a rollout that leaves it "
+        "is clipped (marked ↕ in the legend). Hover for values (and intervals).</p>"
         '<div class="controls">'
         '<label>run <select id="run-select"></select></label>'
         '<label>test example <select id="test-select"></select></label>'
@@ -548,6 +594,7 @@ def render_report(
         'size="12"></label>'
         '<button type="button" id="prev-test" title="previous test example">◀</button>'
         '<button type="button" id="next-test" title="next test example">▶</button>'
+        '<label>90% interval of <select id="band-select"></select></label>'
         "</div>"
         '<div id="method-toggles" class="toggles"></div>'
         '<div id="viewer" class="viewer"><div id="tooltip" class="tooltip" hidden></div></div>'

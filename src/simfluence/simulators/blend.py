@@ -143,6 +143,7 @@ class BlendSimulator(Simulator):
             initial = np.stack([r.initial_loss for r in valid.runs])
             on_loss = self._side(self.l2_loss_).fit(train)
             on_log = self._side(self.l2_log_).fit(log_runs(train, self.log_floor_))
+            on_log.floor_ = -np.inf  # log losses have no floor; the blend floors its output
             mean = MeanTrajectorySimulator().fit(train)
             sides = np.stack(
                 [
@@ -174,6 +175,8 @@ class BlendSimulator(Simulator):
         for side in out:
             side.train_ids_, side.test_ids_ = self.train_ids_, self.test_ids_
             side.initial_loss_ = self.initial_loss_
+            side.floor_, side.floor_width_ = self.floor_, self.floor_width_
+        out[1].floor_ = -np.inf  # log losses have no floor; the blend floors its output
         return out[0], out[1], out[2]  # type: ignore[return-value]
 
     def _simulate_many(

@@ -22,6 +22,7 @@ Signs: a negative ``B_i(z)`` lowers test example ``z``'s loss each time ``i`` is
 
 from __future__ import annotations
 
+import copy
 import os
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from scipy import sparse
 
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, RunSet, count_matrix
-from simfluence.simulators.base import Simulator
+from simfluence.simulators.base import Simulator, soft_floor
 from simfluence.simulators.encoding import BATCH_WEIGHTINGS, weight_batches
 from simfluence.simulators.ridge import Design
 
@@ -45,6 +46,7 @@ def _rollout_block(
     coef_matrix: np.ndarray,
     multiplicative: bool,
     initial: np.ndarray,
+    envelope: np.ndarray | None,  # (S, M)
 ) -> list[np.ndarray]:
     n_tests = initial.shape[1]
     n_steps = max(c.shape[0] for c in block)
@@ -66,6 +68,9 @@ def _rollout_block(
                 traj[:, t + 1] += coef[:, t, n_tests:]
             else:
                 np.add(traj[:, t], coef[:, t], out=traj[:, t + 1])
+            if envelope is not None:  # inside the recursion: the next step starts from it
+                row = envelope[min(t + 1, len(envelope) - 1)]
+                np.maximum(traj[:, t + 1], row, out=traj[:, t + 1])
     return [traj[k, : c.shape[0] + 1] for k, c in enumerate(block)]
 
 
@@ -76,6 +81,7 @@ def rollout(
     initial: np.ndarray,
     chunk: int = ROLLOUT_CHUNK,
     threads: int | None = None,
+    envelope: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Free-running rollouts of many curricula, vectorized across curricula and test examples.
 
@@ -84,6 +90,8 @@ def rollout(
         A: shape ``(M, P)``, multiplicative parameters, or None for ``alpha = 1``.
         B: shape ``(M, P)``, additive parameters.
         initial: shape ``(C, M)``, losses at step 0.
+        envelope: shape ``(S, M)``: a hard lower bound per step (row ``t`` for step ``t``, the
+            last row beyond ``S``), e.g. the search's trust region; None: none.
         chunk: curricula per block; blocks run on `threads` threads (default: all cores; scipy's
             sparse products and numpy's arithmetic release the GIL).
 
@@ -93,7 +101,8 @@ def rollout(
     coef_matrix = B.T if A is None else np.hstack([A.T, B.T])
     starts = range(0, len(counts), chunk)
     jobs = [
-        (counts[s : s + chunk], coef_matrix, A is not None, initial[s : s + chunk]) for s in starts
+        (counts[s : s + chunk], coef_matrix, A is not None, initial[s : s + chunk], envelope)
+        for s in starts
     ]
     workers = min(len(jobs), threads or os.cpu_count() or 1)
     if workers <= 1:
@@ -113,6 +122,9 @@ class DynamicsSimulator(Simulator):
         seen_: shape ``(P,)`` bool, training examples that the fitted runs consumed at least
             once. Parameters of unseen examples carry no information.
         batch_size_: ``b``, the median batch size of the fitted runs.
+        fold_A_, fold_B_: shape ``(K, M, P)`` float32, set by `calibrate`: the parameters of
+            the ``K`` copies fitted without one fold of runs each (`fold_simulators`); no
+            ``fold_A_`` for additive simulators.
 
     Parameters:
         unseen: ``"error"`` (default): simulating a training id absent from the fitted runs is
@@ -147,6 +159,32 @@ class DynamicsSimulator(Simulator):
     @abstractmethod
     def _fit_parameters(self, runs: RunSet) -> None:
         """Set ``A_``, ``B_``, ``seen_`` (``batch_size_`` is already set)."""
+
+    # -- the fold copies of `calibrate` --------------------------------------------------------
+    def _keep_fold_copies(self, copies: list[Simulator]) -> None:
+        usable = [c for c in copies if isinstance(c, DynamicsSimulator)]
+        if len(usable) < 2:
+            return
+        # float32: they measure spread, and K copies of (M, P) add up
+        self.fold_B_ = np.stack([c.B_ for c in usable]).astype(np.float32)
+        if self.A_ is not None:
+            self.fold_A_ = np.stack([c.A_ for c in usable]).astype(np.float32)
+
+    def fold_simulators(self) -> list[DynamicsSimulator]:
+        """The ``K`` simulators fitted by `calibrate`, each without one fold of the runs (same
+        ids, floor and batch weighting; empty when not calibrated). Their spread measures how
+        much the fitted parameters depend on which runs were recorded."""
+        fold_B = getattr(self, "fold_B_", None)
+        if fold_B is None:
+            return []
+        fold_A = getattr(self, "fold_A_", None)
+        out = []
+        for k in range(len(fold_B)):
+            twin = copy.copy(self)
+            twin.B_ = np.asarray(fold_B[k], dtype=np.float64)
+            twin.A_ = None if fold_A is None else np.asarray(fold_A[k], dtype=np.float64)
+            out.append(twin)
+        return out
 
     def design(self, runs: RunSet) -> Design:
         """The teacher-forced regression data of `runs`, batch-weighted like rollouts."""
@@ -187,4 +225,7 @@ class DynamicsSimulator(Simulator):
         initial = np.broadcast_to(
             np.asarray(initial_losses, dtype=np.float64), (len(counts), len(self.test_ids_))
         )
-        return rollout(counts, self.A_, self.B_, initial)
+        trajectories = rollout(counts, self.A_, self.B_, initial)
+        for traj in trajectories:  # `simulate_many` floors through the base class
+            soft_floor(traj[1:], self.floor_, self.floor_width_)
+        return trajectories

@@ -10,14 +10,17 @@ quantity the evaluation protocol reports.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import RunSet
+from simfluence.simulators.base import soft_floor
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.encoding import encode_runs
+from simfluence.simulators.intervals import run_folds
 from simfluence.simulators.ridge import (
     AdditiveRidgeProblem,
     Design,
@@ -29,23 +32,21 @@ Params = tuple[np.ndarray | None, np.ndarray]
 DEFAULT_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
-def run_folds(runs: RunSet, n_folds: int) -> list[tuple[RunSet, RunSet]]:
-    """``(train, validation)`` pairs over whole runs; the k-th run by id validates in fold k % K."""
-    ordered = sorted(runs.run_ids)
-    folds = []
-    for fold in range(n_folds):
-        held = [r for k, r in enumerate(ordered) if k % n_folds == fold]
-        kept = [r for r in ordered if r not in set(held)]
-        folds.append((runs.subset(kept), runs.subset(held)))
-    return folds
-
-
 def rollout_mse(
-    runs: RunSet, A: np.ndarray | None, B: np.ndarray, batch_size: float, weighting: str
+    runs: RunSet,
+    A: np.ndarray | None,
+    B: np.ndarray,
+    batch_size: float,
+    weighting: str,
+    floor: tuple[np.ndarray | float, np.ndarray | float] = (-np.inf, 0.0),
 ) -> float:
-    """All-steps MSE of free-running rollouts of `runs` under parameters ``A``, ``B`` (M, P)."""
+    """All-steps MSE of free-running rollouts of `runs` under parameters ``A``, ``B`` (M, P),
+    floored (`soft_floor` with ``floor = (level, width)``) like every rollout the simulator
+    reports."""
     initial = np.stack([r.initial_loss for r in runs.runs])
     simulated = rollout(encode_runs(runs, batch_size, weighting), A, B, initial)
+    for traj in simulated:
+        soft_floor(traj[1:], *floor)
     return all_steps_mse([r.losses for r in runs.runs], simulated).mean
 
 
@@ -69,6 +70,10 @@ class _RidgeSimulator(DynamicsSimulator):
         self.l2_grid = list(l2_grid)
         self.cv_folds = cv_folds
         self.patience = patience
+
+    def _calibration_params(self) -> dict[str, Any]:
+        # the copies fitted in calibration keep the l2 chosen here: no nested cross-validation
+        return {**super()._calibration_params(), "l2": self.l2_}
 
     def _validate_params(self, runs: RunSet) -> list[float]:
         grid = [float(self.l2)] if self.l2 is not None else sorted(self.l2_grid, reverse=True)
@@ -104,7 +109,7 @@ class _RidgeSimulator(DynamicsSimulator):
         """
         folds = run_folds(runs, min(self.cv_folds, len(runs.runs)))
         paths = [self._path(self.design(train), grid, final=False) for train, _ in folds]
-        weighting = (self.batch_size_, self.batch_weighting)
+        weighting = (self.batch_size_, self.batch_weighting, (self.floor_, self.floor_width_))
         curve: list[list[float]] = []
         best, rises = np.inf, 0
         for lam in grid:

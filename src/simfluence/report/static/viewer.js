@@ -11,6 +11,7 @@
   var viewer = document.getElementById("viewer");
   var tooltip = document.getElementById("tooltip");
   var errTable = document.getElementById("trajectory-errors");
+  var bandSel = document.getElementById("band-select");
   var current = null;
 
   document.querySelectorAll(".swatch[data-method]").forEach(function (el) {
@@ -53,6 +54,20 @@
     o.value = i; o.textContent = run.id + " (" + run.steps + " steps)";
     runSel.appendChild(o);
   });
+
+  // which method's 90% interval to shade: the first that has one by default (several overlap)
+  (function fillBands() {
+    if (!bandSel) { return; }
+    var banded = DATA.methods.filter(function (m) {
+      return DATA.runs.length && DATA.runs[0].bands && DATA.runs[0].bands[m];
+    });
+    banded.concat(banded.length > 1 ? ["all"] : []).concat(["none"]).forEach(function (m) {
+      var o = document.createElement("option");
+      o.value = m; o.textContent = m === "all" ? "all methods" : m;
+      bandSel.appendChild(o);
+    });
+    if (!banded.length) { bandSel.parentNode.style.display = "none"; }
+  })();
 
   function fillTests() {
     var run = DATA.runs[+runSel.value], q = filter.value.trim().toLowerCase();
@@ -147,6 +162,28 @@
     yl.textContent = "loss";
     var plot = el("g", {"clip-path": "url(#plot-clip)"}, svg);
     document.querySelectorAll("[data-clip]").forEach(function (c) { c.textContent = ""; });
+    // 90% predictive intervals first, under every line
+    var bands = run.bands || {};
+    var shown = bandSel ? bandSel.value : "";
+    DATA.methods.forEach(function (m) {
+      var b = bands[m];
+      if (!visible[m] || !b || (shown !== "all" && shown !== m)) { return; }
+      var lo = b.lower[k], hi = b.upper[k], up = "", down = "";
+      for (var s = 0; s <= T; s++) {
+        if (lo[s] === null || hi[s] === null) { continue; }
+        var yh = Math.max(-1e4, Math.min(1e4, Y(hi[s])));
+        up += (up ? "L" : "M") + X(s).toFixed(1) + "," + yh.toFixed(1);
+      }
+      for (var s2 = T; s2 >= 0; s2--) {
+        if (lo[s2] === null || hi[s2] === null) { continue; }
+        var yl = Math.max(-1e4, Math.min(1e4, Y(lo[s2])));
+        down += "L" + X(s2).toFixed(1) + "," + yl.toFixed(1);
+      }
+      if (up) {
+        el("path", {d: up + down + "Z", "class": "band", fill: DATA.colors[m],
+          "data-band": m}, plot);
+      }
+    });
     // rollouts first, recorded on top
     lines.slice(1).concat([lines[0]]).forEach(function (ln) {
       var d = "", pen = "M", clipped = false;
@@ -184,8 +221,12 @@
         if (v !== null && v >= ylo && v <= yhi) {
           el("circle", {cx: X(s), cy: Y(v), r: 3, fill: ln.color}, dots);
         }
+        var b = bands[ln.name], band = "";
+        if (b && b.lower[k][s] !== null && b.upper[k][s] !== null) {
+          band = " [" + fmt(b.lower[k][s]) + ", " + fmt(b.upper[k][s]) + "]";
+        }
         rows += '<tr><td><span class="swatch" style="background:' + ln.color + '"></span>' +
-          ln.name + '</td><td class="num">' + fmt(v) + "</td></tr>";
+          ln.name + '</td><td class="num">' + fmt(v) + band + "</td></tr>";
       });
       tooltip.innerHTML = rows + "</table>";
       tooltip.hidden = false;
@@ -223,6 +264,7 @@
     if (i >= 0 && i < testSel.options.length) { testSel.selectedIndex = i; draw(); }
   }
   runSel.addEventListener("change", function () { fillTests(); draw(); });
+  if (bandSel) { bandSel.addEventListener("change", draw); }
   testSel.addEventListener("change", draw);
   filter.addEventListener("input", function () { fillTests(); draw(); });
   document.getElementById("prev-test").addEventListener("click", function () { step(-1); });

@@ -1,0 +1,469 @@
+"""Predictive intervals, the rollout floor and the safe search (issue 9)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simfluence.cli.main import main
+from simfluence.counterfactual import leave_one_out, optimize_curriculum
+from simfluence.counterfactual.attribution import effect_intervals
+from simfluence.counterfactual.search import (
+    _Evaluator,
+    _random_layouts,
+    assess_curriculum,
+    trust_region_rollouts,
+)
+from simfluence.evaluation import evaluate, format_table
+from simfluence.metrics import interval_coverage, interval_width
+from simfluence.runlog import save_runset
+from simfluence.simulators import (
+    AdditiveSimulator,
+    LinearSimulator,
+    MeanTrajectorySimulator,
+    PersistenceSimulator,
+    load_simulator,
+)
+from simfluence.simulators.base import soft_floor
+from simfluence.simulators.intervals import (
+    NotCalibratedError,
+    conformal_quantile,
+    residual_table,
+    run_folds,
+    scales,
+)
+from simfluence.simulators.intervals import test_scales as per_test_scales
+from simfluence.synth import SynthConfig, generate, write_synthetic
+
+CONFIG = SynthConfig(pool=50, tests=10, runs=24, per_run=40, batch=4, epochs=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> tuple:
+    runs, _ = generate(CONFIG)
+    train, held = runs.split(6)
+    sim = LinearSimulator(unseen="prior").fit(train).calibrate(train)
+    return runs, train, held, sim
+
+
+def _rollouts(sim, runs) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    return sim.simulate_many(
+        [r.curriculum for r in runs.runs], np.stack([r.initial_loss for r in runs.runs])
+    )
+
+
+# -- the pieces -------------------------------------------------------------------------------
+def test_conformal_quantile_is_the_finite_sample_rank() -> None:
+    values = np.arange(1.0, 20.0)  # n = 19: the 0.95 quantile is the ceil(20 * .95) = 19th
+    assert conformal_quantile(values, 0.95) == 19.0
+    assert conformal_quantile(values, 0.05) == 1.0  # floor(20 * .05) = 1st
+    assert conformal_quantile(values, 0.9) == 18.0
+    assert conformal_quantile(values[:5], 0.95) == np.inf  # too few values to promise 95%
+    assert conformal_quantile(np.array([3.0, np.nan, 1.0, 2.0]), 0.5) == 2.0
+
+
+def test_residual_table_and_scales() -> None:
+    true = [np.ones((3, 2)), np.ones((2, 2))]
+    pred = [np.zeros((3, 2)), np.full((2, 2), np.nan)]
+    table = residual_table(true, pred)
+    assert table.shape == (2, 3, 2)
+    assert np.isnan(table[1, 2]).all()  # the shorter run is padded
+    assert np.isinf(table[1, :2]).all()  # a non-finite rollout is an infinite residual
+    scales = per_test_scales(np.array([[[0.0, 0.0], [1.0, 0.0], [-3.0, 0.0]]]))
+    np.testing.assert_allclose(scales, [2.0, 2.0])  # a never-wrong example gets the smallest
+
+
+def test_scales_follow_steps_and_examples() -> None:
+    rng = np.random.default_rng(0)
+    steps = np.arange(31.0)
+    # example 1 is 10 times harder; errors grow linearly along the rollout
+    residuals = rng.standard_normal((40, 31, 2)) * steps[None, :, None] * np.array([1.0, 10.0])
+    residuals[:, 0] = 0.0
+    result = scales(residuals)
+    assert result.shape == (31, 2)
+    assert np.all(np.diff(result[5:-5, 0]) > -0.2)  # grows with the step (noisy)
+    assert result[20, 0] > 3 * result[5, 0]
+    np.testing.assert_allclose(result[10:20, 1] / result[10:20, 0], 10.0, rtol=0.3)
+
+
+def test_run_folds_partition_whole_runs(synthetic: tuple) -> None:
+    runs = synthetic[1]
+    folds = run_folds(runs, 5)
+    held = [r for _, v in folds for r in v.run_ids]
+    assert sorted(held) == sorted(runs.run_ids)
+    for train, valid in folds:
+        assert not set(train.run_ids) & set(valid.run_ids)
+
+
+# -- calibration ------------------------------------------------------------------------------
+def test_linear_intervals_are_calibrated_on_held_out_runs(synthetic: tuple) -> None:
+    _, train, held, sim = synthetic
+    bands = sim.simulate_interval(
+        [r.curriculum for r in held.runs], np.stack([r.initial_loss for r in held.runs])
+    )
+    true = [r.losses for r in held.runs]
+    coverage = interval_coverage(true, [b.lower for b in bands], [b.upper for b in bands])
+    assert 0.8 <= coverage <= 0.98  # few runs: the fold copies err a little more
+    # and informative: much narrower than the curriculum-blind mean's calibrated interval
+    blind = MeanTrajectorySimulator().fit(train).calibrate(train)
+    blind_bands = [blind.interval_of(p) for p in _rollouts(blind, held)]
+    width = interval_width([b.lower for b in bands], [b.upper for b in bands])
+    assert width < 0.8 * interval_width(
+        [b.lower for b in blind_bands], [b.upper for b in blind_bands]
+    )
+    # a lower level gives a narrower interval that covers less
+    narrow = sim.interval_of(_rollouts(sim, held)[0], 0.5)
+    assert (narrow.width <= bands[0].width + 1e-12).all()
+
+
+def test_interval_shapes_order_and_floor(synthetic: tuple) -> None:
+    _, _, held, sim = synthetic
+    run = held.runs[0]
+    band = sim.simulate_interval([run.curriculum], run.initial_loss, level=0.8)[0]
+    point = sim.simulate(run.curriculum, run.initial_loss)
+    assert band.lower.shape == band.upper.shape == point.shape
+    assert (band.lower <= point + 1e-12).all() and (point <= band.upper + 1e-12).all()
+    np.testing.assert_array_equal(band.lower[0], run.initial_loss)
+    np.testing.assert_array_equal(band.upper[0], run.initial_loss)
+    assert (band.lower >= 0).all() and band.level == 0.8
+    with pytest.raises(Exception, match="strictly between 0 and 1"):
+        sim.simulate_interval([run.curriculum], run.initial_loss, level=1.5)
+
+
+def test_every_method_can_be_calibrated(synthetic: tuple) -> None:
+    _, train, held, _ = synthetic
+    for sim in (AdditiveSimulator(l2=1.0), PersistenceSimulator(), MeanTrajectorySimulator()):
+        sim.fit(train).calibrate(train, n_folds=3)
+        band = sim.interval_of(_rollouts(sim, held)[0])
+        assert np.isfinite(band.upper[1:]).all() and (band.width[1:] > 0).any()
+
+
+def test_calibration_fits_copies_with_the_chosen_l2(synthetic: tuple) -> None:
+    _, train, _, sim = synthetic
+    assert sim._calibration_params()["l2"] == sim.l2_
+    assert sim.fold_B_.shape == (5, *sim.B_.shape) and sim.fold_A_.dtype == np.float32
+    folds = sim.fold_simulators()
+    assert len(folds) == 5 and folds[0].A_.dtype == np.float64
+    # each copy is the fit without its fold
+    train_0, _ = run_folds(train, 5)[0]
+    refit = LinearSimulator(l2=sim.l2_, unseen="prior").fit(train_0)
+    np.testing.assert_allclose(folds[0].B_, refit.B_, atol=1e-5)
+
+
+def test_uncalibrated_and_old_files(synthetic: tuple, tmp_path: Path) -> None:
+    _, train, held, sim = synthetic
+    run = held.runs[0]
+    plain = LinearSimulator(l2=1.0).fit(train)
+    with pytest.raises(NotCalibratedError, match="calibrate"):
+        plain.simulate_interval([run.curriculum], run.initial_loss)
+    sim.save(tmp_path / "cal.npz")
+    loaded = load_simulator(tmp_path / "cal.npz")
+    a = sim.simulate_interval([run.curriculum], run.initial_loss)[0]
+    b = loaded.simulate_interval([run.curriculum], run.initial_loss)[0]
+    np.testing.assert_allclose(a.lower, b.lower, rtol=1e-6)
+    np.testing.assert_allclose(a.upper, b.upper, rtol=1e-6)
+    # a file written before floors and calibration existed still loads, with a floor of 0
+    with np.load(tmp_path / "cal.npz") as data:
+        old = {k: data[k] for k in data.files if not k.startswith(("calibration", "fold", "floor"))}
+        meta = json.loads(str(old["__meta__"]))
+    old.pop("envelope_")
+    np.savez(tmp_path / "old.npz", **{**old, "__meta__": np.array(json.dumps(meta))})
+    legacy = load_simulator(tmp_path / "old.npz")
+    assert not legacy.is_calibrated and np.all(legacy.floor_ == 0.0)
+    assert np.all(legacy.floor_width_ == 0.0)
+    np.testing.assert_allclose(
+        legacy.simulate(run.curriculum, run.initial_loss),
+        sim.simulate(run.curriculum, run.initial_loss),
+    )
+
+
+def test_evaluate_reports_coverage_and_width(synthetic: tuple) -> None:
+    runs = synthetic[0]
+    result = evaluate(runs, {"linear": LinearSimulator(), "mean": MeanTrajectorySimulator()}, 6)
+    for name in ("linear", "mean"):
+        scores = result.methods[name].scores
+        assert 0.75 <= scores["coverage_90"] <= 1.0
+        assert scores["interval_width_90"] > 0 and scores["calibrate_seconds"] >= 0
+        assert len(result.methods[name].intervals) == 6
+    assert json.dumps(result.to_json())  # JSON-able
+    assert "coverage 90%" in format_table(result)
+    bare = evaluate(runs, {"mean": MeanTrajectorySimulator()}, 6, intervals=False)
+    assert "coverage_90" not in bare.methods["mean"].scores
+    assert "coverage 90%" not in format_table(bare)
+
+
+# -- the floor --------------------------------------------------------------------------------
+def _extrapolating(train) -> LinearSimulator:  # type: ignore[no-untyped-def]
+    """A simulator whose fitted effects promise losses far below zero: every example shrinks
+    the loss and subtracts a constant."""
+    sim = LinearSimulator(l2=1.0).fit(train).calibrate(train, n_folds=3)
+    sim.A_ = np.full_like(sim.A_, 0.8 / sim.batch_size_)
+    sim.B_ = np.full_like(sim.B_, -0.3 / sim.batch_size_)
+    return sim
+
+
+def test_no_rollout_goes_below_the_floor(synthetic: tuple) -> None:
+    _, train, held, _ = synthetic
+    sim = _extrapolating(train)
+    trajectories = _rollouts(sim, held)
+    lowest = min(r.losses.min() for r in train.runs)
+    low = min(t[1:].min() for t in trajectories)
+    assert 0.0 <= low < lowest  # far below 0 without the floor; bent toward it with
+    additive = AdditiveSimulator(l2=1.0).fit(train)
+    additive.B_ = np.full_like(additive.B_, -1.0)
+    assert min(t[1:].min() for t in _rollouts(additive, held)) >= 0.0
+    blind = MeanTrajectorySimulator().fit(train)  # floored after the fact, not in a recursion
+    assert min(t[1:].min() for t in _rollouts(blind, held)) >= 0.0
+    loo = leave_one_out(sim, held.runs[0].curriculum, None, "test-1")
+    assert loo.final_loss >= 0.0
+    # the search's own vectorized rollout floors every step exactly like `rollout`
+    cols = np.arange(4)
+    evaluate_ = _Evaluator(sim, cols, sim.initial_loss_, 4)
+    layouts = _random_layouts(np.arange(40), 8, 2, 3, np.random.default_rng(0))
+    for layout, value in zip(layouts, evaluate_(layouts), strict=True):
+        traj = sim.simulate(evaluate_.curriculum(layout), sim.initial_loss_)
+        assert value == pytest.approx(traj[-1, cols].mean(), abs=1e-12)
+
+
+def test_soft_floor_bends_without_ties() -> None:
+    x = np.concatenate([[-1e6], np.linspace(-3.0, 2.0, 501)])[:, None] * np.ones((1, 2))
+    y = soft_floor(x.copy(), np.array([0.0, 0.0]), np.array([0.5, 0.0]))
+    assert (y[:, 0] > 0).all() and (np.diff(y[:, 0]) > 0).all()  # above the floor, no ties
+    np.testing.assert_array_equal(y[x[:, 0] >= 0.5, 0], x[x[:, 0] >= 0.5, 0])  # unchanged above
+    near = (x[:, 0] > 0.45) & (x[:, 0] < 0.5)  # continuous (slope 1) at the bend
+    assert np.abs(y[near, 0] - x[near, 0]).max() < 6e-3
+    np.testing.assert_array_equal(y[:, 1], np.maximum(x[:, 1], 0.0))  # width 0: a hard clip
+
+
+def test_floor_keeps_order_of_counterfactuals(synthetic: tuple) -> None:
+    """Two curricula the unfloored rollout ranks keep their order (a clip would tie them)."""
+    _, train, held, _ = synthetic
+    sim = _extrapolating(train)
+    curricula = [held.runs[0].curriculum, held.runs[0].curriculum[:-3]]
+    a, b = (t[-1] for t in _rollouts_of(sim, curricula))
+    assert (a >= 0).all() and (b >= 0).all() and (a < b).all()
+
+
+def _rollouts_of(sim, curricula):  # type: ignore[no-untyped-def]
+    return sim.simulate_many(curricula, sim.initial_loss_)
+
+
+def test_floor_keeps_negative_recorded_losses(synthetic: tuple) -> None:
+    runs = copy.deepcopy(synthetic[1].subset(synthetic[1].run_ids[:6]))
+    for run in runs.runs:
+        run.losses = run.losses - 5.0  # a loss that can be negative
+    sim = LinearSimulator(l2=1.0).fit(runs)
+    lowest = np.min([r.losses.min(axis=0) for r in runs.runs], axis=0)
+    np.testing.assert_allclose(sim.floor_, lowest)
+    traj = sim.simulate(runs.runs[0].curriculum, runs.runs[0].initial_loss)
+    assert (traj[1:] >= sim.floor_ - 1e-12).all() and traj[1:].min() < 0
+    np.testing.assert_array_equal(sim.floor_width_, 0.0)  # the floor is the lowest recorded
+
+
+# -- the safe search --------------------------------------------------------------------------
+def test_search_driven_to_extrapolate_stays_in_the_trust_region(synthetic: tuple) -> None:
+    _, train, _, _ = synthetic
+    sim = _extrapolating(train)
+    free = optimize_curriculum(sim, 40, 4, epochs=3, seed=0, trust_region=False, n_random=8)
+    assert 0.0 <= free.predicted < sim.envelope_[-1].mean()  # floored: never negative
+    safe = optimize_curriculum(sim, 40, 4, epochs=3, seed=0, n_random=8)
+    envelope = sim.envelope_[len(safe.curriculum)].mean()
+    assert safe.predicted >= envelope - 1e-12  # no credit below the recorded envelope
+    assert 0.0 <= safe.unconstrained < envelope
+    low, high = safe.interval
+    assert 0.0 <= low <= safe.predicted <= high == pytest.approx(safe.objective)
+    traj = trust_region_rollouts(sim, [safe.curriculum])[0]
+    assert traj[-1].mean() == pytest.approx(safe.predicted, abs=1e-10)
+    for t in range(1, traj.shape[0]):
+        assert (traj[t] >= sim.envelope_[min(t, len(sim.envelope_) - 1)] - 1e-12).all()
+    assert json.dumps(safe.to_json())
+    assert assess_curriculum(sim, safe.curriculum)[:2] == (
+        pytest.approx(safe.predicted),
+        pytest.approx(safe.interval),
+    )
+
+
+def test_search_falls_back_on_a_better_recorded_curriculum(synthetic: tuple) -> None:
+    _, train, _, _ = synthetic
+    sim = _extrapolating(train)  # it promises a lot, but the envelope caps what is credited
+    sim.envelope_ = np.full_like(sim.envelope_, 50.0)  # nothing is credited below 50
+    result = optimize_curriculum(sim, 40, 4, epochs=3, seed=0, n_random=8, recorded=train)
+    finals = {r.run_id: r.losses[-1].mean() for r in train.runs}
+    best = min(finals, key=finals.get)
+    assert result.source == f"recorded {best}"
+    assert result.curriculum == train.run(best).curriculum
+    assert result.predicted == pytest.approx(finals[best])
+    assert f"returning the curriculum of {best}" in result.statement
+    assert assess_curriculum(sim, result.curriculum, recorded=train)[2] == result.source
+    # another starting point: recorded outcomes do not apply
+    other = optimize_curriculum(
+        sim, 40, 4, epochs=3, seed=0, n_random=8, recorded=train, initial_loss=sim.initial_loss_ + 1
+    )
+    assert other.source == "search"
+
+
+def test_search_says_when_the_gain_is_within_the_uncertainty(synthetic: tuple) -> None:
+    _, train, _, sim = synthetic
+    good = optimize_curriculum(sim, 40, 4, epochs=3, seed=0)
+    assert good.gain_established is True and "larger than the uncertainty" in good.statement
+    # effects that are pure noise: whatever it finds, the gain is within the uncertainty
+    noise = LinearSimulator(l2=1.0).fit(train).calibrate(train, n_folds=3)
+    rng = np.random.default_rng(0)
+    noise.A_ = np.full_like(noise.A_, 1 / noise.batch_size_)
+    noise.B_ = rng.normal(0, 1e-4, noise.B_.shape)
+    vague = optimize_curriculum(noise, 40, 4, epochs=3, seed=0)
+    assert vague.gain_established is False
+    assert "no curriculum is predicted to be reliably better" in vague.statement
+    uncalibrated = optimize_curriculum(LinearSimulator(l2=1.0).fit(train), 40, 4, epochs=3)
+    assert uncalibrated.interval is None and uncalibrated.gain_established is None
+    assert "not calibrated" in uncalibrated.statement
+
+
+# -- attribution ------------------------------------------------------------------------------
+def test_effect_intervals_are_the_group_jackknife() -> None:
+    per_fold = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+    lower, upper = effect_intervals(np.array([2.5, 0.0]), per_fold, 0.9)
+    se = np.sqrt(3 / 4 * 5.0)
+    from scipy import stats
+
+    assert upper[0] - 2.5 == pytest.approx(stats.t.ppf(0.95, 3) * se)
+    assert lower[1] == upper[1] == 0.0
+
+
+def test_leave_one_out_carries_intervals(synthetic: tuple) -> None:
+    _, train, held, sim = synthetic
+    loo = leave_one_out(sim, held.runs[0].curriculum, None, ["test-0", "test-1"])
+    assert loo.lower is not None and loo.level == 0.9
+    assert (loo.lower <= loo.effects + 1e-12).all() and (loo.effects <= loo.upper + 1e-12).all()
+    rows = loo.to_json()["effects"]
+    assert {"lower", "upper", "interval_includes_zero"} <= set(rows[0])
+    assert [r["interval_includes_zero"] for r in rows] == loo.uncertain().tolist()
+    plain = LinearSimulator(l2=1.0).fit(train)
+    assert leave_one_out(plain, held.runs[0].curriculum, None, "test-0").lower is None
+
+
+# -- command line -----------------------------------------------------------------------------
+def test_command_line_intervals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "runs"
+    write_synthetic(directory, CONFIG)
+    model = tmp_path / "linear.npz"
+    assert main(["fit", str(directory), "--method", "linear", "-o", str(model)]) == 0
+    assert "calibrated predictive intervals" in capsys.readouterr().out
+    out = tmp_path / "pred.json"
+    args = ["simulate", str(model), "--runs", str(directory), "--run", "run-0002"]
+    assert main([*args, "-o", str(out), "--interval", "0.8"]) == 0
+    payload = json.loads(out.read_text())
+    lower, loss, upper = (np.array(payload[k]) for k in ("lower", "loss", "upper"))
+    assert payload["interval_level"] == 0.8 and lower.shape == loss.shape == upper.shape
+    assert (lower <= loss).all() and (loss <= upper).all()
+    assert main([*args, "-o", str(tmp_path / "pred.csv"), "--interval", "0.9"]) == 0
+    header = (tmp_path / "pred.csv").read_text().splitlines()[0].split(",")
+    assert (
+        header[:2] == ["step", "test-0"] and "lower:test-0" in header and "upper:test-9" in header
+    )
+    with pytest.raises(SystemExit):
+        main([*args, "-o", str(out), "--interval", "2"])
+    bare = tmp_path / "bare.npz"
+    assert (
+        main(["fit", str(directory), "--method", "linear", "--no-intervals", "-o", str(bare)]) == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "simulate",
+                str(bare),
+                "--runs",
+                str(directory),
+                "--run",
+                "run-0002",
+                "-o",
+                str(out),
+                "--interval",
+                "0.9",
+            ]
+        )
+        == 2
+    )
+    assert "no predictive intervals" in capsys.readouterr().err
+    search = tmp_path / "search.json"
+    best = tmp_path / "best.json"
+    assert (
+        main(
+            [
+                "optimize",
+                str(model),
+                "--size",
+                "16",
+                "--epochs",
+                "2",
+                "--max-seconds",
+                "5",
+                "-o",
+                str(best),
+                "--json",
+                str(search),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "trust region" in text and "interval" in text
+    assert {"interval", "statement", "gain_established"} <= set(json.loads(search.read_text()))
+    attribution = tmp_path / "attr.json"
+    assert (
+        main(["attribute", str(model), "--test", "test-1", *args[2:], "--json", str(attribution)])
+        == 0
+    )
+    effects = json.loads(attribution.read_text())["leave_one_out"]["effects"]
+    assert all({"lower", "upper", "interval_includes_zero"} <= set(e) for e in effects)
+
+
+def test_report_draws_bands_and_marks_uncertain_attributions(tmp_path: Path) -> None:
+    directory = tmp_path / "runs"
+    runs = write_synthetic(directory, CONFIG)
+    save_runset(runs, directory)
+    attribution = {
+        "leave_one_out": {
+            "effects": [
+                {
+                    "train_id": "a",
+                    "effect": -0.2,
+                    "lower": -0.3,
+                    "upper": -0.1,
+                    "interval_includes_zero": False,
+                },
+                {
+                    "train_id": "b",
+                    "effect": -0.01,
+                    "lower": -0.05,
+                    "upper": 0.03,
+                    "interval_includes_zero": True,
+                },
+            ]
+        }
+    }
+    (tmp_path / "attr.json").write_text(json.dumps(attribution))
+    out = tmp_path / "report.html"
+    args = [
+        "report",
+        str(directory),
+        "--methods",
+        "linear,mean",
+        "--attribution",
+        str(tmp_path / "attr.json"),
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    html = out.read_text()
+    blob = html.split('id="simfluence-data">')[1].split("</script>")[0]
+    data = json.loads(blob)
+    band = data["runs"][0]["bands"]["linear"]
+    recorded = data["runs"][0]["recorded"][0]
+    assert len(band["lower"][0]) == len(recorded) and "band-select" in html
+    assert html.count('class="uncertain"') == 1 and "coverage 90%" in html
