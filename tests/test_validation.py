@@ -1,0 +1,167 @@
+"""`validate` against answers known in closed form.
+
+`LinearLossTask` (tests/exact_tasks.py) is trained for real by `validate`, but its losses after
+every SGD step follow from a few lines of numpy, and Simfluence-Linear with known parameters
+predicts them exactly. So every number `validate` reports (all-steps MSE, final-step Spearman,
+LDS per kind, and the optimized curriculum's actual loss against the random ones) is compared
+with an independent computation from the curricula alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+pytest.importorskip("torch")
+
+from exact_tasks import LinearLossTask, exact_parameters, linear_loss_trajectory, weights
+
+from simfluence.recording.runner import record_runs
+from simfluence.recording.validation import make_curricula, validate
+from simfluence.simulators import PersistenceSimulator
+from simfluence.simulators.truth import TruthSimulator
+
+PROTOCOL = dict(runs=4, pool=12, per_run=8, tests=5, batch=4, epochs=2, lr=0.1, seed=0)
+KINDS = ("random", "leave-out", "repeat", "optimized")
+COUNT, SEED = 6, 3
+WRONG_SEED = 0
+
+
+def _rho(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation, 0 when either side is constant (the library's rule)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def _reference_scores(true: list[np.ndarray], pred: list[np.ndarray]) -> dict[str, float]:
+    """METHOD.md's protocol and the LDS, written out independently of `simfluence.metrics`."""
+    per_trajectory = np.concatenate(
+        [((p[1:] - t[1:]) ** 2).mean(axis=0) for t, p in zip(true, pred)]
+    )
+    true_final = np.array([t[-1] for t in true])  # (C, M)
+    pred_final = np.array([p[-1] for p in pred])
+    return {
+        "all_steps_mse": float(per_trajectory.mean()),
+        "final_step_spearman": float(np.mean([_rho(t, p) for t, p in zip(true_final, pred_final)])),
+        "lds": float(np.mean([_rho(t, p) for t, p in zip(true_final.T, pred_final.T)])),
+    }
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    task = LinearLossTask()
+    root = tmp_path_factory.mktemp("exact")
+    runs = record_runs(task, root / "runs", progress=False, **PROTOCOL)
+    pool, tests = task.prepare(PROTOCOL["pool"], PROTOCOL["tests"], PROTOCOL["seed"])
+    A, B = exact_parameters(pool, tests, PROTOCOL["lr"], PROTOCOL["batch"])
+    # a second, wrong model: every training example's effect rescaled by a known factor
+    scale = np.random.default_rng(5).uniform(0.0, 2.0, len(pool))
+    np.savez(root / "exact.npz", A=A, B=B)
+    np.savez(root / "scaled.npz", A=A, B=B * scale)
+    simulators = {
+        "exact": TruthSimulator(str(root / "exact.npz")),
+        "scaled": TruthSimulator(str(root / "scaled.npz")),
+        "persistence": PersistenceSimulator(),
+    }
+    result = validate(task, runs, simulators, kinds=KINDS, count=COUNT, seed=SEED)
+    theta0 = weights(task, PROTOCOL["seed"])
+
+    def actual(curriculum: list[list[str]]) -> np.ndarray:
+        return linear_loss_trajectory(pool, tests, theta0, curriculum, PROTOCOL["lr"])
+
+    def predicted(name: str, curriculum: list[list[str]]) -> np.ndarray:
+        truth = actual(curriculum)
+        if name == "persistence":
+            return np.repeat(truth[:1], len(truth), axis=0)
+        if name == "exact":
+            return truth
+        factor = dict(zip(pool.ids, scale, strict=True))
+        # the scaled model's rollout: each example's exact effect times its factor
+        x_pool = dict(zip(pool.ids, pool.tensors["x"].numpy(), strict=True))
+        x_test = tests.tensors["x"].numpy()
+        out = [truth[0]]
+        for batch in curriculum:
+            step = np.mean([factor[i] * x_pool[i] for i in batch], axis=0)
+            out.append(out[-1] - PROTOCOL["lr"] * x_test @ step)
+        return np.array(out)
+
+    return {"runs": runs, "result": result, "actual": actual, "predicted": predicted, "B": B}
+
+
+def test_the_exact_task_is_exact(setting: dict) -> None:
+    """The premise: the recorded runs are what the closed form says, step by step."""
+    for run in setting["runs"].runs:
+        np.testing.assert_allclose(run.losses, setting["actual"](run.curriculum), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["random", "leave-out", "repeat"])
+def test_scores_per_kind_equal_the_closed_form(setting: dict, kind: str) -> None:
+    curricula = make_curricula(kind, COUNT, setting["runs"], SEED)
+    true = [setting["actual"](c) for c in curricula]
+    block = setting["result"]["kinds"][kind]
+    assert block["curricula"] == COUNT
+    assert set(block["methods"]) == {"exact", "scaled", "persistence"}
+    for name, scores in block["methods"].items():
+        pred = [setting["predicted"](name, c) for c in curricula]
+        expected = _reference_scores(true, pred)
+        assert scores["all_steps_mse"] == pytest.approx(expected["all_steps_mse"], abs=1e-12)
+        assert scores["final_step_spearman"] == pytest.approx(
+            expected["final_step_spearman"], abs=1e-9
+        )
+        assert scores["lds"] == pytest.approx(expected["lds"], abs=1e-9)
+    # the numbers those references give, so that a broken reference cannot hide a bug
+    exact, scaled, persistence = (block["methods"][n] for n in ("exact", "scaled", "persistence"))
+    assert exact["all_steps_mse"] < 1e-20
+    assert exact["final_step_spearman"] == pytest.approx(1.0) and exact["lds"] == pytest.approx(1.0)
+    assert persistence["lds"] == 0.0  # constant across curricula: ranks nothing
+    assert 0.0 < scaled["all_steps_mse"] < persistence["all_steps_mse"]
+    assert -1.0 < scaled["lds"] < 1.0
+
+
+def test_optimized_curricula_reach_the_known_optimum(setting: dict) -> None:
+    """With an exact simulator the search finds the best subset, which is known in closed form:
+    every example is consumed once per epoch in a full batch, so the mean final loss is
+    ``mean L_0 + epochs * sum_{i in S} mean_z B_i(z)``: S = the ``per_run`` most negative."""
+    runs, result, B = setting["runs"], setting["result"], setting["B"]
+    initial = runs.runs[0].initial_loss.mean()
+    effect = B.mean(axis=0)
+    best = initial + PROTOCOL["epochs"] * np.sort(effect)[: PROTOCOL["per_run"]].sum()
+    optimized = result["optimized"]
+    assert optimized["actual_mean_test_loss"] == pytest.approx(best, abs=1e-12)
+    assert optimized["predicted_mean_test_loss"] == pytest.approx(best, abs=1e-12)
+    np.testing.assert_allclose(optimized["actual_mean_test_losses_per_search"], best, atol=1e-12)
+    randoms = [setting["actual"](c)[-1].mean() for c in make_curricula("random", COUNT, runs, SEED)]
+    np.testing.assert_allclose(optimized["random_mean_test_losses"], randoms, atol=1e-12)
+    fraction = np.mean([best < r for r in randoms])
+    assert optimized["fraction_of_random_beaten"] == fraction == 1.0
+    methods = result["kinds"]["optimized"]["methods"]
+    assert methods["exact"]["all_steps_mse"] < 1e-20
+
+
+def test_fraction_beaten_counts_only_worse_random_curricula(setting: dict, tmp_path: Path) -> None:
+    """A search with a *wrong* additive model finds that model's optimum, a known subset whose
+    actual loss lands among the random curricula: the share beaten is then strictly between 0
+    and 1, and equals the share of random curricula that are actually worse."""
+    task = LinearLossTask()
+    runs = setting["runs"]
+    pool, tests = task.prepare(PROTOCOL["pool"], PROTOCOL["tests"], PROTOCOL["seed"])
+    A, B = exact_parameters(pool, tests, PROTOCOL["lr"], PROTOCOL["batch"])
+    wrong = np.random.default_rng(WRONG_SEED).permutation(B.T).T  # effects given to others
+    np.savez(tmp_path / "wrong.npz", A=A, B=wrong)
+    simulators = {"wrong": TruthSimulator(str(tmp_path / "wrong.npz"))}
+    result = validate(task, runs, simulators, kinds=("random", "optimized"), count=COUNT, seed=SEED)
+    chosen = np.argsort(wrong.mean(axis=0))[: PROTOCOL["per_run"]]
+    initial = runs.runs[0].initial_loss.mean()
+    actual = initial + PROTOCOL["epochs"] * B.mean(axis=0)[chosen].sum()
+    predicted = initial + PROTOCOL["epochs"] * wrong.mean(axis=0)[chosen].sum()
+    optimized = result["optimized"]
+    assert optimized["actual_mean_test_loss"] == pytest.approx(actual, abs=1e-12)
+    assert optimized["predicted_mean_test_loss"] == pytest.approx(predicted, abs=1e-12)
+    randoms = np.array(optimized["random_mean_test_losses"])
+    fraction = optimized["fraction_of_random_beaten"]
+    assert fraction == np.mean(actual < randoms)
+    assert 0.0 < fraction < 1.0
