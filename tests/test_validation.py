@@ -39,15 +39,17 @@ def _rho(x: np.ndarray, y: np.ndarray) -> float:
 
 def _reference_scores(true: list[np.ndarray], pred: list[np.ndarray]) -> dict[str, float]:
     """METHOD.md's protocol and the LDS, written out independently of `simfluence.metrics`."""
-    per_trajectory = np.concatenate(
-        [((p[1:] - t[1:]) ** 2).mean(axis=0) for t, p in zip(true, pred)]
-    )
+    per_trajectory = [((p[1:] - t[1:]) ** 2).mean(axis=0) for t, p in zip(true, pred, strict=True)]
     true_final = np.array([t[-1] for t in true])  # (C, M)
     pred_final = np.array([p[-1] for p in pred])
     return {
-        "all_steps_mse": float(per_trajectory.mean()),
-        "final_step_spearman": float(np.mean([_rho(t, p) for t, p in zip(true_final, pred_final)])),
-        "lds": float(np.mean([_rho(t, p) for t, p in zip(true_final.T, pred_final.T)])),
+        "all_steps_mse": float(np.concatenate(per_trajectory).mean()),
+        "final_step_spearman": float(
+            np.mean([_rho(t, p) for t, p in zip(true_final, pred_final, strict=True)])
+        ),
+        "lds": float(
+            np.mean([_rho(t, p) for t, p in zip(true_final.T, pred_final.T, strict=True)])
+        ),
     }
 
 
