@@ -52,3 +52,60 @@ def test_linear_datamodeling_score_correlates_across_curricula() -> None:
     pred = np.array([[0.1, 1.0], [0.2, 3.0], [0.3, 2.0]])
     # test 0 ranked perfectly (1.0); test 1's actual loss never varies: scores 0
     assert metrics.linear_datamodeling_score(true, pred) == 0.5
+
+
+# -- rank metrics on data where Spearman and Pearson differ -------------------------------------
+def test_spearman_is_a_rank_correlation_not_pearson() -> None:
+    """A monotone, strongly non-linear prediction ranks perfectly (Pearson would say 0.77)."""
+    true = np.arange(6.0)
+    pred = np.exp(2.0 * true)
+    assert np.corrcoef(true, pred)[0, 1] < 0.8
+    assert metrics.spearman_or_zero(true, pred) == pytest.approx(1.0, abs=1e-15)
+    assert metrics.spearman_or_zero(true, -pred) == pytest.approx(-1.0, abs=1e-15)
+    # one swap among six: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 210
+    swapped = pred[[0, 1, 3, 2, 4, 5]]
+    assert metrics.spearman_or_zero(true, swapped) == pytest.approx(1 - 12 / 210, abs=1e-12)
+
+
+def test_spearman_gives_ties_their_average_rank() -> None:
+    # ranks of true: 1, 2.5, 2.5, 4; Pearson of the ranks = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)
+    true = np.array([1.0, 2.0, 2.0, 3.0])
+    pred = np.array([0.1, 0.2, 0.9, 50.0])
+    assert metrics.spearman_or_zero(true, pred) == pytest.approx(3 / np.sqrt(10), abs=1e-12)
+    assert metrics.spearman_or_zero(pred, true) == pytest.approx(3 / np.sqrt(10), abs=1e-12)
+
+
+def test_final_step_spearman_on_monotone_non_linear_predictions() -> None:
+    true = np.zeros((2, 2, 5))
+    true[:, -1] = [[0.1, 0.5, 1.0, 2.0, 4.0], [3.0, 1.0, 2.0, 2.0, 0.5]]
+    pred = np.zeros((2, 2, 5))
+    pred[0, -1] = np.log(true[0, -1])  # monotone: rho 1
+    pred[1, -1] = [
+        9.0,
+        1.0,
+        4.0,
+        5.0,
+        0.0,
+    ]  # ties in true: ranks 5, 2, 3.5, 3.5, 1 vs 5, 2, 3, 4, 1
+    # centred ranks (2, -1, .5, .5, -2) and (2, -1, 0, 1, -2): 9.5 / sqrt(9.5 * 10)
+    expected = np.sqrt(0.95)
+    summary = metrics.final_step_spearman(true, pred)
+    assert summary.mean == pytest.approx((1.0 + expected) / 2, abs=1e-12)
+    assert summary.std == pytest.approx((1.0 - expected) / 2, abs=1e-12)
+
+
+def test_lds_on_monotone_non_linear_predictions_and_ties() -> None:
+    """Per test example across curricula: a monotone transform scores 1, a reversal -1."""
+    true = np.array([[1.0, 3.0, 2.0], [2.0, 2.0, 1.0], [3.0, 1.0, 1.0], [4.0, 0.0, 5.0]])
+    pred = np.stack([true[:, 0] ** 3, np.exp(true[:, 1]), [0.0, 1.0, 2.0, 3.0]], axis=1)
+    # column 0: monotone (1); column 1: monotone (1); column 2: ties in true (ranks 3, 1.5, 1.5,
+    # 4) against ranks 1, 2, 3, 4
+    tied = np.corrcoef([3.0, 1.5, 1.5, 4.0], [1.0, 2.0, 3.0, 4.0])[0, 1]
+    assert metrics.linear_datamodeling_score(true, pred) == pytest.approx((2 + tied) / 3, abs=1e-12)
+    assert metrics.linear_datamodeling_score(true[:, :2], -pred[:, :2]) == pytest.approx(-1.0)
+
+
+def test_rank_metrics_score_constant_or_broken_predictions_zero() -> None:
+    assert metrics.spearman_or_zero(np.arange(3.0), np.array([1.0, np.nan, 2.0])) == 0.0
+    assert metrics.spearman_or_zero(np.arange(3.0), np.full(3, 2.0)) == 0.0
+    assert metrics.spearman_or_zero(np.ones(3), np.arange(3.0)) == 0.0
