@@ -315,3 +315,67 @@ def test_batch_weighting_mean_vs_sum() -> None:
     )
     with pytest.raises(SimfluenceError, match="batch_weighting='max'"):
         LinearSimulator(batch_weighting="max").fit(runs)
+
+
+# -- cross-validation, value by value ----------------------------------------------------------
+def _held_out_mse(runs: RunSet, lam: float, cls: type, folds: int) -> float:
+    """The CV error by hand: fold k validates the runs whose rank by id is k mod `folds`; a
+    simulator fitted with that fixed ``l2`` on the other runs rolls them out."""
+    ordered = sorted(runs.run_ids)
+    errors = []
+    for fold in range(folds):
+        held = [r for k, r in enumerate(ordered) if k % folds == fold]
+        train = runs.subset([r for r in ordered if r not in held])
+        sim = cls(l2=lam, unseen="prior", **({"tol": 1e-12} if cls is LinearSimulator else {}))
+        sim.fit(train)
+        valid = runs.subset(held)
+        pred = sim.simulate_many(
+            [r.curriculum for r in valid.runs], np.stack([r.initial_loss for r in valid.runs])
+        )
+        true = np.stack([r.losses for r in valid.runs])
+        errors.append(float(((np.stack(pred)[:, 1:] - true[:, 1:]) ** 2).mean()))
+    return float(np.mean(errors))
+
+
+@pytest.mark.parametrize("cls", [LinearSimulator, AdditiveSimulator])
+def test_cross_validation_errors_are_those_of_held_out_runs(cls: type) -> None:
+    """Each CV error is the rollout MSE of runs the fold did not train on (a fold that let its
+    validation runs into training scores lower)."""
+    runs, _ = generate(SMALL)
+    grid = [100.0, 3.0, 0.01]
+    extra = {"cv_tol": 1e-12, "tol": 1e-12} if cls is LinearSimulator else {}
+    sim = cls(l2_grid=grid, cv_folds=3, patience=len(grid), **extra).fit(runs)
+    expected = [[lam, _held_out_mse(runs, lam, cls, 3)] for lam in grid]
+    np.testing.assert_allclose(sim.cv_mse_, expected, rtol=1e-7)
+    # the choice is the grid value with the least held-out error, and the fit uses it
+    assert sim.l2_ == min(expected, key=lambda pair: pair[1])[0]
+    fixed = cls(l2=sim.l2_, **({"tol": 1e-12} if cls is LinearSimulator else {})).fit(runs)
+    np.testing.assert_allclose(sim.B_, fixed.B_, rtol=1e-7, atol=1e-10)
+    if cls is LinearSimulator:
+        np.testing.assert_allclose(sim.A_, fixed.A_, rtol=1e-7, atol=1e-10)
+
+
+def test_cross_validation_choice_matters() -> None:
+    """On this set the held-out error is U-shaped in ``l2``: the choice is the middle value,
+    and fitting with it gives other parameters than either end of the grid."""
+    runs, _ = generate(SMALL)
+    grid = [100.0, 3.0, 0.01]
+    sim = LinearSimulator(l2_grid=grid, cv_folds=3, patience=3).fit(runs)
+    errors = dict((lam, mse) for lam, mse in sim.cv_mse_)
+    assert sim.l2_ == 3.0 and errors[3.0] < min(errors[100.0], errors[0.01])
+    for lam in (100.0, 0.01):
+        other = LinearSimulator(l2=lam).fit(runs)
+        assert np.abs(other.A_ - sim.A_).max() > 1e-3
+
+
+def test_run_folds_hold_every_run_out_exactly_once() -> None:
+    from simfluence.simulators.linear import run_folds
+
+    runs, _ = generate(SMALL)
+    folds = run_folds(runs, 5)
+    held_out = [valid.run_ids for _, valid in folds]
+    assert sorted(r for ids in held_out for r in ids) == sorted(runs.run_ids)
+    for train, valid in folds:
+        assert not set(train.run_ids) & set(valid.run_ids)
+        assert set(train.run_ids) | set(valid.run_ids) == set(runs.run_ids)
+    assert [len(ids) for ids in held_out] == [3, 3, 2, 2, 2]  # 12 runs, by rank k mod 5
