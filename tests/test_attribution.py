@@ -370,3 +370,24 @@ def test_influence_minres_on_indefinite_hessian(setup: dict) -> None:
         **kwargs,
     )
     np.testing.assert_allclose(minres, dense, rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+
+
+def test_random_projection_preserves_norms_and_dot_products_in_expectation() -> None:
+    """The scale, not just the direction: entries of P have variance 1/k, so squared norms and
+    dot products of projected vectors are unbiased (correlation alone would miss a factor)."""
+    k, dim = 64, 40
+    eye = torch.eye(dim, dtype=torch.float64)
+    rad = RandomProjection(k, seed=1, kind="rademacher", block_rows=16)(eye)  # = P itself
+    np.testing.assert_allclose(np.abs(rad.numpy()), 1 / np.sqrt(k), rtol=1e-12)
+    gauss = np.stack(
+        [RandomProjection(k, seed=s, block_rows=16)(eye).numpy() for s in range(50)]
+    )  # 50 independent P, (50, dim, k)
+    assert (gauss**2).sum(axis=2).mean() == pytest.approx(1.0, abs=0.02)  # E ||e_j P||^2 = 1
+    g = torch.randn(2, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    projected = np.stack([g.numpy() @ p for p in gauss])  # (50, 2, k)
+    dots = (projected[:, 0] * projected[:, 1]).sum(axis=1)
+    norms = (projected**2).sum(axis=2).mean(axis=0)
+    true_norms = (g.numpy() ** 2).sum(axis=1)
+    np.testing.assert_allclose(norms, true_norms, rtol=0.05)
+    spread = np.sqrt(true_norms.prod() / k)  # std of one projected dot product, about
+    assert abs(dots.mean() - float(g[0] @ g[1])) < 3 * spread / np.sqrt(50)

@@ -191,3 +191,111 @@ def test_closed_form_fisher_influence_matches_the_dense_solve(recorded: Path) ->
         method="dense",
     )
     np.testing.assert_allclose(closed, dense, rtol=1e-4, atol=1e-6 * np.abs(dense).max())
+
+
+# -- a task whose gradients and learning rates are known in closed form ------------------------
+EXACT = dict(runs=3, pool=10, per_run=8, tests=4, batch=4, epochs=2, lr=0.3, seed=0)
+EXACT_STEPS = 4  # 2 epochs x 8 / 4
+
+
+@pytest.fixture(scope="module")
+def decaying(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs of `SquaredLossTask`, whose learning rate decays at every step."""
+    from exact_tasks import SquaredLossTask
+
+    directory = tmp_path_factory.mktemp("decaying") / "runs"
+    record_runs(SquaredLossTask(), directory, checkpoints=[0, 2, 4], progress=False, **EXACT)
+    return directory
+
+
+@pytest.fixture()
+def exact_workload(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`SquaredLossTask` registered as a workload, so the gradient methods can rebuild it."""
+    from exact_tasks import SquaredLossTask
+
+    from simfluence.recording.workloads import WORKLOADS
+
+    monkeypatch.setitem(WORKLOADS, SquaredLossTask.name, SquaredLossTask)
+    task = SquaredLossTask()
+    pool, tests = task.prepare(EXACT["pool"], EXACT["tests"], EXACT["seed"])
+    return task, pool, tests
+
+
+def _replay(task, pool, run):  # type: ignore[no-untyped-def]
+    """theta_t (t = 0..T) and the learning rate of every step, recomputed by hand."""
+    from exact_tasks import squared_loss_thetas, weights
+
+    lrs = EXACT["lr"] * task.DECAY ** np.arange(EXACT_STEPS)
+    return squared_loss_thetas(pool, weights(task, EXACT["seed"]), run.curriculum, lrs), lrs
+
+
+def test_runner_records_each_steps_learning_rate(decaying: Path, exact_workload) -> None:
+    from exact_tasks import features
+
+    task, pool, tests = exact_workload
+    for run in load_runset(decaying).runs:
+        thetas, lrs = _replay(task, pool, run)
+        np.testing.assert_allclose(run.lr, lrs, rtol=1e-15)
+        x, y = features(tests), features(tests, "y")
+        np.testing.assert_allclose(run.losses, 0.5 * (thetas @ x.T - y) ** 2, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["tracin-cp", "grad-dot"])
+def test_tracin_uses_each_checkpoints_own_learning_rate(
+    decaying: Path, exact_workload, method: str
+) -> None:
+    """B = -mean_k eta_k / b g_z(theta_k) . g_i(theta_k), eta_k the learning rate of the step
+    taken *from* checkpoint k (the last step's for the final checkpoint), averaged over runs."""
+    from exact_tasks import squared_loss_gradients
+
+    task, pool, tests = exact_workload
+    runs = load_runset(decaying)
+    sim = configure_simulator(method).fit(runs)
+    steps = [0, 2, 4] if method == "tracin-cp" else [4]
+    expected = np.zeros((EXACT["tests"], EXACT["pool"]))
+    for run in runs.runs:
+        thetas, lrs = _replay(task, pool, run)
+        for step in steps:
+            eta = lrs[min(step, EXACT_STEPS - 1)]
+            kernel = (
+                squared_loss_gradients(tests, thetas[step])
+                @ squared_loss_gradients(pool, thetas[step]).T
+            )
+            expected -= eta / EXACT["batch"] / len(steps) * kernel
+    expected /= len(runs.runs)
+    np.testing.assert_allclose(sim.B_, expected, rtol=1e-9, atol=1e-14)
+    assert sim.checkpoint_steps_ == {r.run_id: steps for r in runs.runs}
+
+
+def test_influence_equals_a_dense_fisher_solve(decaying: Path, exact_workload) -> None:
+    """B = -(eta_T / b) g_z^T (F + lambda I)^{-1} g_i at the last checkpoint, F the pool's
+    empirical Fisher, lambda = 0.1 trace(F) / D, solved densely by numpy; averaged over runs."""
+    from exact_tasks import squared_loss_gradients
+
+    task, pool, tests = exact_workload
+    runs = load_runset(decaying)
+    sim = configure_simulator("influence").fit(runs)
+    expected = np.zeros((EXACT["tests"], EXACT["pool"]))
+    for run in runs.runs:
+        thetas, lrs = _replay(task, pool, run)
+        g_pool = squared_loss_gradients(pool, thetas[-1])
+        g_test = squared_loss_gradients(tests, thetas[-1])
+        fisher = g_pool.T @ g_pool / len(pool)
+        damped = fisher + 0.1 * np.trace(fisher) / fisher.shape[0] * np.eye(fisher.shape[0])
+        expected -= lrs[-1] / EXACT["batch"] * g_test @ np.linalg.solve(damped, g_pool.T)
+    expected /= len(runs.runs)
+    np.testing.assert_allclose(sim.B_, expected, rtol=1e-8, atol=1e-14)
+
+
+def test_projected_gradients_keep_the_scale(decaying: Path, exact_workload) -> None:
+    """A Johnson-Lindenstrauss projection changes B by sampling noise, not by a factor."""
+    runs = load_runset(decaying)
+    exact = configure_simulator("tracin-cp").fit(runs).B_
+    ratios = []
+    for seed in range(4):
+        projected = (
+            configure_simulator("tracin-cp", projection_dim=256, projection_seed=seed).fit(runs).B_
+        )
+        assert np.corrcoef(exact.ravel(), projected.ravel())[0, 1] > 0.9
+        ratios.append(np.linalg.norm(projected) / np.linalg.norm(exact))
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.1), ratios
