@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import require_module
 from torch import nn
 
 from simfluence.attribution import (
@@ -176,9 +177,7 @@ def test_sign_one_step_lowers_loss(setup: dict) -> None:
 
 
 def test_matches_captum_tracincp(setup: dict) -> None:
-    captum_tracin = pytest.importorskip(
-        "captum.influence", reason="captum is not installed (pip install captum)"
-    )
+    captum_tracin = require_module("captum.influence", "pip install captum")
     task, pool, tests = setup["task"], setup["pool"], setup["tests"]
     ckpts, lrs = setup["ckpts"], setup["lrs"]
     model = TinyMLP()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,11 @@ import numpy as np
 import pytest
 
 from simfluence.cli.main import main
+from simfluence.counterfactual import leave_one_out, step_contributions
+from simfluence.curricula import remove
+from simfluence.evaluation import evaluate
 from simfluence.runlog import load_runset
+from simfluence.simulators import LinearSimulator, configure_simulator, load_simulator
 
 SYNTH = [
     "--pool",
@@ -152,6 +157,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_user_mistakes_exit_nonzero_with_one_line(runs_dir: Path, tmp_path: Path) -> None:
     cases = [
         (["evaluate", str(tmp_path / "missing")], "no such run-set directory"),
@@ -173,6 +179,7 @@ def test_user_mistakes_exit_nonzero_with_one_line(runs_dir: Path, tmp_path: Path
         assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_curriculum_file_names_the_step(runs_dir: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.npz"
     assert main(["fit", str(runs_dir), "--method", "additive", "--l2", "1", "-o", str(model)]) == 0
@@ -190,6 +197,7 @@ def test_bad_curriculum_file_names_the_step(runs_dir: Path, tmp_path: Path) -> N
     assert done.returncode == 2 and "not valid JSON" in done.stderr
 
 
+@pytest.mark.slow
 def test_core_and_command_line_never_import_torch() -> None:
     """The arrows point one way: the core (and the CLI until a torch command runs) is torch-free."""
     code = (
@@ -200,3 +208,85 @@ def test_core_and_command_line_never_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+# -- what the command line prints and writes equals what the library computes -----------------
+def test_evaluate_numbers_equal_the_library(
+    runs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval.json"
+    methods = ["linear", "additive", "persistence", "mean"]
+    args = ["evaluate", str(runs_dir), "--methods", ",".join(methods), "--holdout", "2"]
+    assert main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())["methods"]
+    library = evaluate(
+        load_runset(runs_dir),
+        {name: configure_simulator(name, unseen="prior") for name in methods},
+        heldout=2,
+    )
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.strip()}
+    for name, result in library.methods.items():
+        scores = {k: v for k, v in result.scores.items() if not k.endswith("seconds")}
+        assert scores and {k: written[name][k] for k in scores} == scores
+        row = rows[name]  # the printed table shows the same numbers
+        assert f"{scores['all_steps_mse']:.4g} ± {scores['all_steps_mse_std']:.2g}" in row
+        assert f"{scores['final_step_spearman']:.3f}" in row
+
+
+def test_fit_and_simulate_equal_the_library(
+    runs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = load_runset(runs_dir)
+    train, held = runs.split(2)
+    model = tmp_path / "linear.npz"
+    assert (
+        main(["fit", str(runs_dir), "--method", "linear", "--holdout", "2", "-o", str(model)]) == 0
+    )
+    library = LinearSimulator().fit(train)
+    assert f"l2 = {library.l2_:g};" in capsys.readouterr().out
+    saved = load_simulator(model)
+    np.testing.assert_array_equal(saved.A_, library.A_)
+    np.testing.assert_array_equal(saved.B_, library.B_)
+
+    run = held.runs[0]
+    curriculum = tmp_path / "c.json"
+    curriculum.write_text(json.dumps(run.curriculum))
+    out = tmp_path / "pred.json"
+    dropped = run.curriculum[0][0]
+    args = ["simulate", str(model), "--curriculum", str(curriculum), "-o", str(out)]
+    assert main([*args, "--remove", dropped]) == 0
+    printed = capsys.readouterr().out
+    edited = remove(run.curriculum, [dropped])
+    expected = library.simulate(edited, library.initial_loss_)
+    written = json.loads(out.read_text())
+    np.testing.assert_array_equal(np.array(written["loss"]), expected)
+    assert written["final_loss"] == dict(zip(runs.test_ids, expected[-1].tolist(), strict=True))
+    before = library.simulate(run.curriculum, library.initial_loss_)[-1].mean()
+    match = re.search(
+        r"original \((\d+) steps\) (\S+), edited \((\d+) steps\) (\S+), change (\S+)", printed
+    )
+    assert match is not None, printed
+    assert int(match[1]) == len(run.curriculum) and int(match[3]) == len(edited)
+    assert float(match[2]) == pytest.approx(before, abs=5e-6)
+    assert float(match[4]) == pytest.approx(expected[-1].mean(), abs=5e-6)
+    assert float(match[5]) == pytest.approx(expected[-1].mean() - before, abs=5e-6)
+
+
+def test_attribute_json_equals_the_library(runs_dir: Path, tmp_path: Path) -> None:
+    runs = load_runset(runs_dir)
+    model = tmp_path / "linear.npz"
+    sim = LinearSimulator(l2=1.0).fit(runs)
+    sim.save(model)
+    out = tmp_path / "attribution.json"
+    args = ["attribute", str(model), "--test", "test-2", "--runs", str(runs_dir)]
+    assert main([*args, "--run", "run-0001", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    run = runs.run("run-0001")
+    loo = leave_one_out(sim, run.curriculum, run.initial_loss, "test-2")
+    assert written["leave_one_out"]["final_loss"] == loo.final_loss
+    assert [
+        (e["train_id"], e["count"], e["effect"]) for e in written["leave_one_out"]["effects"]
+    ] == (loo.rows())
+    steps = step_contributions(sim, run.curriculum, run.initial_loss, "test-2")
+    assert written["steps"]["trajectory"] == steps.trajectory.tolist()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("torch")
-pytest.importorskip("sklearn")
+require_module("torch", "pip install -c constraints.txt torch")
+require_module("sklearn", "pip install scikit-learn")
 
 from simfluence.attribution.tracin import tracin_cp_scores
 from simfluence.cli.main import main
@@ -142,6 +143,7 @@ def test_evaluate_and_validate_commands(recorded: Path, tmp_path: Path) -> None:
     assert main(["validate", str(recorded), "--workload", "newsgroups-minilm"]) == 2
 
 
+@pytest.mark.slow
 def test_demo_writes_everything(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     args = [

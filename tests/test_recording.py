@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_module
 from torch import nn
 
 from simfluence.cli.main import main
@@ -204,10 +205,9 @@ class _HFModel(nn.Module):
         return {"loss": loss}
 
 
+@pytest.mark.slow
 def test_trainer_callback_matches_hand_loop(tmp_path: Path) -> None:
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (pip install transformers)"
-    )
+    transformers = require_module("transformers", "pip install transformers")
     from simfluence.recording.hf import IdCollator, SimfluenceCallback
 
     task = TinyTask()
@@ -340,6 +340,7 @@ def test_runner_resumes_after_a_crash(tmp_path: Path) -> None:
         _record(tmp_path / "crash", lr=0.1)
 
 
+@pytest.mark.slow
 def test_runner_resumes_after_kill_9(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""

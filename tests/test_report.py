@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from conftest import missing_component
 
 from simfluence.cli.main import main
 from simfluence.evaluation import evaluate
@@ -196,7 +197,7 @@ def _browser_missing() -> str | None:
 def driver():
     reason = _browser_missing()
     if reason:
-        pytest.skip(reason)
+        missing_component(reason)  # skipped on a developer's machine, a failure in CI
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -271,3 +272,13 @@ def test_renders_in_chromium(driver, report: Path) -> None:
 
     severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert not severe, severe
+
+
+def test_a_missing_browser_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI installs Chromium: there, its absence is a failure, not a skipped test."""
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"CI=true but .*chromium"):
+        missing_component("headless browser test needs /usr/bin/chromium")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="chromium"):
+        missing_component("headless browser test needs /usr/bin/chromium")

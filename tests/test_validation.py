@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_module
 from scipy import stats
 
-pytest.importorskip("torch")
+require_module("torch", "pip install -c constraints.txt torch")
 
 from exact_tasks import LinearLossTask, exact_parameters, linear_loss_trajectory, weights
 
