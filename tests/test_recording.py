@@ -18,7 +18,7 @@ from torch import nn
 
 from simfluence.cli.main import main
 from simfluence.curricula import random_curriculum
-from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.errors import CurriculumError, RunLogError, SimfluenceError
 from simfluence.recording import (
     Examples,
     Recorder,
@@ -28,6 +28,7 @@ from simfluence.recording import (
     record_runs,
     run_seed,
 )
+from simfluence.recording.recorder import RecordingError
 from simfluence.runlog import load_runset
 from simfluence.runlog.store import list_run_files, run_path
 
@@ -467,3 +468,75 @@ def test_record_cli_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "unknown workload 'nope'" in capsys.readouterr().err
     assert main([*argv[:2], *options.split(), "--lr", "0.5", "--no-progress"]) == 2
     assert "choose another directory" in capsys.readouterr().err
+
+
+def test_recorder_rejects_bad_arguments_by_name(tmp_path: Path) -> None:
+    task = TinyTask()
+    pool, tests = task.prepare(12, 4, 0)
+    model = task.make_model(0)
+    loss = task.example_losses
+    cases = [
+        (lambda: Recorder(model, tests, loss, chunk_size=0), "chunk_size must be at least 1"),
+        (lambda: Recorder(model, tests, loss, test_ids=["a"]), "1 test ids for 4 test examples"),
+        (lambda: Recorder(model, tests.subset([]), loss), "no test examples to score"),
+        (lambda: Recorder(model, tests, loss, test_ids=["a", "a", "b", "c"]), "must be unique"),
+        (
+            lambda: Recorder(model, {"x": torch.zeros(3, 5), "y": torch.zeros(2)}, loss),
+            "share their first dimension",
+        ),
+        (lambda: Recorder(model, 42, loss), "got int"),
+        (
+            lambda: Recorder(model, tests, loss, pool=["a", "a"], directory=tmp_path / "d"),
+            "pool of training ids has duplicates",
+        ),
+    ]
+    for make, message in cases:
+        with pytest.raises(RecordingError, match=message):
+            make()
+    first = Recorder.from_task(task, model, tests, pool=pool.ids, directory=tmp_path / "set")
+    first.step(["ex-0"])
+    first.finish()
+    with pytest.raises(RunLogError, match="training id 'zz' of the given pool is not in"):
+        Recorder.from_task(task, model, tests, pool=["ex-0", "zz"], directory=tmp_path / "set")
+
+
+def test_recorder_rejects_bad_steps_and_keeps_the_rest() -> None:
+    task = TinyTask()
+    pool, tests = task.prepare(12, 4, 0)
+    rec = Recorder.from_task(task, task.make_model(0), tests, pool=pool.ids, run_id="r")
+    with pytest.raises(RecordingError, match="run 'r': no training step was recorded"):
+        rec.run()
+    with pytest.raises(CurriculumError, match="step 1: the batch must be a list of training ids"):
+        rec.step("ex-0")
+    with pytest.raises(CurriculumError, match="step 1: empty batch"):
+        rec.step([])
+    with pytest.raises(RecordingError, match="step 1: learning rate is inf"):
+        rec.step(["ex-0"], lr=float("inf"))
+    rec.step(["ex-0"], lr=0.1)
+    rec.step(np.array(["ex-1", "ex-2"]))  # numpy ids, no learning rate
+    run = rec.run()
+    assert run.curriculum == [["ex-0"], ["ex-1", "ex-2"]]
+    np.testing.assert_array_equal(run.lr, [0.1, np.nan])  # a missing rate is NaN, not dropped
+
+
+def test_recorder_scores_dicts_and_sequences_of_test_examples() -> None:
+    """Test examples may be a dict of tensors or any sliceable sequence, scored in chunks; the
+    loss function may return a list; integer ids (tensors, numpy) become strings."""
+    task = TinyTask()
+    _, tests = task.prepare(12, 4, 0)
+    model = task.make_model(0)
+    with torch.no_grad():
+        expected = task.example_losses(model, tests.tensors).numpy()
+    as_dict = Recorder(model, tests.tensors, task.example_losses, chunk_size=3)
+    np.testing.assert_allclose(as_dict.losses[0], expected, rtol=1e-12)
+    assert as_dict.test_ids == ["0", "1", "2", "3"]
+    rows = [{k: v[r] for k, v in tests.tensors.items()} for r in range(len(tests))]
+
+    def list_loss(m: nn.Module, chunk: list[dict]) -> list[float]:
+        batch = {k: torch.stack([row[k] for row in chunk]) for k in chunk[0]}
+        return task.example_losses(m, batch).tolist()
+
+    as_list = Recorder(model, rows, list_loss, test_ids=tests.ids, chunk_size=3)
+    np.testing.assert_allclose(as_list.losses[0], expected, rtol=1e-12)
+    as_list.step([torch.tensor(3), np.int64(4), 5])
+    assert as_list.curriculum == [["3", "4", "5"]]

@@ -340,3 +340,76 @@ def test_listing_ignores_temporary_files(tmp_path: Path) -> None:
     (tmp_path / "runs" / ".r2.parquet.abc.tmp").write_bytes(b"half")
     assert [p.name for p in list_run_files(tmp_path)] == ["r0.parquet", "r1.parquet"]
     assert len(load_runset(tmp_path).runs) == 2
+
+
+def _valid_gptfluence(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "src" / "run-a"
+    write_gptfluence_run(run_dir, [[1, 2], [2, 3], [3, 1]], np.ones((3, 2)), [7, 8])
+    return run_dir
+
+
+TRAIN, LOSS = "train_samples_id.json", "all_loss_trajectory.out"
+GOOD_POINTS = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+@pytest.mark.parametrize(
+    ("file", "lines", "message"),
+    [
+        (
+            TRAIN,
+            ['{"step": 1, "samples_id": [1]', ""],
+            r"run-a/train_samples_id\.json: line 1: "
+            r"not valid JSON",
+        ),
+        (TRAIN, ["", "[1, 2]"], r"train_samples_id\.json: line 2: expected a JSON object"),
+        (TRAIN, ['{"step": 1, "ids": [1]}'], "needs fields 'step' and 'samples_id'"),
+        (
+            TRAIN,
+            ['{"step": 2, "samples_id": [1]}', '{"step": 2, "samples_id": [3]}'],
+            "step 2 appears twice",
+        ),
+        (TRAIN, ['{"step": 2, "samples_id": [1]}'], r"train_samples_id\.json: no batch for step 3"),
+        (LOSS, ['{"id": 7, "trajectory": []}'], "needs fields 'id' and 'loss_trajectory'"),
+        (
+            LOSS,
+            ['{"id": 7, "loss_trajectory": [{"loss": 1.0}]}'],
+            "test example '7': every point needs an integer 'step'",
+        ),
+        (
+            LOSS,
+            ['{"id": 7, "loss_trajectory": [{"step": 1, "loss": "high"}]}'],
+            "test example '7': every point needs a numeric 'loss'",
+        ),
+        (LOSS, ["", "  "], r"all_loss_trajectory\.out: no test example trajectories"),
+        (
+            LOSS,
+            ['{"id": 7, "loss_trajectory": [{"step": 1, "loss": 1}, {"step": 3, "loss": 1}]}'],
+            "loss steps are not consecutive",
+        ),
+    ],
+)
+def test_gptfluence_import_names_the_file_line_and_field(
+    tmp_path: Path, file: str, lines: list[str], message: str
+) -> None:
+    run_dir = _valid_gptfluence(tmp_path)
+    (run_dir / file).write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunLogError, match=message):
+        import_gptfluence(tmp_path / "src")
+
+
+def test_gptfluence_import_sources(tmp_path: Path) -> None:
+    with pytest.raises(RunLogError, match="no such directory"):
+        import_gptfluence(tmp_path / "missing")
+    run_dir = _valid_gptfluence(tmp_path)
+    single = import_gptfluence(run_dir)  # a run directory itself is a source of one run
+    assert single.run_ids == ["run-a"] and single.runs[0].seed is None
+    other = tmp_path / "src" / "run-b"
+    write_gptfluence_run(other, [[1, 2], [2, 3], [3, 1]], np.ones((3, 2)), [7, 9])
+    with pytest.raises(RunLogError, match=r"run-b/all_loss_trajectory\.out: its test ids differ"):
+        import_gptfluence(tmp_path / "src")
+    (other / LOSS).unlink()
+    (other / TRAIN).unlink()
+    mixed = tmp_path / "src" / "run-c"
+    write_gptfluence_run(mixed, [["x"], [10], ["y"]], np.ones((3, 2)), [7, 8])
+    both = import_gptfluence(tmp_path / "src")
+    assert both.train_ids == ["1", "10", "2", "3", "y"]  # lexical once an id is not numeric

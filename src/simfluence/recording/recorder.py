@@ -249,7 +249,8 @@ class Recorder:
                     stop = min(start + self.chunk_size, n_tests)
                     values = self.loss_fn(self.model, self._chunk(start, stop))
                     if not isinstance(values, torch.Tensor):
-                        values = torch.as_tensor(values)
+                        # float64: a list of Python floats would otherwise become float32
+                        values = torch.as_tensor(values, dtype=torch.float64)
                     if tuple(values.shape) != (stop - start,):
                         raise RecordingError(
                             f"run {self.run_id!r}: step {step}: the loss function returned shape "
