@@ -20,7 +20,9 @@ require_module("torch", "pip install -c constraints.txt torch")
 
 from exact_tasks import LinearLossTask, exact_parameters, linear_loss_trajectory, weights
 
+from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import record_runs
+from simfluence.recording.task import Examples
 from simfluence.recording.validation import make_curricula, validate
 from simfluence.simulators import PersistenceSimulator
 from simfluence.simulators.truth import TruthSimulator
@@ -168,3 +170,25 @@ def test_fraction_beaten_counts_only_worse_random_curricula(setting: dict, tmp_p
     fraction = optimized["fraction_of_random_beaten"]
     assert fraction == np.mean(actual < randoms)
     assert 0.0 < fraction < 1.0
+
+
+def test_validate_refuses_what_it_cannot_do(setting: dict) -> None:
+    runs = setting["runs"]
+    task = LinearLossTask()
+    sims = {"persistence": PersistenceSimulator()}
+    with pytest.raises(SimfluenceError, match="unknown kind 'sideways'"):
+        validate(task, runs, sims, kinds=("sideways",), count=3)
+    with pytest.raises(SimfluenceError, match="at least 2"):
+        validate(task, runs, sims, kinds=("random",), count=1)
+    with pytest.raises(SimfluenceError, match="unknown kind 'sideways'"):
+        make_curricula("sideways", 3, runs, 0)
+    with pytest.raises(SimfluenceError, match="need a fitted simulator"):
+        make_curricula("optimized", 3, runs, 0)
+
+    class OtherTests(LinearLossTask):
+        def prepare(self, pool: int, tests: int, seed: int):  # type: ignore[no-untyped-def]
+            train, test = super().prepare(pool, tests, seed)
+            return train, Examples([f"other-{i}" for i in test.ids], test.tensors)
+
+    with pytest.raises(SimfluenceError, match="does not rebuild this run set's ids"):
+        validate(OtherTests(), runs, sims, kinds=("random",), count=2)
