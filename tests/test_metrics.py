@@ -109,3 +109,25 @@ def test_rank_metrics_score_constant_or_broken_predictions_zero() -> None:
     assert metrics.spearman_or_zero(np.arange(3.0), np.array([1.0, np.nan, 2.0])) == 0.0
     assert metrics.spearman_or_zero(np.arange(3.0), np.full(3, 2.0)) == 0.0
     assert metrics.spearman_or_zero(np.ones(3), np.arange(3.0)) == 0.0
+
+
+def test_non_finite_errors_make_an_infinite_score_and_spread() -> None:
+    true = [np.zeros((3, 2))]
+    pred = [np.array([[0.0, 0.0], [1.0, np.nan], [1.0, 0.0]])]  # trajectory 1 is NaN
+    for summary in (metrics.all_steps_mse(true, pred), metrics.all_steps_mae(true, pred)):
+        assert summary == (np.inf, np.inf)
+    assert metrics.final_step_mse(true, pred) == (0.5, 0.5)  # the NaN is not at the last step
+    finite = metrics.all_steps_mse(true, [np.nan_to_num(pred[0])])
+    assert finite == (0.5, 0.5)  # errors (1 + 1) / 2 = 1 and 0
+
+
+def test_trajectories_need_a_step_and_a_run() -> None:
+    with pytest.raises(ValueError, match="T >= 1"):
+        metrics.all_steps_mse([np.zeros((1, 3))], [np.zeros((1, 3))])
+    with pytest.raises(ValueError, match="T >= 1"):
+        metrics.final_step_mse([np.zeros(3)], [np.zeros(3)])
+    with pytest.raises(ValueError, match="no runs"):
+        metrics.final_step_spearman([], [])
+    # a (R, T + 1, M) array is R runs
+    stacked = metrics.all_steps_mae(np.zeros((2, 3, 1)), np.ones((2, 3, 1)))
+    assert stacked == (1.0, 0.0)
