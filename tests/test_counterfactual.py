@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import combinations
+from itertools import combinations, pairwise
 from pathlib import Path
 
 import numpy as np
@@ -418,3 +418,54 @@ def test_cli_mistakes_exit_2_with_one_line(
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(message, err) and len(err.splitlines()) == 1, err
+
+
+def test_search_bookkeeping_follows_its_contract(synthetic: tuple) -> None:
+    """Defaults and history: 64 random starts and a greedy one; rounds numbered from 1 with
+    growing evaluation counts and a non-increasing objective; the search stops after
+    `patience` (3) rounds without an accepted move."""
+    sim, _ = _known_optimum(synthetic[0], seed=3)
+    result = optimize_curriculum(sim, 8, 4, epochs=2, seed=5, max_seconds=None)
+    assert result.random_objectives.shape == (64,)
+    assert result.greedy_objective is not None
+    history = result.history
+    assert [h["round"] for h in history] == list(range(1, len(history) + 1))
+    evaluations = [h["evaluations"] for h in history]
+    assert evaluations == sorted(set(evaluations)) and result.evaluations == evaluations[-1]
+    objectives = [h["objective"] for h in history]
+    assert all(b <= a for a, b in pairwise(objectives))
+    assert objectives[-1] == result.objective
+    assert [h["accepted"] for h in history[-3:]] == [0, 0, 0]
+    assert len(history) == 3 or history[-4]["accepted"] > 0
+    assert result.objective <= min(result.greedy_objective, result.random_objectives.min())
+    assert 0 < result.seconds < 60
+
+
+def test_search_limits_and_candidates(synthetic: tuple) -> None:
+    sim, best = _known_optimum(synthetic[0], seed=3)
+    # no time: the best start, no round
+    timed_out = optimize_curriculum(sim, 8, 4, epochs=2, seed=5, max_seconds=0.0)
+    assert timed_out.history == []
+    assert timed_out.objective == min(timed_out.greedy_objective, timed_out.random_objectives.min())
+    # an evaluation budget stops the rounds once spent
+    capped = optimize_curriculum(sim, 8, 4, epochs=2, seed=5, greedy=False, max_evaluations=70)
+    assert capped.greedy_objective is None and len(capped.history) == 1
+    assert capped.evaluations >= 70
+    # one move per round at most
+    single = optimize_curriculum(
+        sim, 8, 4, epochs=2, seed=5, max_accept=1, n_random=4, greedy=False
+    )
+    assert max(h["accepted"] for h in single.history) == 1
+    assert len(single.random_objectives) == 4
+    # candidates: only those, even when better ones exist outside
+    allowed = sorted(set(sim.train_ids_) - best)[:12]
+    limited = optimize_curriculum(sim, 8, 4, epochs=2, seed=5, candidates=allowed)
+    assert set(_flat(limited.curriculum)) <= set(allowed)
+    with pytest.raises(SimfluenceError, match="unknown training id 'zz'"):
+        optimize_curriculum(sim, 8, 4, candidates=["zz"])
+    # unseen examples are not candidates unless asked for
+    sim.seen_ = np.array([t not in best for t in sim.train_ids_])
+    unseen_out = optimize_curriculum(sim, 8, 4, epochs=2, seed=5)
+    assert not set(_flat(unseen_out.curriculum)) & best
+    unseen_in = optimize_curriculum(sim, 8, 4, epochs=2, seed=5, include_unseen=True)
+    assert set(_flat(unseen_in.curriculum)) == best
