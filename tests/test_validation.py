@@ -192,3 +192,40 @@ def test_validate_refuses_what_it_cannot_do(setting: dict) -> None:
 
     with pytest.raises(SimfluenceError, match="does not rebuild this run set's ids"):
         validate(OtherTests(), runs, sims, kinds=("random",), count=2)
+
+
+def test_make_curricula_follows_the_protocol(setting: dict) -> None:
+    """Each kind, as documented: random curricula in the recording protocol; edits of one base
+    curriculum removing or repeating a tenth of its distinct examples (one id at least), or
+    reordering its multiset into batches of the same sizes."""
+    runs = setting["runs"]
+    per_run, batch, epochs = PROTOCOL["per_run"], PROTOCOL["batch"], PROTOCOL["epochs"]
+    randoms = make_curricula("random", 4, runs, SEED)
+    assert len(randoms) == 4 and len({str(c) for c in randoms}) == 4
+    for curriculum in randoms:
+        assert [len(b) for b in curriculum] == [batch] * (epochs * per_run // batch)
+        counts = {i: sum(b.count(i) for b in curriculum) for b in curriculum for i in b}
+        assert len(counts) == per_run and set(counts.values()) == {epochs}
+    assert make_curricula("random", 4, runs, SEED) == randoms  # deterministic in the seed
+    assert make_curricula("random", 4, runs, SEED + 1) != randoms
+    assert randoms[0] not in [r.curriculum for r in runs.runs]  # never recorded
+
+    def flat(curriculum: list[list[str]]) -> list[str]:
+        return sorted(i for b in curriculum for i in b)
+
+    left_out = make_curricula("leave-out", 3, runs, SEED)
+    base = sorted(set(flat(make_curricula("reorder", 1, runs, SEED)[0])))
+    n_edit = max(1, round(0.1 * len(base)))  # 8 distinct ids: 1
+    for curriculum in left_out:
+        kept = set(flat(curriculum))
+        assert kept < set(base) and len(set(base) - kept) == n_edit
+        assert len(flat(curriculum)) == epochs * (per_run - n_edit)
+    for curriculum in make_curricula("repeat", 3, runs, SEED):
+        assert set(flat(curriculum)) == set(base)
+        doubled = [i for i in base if flat(curriculum).count(i) == 2 * epochs]
+        assert len(doubled) == n_edit and len(flat(curriculum)) == epochs * (per_run + n_edit)
+    reordered = make_curricula("reorder", 3, runs, SEED)
+    assert len({str(c) for c in reordered}) == 3
+    for curriculum in reordered:
+        assert flat(curriculum) == flat(reordered[0])
+        assert [len(b) for b in curriculum] == [batch] * (epochs * per_run // batch)
