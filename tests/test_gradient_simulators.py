@@ -301,3 +301,42 @@ def test_projected_gradients_keep_the_scale(decaying: Path, exact_workload) -> N
         assert np.corrcoef(exact.ravel(), projected.ravel())[0, 1] > 0.9
         ratios.append(np.linalg.norm(projected) / np.linalg.norm(exact))
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.1), ratios
+
+
+def test_gradient_options_runs_checkpoints_and_missing_learning_rates(
+    decaying: Path, exact_workload, tmp_path: Path
+) -> None:
+    """``max_runs`` averages the first runs only; ``checkpoints_dir`` finds checkpoints
+    elsewhere; a run without learning rates (or a NaN one) uses the protocol's ``lr``."""
+    import dataclasses
+
+    from exact_tasks import squared_loss_gradients
+
+    from simfluence.runlog import save_runset
+
+    task, pool, tests = exact_workload
+    runs = load_runset(decaying)
+    first = configure_simulator("grad-dot", max_runs=1).fit(runs)
+    thetas, lrs = _replay(task, pool, runs.runs[0])
+    kernel = squared_loss_gradients(tests, thetas[-1]) @ squared_loss_gradients(pool, thetas[-1]).T
+    np.testing.assert_allclose(first.B_, -lrs[-1] / EXACT["batch"] * kernel, rtol=1e-9)
+    assert first.runs_used_ == 1
+
+    # the same runs without learning rates (run 0) or with a NaN one (run 1), elsewhere
+    stripped = [dataclasses.replace(runs.runs[0], lr=None)]
+    nan_lr = runs.runs[1].lr.copy()
+    nan_lr[-1] = np.nan
+    stripped.append(dataclasses.replace(runs.runs[1], lr=nan_lr))
+    copy = dataclasses.replace(runs, runs=stripped)
+    save_runset(copy, tmp_path / "copy")
+    moved = configure_simulator("grad-dot", checkpoints_dir=str(decaying)).fit(
+        load_runset(tmp_path / "copy")
+    )
+    expected = np.zeros_like(moved.B_)
+    for run in runs.runs[:2]:
+        thetas, _ = _replay(task, pool, run)
+        g_test, g_pool = (squared_loss_gradients(e, thetas[-1]) for e in (tests, pool))
+        expected -= EXACT["lr"] / EXACT["batch"] * g_test @ g_pool.T / 2
+    np.testing.assert_allclose(moved.B_, expected, rtol=1e-9)
+    with pytest.raises(SimfluenceError, match="no checkpoint"):
+        configure_simulator("grad-dot").fit(load_runset(tmp_path / "copy"))
