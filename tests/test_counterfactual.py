@@ -469,3 +469,57 @@ def test_search_limits_and_candidates(synthetic: tuple) -> None:
     assert not set(_flat(unseen_out.curriculum)) & best
     unseen_in = optimize_curriculum(sim, 8, 4, epochs=2, seed=5, include_unseen=True)
     assert set(_flat(unseen_in.curriculum)) == best
+
+
+def test_attribution_views_and_their_json_agree(synthetic: tuple) -> None:
+    """The JSON (what `simfluence attribute --json` writes) carries the views' own numbers;
+    helpful/harmful split the effects by sign, most extreme first; pairs are the top examples
+    by |effect|, sorted by |interaction|."""
+    from simfluence.counterfactual.attribution import attribution_views
+
+    runs, sim, _ = synthetic
+    run = runs.runs[1]
+    loo, steps, pairs, payload = attribution_views(
+        sim, run.curriculum, run.initial_loss, ["test-0", "test-3"], top=4, pairs=5
+    )
+    rows = loo.rows()
+    negative = sorted((r for r in rows if r[2] < 0), key=lambda r: r[2])
+    positive = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
+    assert loo.helpful(3) == negative[:3] and loo.harmful(3) == positive[:3]
+    assert loo.helpful(100) == negative and loo.harmful(100) == positive
+    assert payload["method"] == "linear" and payload["leave_one_out"] == loo.to_json()
+    assert [e["effect"] for e in payload["leave_one_out"]["effects"]] == [r[2] for r in rows]
+    by_size = sorted(rows, key=lambda r: -abs(r[2]))[:5]
+    assert sorted(pairs.train_ids) == sorted(r[0] for r in by_size)
+    np.testing.assert_allclose(
+        np.sort(np.abs(pairs.singles)), np.sort([abs(r[2]) for r in by_size])
+    )
+    interactions = [abs(p[4]) for p in pairs.pairs]
+    assert interactions == sorted(interactions, reverse=True) and len(pairs.pairs) == 10
+    assert payload["pairs"]["pairs"][0]["interaction"] == pairs.pairs[0][4]
+    assert payload["pairs"]["singles"] == dict(zip(pairs.train_ids, pairs.singles.tolist()))
+    top = payload["steps"]["top_steps"]
+    assert [s["step"] for s in top] == steps.top_steps(4) and len(top) == 4
+    for entry in top:
+        assert entry["change"] == steps.change[entry["step"] - 1]
+        assert [(e["train_id"], e["contribution"]) for e in entry["top_examples"]] == (
+            steps.top_examples(entry["step"], 5)
+        )
+    assert payload["steps"]["trajectory"] == steps.trajectory.tolist()
+    assert attribution_views(sim, run.curriculum, None, "test-0", pairs=1)[2] is None
+
+
+def test_attribution_of_a_simulator_without_parameters(synthetic: tuple) -> None:
+    """Any simulator works: the curriculum-blind mean has no per-example decomposition, and
+    removing an example changes only the length of its rollout."""
+    from simfluence.simulators import MeanTrajectorySimulator
+
+    runs = synthetic[0]
+    mean = MeanTrajectorySimulator().fit(runs)
+    run = runs.runs[0]
+    steps = step_contributions(mean, run.curriculum, run.initial_loss, "test-1")
+    expected = mean.simulate(run.curriculum, run.initial_loss)[:, 1]
+    np.testing.assert_allclose(steps.trajectory, expected, atol=1e-12)
+    assert steps.contributions is None and steps.top_examples(1, 3) == []
+    loo = leave_one_out(mean, run.curriculum, run.initial_loss, "test-1")
+    assert np.all(loo.effects == 0.0)  # no batch empties: the rollout keeps its length
