@@ -497,7 +497,9 @@ def test_attribution_views_and_their_json_agree(synthetic: tuple) -> None:
     interactions = [abs(p[4]) for p in pairs.pairs]
     assert interactions == sorted(interactions, reverse=True) and len(pairs.pairs) == 10
     assert payload["pairs"]["pairs"][0]["interaction"] == pairs.pairs[0][4]
-    assert payload["pairs"]["singles"] == dict(zip(pairs.train_ids, pairs.singles.tolist()))
+    assert payload["pairs"]["singles"] == dict(
+        zip(pairs.train_ids, pairs.singles.tolist(), strict=True)
+    )
     top = payload["steps"]["top_steps"]
     assert [s["step"] for s in top] == steps.top_steps(4) and len(top) == 4
     for entry in top:
