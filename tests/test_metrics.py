@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,28 @@ def test_trajectories_need_a_step_and_a_run() -> None:
     # a (R, T + 1, M) array is R runs
     stacked = metrics.all_steps_mae(np.zeros((2, 3, 1)), np.ones((2, 3, 1)))
     assert stacked == (1.0, 0.0)
+
+
+def test_final_step_is_the_last_row_and_default_power_is_squared() -> None:
+    true = [np.array([[0.0], [1.0], [2.0], [4.0]])]
+    pred = [np.array([[0.0], [0.0], [0.0], [1.0]])]
+    assert metrics.final_step_mse(true, pred) == (9.0, 0.0)  # (1 - 4)^2, not the row before
+    np.testing.assert_allclose(metrics.trajectory_errors(true, pred), [(1 + 4 + 9) / 3])
+
+
+def test_exploding_rollouts_are_scored_without_numpy_warnings() -> None:
+    """A diverging simulator (1e200, inf, inf - inf) is an infinitely bad prediction: scored
+    silently, not with overflow or invalid-value warnings on the user's console."""
+    true = [np.zeros((3, 2)), np.zeros((3, 2))]
+    pred = [np.array([[0.0, 0.0], [1e200, np.inf], [1e300, np.inf]]), np.ones((3, 2))]
+    pred[1][-1] = -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fn in (metrics.all_steps_mse, metrics.all_steps_mae, metrics.final_step_mse):
+            assert fn(true, pred).mean == np.inf
+        assert np.isinf(metrics.trajectory_errors(true, pred, power=2)).all()
+
+
+def test_lds_needs_the_same_curricula_and_tests() -> None:
+    with pytest.raises(ValueError):
+        metrics.linear_datamodeling_score(np.zeros((3, 2)), np.zeros((3, 3)))
