@@ -151,6 +151,7 @@ def test_linear_recovers_noiseless_truth() -> None:
     np.testing.assert_allclose(sim.B_[:, seen], truth.B[:, seen], atol=1e-4)
 
 
+@pytest.mark.slow  # the full GPTfluence-sized protocol: an acceptance check, seconds long
 def test_paper_protocol_on_synthetic_runs() -> None:
     """The issue's bar: within 2x of the truth's MSE, Spearman >= 0.9, beats mean and additive."""
     runs, truth = generate(SynthConfig())  # pool 200, 50 tests, 32 runs of 128, batch 4, 3 epochs
@@ -379,3 +380,103 @@ def test_run_folds_hold_every_run_out_exactly_once() -> None:
         assert not set(train.run_ids) & set(valid.run_ids)
         assert set(train.run_ids) | set(valid.run_ids) == set(runs.run_ids)
     assert [len(ids) for ids in held_out] == [3, 3, 2, 2, 2]  # 12 runs, by rank k mod 5
+
+
+# -- the conjugate-gradient solver's contract -------------------------------------------------
+def _normal_equation_residual(design: Design, lam: float, prior_a: float, sol) -> float:
+    """max over test examples of ||(X^T X + lam I) delta - X^T r|| / ||X^T r||, densely."""
+    N = design.counts.toarray()
+    worst = 0.0
+    for j in range(design.prev.shape[1]):
+        X = np.hstack([design.prev[:, [j]] * N, N])
+        r = design.next[:, j] - X @ np.concatenate([np.full(N.shape[1], prior_a), 0 * N[0]])
+        delta = np.concatenate([sol.delta_A[:, j], sol.delta_B[:, j]])
+        rhs = X.T @ r
+        worst = max(
+            worst,
+            np.linalg.norm((X.T @ X + lam * np.eye(X.shape[1])) @ delta - rhs)
+            / np.linalg.norm(rhs),
+        )
+    return worst
+
+
+def test_conjugate_gradients_converge_fast_and_report_it() -> None:
+    """Default tolerance 1e-8 met and reported truthfully; the block-Jacobi preconditioned CG
+    needs a few dozen iterations here (plain steepest descent or a wrong preconditioner needs
+    far more); a converged start needs none; a cap stops it exactly there."""
+    runs, _ = generate(SMALL)
+    design = Design.from_runs(runs, 4, "mean")
+    problem = LinearRidgeProblem(design, 0.25)
+    for lam in (0.01, 1.0):
+        solution = problem.solve(lam)
+        assert 0 < solution.iterations <= 60
+        assert solution.max_relative_residual <= 1e-8
+        reported = solution.max_relative_residual
+        assert _normal_equation_residual(design, lam, 0.25, solution) == pytest.approx(
+            reported, rel=1e-3
+        )
+        A, B = direct_linear_ridge(design, lam, 0.25)
+        np.testing.assert_allclose(0.25 + solution.delta_A.T, A, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(solution.delta_B.T, B, rtol=1e-6, atol=1e-7)
+        warm = problem.solve(lam, start=solution)
+        assert warm.iterations == 0
+        np.testing.assert_array_equal(warm.delta_B, solution.delta_B)
+    capped = problem.solve(1.0, max_iter=3)
+    assert capped.iterations == 3 and capped.max_relative_residual > 1e-3
+    assert capped.max_relative_residual == pytest.approx(
+        _normal_equation_residual(design, 1.0, 0.25, capped), rel=1e-6
+    )
+    sim = LinearSimulator(l2=1.0).fit(runs)
+    assert sim.cg_iterations_ == problem.solve(1.0).iterations
+    assert sim.cg_residual_ == pytest.approx(problem.solve(1.0).max_relative_residual)
+
+
+def test_a_test_example_whose_loss_never_moves_gets_no_effect() -> None:
+    """Its right-hand side is zero: the solver must leave it at the prior (A = 1/b, B = 0)
+    without dividing zero by zero, while the other test examples still converge."""
+    runs, _ = generate(SMALL)
+    still = [
+        Run(r.run_id, r.curriculum, np.column_stack([r.losses, np.full(r.n_steps + 1, 2.0)]))
+        for r in runs.runs
+    ]
+    flat = RunSet(runs.train_ids, [*runs.test_ids, "still"], still)
+    with np.errstate(all="raise"):
+        sim = LinearSimulator(l2=0.5).fit(flat)
+    assert np.all(sim.A_[-1] == 0.25) and np.all(sim.B_[-1] == 0.0)
+    reference = LinearSimulator(l2=0.5).fit(runs)
+    np.testing.assert_allclose(sim.B_[:-1], reference.B_, rtol=1e-6, atol=1e-9)
+    additive = AdditiveSimulator(l2=0.5).fit(flat)
+    np.testing.assert_allclose(additive.B_[-1], 0.0, atol=1e-12)
+
+
+def test_cross_validation_uses_its_own_tolerance_and_default_folds() -> None:
+    """`cv_tol` governs the CV solves only (a loose one moves the CV errors, not the final
+    fit); the default is 4 folds of whole runs."""
+    runs, _ = generate(SMALL)
+    exact = [[lam, _held_out_mse(runs, lam, LinearSimulator, 4)] for lam in (100.0, 3.0)]
+    default = LinearSimulator(l2_grid=[100.0, 3.0], patience=2).fit(runs)
+    np.testing.assert_allclose(default.cv_mse_, exact, rtol=1e-4)
+    loose = LinearSimulator(l2_grid=[100.0, 3.0], patience=2, cv_tol=0.3).fit(runs)
+    assert abs(loose.cv_mse_[1][1] - exact[1][1]) > 1e-6 * exact[1][1]
+    assert loose.cg_residual_ <= 1e-8  # the final fit is still solved to `tol`
+
+
+def test_cross_validation_stops_after_patience_rises() -> None:
+    """The CV error on this set falls to l2 = 3 and then rises: the search stops after
+    `patience` rises past the minimum, never earlier."""
+    runs, _ = generate(SMALL)
+    grid = [100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01]
+    full = LinearSimulator(l2_grid=grid, patience=len(grid)).fit(runs).cv_mse_
+    errors = [mse for _, mse in full]
+    best = int(np.argmin(errors))
+    assert 0 < best < len(grid) - 3 and len(full) == len(grid)
+    for patience in (1, 2):
+        curve = LinearSimulator(l2_grid=grid, patience=patience).fit(runs).cv_mse_
+        rises, stop = 0, len(grid)
+        for k, mse in enumerate(errors):
+            rises = 0 if mse < min(errors[:k], default=np.inf) else rises + 1
+            if rises >= patience:
+                stop = k + 1
+                break
+        assert len(curve) == stop < len(grid)
+        np.testing.assert_allclose(curve, full[:stop], rtol=1e-3)
