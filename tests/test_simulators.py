@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -480,3 +481,71 @@ def test_cross_validation_stops_after_patience_rises() -> None:
                 break
         assert len(curve) == stop < len(grid)
         np.testing.assert_allclose(curve, full[:stop], rtol=1e-3)
+
+
+# -- the simulator contract, value by value -----------------------------------------------------
+def test_contract_attributes_and_encoded_rollouts() -> None:
+    runs, _ = generate(SMALL)
+    sim = LinearSimulator(l2=0.5, unseen="prior")
+    assert repr(sim).startswith(
+        "LinearSimulator(l2=0.5, l2_grid=[0.01,"
+    ) and "unseen='prior'" in repr(sim)
+    sim.fit(runs)
+    np.testing.assert_allclose(sim.initial_loss_, np.mean([r.initial_loss for r in runs.runs], 0))
+    assert sim.train_ids_ == runs.train_ids and sim.test_ids_ == runs.test_ids
+    assert sim.batch_size_ == 4.0  # the median batch (epochs end with a batch of 2)
+    curricula = [r.curriculum for r in runs.runs[:3]]
+    many = sim.simulate_many(curricula, sim.initial_loss_)  # (M,) is shared by all
+    encoded = sim.simulate_encoded(sim.encode(curricula), sim.initial_loss_)
+    for a, b, c in zip(many, encoded, curricula, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, sim.simulate(c, sim.initial_loss_))
+    with pytest.raises(CurriculumError, match="NaN or infinite"):
+        sim.simulate(curricula[0], np.full(len(runs.test_ids), np.nan))
+    with pytest.raises(CurriculumError, match=r"expected \(2, 4\)"):
+        sim.simulate_many(curricula[:2], np.zeros((3, 4)))
+    with pytest.raises(SimfluenceError, match="no runs"):
+        LinearSimulator().fit(RunSet(runs.train_ids, runs.test_ids, []))
+    with pytest.raises(SimfluenceError, match="unseen='maybe'"):
+        LinearSimulator(l2=1.0, unseen="maybe").fit(runs)
+
+
+def test_many_curricula_in_chunks_and_threads_equal_one_by_one() -> None:
+    """Rollouts are vectorized in chunks of curricula, on threads: the same numbers as one
+    curriculum at a time."""
+    from simfluence.simulators.dynamics import rollout
+
+    runs, _ = generate(SMALL)
+    sim = LinearSimulator(l2=0.5).fit(runs)
+    curricula = [r.curriculum[: 2 + k % 9] for k, r in enumerate(runs.runs * 6)]  # 72
+    initial = np.stack([r.initial_loss for r in runs.runs * 6])
+    counts = sim.encode(curricula)
+    alone = [rollout([c], sim.A_, sim.B_, initial[k : k + 1])[0] for k, c in enumerate(counts)]
+    for chunk, threads in ((64, None), (5, 3), (100, 1)):
+        together = rollout(counts, sim.A_, sim.B_, initial, chunk=chunk, threads=threads)
+        for a, b in zip(together, alone, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_exploding_rollouts_are_infinite_without_warnings() -> None:
+    runs = RunSet(["a"], ["t"], [Run("r", [["a"], ["a"]], [[1.0], [2.0], [4.0]])])
+    sim = LinearSimulator(l2=1e-6).fit(runs)
+    sim.A_ = np.array([[1e200]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sim.simulate([["a"]] * 3, np.array([1.0]))
+    assert np.isinf(out[-1, 0]) and out[1, 0] == pytest.approx(1e200 + sim.B_[0, 0])
+
+
+def test_truth_needs_its_file_and_matching_shapes(tmp_path: Path) -> None:
+    from simfluence.simulators.truth import TruthSimulator
+
+    runs, truth = generate(SMALL)
+    with pytest.raises(SimfluenceError, match="only synthetic run sets have one"):
+        TruthSimulator(str(tmp_path / "none.npz")).fit(runs)
+    np.savez(tmp_path / "small.npz", A=truth.A[:, :3], B=truth.B[:, :3])
+    with pytest.raises(SimfluenceError, match="does not match"):
+        TruthSimulator(str(tmp_path / "small.npz")).fit(runs)
+    np.savez(tmp_path / "t.npz", A=truth.A, B=truth.B)
+    sim = TruthSimulator(str(tmp_path / "t.npz")).fit(runs)
+    assert sim.seen_.all() and np.array_equal(sim.A_, truth.A)
