@@ -301,6 +301,20 @@ def test_projected_gradients_keep_the_scale(decaying: Path, exact_workload) -> N
         assert np.corrcoef(exact.ravel(), projected.ravel())[0, 1] > 0.9
         ratios.append(np.linalg.norm(projected) / np.linalg.norm(exact))
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.1), ratios
+    assert len(set(ratios)) == len(ratios)  # each seed its own projection (and cache entry)
+
+
+def test_kernel_cache_keys_on_every_setting(decaying: Path, exact_workload) -> None:
+    """Per-checkpoint kernels are shared between simulators of one process, but never across
+    settings that change them (damping, curvature, projection)."""
+    runs = load_runset(decaying)
+    weak = configure_simulator("influence", damping=0.1).fit(runs).B_
+    strong = configure_simulator("influence", damping=10.0).fit(runs).B_
+    assert np.abs(strong).max() < 0.5 * np.abs(weak).max()  # more damping, smaller effects
+    again = configure_simulator("influence", damping=0.1).fit(runs).B_
+    np.testing.assert_array_equal(again, weak)
+    tracin = configure_simulator("grad-dot").fit(runs).B_
+    assert not np.allclose(tracin, weak)  # influence is not served TracIn's kernel
 
 
 def test_gradient_options_runs_checkpoints_and_missing_learning_rates(
