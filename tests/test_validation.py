@@ -16,12 +16,12 @@ import pytest
 from conftest import require_module
 from scipy import stats
 
-require_module("torch", "pip install -c constraints.txt torch")
+torch = require_module("torch", "pip install -c constraints.txt torch")
 
 from exact_tasks import LinearLossTask, exact_parameters, linear_loss_trajectory, weights
 
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import record_runs
+from simfluence.recording.runner import record_runs, train_on_curriculum
 from simfluence.recording.task import Examples
 from simfluence.recording.validation import make_curricula, validate
 from simfluence.simulators import PersistenceSimulator
@@ -229,3 +229,43 @@ def test_make_curricula_follows_the_protocol(setting: dict) -> None:
     for curriculum in reordered:
         assert flat(curriculum) == flat(reordered[0])
         assert [len(b) for b in curriculum] == [batch] * (epochs * per_run // batch)
+
+
+class NoisyLossTask(LinearLossTask):
+    """`LinearLossTask` whose *training* loss carries seeded noise, so runs depend on the seed."""
+
+    name = "exact-noisy-loss"
+
+    def example_losses(self, model, inputs):  # type: ignore[no-untyped-def]
+        losses = super().example_losses(model, inputs)
+        if model.training:
+            losses = losses + 0.5 * torch.randn(losses.shape, dtype=losses.dtype)
+        return losses
+
+
+def test_validate_trains_each_curriculum_with_its_own_seed(setting: dict) -> None:
+    """Curriculum k of a kind is trained from the recorded initial model with seed
+    ``seed + k``; progress sees every kind's curricula; without both kinds there is no
+    optimized summary."""
+    task = NoisyLossTask()
+    runs = setting["runs"]
+    seen: list[int] = []
+
+    def progress(items, total):  # type: ignore[no-untyped-def]
+        seen.append(total)
+        return items
+
+    sims = {"persistence": PersistenceSimulator()}
+    result = validate(task, runs, sims, kinds=("random",), count=3, seed=4, progress=progress)
+    assert seen == [3] and "optimized" not in result
+    assert result["curricula_per_kind"] == 3 and result["seed"] == 4
+    pool, tests = task.prepare(PROTOCOL["pool"], PROTOCOL["tests"], PROTOCOL["seed"])
+    model = task.make_model(PROTOCOL["seed"])
+    true = [
+        train_on_curriculum(task, model, pool, tests, c, PROTOCOL["lr"], 4 + k).losses
+        for k, c in enumerate(make_curricula("random", 3, runs, 4))
+    ]
+    pred = [np.repeat(t[:1], len(t), axis=0) for t in true]
+    expected = _reference_scores(true, pred)["all_steps_mse"]
+    got = result["kinds"]["random"]["methods"]["persistence"]["all_steps_mse"]
+    assert got == pytest.approx(expected, rel=1e-12)
