@@ -239,7 +239,7 @@ class NoisyLossTask(LinearLossTask):
     def example_losses(self, model, inputs):  # type: ignore[no-untyped-def]
         losses = super().example_losses(model, inputs)
         if model.training:
-            losses = losses + 0.5 * torch.randn(losses.shape, dtype=losses.dtype)
+            losses = losses * (1 + 0.5 * torch.randn(losses.shape, dtype=losses.dtype))
         return losses
 
 
