@@ -525,3 +525,48 @@ def test_attribution_of_a_simulator_without_parameters(synthetic: tuple) -> None
     assert steps.contributions is None and steps.top_examples(1, 3) == []
     loo = leave_one_out(mean, run.curriculum, run.initial_loss, "test-1")
     assert np.all(loo.effects == 0.0)  # no batch empties: the rollout keeps its length
+
+
+def test_search_starts_and_layouts(synthetic: tuple) -> None:
+    """The greedy start is the optimum when effects add up; random starts follow the recording
+    protocol (the same K distinct examples every epoch); one round can take several moves; a
+    single batch per epoch makes every swap-in proposable, so one idle round ends the search."""
+    sim, best = _known_optimum(synthetic[0], seed=11)
+    greedy_only = optimize_curriculum(sim, 8, 4, epochs=2, seed=2, max_seconds=0.0, n_random=1)
+    assert set(_flat(greedy_only.curriculum)) == best
+    assert greedy_only.objective == greedy_only.greedy_objective
+    random_only = optimize_curriculum(sim, 10, 4, epochs=3, seed=2, max_seconds=0.0, greedy=False)
+    batches = random_only.curriculum
+    assert [len(b) for b in batches] == [4, 4, 2] * 3
+    epochs = [sorted(_flat(batches[3 * e : 3 * e + 3])) for e in range(3)]
+    assert len(set(epochs[0])) == 10 and epochs[0] == epochs[1] == epochs[2]
+    assert random_only.objective == random_only.random_objectives.min()
+    climbing = optimize_curriculum(sim, 8, 4, epochs=2, seed=2, greedy=False, n_random=1)
+    assert climbing.history[0]["accepted"] > 1 and set(_flat(climbing.curriculum)) == best
+    one_batch = optimize_curriculum(sim, 4, 4, epochs=2, seed=2, greedy=False, n_random=1)
+    assert one_batch.history[-1]["accepted"] == 0
+    assert len(one_batch.history) == 1 or one_batch.history[-2]["accepted"] > 0
+    with pytest.raises(SimfluenceError, match="at least 1"):
+        optimize_curriculum(sim, 4, 0)
+
+
+def test_search_with_sum_weighting_and_without_parameters(synthetic: tuple) -> None:
+    """The search's own rollout equals `simulate` for raw-sum batch weighting too; a simulator
+    without parameters (the curriculum-blind mean) is searched through `simulate_many`."""
+    from simfluence.simulators import MeanTrajectorySimulator
+
+    runs = synthetic[0]
+    summed = LinearSimulator(l2=1.0, batch_weighting="sum").fit(runs)
+    cols = np.array([1, 2])
+    evaluate = _Evaluator(summed, cols, summed.initial_loss_, 3)
+    layouts = _random_layouts(np.arange(40), 10, 2, 3, np.random.default_rng(1))
+    for layout, value in zip(layouts, evaluate(layouts), strict=True):
+        c = evaluate.curriculum(layout)
+        assert value == pytest.approx(
+            _brute_final(summed, c, summed.initial_loss_, cols), abs=1e-10
+        )
+    mean = MeanTrajectorySimulator().fit(runs)
+    result = optimize_curriculum(mean, 8, 4, epochs=2, objective="test-3", seed=0, n_random=4)
+    expected = mean.initial_loss_[3] + mean.mean_change_[4, 3]
+    assert result.objective == pytest.approx(expected, abs=1e-12)
+    np.testing.assert_allclose(result.random_objectives, expected, atol=1e-12)

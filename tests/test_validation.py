@@ -232,7 +232,7 @@ def test_make_curricula_follows_the_protocol(setting: dict) -> None:
 
 
 class NoisyLossTask(LinearLossTask):
-    """`LinearLossTask` whose *training* loss carries seeded noise, so runs depend on the seed."""
+    """`LinearLossTask` whose *training* loss is scaled by seeded noise: runs depend on the seed."""
 
     name = "exact-noisy-loss"
 
