@@ -570,3 +570,20 @@ def test_search_with_sum_weighting_and_without_parameters(synthetic: tuple) -> N
     expected = mean.initial_loss_[3] + mean.mean_change_[4, 3]
     assert result.objective == pytest.approx(expected, abs=1e-12)
     np.testing.assert_allclose(result.random_objectives, expected, atol=1e-12)
+
+
+def test_attribution_inputs_are_checked(synthetic: tuple) -> None:
+    runs, sim, _ = synthetic
+    run = runs.runs[0]
+    with pytest.raises(SimfluenceError, match="no test ids given"):
+        leave_one_out(sim, run.curriculum, None, [])
+    with pytest.raises(CurriculumError, match=r"initial loss has shape \(2,\), expected \(6,\)"):
+        leave_one_out(sim, run.curriculum, np.zeros(2), "test-0")
+    assert pair_interactions(sim, run.curriculum, None, "test-0", top=-3).pairs == []
+    steps = step_contributions(sim, run.curriculum, None, "test-0")
+    assert steps.top_steps(2) == [
+        int(t) + 1 for t in np.argsort(-np.abs(steps.change), kind="stable")[:2]
+    ]
+    assert len(steps.to_json(top=3, per_step=2)["top_steps"]) == 3
+    assert all(len(s["top_examples"]) == 2 for s in steps.to_json(top=3, per_step=2)["top_steps"])
+    assert steps.test_ids == ["test-0"] and steps.trajectory[0] == sim.initial_loss_[0]
