@@ -102,6 +102,7 @@ def test_missing_checkpoints_name_the_run_and_step(recorded: Path, tmp_path: Pat
         configure_simulator("grad-dot").fit(load_runset(broken))
 
 
+@pytest.mark.slow
 def test_evaluate_and_validate_commands(recorded: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     methods = "linear,tracin-cp,tracin-cp-scaled,grad-dot,influence,mean"
