@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import require_module
 
-require_module("torch", "pip install -c constraints.txt torch")
+torch = require_module("torch", "pip install -c constraints.txt torch")
 require_module("sklearn", "pip install scikit-learn")
 
 from simfluence.attribution.tracin import tracin_cp_scores
@@ -17,7 +19,7 @@ from simfluence.cli.main import main
 from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import checkpoint_path, load_checkpoint, record_runs
 from simfluence.recording.workloads import get_workload
-from simfluence.runlog import load_runset
+from simfluence.runlog import RunSet, load_runset
 from simfluence.simulators import AdditiveSimulator, configure_simulator, rollout
 
 TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, seed=0)
@@ -355,3 +357,57 @@ def test_gradient_options_runs_checkpoints_and_missing_learning_rates(
     np.testing.assert_allclose(moved.B_, expected, rtol=1e-9)
     with pytest.raises(SimfluenceError, match="no checkpoint"):
         configure_simulator("grad-dot").fit(load_runset(tmp_path / "copy"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_influence_with_the_exact_hessian(decaying: Path, exact_workload) -> None:
+    """``curvature="hessian"``: for the squared loss the Hessian of the mean pool loss is
+    ``X^T X / n`` whatever the checkpoint; damping stays relative to the Fisher's mean
+    eigenvalue."""
+    from exact_tasks import features, squared_loss_gradients
+
+    task, pool, tests = exact_workload
+    runs = load_runset(decaying)
+    sim = configure_simulator("influence", curvature="hessian", damping=0.5).fit(runs)
+    x = features(pool)
+    hessian = x.T @ x / len(pool)
+    expected = np.zeros_like(sim.B_)
+    for run in runs.runs:
+        thetas, lrs = _replay(task, pool, run)
+        g_pool = squared_loss_gradients(pool, thetas[-1])
+        g_test = squared_loss_gradients(tests, thetas[-1])
+        lam = 0.5 * (g_pool**2).sum() / len(pool) / g_pool.shape[1]
+        damped = hessian + lam * np.eye(len(hessian))
+        expected -= lrs[-1] / EXACT["batch"] * g_test @ np.linalg.solve(damped, g_pool.T)
+    np.testing.assert_allclose(sim.B_, expected / len(runs.runs), rtol=1e-6, atol=1e-12)
+
+
+def test_gradient_simulators_need_their_run_set(
+    decaying: Path, exact_workload, tmp_path: Path
+) -> None:
+    """Default projection seed 0; checkpoints re-read when a file changes; clear errors for run
+    sets without checkpoints directory or workload config."""
+    runs = load_runset(decaying)
+    seeded = configure_simulator("grad-dot", projection_dim=64, projection_seed=0).fit(runs).B_
+    default = configure_simulator("grad-dot", projection_dim=64).fit(runs).B_
+    np.testing.assert_array_equal(default, seeded)
+
+    in_memory = RunSet(runs.train_ids, runs.test_ids, runs.runs, runs.metadata)
+    with pytest.raises(SimfluenceError, match="no directory to find checkpoints"):
+        configure_simulator("grad-dot").fit(in_memory)
+    bare = RunSet(runs.train_ids, runs.test_ids, runs.runs, {})
+    with pytest.raises(SimfluenceError, match="not recorded by `simfluence record`"):
+        configure_simulator("grad-dot").fit(bare)
+    with pytest.raises(ValueError, match="unknown workload 'nope'"):
+        configure_simulator("grad-dot", workload="nope").fit(runs)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(decaying, copy)
+    before = configure_simulator("grad-dot").fit(load_runset(copy)).B_
+    for run in runs.runs:  # the final checkpoints change (as after re-recording)
+        path = checkpoint_path(copy, run.run_id, EXACT_STEPS)
+        state = torch.load(path, weights_only=True)
+        torch.save({k: 2 * v for k, v in state.items()}, path)
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    after = configure_simulator("grad-dot").fit(load_runset(copy)).B_
+    assert not np.allclose(before, after)
