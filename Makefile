@@ -23,7 +23,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --cov --cov-report=term-missing:skip-covered
 
-# mutation testing of the core math (mutmut; docs/mutation-testing.md): about 15 minutes on 2 cores
+# mutation testing of the core math (mutmut; docs/mutation-testing.md; MUTATE_JOBS workers)
 mutate: setup
 	rm -rf mutants
 	$(VENV)/bin/mutmut run --max-children $(or $(MUTATE_JOBS),2) > mutants.log 2>&1 || (tail -n 40 mutants.log; exit 1)
