@@ -37,3 +37,17 @@ def require_module(name: str, install: str) -> object:
         if in_ci():
             pytest.fail(f"CI=true but {reason}", pytrace=False)
         pytest.skip(reason, allow_module_level=True)
+
+
+def _preload_torch_optimizers() -> None:
+    """Creating the first torch optimizer imports ``torch._dynamo``: seconds. Done once at
+    collection, it is shared by every process forked from this one (mutation testing forks one
+    per mutant), instead of being paid again in each."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+_preload_torch_optimizers()
