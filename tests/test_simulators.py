@@ -549,3 +549,29 @@ def test_truth_needs_its_file_and_matching_shapes(tmp_path: Path) -> None:
     np.savez(tmp_path / "t.npz", A=truth.A, B=truth.B)
     sim = TruthSimulator(str(tmp_path / "t.npz")).fit(runs)
     assert sim.seen_.all() and np.array_equal(sim.A_, truth.A)
+
+
+def test_solver_and_search_defaults() -> None:
+    """At most 1000 CG iterations by default (a tolerance of 0 is never met); the CV stops
+    after 2 rises by default; raw-sum batch weighting reaches the CV rollouts too."""
+    runs, _ = generate(SMALL)
+    problem = LinearRidgeProblem(Design.from_runs(runs, 4, "mean"), 0.25)
+    assert problem.solve(1.0, tol=0.0).iterations == 1000
+    assert LinearSimulator(l2=1.0, tol=0.0).fit(runs).cg_iterations_ == 1000
+    grid = [100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01]
+    two = LinearSimulator(l2_grid=grid, patience=2).fit(runs).cv_mse_
+    assert LinearSimulator(l2_grid=grid).fit(runs).cv_mse_ == two
+    summed = LinearSimulator(l2_grid=[3.0, 1.0], batch_weighting="sum", cv_folds=3).fit(runs)
+    expected = 0.0
+    ordered = sorted(runs.run_ids)
+    for fold in range(3):
+        held = [r for k, r in enumerate(ordered) if k % 3 == fold]
+        train = runs.subset([r for r in ordered if r not in held])
+        ref = LinearSimulator(l2=3.0, unseen="prior", batch_weighting="sum").fit(train)
+        valid = runs.subset(held)
+        pred = ref.simulate_many(
+            [r.curriculum for r in valid.runs], np.stack([r.initial_loss for r in valid.runs])
+        )
+        true = np.stack([r.losses for r in valid.runs])
+        expected += float(((np.stack(pred)[:, 1:] - true[:, 1:]) ** 2).mean()) / 3
+    assert summed.cv_mse_[0][1] == pytest.approx(expected, rel=1e-3)
