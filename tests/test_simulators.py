@@ -446,7 +446,9 @@ def test_a_test_example_whose_loss_never_moves_gets_no_effect() -> None:
     assert np.all(sim.A_[-1] == 0.25) and np.all(sim.B_[-1] == 0.0)
     reference = LinearSimulator(l2=0.5).fit(runs)
     np.testing.assert_allclose(sim.B_[:-1], reference.B_, rtol=1e-6, atol=1e-9)
-    additive = AdditiveSimulator(l2=0.5).fit(flat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either (numpy's deprecations included)
+        additive = AdditiveSimulator(l2=0.5).fit(flat)
     np.testing.assert_allclose(additive.B_[-1], 0.0, atol=1e-12)
 
 
@@ -575,3 +577,18 @@ def test_solver_and_search_defaults() -> None:
         true = np.stack([r.losses for r in valid.runs])
         expected += float(((np.stack(pred)[:, 1:] - true[:, 1:]) ** 2).mean()) / 3
     assert summed.cv_mse_[0][1] == pytest.approx(expected, rel=1e-3)
+
+
+def test_cross_validation_stops_when_l2_cannot_matter() -> None:
+    """Losses that never move leave every parameter at "no effect" for any l2: all CV errors
+    tie at 0, which is no improvement, so the search stops after `patience` (2) rises and
+    keeps the least smoothing among the ties."""
+    runs, _ = generate(SMALL)
+    flat = RunSet(
+        runs.train_ids,
+        runs.test_ids,
+        [Run(r.run_id, r.curriculum, np.ones_like(r.losses)) for r in runs.runs],
+    )
+    sim = LinearSimulator().fit(flat)
+    assert sim.cv_mse_ == [[100.0, 0.0], [30.0, 0.0], [10.0, 0.0]]
+    assert sim.l2_ == 10.0 and np.all(sim.B_ == 0.0)
