@@ -560,6 +560,7 @@ def test_solver_and_search_defaults() -> None:
     problem = LinearRidgeProblem(Design.from_runs(runs, 4, "mean"), 0.25)
     assert problem.solve(1.0, tol=0.0).iterations == 1000
     assert LinearSimulator(l2=1.0, tol=0.0).fit(runs).cg_iterations_ == 1000
+    assert LinearSimulator(l2=1.0, tol=0.0, max_iter=7).fit(runs).cg_iterations_ == 7
     grid = [100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01]
     two = LinearSimulator(l2_grid=grid, patience=2).fit(runs).cv_mse_
     assert LinearSimulator(l2_grid=grid).fit(runs).cv_mse_ == two
