@@ -593,3 +593,18 @@ def test_cross_validation_stops_when_l2_cannot_matter() -> None:
     sim = LinearSimulator().fit(flat)
     assert sim.cv_mse_ == [[100.0, 0.0], [30.0, 0.0], [10.0, 0.0]]
     assert sim.l2_ == 10.0 and np.all(sim.B_ == 0.0)
+
+
+def test_additive_rollout_matches_a_plain_loop() -> None:
+    runs, _ = generate(SMALL)
+    sim = AdditiveSimulator(l2=0.5).fit(runs)
+    index = {t: i for i, t in enumerate(sim.train_ids_)}
+    curricula = [runs.runs[0].curriculum, runs.runs[1].curriculum[:5]]  # lengths differ
+    initial = np.stack([runs.runs[0].initial_loss, runs.runs[1].initial_loss])
+    for k, traj in enumerate(sim.simulate_many(curricula, initial)):
+        L = initial[k].copy()
+        expected = [L.copy()]
+        for batch in curricula[k]:
+            L = L + sim.batch_size_ / len(batch) * sim.B_[:, [index[i] for i in batch]].sum(1)
+            expected.append(L.copy())
+        np.testing.assert_allclose(traj, np.array(expected), rtol=1e-12)
