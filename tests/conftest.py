@@ -50,4 +50,5 @@ def _preload_torch_optimizers() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
-_preload_torch_optimizers()
+if "MUTANT_UNDER_TEST" in os.environ:  # set by mutmut in the process it forks workers from
+    _preload_torch_optimizers()
