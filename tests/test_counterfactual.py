@@ -509,6 +509,19 @@ def test_attribution_views_and_their_json_agree(synthetic: tuple) -> None:
         )
     assert payload["steps"]["trajectory"] == steps.trajectory.tolist()
     assert attribution_views(sim, run.curriculum, None, "test-0", pairs=1)[2] is None
+    # the documented JSON layout (docs/counterfactuals.md), key by key
+    assert set(payload) == {"method", "sign_convention", "leave_one_out", "steps", "pairs"}
+    assert payload["sign_convention"].startswith("effect = L_T(with) - L_T(without)")
+    assert set(payload["leave_one_out"]) == {"sign_convention", "test_ids", "final_loss", "effects"}
+    assert set(payload["leave_one_out"]["effects"][0]) == {"train_id", "count", "effect"}
+    assert set(payload["steps"]) == {"test_ids", "trajectory", "change", "top_steps"}
+    assert set(top[0]) == {"step", "change", "top_examples"}
+    assert set(top[0]["top_examples"][0]) == {"train_id", "contribution"}
+    assert set(payload["pairs"]) == {"sign_convention", "test_ids", "singles", "pairs"}
+    assert set(payload["pairs"]["pairs"][0]) == {"i", "j", "joint", "additive", "interaction"}
+    assert payload["pairs"]["sign_convention"].endswith(
+        "interaction = joint - (effect_i + effect_j)"
+    )
 
 
 def test_attribution_of_a_simulator_without_parameters(synthetic: tuple) -> None:
@@ -525,6 +538,7 @@ def test_attribution_of_a_simulator_without_parameters(synthetic: tuple) -> None
     assert steps.contributions is None and steps.top_examples(1, 3) == []
     loo = leave_one_out(mean, run.curriculum, run.initial_loss, "test-1")
     assert np.all(loo.effects == 0.0)  # no batch empties: the rollout keeps its length
+    assert loo.helpful(5) == [] and loo.harmful(5) == []  # zero effects are neither
 
 
 def test_search_starts_and_layouts(synthetic: tuple) -> None:
@@ -575,6 +589,11 @@ def test_search_with_sum_weighting_and_without_parameters(synthetic: tuple) -> N
 def test_attribution_inputs_are_checked(synthetic: tuple) -> None:
     runs, sim, _ = synthetic
     run = runs.runs[0]
+    with pytest.raises(
+        SimfluenceError,
+        match=r"6 test examples \('test-0', 'test-1', 'test-2', 'test-3', 'test-4', \.\.\.",
+    ):
+        leave_one_out(sim, run.curriculum, None, ["test-9"])
     with pytest.raises(SimfluenceError, match="no test ids given"):
         leave_one_out(sim, run.curriculum, None, [])
     with pytest.raises(CurriculumError, match=r"initial loss has shape \(2,\), expected \(6,\)"):
