@@ -24,6 +24,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import record_runs, train_on_curriculum
 from simfluence.recording.task import Examples
 from simfluence.recording.validation import make_curricula, validate
+from simfluence.runlog import Run, RunSet
 from simfluence.simulators import PersistenceSimulator
 from simfluence.simulators.truth import TruthSimulator
 
@@ -57,16 +58,33 @@ def _reference_scores(true: list[np.ndarray], pred: list[np.ndarray]) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunSet]:
+    """The recorded runs and the exact parameters, written once."""
     task = LinearLossTask()
     root = tmp_path_factory.mktemp("exact")
     runs = record_runs(task, root / "runs", progress=False, **PROTOCOL)
     pool, tests = task.prepare(PROTOCOL["pool"], PROTOCOL["tests"], PROTOCOL["seed"])
     A, B = exact_parameters(pool, tests, PROTOCOL["lr"], PROTOCOL["batch"])
-    # a second, wrong model: every training example's effect rescaled by a known factor
-    scale = np.random.default_rng(5).uniform(0.0, 2.0, len(pool))
     np.savez(root / "exact.npz", A=A, B=B)
-    np.savez(root / "scaled.npz", A=A, B=B * scale)
+    # a second, wrong model: every training example's effect rescaled by a known factor
+    np.savez(root / "scaled.npz", A=A, B=B * _scale(len(pool)))
+    return root, runs
+
+
+def _scale(n: int) -> np.ndarray:
+    """The wrong model's factor on each training example's effect."""
+    return np.random.default_rng(5).uniform(0.0, 2.0, n)
+
+
+@pytest.fixture()
+def setting(recorded: tuple[Path, RunSet]) -> dict:
+    """`validate` on the recorded runs, run again for every test that reads it (so mutation
+    testing, which runs only the tests that call a function, sees each of them call it)."""
+    root, runs = recorded
+    task = LinearLossTask()
+    pool, tests = task.prepare(PROTOCOL["pool"], PROTOCOL["tests"], PROTOCOL["seed"])
+    _, B = exact_parameters(pool, tests, PROTOCOL["lr"], PROTOCOL["batch"])
+    scale = _scale(len(pool))
     simulators = {
         "exact": TruthSimulator(str(root / "exact.npz")),
         "scaled": TruthSimulator(str(root / "scaled.npz")),
@@ -269,3 +287,50 @@ def test_validate_trains_each_curriculum_with_its_own_seed(setting: dict) -> Non
     expected = _reference_scores(true, pred)["all_steps_mse"]
     got = result["kinds"]["random"]["methods"]["persistence"]["all_steps_mse"]
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_edit_kinds_edit_a_tenth_of_a_larger_base() -> None:
+    """With 50 distinct examples per run a tenth is 5: exactly 5 distinct ids are left out or
+    repeated per variant, none twice; random curricula never replay the edits' base."""
+    ids = [f"ex-{k}" for k in range(80)]
+    config = {"per_run": 50, "batch": 5, "epochs": 2}
+    runs = RunSet(ids, ["t"], [Run("r", [ids[:5]], [[1.0], [0.5]])], {"config": config})
+    flat = [sorted(i for b in c for i in b) for c in make_curricula("reorder", 1, runs, 1)]
+    base = set(flat[0])
+    for curriculum in make_curricula("leave-out", 20, runs, 1):
+        kept = {i for b in curriculum for i in b}
+        assert len(base - kept) == 5 and kept < base
+    for curriculum in make_curricula("repeat", 20, runs, 1):
+        counts = [sum(b.count(i) for b in curriculum) for i in sorted(base)]
+        assert sorted(counts) == [2] * 45 + [4] * 5
+    for curriculum in make_curricula("random", 5, runs, 1):
+        assert sorted(i for b in curriculum for i in b) != flat[0]
+
+
+def test_optimized_curricula_are_deterministic_and_in_the_protocol(recorded) -> None:  # type: ignore[no-untyped-def]
+    root, runs = recorded
+    optimizer = TruthSimulator(str(root / "exact.npz")).fit(runs)
+    first = make_curricula("optimized", 2, runs, SEED, optimizer)
+    assert make_curricula("optimized", 2, runs, SEED, optimizer) == first
+    assert first[0] != first[1]  # each search its own seed: another order of the same set
+    for curriculum in first:
+        assert [len(b) for b in curriculum] == [PROTOCOL["batch"]] * 4  # 2 epochs x 8 / 4
+
+
+def test_validate_defaults_and_checks_kinds_before_training(recorded) -> None:  # type: ignore[no-untyped-def]
+    """20 curricula per kind and seed 0 by default; an unknown kind stops it before any
+    training."""
+    _, runs = recorded
+    sims = {"persistence": PersistenceSimulator()}
+    result = validate(LinearLossTask(), runs, sims, kinds=("reorder",))
+    assert result["curricula_per_kind"] == 20 and result["seed"] == 0
+    assert result["kinds"]["reorder"]["curricula"] == 20
+    trained: list[int] = []
+
+    def progress(items, total):  # type: ignore[no-untyped-def]
+        trained.append(total)
+        return items
+
+    with pytest.raises(SimfluenceError, match="unknown kind 'sideways'"):
+        validate(LinearLossTask(), runs, sims, kinds=("random", "sideways"), progress=progress)
+    assert trained == []
