@@ -31,19 +31,36 @@ DETECTED = {"killed", "timeout"}
 DEFAULT_EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.toml")
 
 
-def mutant_statuses() -> dict[str, str]:
-    """``{mutant name: status}`` of every mutant of the last run, from ``mutmut results``."""
+STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"}
+
+
+def mutant_statuses() -> dict[str, tuple[str, str | None]]:
+    """``{mutant: (status, source path)}`` of the last run: from mutmut's per-file result files
+    (``mutants/**/*.py.meta``), or else from ``mutmut results``."""
+    statuses: dict[str, tuple[str, str | None]] = {}
+    for meta in sorted(Path("mutants").rglob("*.py.meta")):
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        source = str(meta.relative_to("mutants"))[: -len(".meta")]
+        for name, code in codes.items():
+            if code is None:
+                status = "not checked"
+            elif code in (24, -24, 152, 255, 36):
+                status = "timeout"
+            else:
+                status = STATUS_BY_EXIT_CODE.get(code, "suspicious")
+            statuses[name] = (status, source)
+    if statuses:
+        return statuses
     done = subprocess.run(
         [sys.executable, "-m", "mutmut", "results", "--all", "true"],
         capture_output=True,
         text=True,
         check=True,
     )
-    statuses = {}
     for line in done.stdout.splitlines():
         name, sep, status = line.strip().rpartition(": ")
         if sep and "__mutmut_" in name:
-            statuses[name] = status
+            statuses[name] = (status, None)
     return statuses
 
 
@@ -59,12 +76,12 @@ def function_of(mutant: str) -> str:
     return f"{module}.{name}"
 
 
-def diff_of(mutant: str) -> str:
+def diff_of(mutant: str, source: str | None) -> str:
     """The unified diff of one mutant (mutmut's own ``show``)."""
     try:
         from mutmut.mutation.diff_apply import get_diff_for_mutant
 
-        return get_diff_for_mutant(mutant)
+        return get_diff_for_mutant(mutant, path=source) if source else get_diff_for_mutant(mutant)
     except Exception:  # another mutmut version: ask its command line
         done = subprocess.run(
             [sys.executable, "-m", "mutmut", "show", mutant], capture_output=True, text=True
@@ -111,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = load_equivalents(args.equivalents)
     used = [0] * len(equivalents)
     equivalent, unexplained = [], []
-    for mutant, status in sorted(statuses.items()):
-        if status in DETECTED:
+    for mutant, (status, source) in sorted(statuses.items()):
+        if status in DETECTED or status == "not checked":  # not checked: the run was cut short
             continue
         function = function_of(mutant)
-        diff = diff_of(mutant)
+        diff = diff_of(mutant, source)
         original, mutated = changed_lines(diff)
         match = next(
             (
@@ -133,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             unexplained.append((mutant, status, diff))
 
-    counts = Counter(statuses.values())
-    total = len(statuses) - len(equivalent)
+    counts = Counter(status for status, _ in statuses.values())
+    unchecked = counts["not checked"]  # a run cut short (timeout, Ctrl-C): scored on the rest
+    total = len(statuses) - unchecked - len(equivalent)
     detected = sum(counts[s] for s in DETECTED)
     score = 100.0 * detected / total if total else 100.0
     by_file: Counter[str] = Counter()
@@ -142,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         by_file[function_of(mutant).rsplit(".", 1)[0]] += 1
     print(f"mutants: {len(statuses)}  " + "  ".join(f"{k}: {v}" for k, v in counts.most_common()))
     print(f"equivalent (excluded, tools/mutation_equivalents.toml): {len(equivalent)}")
+    if unchecked:
+        print(f"note: {unchecked} mutants were not checked (the run was cut short)")
     print(f"mutation score: {detected} detected / {total} = {score:.1f}%")
     for mutant, status, diff in unexplained:
         print(f"\n# {mutant}: {status}\n{diff}")
@@ -155,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mutants": len(statuses),
                 "statuses": dict(counts),
                 "equivalent": len(equivalent),
+                "not_checked": unchecked,
                 "detected": detected,
                 "score_percent": round(score, 2),
                 "not_detected": [m for m, _, _ in unexplained],
