@@ -411,3 +411,40 @@ def test_gradient_simulators_need_their_run_set(
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     after = configure_simulator("grad-dot").fit(load_runset(copy)).B_
     assert not np.allclose(before, after)
+
+
+def test_scale_is_the_least_squares_slope_clamped_at_zero(
+    decaying: Path, exact_workload, tmp_path: Path
+) -> None:
+    """``s = max(<rollout change, observed change> / |rollout change|^2, 0)`` over the training
+    runs' steps, with the simulator's own batch weighting; runs whose losses went *up* where
+    the gradients predict a fall get ``s = 0`` (no sign flip)."""
+    import dataclasses
+
+    from exact_tasks import SquaredLossTask
+
+    from simfluence.runlog import save_runset
+    from simfluence.simulators.dynamics import rollout
+    from simfluence.simulators.encoding import encode_runs
+
+    partial = {**EXACT, "per_run": 6}  # batches of 4 and 2: the two weightings differ
+    runs = record_runs(
+        SquaredLossTask(), tmp_path / "partial", checkpoints=[0, 4], progress=False, **partial
+    )
+    for weighting in ("sum", "mean"):
+        raw = configure_simulator("grad-dot", batch_weighting=weighting).fit(runs)
+        scaled = configure_simulator("grad-dot-scaled", batch_weighting=weighting).fit(runs)
+        zeros = np.zeros((len(runs.runs), len(runs.test_ids)))
+        change = rollout(encode_runs(runs, raw.batch_size_, weighting), None, raw.B_, zeros)
+        observed = [r.losses - r.losses[0] for r in runs.runs]
+        slope = sum(float((c * o).sum()) for c, o in zip(change, observed, strict=True)) / sum(
+            float((c * c).sum()) for c in change
+        )
+        assert slope > 0 and scaled.scale_ == pytest.approx(slope, rel=1e-9)
+    runs = load_runset(decaying)
+    rising = [dataclasses.replace(r, losses=2 * r.losses[0] - r.losses) for r in runs.runs]
+    save_runset(dataclasses.replace(runs, runs=rising), tmp_path / "rising")
+    flipped = configure_simulator("grad-dot-scaled", checkpoints_dir=str(decaying)).fit(
+        load_runset(tmp_path / "rising")
+    )
+    assert flipped.scale_ == 0.0 and np.all(flipped.B_ == 0.0)
