@@ -608,3 +608,19 @@ def test_additive_rollout_matches_a_plain_loop() -> None:
             L = L + sim.batch_size_ / len(batch) * sim.B_[:, [index[i] for i in batch]].sum(1)
             expected.append(L.copy())
         np.testing.assert_allclose(traj, np.array(expected), rtol=1e-12)
+
+
+def test_truth_and_persistence_parameters(tmp_path: Path) -> None:
+    from simfluence.simulators.truth import TruthSimulator
+
+    runs, truth = generate(SMALL)
+    with pytest.raises(SimfluenceError, match=r"\(no path\) not found"):
+        TruthSimulator().fit(runs)
+    np.savez(tmp_path / "t.npz", A=truth.A, B=truth.B)
+    assert TruthSimulator(str(tmp_path / "t.npz")).get_params()["unseen"] == "prior"
+    strict = TruthSimulator(str(tmp_path / "t.npz"), unseen="error", batch_weighting="sum")
+    strict.fit(runs)
+    assert strict.batch_weighting == "sum" and strict.seen_.dtype == bool
+    out = strict.simulate(runs.runs[0].curriculum, runs.runs[0].initial_loss)
+    assert np.isfinite(out).all()
+    assert PersistenceSimulator().fit(runs).n_runs_ == len(runs.runs)
