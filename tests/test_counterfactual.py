@@ -625,3 +625,20 @@ def test_search_is_deterministic_and_uses_its_arguments(synthetic: tuple) -> Non
     assert optimize_curriculum(sim, 6, 4, n_random=0, max_seconds=0.0).random_objectives.shape == (
         1,
     )
+
+
+def test_views_use_the_initial_loss_given_and_their_defaults(synthetic: tuple) -> None:
+    runs, sim, _ = synthetic
+    run = runs.runs[0]
+    lifted = run.initial_loss + 1.0
+    steps = step_contributions(sim, run.curriculum, lifted, "test-0")
+    assert steps.trajectory[0] == lifted[0]
+    pairs = pair_interactions(sim, run.curriculum, lifted, "test-0", top=3)
+    loo = leave_one_out(sim, run.curriculum, lifted, "test-0")
+    by_size = sorted(loo.effects, key=abs, reverse=True)[:3]
+    np.testing.assert_allclose(sorted(pairs.singles, key=abs, reverse=True), by_size)
+    assert len(pair_interactions(sim, run.curriculum, None, "test-0").pairs) == 45  # top 10
+    wide = [sorted({i for b in run.curriculum for i in b})[k : k + 8] for k in (0, 8)] * 7
+    payload = step_contributions(sim, wide, None, "test-0").to_json()
+    assert len(payload["top_steps"]) == 10  # default top
+    assert all(len(s["top_examples"]) == 5 for s in payload["top_steps"])  # default per_step

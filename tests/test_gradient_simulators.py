@@ -448,3 +448,26 @@ def test_scale_is_the_least_squares_slope_clamped_at_zero(
         load_runset(tmp_path / "rising")
     )
     assert flipped.scale_ == 0.0 and np.all(flipped.B_ == 0.0)
+
+
+def test_influence_passes_every_option_on(decaying: Path, exact_workload) -> None:
+    from simfluence.attribution.simulators import InfluenceSimulator
+
+    runs = load_runset(decaying)
+    defaults = InfluenceSimulator().get_params()
+    assert defaults["max_runs"] == 8 and defaults["projection_seed"] == 0
+    assert defaults["damping"] == 0.1 and defaults["curvature"] == "fisher"
+    options = dict(
+        scaled=True,
+        max_runs=1,
+        projection_dim=16,
+        projection_seed=3,
+        workload="exact-squared-loss",
+        checkpoints_dir=str(decaying),
+        batch_weighting="sum",
+    )
+    sim = InfluenceSimulator(**options).fit(runs)
+    assert {k: sim.get_params()[k] for k in options} == options
+    assert sim.runs_used_ == 1 and sim.scale_ != 1.0
+    exact = InfluenceSimulator(scaled=True, max_runs=1, batch_weighting="sum").fit(runs)
+    assert not np.allclose(sim.B_, exact.B_)  # the projection reached the Fisher kernel
