@@ -600,7 +600,8 @@ def test_attribution_inputs_are_checked(synthetic: tuple) -> None:
         leave_one_out(sim, run.curriculum, None, [])
     with pytest.raises(CurriculumError, match=r"initial loss has shape \(2,\), expected \(6,\)"):
         leave_one_out(sim, run.curriculum, np.zeros(2), "test-0")
-    assert pair_interactions(sim, run.curriculum, None, "test-0", top=-3).pairs == []
+    none = pair_interactions(sim, run.curriculum, None, "test-0", top=0)
+    assert none.pairs == [] and none.train_ids == [] and none.test_ids == ["test-0"]
     steps = step_contributions(sim, run.curriculum, None, "test-0")
     assert steps.top_steps(2) == [
         int(t) + 1 for t in np.argsort(-np.abs(steps.change), kind="stable")[:2]
@@ -642,3 +643,19 @@ def test_views_use_the_initial_loss_given_and_their_defaults(synthetic: tuple) -
     payload = step_contributions(sim, wide, None, "test-0").to_json()
     assert len(payload["top_steps"]) == 10  # default top
     assert all(len(s["top_examples"]) == 5 for s in payload["top_steps"])  # default per_step
+
+
+def test_attribution_views_pass_the_initial_loss_and_pair_count_on(synthetic: tuple) -> None:
+    from simfluence.counterfactual.attribution import attribution_views
+
+    runs, sim, _ = synthetic
+    run = runs.runs[2]
+    lifted = run.initial_loss + 0.5
+    loo, steps, pairs, _ = attribution_views(sim, run.curriculum, lifted, "test-1", pairs=2)
+    assert loo.final_loss == leave_one_out(sim, run.curriculum, lifted, "test-1").final_loss
+    assert steps.trajectory[0] == lifted[1]
+    assert pairs is not None and len(pairs.pairs) == 1  # two examples: one pair
+    direct = pair_interactions(sim, run.curriculum, lifted, "test-1", top=2)
+    assert pairs.pairs == direct.pairs
+    default = attribution_views(sim, run.curriculum, None, "test-1")
+    assert len(default[2].pairs) == 45 and len(default[3]["steps"]["top_steps"]) == 10
