@@ -244,7 +244,7 @@ def test_fit_and_simulate_equal_the_library(
         main(["fit", str(runs_dir), "--method", "linear", "--holdout", "2", "-o", str(model)]) == 0
     )
     library = LinearSimulator().fit(train)
-    assert f"l2 = {library.l2_:g};" in capsys.readouterr().out
+    assert f"l2 = {library.l2_:g}\n" in capsys.readouterr().out
     saved = load_simulator(model)
     np.testing.assert_array_equal(saved.A_, library.A_)
     np.testing.assert_array_equal(saved.B_, library.B_)

@@ -411,5 +411,5 @@ def test_gptfluence_import_sources(tmp_path: Path) -> None:
     (other / TRAIN).unlink()
     mixed = tmp_path / "src" / "run-c"
     write_gptfluence_run(mixed, [["x"], [10], ["y"]], np.ones((3, 2)), [7, 8])
-    both = import_gptfluence(tmp_path / "src")
-    assert both.train_ids == ["1", "10", "2", "3", "y"]  # lexical once an id is not numeric
+    with pytest.raises(RunLogError, match="training id must be an integer, got 'x'"):
+        import_gptfluence(tmp_path / "src")
