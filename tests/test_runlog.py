@@ -413,3 +413,35 @@ def test_gptfluence_import_sources(tmp_path: Path) -> None:
     write_gptfluence_run(mixed, [["x"], [10], ["y"]], np.ones((3, 2)), [7, 8])
     with pytest.raises(RunLogError, match="training id must be an integer, got 'x'"):
         import_gptfluence(tmp_path / "src")
+
+
+def test_gptfluence_side_file_and_batch_faults_are_named(tmp_path: Path) -> None:
+    """The id side file written by export (and its learning rates), and a non-list batch."""
+    from simfluence.runlog.gptfluence import IDS_FILE
+
+    runset = RunSet(
+        ["a", "b"], ["t"], [Run("r", [["a"], ["b"]], [[1.0], [0.9], [0.8]], lr=[0.1, 0.1])]
+    )
+    export_gptfluence(runset, tmp_path / "out")
+    side = tmp_path / "out" / IDS_FILE
+    good = json.loads(side.read_text())
+    cases = [
+        ("{", "cannot read"),
+        (json.dumps({"format": "other"}), "not a "),
+        (json.dumps({**good, "train_ids": [1, 2]}), "'train_ids' must be a list of strings"),
+        (json.dumps({**good, "test_ids": ["t", "t"]}), "'test_ids' has duplicates"),
+        (json.dumps({**good, "runs": []}), "'runs' must be an object"),
+        (
+            json.dumps({**good, "runs": {"r": {**good["runs"]["r"], "lr": [0.1]}}}),
+            "run 'r' has 1 learning rates but 2 steps",
+        ),
+    ]
+    for text, message in cases:
+        side.write_text(text)
+        with pytest.raises(RunLogError, match=message):
+            import_gptfluence(tmp_path / "out")
+    side.unlink()
+    train = tmp_path / "out" / "r" / "train_samples_id.json"
+    train.write_text(json.dumps({"step": 1, "samples_id": 3}) + "\n")
+    with pytest.raises(RunLogError, match="'samples_id' must be a list of integers"):
+        import_gptfluence(tmp_path / "out")
