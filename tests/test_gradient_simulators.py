@@ -88,7 +88,9 @@ def test_influence_runs_and_is_finite(recorded: Path) -> None:
 
 def test_missing_checkpoints_name_the_run_and_step(recorded: Path, tmp_path: Path) -> None:
     bare = tmp_path / "bare"
-    record_runs(get_workload("digits-mlp"), bare, progress=False, **{**TINY, "runs": 2})
+    record_runs(
+        get_workload("digits-mlp"), bare, checkpoints=[], progress=False, **{**TINY, "runs": 2}
+    )
     with pytest.raises(SimfluenceError, match=r"run 'run-0000' has no saved checkpoints"):
         configure_simulator("tracin-cp").fit(load_runset(bare))
     broken = tmp_path / "broken"

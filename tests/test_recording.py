@@ -446,7 +446,7 @@ def _has_digits() -> bool:
 
 @pytest.mark.skipif(not _has_digits(), reason="digits-mlp needs scikit-learn")
 def test_record_cli_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    options = "--workload digits-mlp --runs 2 --pool 20 --per-run 8 --tests 5 --batch 4 --epochs 2"
+    options = "--task digits-mlp --runs 2 --pool 20 --per-run 8 --tests 5 --batch 4 --epochs 2"
     argv = [
         "record",
         str(tmp_path / "d"),
@@ -464,8 +464,8 @@ def test_record_cli_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(argv) == 0  # nothing left to do: resumes, records nothing
     assert main([*argv[:-3], "--checkpoints", "0,99", "--no-progress"]) == 2
     assert "step 99 is outside" in capsys.readouterr().err
-    assert main(["record", str(tmp_path / "e"), "--workload", "nope"]) == 2
-    assert "unknown workload 'nope'" in capsys.readouterr().err
+    assert main(["record", str(tmp_path / "e"), "--workload", "nope"]) == 2  # the older name
+    assert "unknown task 'nope'" in capsys.readouterr().err
     assert main([*argv[:2], *options.split(), "--lr", "0.5", "--no-progress"]) == 2
     assert "choose another directory" in capsys.readouterr().err
 

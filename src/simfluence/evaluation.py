@@ -6,12 +6,18 @@ The JSON written by `simfluence evaluate --json` is `EvaluationResult.to_json()`
      "methods": {NAME: {"all_steps_mse", "all_steps_mse_std", "all_steps_mae", "all_steps_mae_std",
                         "final_step_mse", "final_step_mse_std", "final_step_spearman",
                         "final_step_spearman_std", "fit_seconds", "simulate_seconds",
-                        "coverage_90", "interval_width_90", "calibrate_seconds"}}}
+                        "coverage_90", "interval_width_90", "calibrate_seconds",
+                        "warnings": [str, ...]}},
+     "failed": {NAME: "why it failed"}}
 
 ``coverage_90``: the share of held-out (run, step >= 1, test example) points inside the method's
 90% predictive interval (`Simulator.calibrate` on the training runs, then
 `simulate_interval`); ``interval_width_90``: its mean width. A method whose calibration
 failed has neither (and ``interval_error`` says why).
+
+``warnings`` are what a method says about its own validity on these runs (e.g. a gradient
+method on runs trained with Adam). With ``keep_going=True`` a method that raises is reported in
+``failed`` and the others are still evaluated.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class MethodResult:
     simulator: Simulator
     #: 90% predictive intervals of `simulated` (one per held-out run), when calibrated
     intervals: list[Interval] | None = None
+    #: what the method says about its validity on these runs (``simulator.warnings_``)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,14 +56,29 @@ class EvaluationResult:
     methods: dict[str, MethodResult] = field(default_factory=dict)
     #: share of the held-out runs' consumptions whose id no training run consumed
     unseen_fraction: float = 0.0
+    #: methods that raised (with ``keep_going``): name -> the exception
+    failed: dict[str, Exception] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "train_runs": self.train_runs,
             "heldout_runs": self.heldout_runs,
             "heldout_unseen_fraction": self.unseen_fraction,
-            "methods": {name: result.scores for name, result in self.methods.items()},
+            "methods": {
+                name: {**result.scores, "warnings": list(result.warnings)}
+                for name, result in self.methods.items()
+            },
+            "failed": {name: failure_message(exc, name) for name, exc in self.failed.items()},
         }
+
+
+def failure_message(exc: BaseException, method: str = "") -> str:
+    """One line: a user mistake's own message (without a leading ``"method: "``, which the
+    caller shows), else the exception's type and message."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SimfluenceError):
+        return text.removeprefix(f"{method}: ") if method else text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def score(true: Sequence[np.ndarray], simulated: Sequence[np.ndarray]) -> dict[str, float]:
@@ -99,7 +122,8 @@ def evaluate_simulator(
     simulate_seconds = time.perf_counter() - start
     scores = score([r.losses for r in heldout.runs], simulated)
     scores |= {"fit_seconds": fit_seconds, "simulate_seconds": simulate_seconds}
-    result = MethodResult(scores, simulated, simulator)
+    warnings = list(getattr(simulator, "warnings_", None) or [])
+    result = MethodResult(scores, simulated, simulator, warnings=warnings)
     if intervals:
         score_intervals(result, train, heldout)
     return result
@@ -139,18 +163,26 @@ def evaluate(
     heldout: int | Sequence[str],
     progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
     intervals: bool = True,
+    keep_going: bool = False,
 ) -> EvaluationResult:
     """Split `runs` by whole runs (see `RunSet.split`) and evaluate every simulator.
 
     `progress` wraps the list of methods (e.g. `tqdm`) to show progress; `intervals` also
-    scores every method's 90% predictive intervals (`score_intervals`).
+    scores every method's 90% predictive intervals (`score_intervals`). With `keep_going`, a
+    method that raises is recorded in ``result.failed`` and the others still run; otherwise
+    the first failure propagates.
     """
     train, held = runs.split(heldout)
     result = EvaluationResult(
         train.run_ids, held.run_ids, unseen_fraction=unseen_fraction(train, held)
     )
     for name, simulator in progress(list(simulators.items())):
-        result.methods[name] = evaluate_simulator(simulator, train, held, intervals)
+        try:
+            result.methods[name] = evaluate_simulator(simulator, train, held, intervals)
+        except Exception as exc:
+            if not keep_going:
+                raise
+            result.failed[name] = exc
     return result
 
 
@@ -178,7 +210,10 @@ def format_table(result: EvaluationResult) -> str:
                 f"{s['interval_width_90']:.4g}" if has else "-",
             ]
         rows.append(row)
+    rows += [[name, "failed", *["-"] * (len(header) - 2)] for name in result.failed]
     widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"warning: {w}" for method in result.methods.values() for w in method.warnings]
+    lines += [f"failed: {name}: {failure_message(exc, name)}" for name, exc in result.failed.items()]
     return "\n".join(lines)

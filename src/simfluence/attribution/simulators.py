@@ -9,8 +9,10 @@ so they are fitted, simulated, saved and evaluated exactly like `linear`. ``B`` 
 ``(M, P)`` = (test examples, pool); a negative ``B_i(z)`` means consuming ``i`` once lowers
 ``z``'s loss.
 
-`fit(runs)` needs a run set recorded by `simfluence record --checkpoints ...`: it rebuilds the
-workload's pool and test examples from the manifest, loads every training run's checkpoints,
+`fit(runs)` needs a run set recorded by `simfluence record` with checkpoints (the default): it
+rebuilds the task (`simfluence.recording.tasks.task_for_runset`: the reference stored in the
+manifest, or the ``task`` parameter) and its pool and test examples, loads every training run's
+checkpoints,
 computes each run's scores and **averages them over runs** (the expected scores for a random
 run of the protocol). Per checkpoint ``k`` of a run, the learning rate ``eta_k`` is the one of
 the step taken from that checkpoint, and ``b`` is the batch size of the protocol:
@@ -30,6 +32,12 @@ the step taken from that checkpoint, and ``b`` is the batch size of the protocol
 Every method also comes as ``NAME-scaled``: one global factor ``s >= 0`` on ``B`` fitted in
 closed form on the *training* runs' rollouts (least squares of ``L_t - L_0`` on the rollout's
 cumulative change), never on the held-out runs. The raw variants use ``s = 1``.
+
+These formulas are first-order effects of an **SGD** step. When the manifest records another
+optimizer (``config["optimizer"]``: Adam, or SGD with momentum), `fit` still computes them but
+says so once in ``warnings_`` (a list of strings; `evaluate` prints it under its table and
+writes it into its JSON): an adaptive optimizer rescales every parameter's step, which the dot
+product of raw gradients does not see.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import torch
 from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
+from simfluence.recording.tasks import prepare_for_runset, task_for_runset
 from simfluence.runlog.runs import Run, RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
@@ -65,11 +74,15 @@ class GradientSimulator(DynamicsSimulator):
             default: the average barely moves beyond a few runs, and each costs gradients).
         projection_dim: project gradients to this many dimensions (None: exact dot products).
         projection_seed: seed of the projection.
-        workload: override the workload named in the run set's manifest.
+        workload: older name of `task` (kept so that saved files load).
         checkpoints_dir: where the checkpoints are (default: the run set's directory).
+        task: a task reference (`resolve_task`) to use instead of the one the run set's
+            manifest stores (e.g. the task's file moved); the recorded constructor arguments
+            are kept.
 
     Learned attributes: ``B_`` (M, P), ``A_`` None, ``scale_`` (1.0 unless scaled),
-    ``runs_used_``, ``checkpoint_steps_`` (per run used).
+    ``runs_used_``, ``checkpoint_steps_`` (per run used), ``warnings_`` (list of str: e.g. the
+    runs' optimizer is not plain SGD).
     """
 
     #: "all" checkpoints of a run, or only the "last" one
@@ -87,6 +100,7 @@ class GradientSimulator(DynamicsSimulator):
         checkpoints_dir: str | None = None,
         unseen: str = "error",
         batch_weighting: str = "mean",
+        task: str | None = None,
     ) -> None:
         super().__init__(unseen=unseen, batch_weighting=batch_weighting)
         self.scaled = scaled
@@ -95,6 +109,7 @@ class GradientSimulator(DynamicsSimulator):
         self.projection_seed = projection_seed
         self.workload = workload
         self.checkpoints_dir = checkpoints_dir
+        self.task = task
 
     # -- what subclasses say ----------------------------------------------------------------
     def _kernel(
@@ -135,12 +150,8 @@ class GradientSimulator(DynamicsSimulator):
     # -- fitting ----------------------------------------------------------------------------
     def _fit_parameters(self, runs: RunSet) -> None:
         task, config = self._task(runs)
-        pool, tests = task.prepare(config["pool"], config["tests"], config["seed"])
-        if pool.ids != runs.train_ids or tests.ids != runs.test_ids:
-            raise SimfluenceError(
-                f"{self.name}: workload {task.name!r} rebuilt other pool/test ids than the "
-                "run set's manifest (was it recorded with another version of the workload?)"
-            )
+        pool, tests = prepare_for_runset(task, runs)
+        self.warnings_ = optimizer_warnings(self.name, config.get("optimizer"))
         model = task.make_model(config["seed"])
         used = runs.runs[: self.max_runs] if self.max_runs else runs.runs
         directory = self.checkpoints_dir or runs.source
@@ -177,16 +188,11 @@ class GradientSimulator(DynamicsSimulator):
         return [r.losses for r in runs.runs], simulated, []
 
     def _task(self, runs: RunSet) -> tuple[Task, dict[str, Any]]:
-        from simfluence.recording.workloads import get_workload
-
-        config = runs.metadata.get("config")
-        name = self.workload or (config or {}).get("workload")
-        if not config or not name:
-            raise SimfluenceError(
-                f"{self.name}: the run set was not recorded by `simfluence record` (its manifest "
-                "has no workload config), so the model and examples cannot be rebuilt"
-            )
-        return get_workload(name), config
+        try:
+            task = task_for_runset(runs, self.task or self.workload)
+        except SimfluenceError as exc:
+            raise SimfluenceError(f"{self.name}: {exc}") from None
+        return task, runs.metadata["config"]
 
     def _steps(self, run: Run) -> list[int]:
         steps = sorted(run.metadata.get("checkpoint_steps") or [])
@@ -214,6 +220,33 @@ class GradientSimulator(DynamicsSimulator):
         from simfluence.attribution.gradients import RandomProjection
 
         return RandomProjection(self.projection_dim, seed=self.projection_seed)
+
+
+def is_plain_sgd(optimizer: Mapping[str, Any]) -> bool:
+    """Whether a recorded optimizer (`simfluence.recording.runner.optimizer_spec`) is SGD
+    without momentum, the optimizer the gradient formulas model."""
+    return (
+        optimizer.get("name") == "SGD"
+        and not optimizer.get("momentum")
+        and not optimizer.get("nesterov")
+    )
+
+
+def optimizer_warnings(method: str, optimizer: Mapping[str, Any] | None) -> list[str]:
+    """One warning when the runs' recorded optimizer is not plain SGD (none when unrecorded:
+    run sets older than the record were made with the runner's SGD)."""
+    if not optimizer or is_plain_sgd(optimizer):
+        return []
+    settings = ", ".join(
+        f"{k} {v}"
+        for k, v in optimizer.items()
+        if k in ("lr", "momentum", "betas", "weight_decay", "eps") and v
+    )
+    return [
+        f"{method}: the runs were trained with {optimizer.get('name')} ({settings}), but its "
+        "formula assumes plain SGD steps (-lr x gradient): its scores ignore the optimizer's "
+        "momentum and per-parameter step sizes"
+    ]
 
 
 def _lr_at(run: Run, step: int, default: float) -> float:
@@ -263,6 +296,7 @@ class InfluenceSimulator(GradientSimulator):
         checkpoints_dir: str | None = None,
         unseen: str = "error",
         batch_weighting: str = "mean",
+        task: str | None = None,
         damping: float = 0.1,
         curvature: str = "fisher",
     ) -> None:
@@ -275,6 +309,7 @@ class InfluenceSimulator(GradientSimulator):
             checkpoints_dir,
             unseen,
             batch_weighting,
+            task,
         )
         self.damping = damping
         self.curvature = curvature

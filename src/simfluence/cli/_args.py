@@ -47,3 +47,36 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SimfluenceError(f"{what} {path}: not valid JSON ({exc})") from None
+
+
+class CommandFailed(Exception):
+    """A command finished part of its work and reports the rest as failed (e.g. one method of
+    `evaluate`): `main` prints the message as one line and exits with `status`."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+TASK_HELP = (
+    "the task: a built-in workload name, package.module:Class, path/to/file.py:Class, or an "
+    "installed plugin's name (entry point group simfluence.tasks)"
+)
+
+
+def add_task_option(p: argparse.ArgumentParser, help: str) -> None:
+    """``--task REF`` (``--workload`` is its older name)."""
+    p.add_argument("--task", "--workload", dest="task", default=None, metavar="REF", help=help)
+
+
+def load_json_object(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object given on the command line (``{}`` when None)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SimfluenceError(f"{what} {text!r}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SimfluenceError(f"{what} {text!r}: expected a JSON object {{name: value}}")
+    return value

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli._args import comma_list, level, positive_int
+from simfluence.cli._args import CommandFailed, add_task_option, comma_list, level, positive_int
 from simfluence.cli._curricula import (
     add_curriculum_source_options,
     add_edit_options,
@@ -21,7 +21,8 @@ from simfluence.cli._curricula import (
     edited,
     load_curriculum,
 )
-from simfluence.evaluation import evaluate, format_table
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import EvaluationResult, evaluate, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
     export_gptfluence,
@@ -122,6 +123,12 @@ def _add_simulator_options(p: argparse.ArgumentParser, unseen: str = "error") ->
         help=f"a training id absent from the fitted runs: an error, or no effect (default: "
         f"{unseen})",
     )
+    add_task_option(
+        p,
+        "for the gradient methods: where the run set's task is, when the reference stored in "
+        "its manifest no longer works (a built-in name, package.module:Class, "
+        "path/to/file.py:Class or a plugin name; default: the stored one)",
+    )
 
 
 def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,6 +137,7 @@ def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
         "loss_power": args.loss_power,
         "unseen": args.unseen,
         "path": str(Path(args.directory) / TRUTH_FILE),
+        "task": args.task,
     }
 
 
@@ -309,7 +317,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     options = _simulator_options(args)
     simulators = {name: configure_simulator(name, **options) for name in args.methods}
     result = evaluate(
-        runs, simulators, heldout, lambda items: tqdm(items, desc="fit + simulate", leave=False)
+        runs,
+        simulators,
+        heldout,
+        lambda items: tqdm(items, desc="fit + simulate", leave=False),
+        keep_going=True,
     )
     print(
         f"{len(result.train_runs)} training runs, {len(result.heldout_runs)} held-out runs, "
@@ -324,7 +336,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         write_json_atomic(args.json, result.to_json())
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and result.methods:
         run = runs.run(result.heldout_runs[0])
         simulated = {name: m.simulated[0] for name, m in result.methods.items()}
         title = f"held-out run {run.run_id}: recorded vs simulated"
@@ -335,6 +347,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             columns = pick_test_examples(run.losses, 6)
             plot_trajectories(run.losses, simulated, runs.test_ids, columns, title, args.plot)
         print(f"wrote {args.plot}")
+    raise_failures(result)
+
+
+def raise_failures(result: EvaluationResult) -> None:
+    """After the results of the others are out: `CommandFailed` naming the methods that
+    failed (status 2 when every failure was a user mistake, else 1)."""
+    if not result.failed:
+        return
+    names = ", ".join(result.failed)
+    first_name, first = next(iter(result.failed.items()))
+    mistakes = all(isinstance(exc, SimfluenceError) for exc in result.failed.values())
+    raise CommandFailed(
+        f"{len(result.failed)} of {len(result.failed) + len(result.methods)} methods failed "
+        f"({names}); {first_name}: {' '.join(str(first).split())}",
+        status=2 if mistakes else 1,
+    )
 
 
 # -- GPTfluence interop -----------------------------------------------------------------------

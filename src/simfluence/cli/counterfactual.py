@@ -179,7 +179,14 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
         default=200_000,
         help="curricula to roll out at most (default 200000)",
     )
-    p.add_argument("--max-seconds", type=float, default=60.0, help="time limit (default 60)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="also stop after this many seconds (opt-in: the result then depends on the "
+        "machine's speed and load; by default the search is bounded by --budget and stops "
+        "after 3 rounds without improvement, so the same command gives the same curriculum)",
+    )
     p.add_argument(
         "--include-unseen",
         action="store_true",

@@ -14,7 +14,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic
-from simfluence.cli._args import comma_list
+from simfluence.cli._args import TASK_HELP, add_task_option, comma_list
+from simfluence.cli.core import raise_failures
 from simfluence.evaluation import evaluate, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.simulators import configure_simulator
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="record a workload, fit and evaluate every simulator, write a report",
         description=__doc__,
     )
-    p.add_argument("--workload", default="digits-mlp", help="workload (default: digits-mlp)")
+    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument(
         "--methods", type=comma_list, default=ALL_METHODS, help="comma-separated methods"
@@ -51,20 +52,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from simfluence.recording.runner import record_defaults, steps_per_run
-    from simfluence.recording.workloads import get_workload
+    from simfluence.recording.runner import record_runs, steps_per_run
+    from simfluence.recording.tasks import resolve_task, task_label
 
     out = Path(args.out)
-    task = get_workload(args.workload)
+    ref = args.task or "digits-mlp"
+    task = resolve_task(ref)
     d = task.defaults
     runs_count = args.runs or d.runs
     steps = steps_per_run(d.per_run, d.batch, d.epochs)
     start = time.perf_counter()
     print(
-        f"[1/3] recording {runs_count} runs x {steps} steps of {task.name} (pool {d.pool}, "
+        f"[1/3] recording {runs_count} runs x {steps} steps of {task_label(task)} (pool {d.pool}, "
         f"{d.tests} test examples, batch {d.batch}, lr {d.lr}) into {out / 'runs'}"
     )
-    runs = record_defaults(task, out / "runs", runs_count, args.seed)
+    runs = record_runs(task, out / "runs", runs=runs_count, seed=args.seed, task_ref=ref)
     recorded = time.perf_counter() - start
     print(f"      recorded in {recorded:.1f} s")
     print(
@@ -73,7 +75,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     simulators = {name: configure_simulator(name, unseen="prior") for name in args.methods}
     result = evaluate(
-        runs, simulators, args.holdout, lambda items: tqdm(items, desc="methods", leave=False)
+        runs,
+        simulators,
+        args.holdout,
+        lambda items: tqdm(items, desc="methods", leave=False),
+        keep_going=True,
     )
     print(format_table(result))
     write_json_atomic(out / "evaluation.json", result.to_json())
@@ -84,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     report = write_report(
         out / "report.html",
-        title=f"simfluence demo: {task.name}",
+        title=f"simfluence demo: {task_label(task)}",
         runs=runs,
         evaluation=result,
         attribution=attribution,
@@ -97,6 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     total = time.perf_counter() - start
     print(f"wrote {out / 'evaluation.json'} and {report} ({total:.0f} s in all)")
+    raise_failures(result)
 
 
 def _attribution(runs, result, out: Path) -> dict | None:  # type: ignore[no-untyped-def,type-arg]

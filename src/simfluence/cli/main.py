@@ -1,20 +1,35 @@
-"""Entry point: builds the parser from each command module and turns user mistakes into one line."""
+"""Entry point: builds the parser from each command module and turns user mistakes into one line.
+
+Every user mistake (a bad option, a missing file, an unknown task or method, a missing optional
+package) prints ``simfluence COMMAND: error: ...`` on one line of stderr and exits with 2, never
+a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from simfluence._resolve import install_hint
 from simfluence.cli import core, counterfactual, demo, record, report, validate
+from simfluence.cli._args import CommandFailed
 from simfluence.errors import SimfluenceError
 
 #: command modules; each has ``register(subparsers)`` and sets ``func`` on its parsers
 COMMAND_MODULES = [core, record, demo, validate, counterfactual, report]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="simfluence",
         description="Training-run simulation (Simfluence): record runs, fit simulators, "
         "simulate curricula, evaluate on held-out runs.",
@@ -28,16 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 user mistake, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad option (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    prefix = f"simfluence {args.command}"
     try:
         args.func(args)
     except SimfluenceError as exc:
-        print(f"simfluence {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except CommandFailed as exc:
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.status
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        print(
+            f"{prefix}: error: this needs the package {exc.name!r}, which is not installed "
+            f"({install_hint(exc.name)})",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print(f"simfluence {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

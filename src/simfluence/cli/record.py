@@ -1,30 +1,38 @@
-"""``simfluence record``: record runs of a built-in workload on random curricula (resumable)."""
+"""``simfluence record``: record runs of a task on random curricula (resumable)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from simfluence.cli._args import comma_list, positive_int
+from simfluence.cli._args import TASK_HELP, add_task_option, load_json_object, positive_int
 from simfluence.errors import SimfluenceError
 
-_DEFAULT_WORKLOAD = "digits-mlp"
+_DEFAULT_TASK = "digits-mlp"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "record",
-        help="record training runs of a workload on random curricula (rerun to resume)",
-        description="Train a workload's model on random curricula from one initial model and "
+        help="record training runs of a task on random curricula (rerun to resume)",
+        description="Train a task's model on random curricula from one initial model and "
         "score every test example after every step. Interrupted recordings resume where they "
-        "stopped when the same command is run again. Options default to the workload's.",
+        "stopped when the same command is run again (options left out take the values the "
+        "directory was recorded with). Options default to the task's.",
     )
     p.add_argument("directory", help="run-set directory to write (or resume)")
+    add_task_option(
+        p,
+        f"{TASK_HELP} (default: the task DIRECTORY was recorded with, else {_DEFAULT_TASK}); "
+        "stored in the run set so later commands find it",
+    )
     p.add_argument(
-        "--workload",
-        default=_DEFAULT_WORKLOAD,
-        help=f"workload name (default: {_DEFAULT_WORKLOAD})",
+        "--task-kwargs",
+        default=None,
+        metavar="JSON",
+        help='constructor arguments of the task as a JSON object, e.g. \'{"hidden": 64}\'',
     )
     for flag, dest, what in [
         ("--runs", "runs", "number of runs"),
@@ -36,45 +44,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ]:
         p.add_argument(flag, dest=dest, type=positive_int, default=None, help=what)
     p.add_argument("--lr", type=float, default=None, help="learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, model, curricula")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the data split, model, curricula (0)"
+    )
     p.add_argument(
         "--checkpoints",
-        type=comma_list,
-        default=[],
+        default=None,
+        metavar="STEPS",
         help="comma-separated steps at which to save the model of every run (0 = before "
-        "training), e.g. 0,20,40",
+        "training), e.g. 0,20,40; 'none' for none (default: 4 evenly spaced steps from 0, "
+        "what the gradient methods need)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_record)
 
 
-def cmd_record(args: argparse.Namespace) -> None:
-    try:
-        from simfluence.recording.runner import record_runs
-        from simfluence.recording.workloads import get_workload
-    except ImportError as exc:
-        raise SimfluenceError(
-            f"recording needs the 'record' extras ({exc}); pip install 'simfluence[record]'"
-        ) from None
-    try:
-        task = get_workload(args.workload)
-    except ValueError as exc:
-        raise SimfluenceError(str(exc)) from None
-    steps: list[int] = []
-    for item in args.checkpoints:
+def parse_checkpoints(text: str | None) -> list[int] | None:
+    """``--checkpoints``: None (the default), ``[]`` for 'none', else the step numbers."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", ""):
+        return []
+    steps = []
+    for item in text.split(","):
         try:
             steps.append(int(item))
         except ValueError:
-            raise SimfluenceError(f"--checkpoints: {item!r} is not a step number") from None
-    d = task.defaults
+            raise SimfluenceError(f"--checkpoints: {item.strip()!r} is not a step number") from None
+    return steps
+
+
+def cmd_record(args: argparse.Namespace) -> None:
+    from simfluence.recording.runner import record_runs
+    from simfluence.recording.tasks import resolve_task, task_from_metadata, task_label
+    from simfluence.runlog import read_manifest
+    from simfluence.runlog.store import MANIFEST
+
+    steps = parse_checkpoints(args.checkpoints)
+    kwargs = load_json_object(args.task_kwargs, "--task-kwargs")
+    manifest = Path(args.directory) / MANIFEST
+    if args.task is None and manifest.is_file() and not kwargs:
+        meta = read_manifest(args.directory).get("metadata") or {}
+        task = task_from_metadata(meta, str(args.directory))
+        task_ref = (meta.get("task_spec") or {}).get("ref")
+    else:
+        task_ref = args.task or _DEFAULT_TASK
+        task = resolve_task(task_ref, kwargs)
     options = {
-        "runs": args.runs or d.runs,
-        "pool": args.pool or d.pool,
-        "per_run": args.per_run or d.per_run,
-        "tests": args.tests or d.tests,
-        "batch": args.batch or d.batch,
-        "epochs": args.epochs or d.epochs,
-        "lr": d.lr if args.lr is None else args.lr,
+        "runs": args.runs,
+        "pool": args.pool,
+        "per_run": args.per_run,
+        "tests": args.tests,
+        "batch": args.batch,
+        "epochs": args.epochs,
+        "lr": args.lr,
         "seed": args.seed,
     }
     start = time.perf_counter()
@@ -84,6 +107,7 @@ def cmd_record(args: argparse.Namespace) -> None:
             args.directory,
             checkpoints=steps,
             progress=not args.no_progress,
+            task_ref=task_ref,
             **options,
         )
     except KeyboardInterrupt:
@@ -94,10 +118,12 @@ def cmd_record(args: argparse.Namespace) -> None:
         )
         raise
     seconds = time.perf_counter() - start
-    n_steps = runset.runs[0].n_steps
-    ckpt = f", checkpoints at steps {sorted(set(steps))}" if steps else ""
+    config = runset.metadata["config"]
+    ckpt = config["checkpoints"]
     print(
-        f"recorded {len(runset.runs)} runs x {n_steps} steps of {task.name} "
-        f"(pool {options['pool']}, {options['tests']} test examples{ckpt}) in {seconds:.1f} s; "
-        f"wrote {args.directory}"
+        f"recorded {len(runset.runs)} runs x {config['steps']} steps of {task_label(task)} "
+        f"(pool {config['pool']}, {config['tests']} test examples, "
+        f"{config['optimizer']['name'] if 'optimizer' in config else 'SGD'} lr {config['lr']:g}"
+        f"{f', checkpoints at steps {ckpt}' if ckpt else ', no checkpoints'}) in "
+        f"{seconds:.1f} s; wrote {args.directory}"
     )

@@ -12,13 +12,15 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from simfluence.cli._args import comma_list, positive_int, read_json
+from simfluence.cli._args import add_task_option, comma_list, positive_int, read_json
+from simfluence.cli.core import raise_failures
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import (
     EvaluationResult,
     MethodResult,
     evaluate,
     interval_scores,
+    failure_message,
     score,
 )
 from simfluence.plots import pick_test_examples, plot_method_grid
@@ -66,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["error", "prior"],
         default="prior",
         help="a training id absent from the fitted runs: no effect (default), or an error",
+    )
+    add_task_option(
+        p,
+        "for the gradient methods: where the run set's task is, when the reference stored in "
+        "its manifest no longer works (default: the stored one)",
     )
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.set_defaults(func=cmd_report)
@@ -115,8 +122,9 @@ def build_evaluation(
 ) -> tuple[EvaluationResult, list[str]]:
     """Evaluate `methods` (fitted here) and `models` (pre-fitted files); returns notes too."""
     simulators = {name: configure_simulator(name, **options) for name in methods}
-    result = evaluate(runs, simulators, heldout)
-    notes: list[str] = []
+    result = evaluate(runs, simulators, heldout, keep_going=True)
+    notes = [f"{name} failed: {failure_message(exc)}" for name, exc in result.failed.items()]
+    notes += [f"warning: {w}" for m in result.methods.values() for w in m.warnings]
     if models:
         _, held = runs.split(heldout)
         for model in models:
@@ -143,11 +151,15 @@ def cmd_report(args: argparse.Namespace) -> None:
         "l2": None,
         "unseen": args.unseen,
         "path": str(Path(args.directory) / TRUTH_FILE),
+        "task": args.task,
     }
     print(f"fitting {', '.join(args.methods)} on the training runs ...")
     result, notes = build_evaluation(runs, args.methods, args.model, heldout, options)
-    workload = (runs.metadata or {}).get("workload", Path(args.directory).name)
-    title = args.title or f"simfluence report: {workload}"
+    meta = runs.metadata or {}
+    workload = meta.get("workload") or (meta.get("config") or {}).get("workload")
+    title = args.title or f"simfluence report: {workload or Path(args.directory).name}"
+    if not result.methods:
+        raise_failures(result)
     with tempfile.TemporaryDirectory() as tmp:
         run = runs.run(result.heldout_runs[0])
         simulated = {name: m.simulated[0] for name, m in result.methods.items()}
@@ -176,3 +188,4 @@ def cmd_report(args: argparse.Namespace) -> None:
         f"{len(result.train_runs)} training runs, {len(result.heldout_runs)} held-out runs, "
         f"{len(result.methods)} methods; wrote {written} ({size:.1f} MB)"
     )
+    raise_failures(result)

@@ -1,4 +1,8 @@
-"""`simfluence validate`: train the workload on new curricula and score every simulator."""
+"""`simfluence validate`: train the task on new curricula and score every simulator.
+
+The JSON it writes is deterministic: two identical calls give byte-identical files except the
+``"timing"`` object (wall-clock seconds), which is kept apart at the end.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ import time
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic
-from simfluence.cli._args import comma_list, positive_int
-from simfluence.errors import SimfluenceError
+from simfluence.cli._args import add_task_option, comma_list, positive_int
 from simfluence.runlog import load_runset
 from simfluence.simulators import configure_simulator
 
@@ -20,11 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "validate",
         help="validate simulators against real retraining on new curricula",
-        description="Train the workload on C new curricula of each kind (never recorded), "
-        "and compare every simulator's predictions with what training actually did.",
+        description="Train the run set's task on C new curricula of each kind (never "
+        "recorded), and compare every simulator's predictions with what training actually did.",
     )
     p.add_argument("directory", help="run set recorded by `simfluence record`")
-    p.add_argument("--workload", default=None, help="the run set's workload (checked)")
+    add_task_option(
+        p,
+        "where the run set's task is, when the reference stored in its manifest no longer "
+        "works (checked against the recorded task's name; default: the stored one)",
+    )
     p.add_argument("--curricula", type=positive_int, default=20, help="curricula per kind")
     p.add_argument(
         "--kinds",
@@ -40,32 +47,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default: {','.join(DEFAULT_METHODS)})",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--search-evaluations",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="rollouts per optimized-curriculum search (default: 10000); the search is "
+        "bounded by work, so results do not depend on the machine",
+    )
+    p.add_argument(
+        "--search-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="also stop each search after S seconds (opt-in: results then depend on the "
+        "machine's speed and load)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from simfluence.recording.validation import validate
-    from simfluence.recording.workloads import get_workload
+    from simfluence.recording.tasks import task_for_runset
+    from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 
     runs = load_runset(args.directory)
-    recorded = (runs.metadata.get("config") or {}).get("workload")
-    if recorded is None:
-        raise SimfluenceError(f"{args.directory}: not recorded by `simfluence record`")
-    if args.workload and args.workload != recorded:
-        raise SimfluenceError(
-            f"--workload {args.workload}: the run set was recorded with {recorded!r}"
-        )
-    task = get_workload(recorded)
+    task = task_for_runset(runs, args.task)
     # new curricula may consume examples no recorded run did: they get "no effect"
-    simulators = {name: configure_simulator(name, unseen="prior") for name in args.methods}
+    options = {"unseen": "prior", "task": args.task}
+    simulators = {name: configure_simulator(name, **options) for name in args.methods}
     start = time.perf_counter()
 
     def progress(items, total):  # type: ignore[no-untyped-def]
         return tqdm(items, total=total, desc="training", unit="curriculum", leave=False)
 
-    result = validate(task, runs, simulators, args.kinds, args.curricula, args.seed, progress)
-    result["seconds"] = time.perf_counter() - start
+    result = validate(
+        task,
+        runs,
+        simulators,
+        args.kinds,
+        args.curricula,
+        args.seed,
+        progress,
+        search_evaluations=args.search_evaluations or SEARCH_EVALUATIONS,
+        search_seconds=args.search_seconds,
+    )
+    result["timing"] = {"seconds": time.perf_counter() - start}  # the one non-deterministic key
     print(format_validation(result))
     if args.json:
         write_json_atomic(args.json, result)
@@ -108,4 +135,5 @@ def format_validation(result: dict) -> str:  # type: ignore[type-arg]
                 f" ({sum(o['actual_in_interval_per_search'])} of "
                 f"{len(o['actual_in_interval_per_search'])} searches inside)"
             )
+    lines += [f"warning: {w}" for ws in result.get("warnings", {}).values() for w in ws]
     return "\n".join(lines)

@@ -362,7 +362,7 @@ def optimize_curriculum(
     max_accept: int = 8,
     patience: int = 3,
     max_evaluations: int = 200_000,
-    max_seconds: float | None = 60.0,
+    max_seconds: float | None = None,
     candidates: Sequence[str] | None = None,
     include_unseen: bool = False,
     trust_region: bool = True,
@@ -385,7 +385,9 @@ def optimize_curriculum(
        `max_accept`) are applied together when that beats the best single one, else the best
        single one is.
     3. Stop after `patience` rounds without improvement (one round suffices when every
-       neighbour was proposed), or when `max_evaluations` rollouts or `max_seconds` are spent.
+       neighbour was proposed), or when `max_evaluations` rollouts are spent, or (only when
+       given: the result then depends on the machine) `max_seconds`. Bounded by work, the
+       same arguments give the same curriculum.
 
     Safety. A simulator is least reliable exactly where a search drives it: to combinations
     of examples whose fitted effects, compounded, promise more than any recorded run showed.

@@ -1,5 +1,7 @@
 """Recording training runs (needs torch): a recorder for your own loop, a Hugging Face `Trainer`
-callback (`simfluence.recording.hf`, needs transformers), and a random-curriculum runner.
+callback (`simfluence.recording.hf`, needs transformers), a random-curriculum runner, and task
+references (`resolve_task`, `task_reference`, `task_for_runset`) that let every command find a
+user's own `Task` again.
 """
 
 from __future__ import annotations
@@ -9,13 +11,24 @@ from typing import Any
 from simfluence.recording.recorder import Recorder, RecordingError
 from simfluence.recording.runner import (
     checkpoint_path,
+    checkpoint_steps,
     load_checkpoint,
+    optimizer_spec,
+    record_defaults,
     record_runs,
     run_id_for,
     run_seed,
     steps_per_run,
+    train_on_curriculum,
 )
 from simfluence.recording.task import Examples, Task, TaskDefaults
+from simfluence.recording.tasks import (
+    prepare_for_runset,
+    resolve_task,
+    resolve_task_class,
+    task_for_runset,
+    task_reference,
+)
 
 __all__ = [
     "Examples",
@@ -26,11 +39,20 @@ __all__ = [
     "Task",
     "TaskDefaults",
     "checkpoint_path",
+    "checkpoint_steps",
     "load_checkpoint",
+    "optimizer_spec",
+    "prepare_for_runset",
+    "record_defaults",
     "record_runs",
+    "resolve_task",
+    "resolve_task_class",
     "run_id_for",
     "run_seed",
     "steps_per_run",
+    "task_for_runset",
+    "task_reference",
+    "train_on_curriculum",
 ]
 
 

@@ -2,15 +2,22 @@
 
 Each run draws ``per_run`` training examples of the pool, then trains ``epochs`` epochs over them
 in freshly shuffled batches of ``batch`` (`simfluence.curricula.random_curriculum`), always from
-the same initial model ``task.make_model(seed)``, with ``task.make_optimizer(model, lr)`` on the
-mean of ``task.example_losses`` over the batch. Every test example is scored before training and
-after every step.
+the same initial model ``task.make_model(seed)``, with the task's optimizer
+``task.make_optimizer(model, lr)`` (plain SGD unless the task overrides it) on the mean of
+``task.example_losses`` over the batch. Every test example is scored before training and after
+every step. Every protocol option defaults to the task's (`Task.defaults`).
 
 Layout of the run-set directory (see `simfluence.runlog.store` for the run files)::
 
-    DIR/manifest.json                          pool + test ids; metadata: config, task
+    DIR/manifest.json                          pool + test ids; metadata: config (the protocol
+                                               and the optimizer), task_spec, task
     DIR/runs/run-0000.parquet ...              one file per finished run
     DIR/checkpoints/run-0000/step-20.pt ...    the model's state_dict at the requested steps
+
+The manifest's ``metadata["task_spec"]`` is ``{"ref", "kwargs"}``
+(`simfluence.recording.tasks.task_reference`): later commands rebuild the task from it.
+``config["optimizer"]`` is the optimizer's class name and hyper-parameters as built by
+``task.make_optimizer`` (e.g. ``{"name": "SGD", "lr": 0.1, "momentum": 0, ...}``).
 
 Run ``r`` is called ``run-{r:04d}``. Its ``seed`` (stored in the run) is
 ``np.random.SeedSequence([seed, r]).generate_state(1)[0]``; ``np.random.default_rng(run.seed)``
@@ -18,8 +25,9 @@ drew its curriculum and ``torch.manual_seed(run.seed)`` was set before it traine
 arguments give bit-identical losses on the same machine.
 
 Files are written atomically and a run's checkpoints before its run file, so an interrupted
-recording (Ctrl-C, kill -9) is resumed by calling `record_runs` again with the same arguments:
-runs already on disk are skipped.
+recording (Ctrl-C, kill -9) is resumed by calling `record_runs` again with the same arguments
+(or none: options left out take the values the directory was recorded with): runs already on
+disk are skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +51,7 @@ from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.recording.recorder import Recorder, RecordingError
 from simfluence.recording.task import Examples, Task
+from simfluence.recording.tasks import SPEC_KEY, task_label, task_reference
 from simfluence.runlog import Run, RunSet, load_runset, read_manifest, write_manifest, write_run
 from simfluence.runlog.store import MANIFEST, RUNS_DIR, run_path
 
@@ -104,59 +114,80 @@ def record_runs(
     task: Task,
     directory: str | os.PathLike[str],
     *,
-    runs: int,
-    pool: int,
-    per_run: int,
-    tests: int,
-    batch: int,
-    epochs: int,
-    lr: float,
-    seed: int = 0,
-    checkpoints: Sequence[int] = (),
+    runs: int | None = None,
+    pool: int | None = None,
+    per_run: int | None = None,
+    tests: int | None = None,
+    batch: int | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    checkpoints: Sequence[int] | None = None,
     progress: bool = True,
     num_threads: int | None = None,
+    task_ref: str | None = None,
 ) -> RunSet:
     """Record `runs` runs of `task` on random curricula into `directory`; returns them.
 
-    Every run has ``T = epochs * ceil(per_run / batch)`` steps; its losses have shape
-    ``(T + 1, tests)``. Resumes an interrupted recording in `directory` (the same arguments
-    are required; `runs` may grow). `checkpoints` are steps in ``0..T`` at which the model's
-    ``state_dict`` is saved for every run (`load_checkpoint`). `num_threads` is the number of
-    torch CPU threads while training (default: 1 for models under a million parameters, else
-    unchanged).
+    Every protocol option left out (None) takes the value `directory` was recorded with when
+    resuming, else the task's default (`Task.defaults`; `seed` 0). `checkpoints` are steps in
+    ``0..T`` at which the model's ``state_dict`` is saved for every run (`load_checkpoint`);
+    by default `checkpoint_steps(T)`, 4 evenly spaced steps from 0 (what the gradient methods
+    need; ``[]`` saves none). Every run has ``T = epochs * ceil(per_run / batch)`` steps; its
+    losses have shape ``(T + 1, tests)``. Resumes an interrupted recording in `directory`
+    (the same options are required; `runs` may grow). `num_threads` is the number of torch CPU
+    threads while training (default: 1 for models under a million parameters, else unchanged).
+    `task_ref` is the reference the task was made from (`resolve_task`), stored in the
+    manifest so later commands rebuild the task; by default it is inferred from its class.
 
     Raises `SimfluenceError` on bad options, or when `directory` holds a different recording.
     """
-    config = _check_config(task, runs, pool, per_run, tests, batch, epochs, lr, seed, checkpoints)
-    n_steps = config["steps"]
     directory = Path(directory)
+    options = _protocol(
+        task,
+        directory,
+        runs=runs,
+        pool=pool,
+        per_run=per_run,
+        tests=tests,
+        batch=batch,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        checkpoints=checkpoints,
+    )
+    config = _check_config(task, **options)
+    runs, pool, tests, seed = options["runs"], options["pool"], options["tests"], options["seed"]
+    n_steps = config["steps"]
     try:
         pool_examples, test_examples = task.prepare(pool, tests, seed)
     except ValueError as exc:
         if isinstance(exc, SimfluenceError):
             raise
-        raise SimfluenceError(f"workload {task.name!r}: {exc}") from None
+        raise SimfluenceError(f"task {task_label(task)!r}: {exc}") from None
     if len(pool_examples) != pool or len(test_examples) != tests:
         raise SimfluenceError(
-            f"workload {task.name!r}: prepare({pool}, {tests}, {seed}) returned "
+            f"task {task_label(task)!r}: prepare({pool}, {tests}, {seed}) returned "
             f"{len(pool_examples)} pool and {len(test_examples)} test examples"
         )
+    initial = task.make_model(seed)
+    config["optimizer"] = optimizer_spec(task.make_optimizer(copy.deepcopy(initial), config["lr"]))
     metadata = {
         "recorder": RECORDER_NAME,
         "config": {k: v for k, v in config.items() if k != "runs"},
         "runs": runs,
+        SPEC_KEY: _spec(task, task_ref),
         "task": _jsonable(task.describe()),
     }
     _prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
 
     row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
-    initial = task.make_model(seed)
     todo = [r for r in range(runs) if not run_path(directory, run_id_for(r)).is_file()]
     bar = tqdm(
         total=len(todo) * n_steps,
         unit="step",
         disable=not progress or not todo,
-        desc=f"recording {task.name}",
+        desc=f"recording {task_label(task)}",
         dynamic_ncols=True,
     )
     with bar, torch_threads(initial, num_threads):
@@ -180,8 +211,8 @@ def record_defaults(
     seed: int = 0,
     progress: bool = True,
 ) -> RunSet:
-    """`record_runs` with the workload's default protocol (`task.defaults`) and checkpoints at
-    4 evenly spaced steps (what the gradient methods need)."""
+    """`record_runs` with the task's default protocol (`task.defaults`) and checkpoints at
+    4 evenly spaced steps (what the gradient methods need); `runs` overrides the number."""
     d = task.defaults
     n_steps = steps_per_run(d.per_run, d.batch, d.epochs)
     return record_runs(
@@ -198,6 +229,75 @@ def record_defaults(
         checkpoints=checkpoint_steps(n_steps),
         progress=progress,
     )
+
+
+def optimizer_spec(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"name": class name, hyper-parameter: value, ...}`` of a torch optimizer, from its
+    ``defaults`` (JSON-able values only: numbers, strings, booleans, None, lists of those)."""
+    spec: dict[str, Any] = {"name": type(optimizer).__name__}
+    for key, value in sorted(optimizer.defaults.items()):
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        try:
+            spec[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue  # e.g. a callable: not a hyper-parameter worth recording
+    return spec
+
+
+def _spec(task: Task, ref: str | None) -> dict[str, Any]:
+    """The task reference to store; when the task cannot be rebuilt, the reason instead (the
+    recording itself works; commands that rebuild the task will need --task)."""
+    try:
+        return task_reference(task, ref)
+    except SimfluenceError as exc:
+        warnings.warn(
+            f"{exc}: later commands that rebuild the task (gradient methods, validate) will "
+            "need --task",
+            stacklevel=3,
+        )
+        return {"ref": None, "kwargs": None, "reason": str(exc)}
+
+
+def _protocol(task: Task, directory: Path, **given: Any) -> dict[str, Any]:
+    """The options of a recording: the given ones, else those `directory` was recorded with,
+    else the task's defaults (checkpoints: `checkpoint_steps` of the run length)."""
+    recorded: dict[str, Any] = {}
+    if (directory / MANIFEST).is_file():
+        try:
+            meta = read_manifest(directory).get("metadata") or {}
+        except SimfluenceError:
+            meta = {}
+        if meta.get("recorder") == RECORDER_NAME:
+            recorded = {**(meta.get("config") or {}), "runs": meta.get("runs")}
+    d = task.defaults
+    defaults = {
+        "runs": d.runs,
+        "pool": d.pool,
+        "per_run": d.per_run,
+        "tests": d.tests,
+        "batch": d.batch,
+        "epochs": d.epochs,
+        "lr": d.lr,
+        "seed": 0,
+    }
+    out = {}
+    for key, default in defaults.items():
+        value = given[key]
+        if value is None:
+            value = recorded[key] if recorded.get(key) is not None else default
+        out[key] = value
+    if given["checkpoints"] is not None:
+        out["checkpoints"] = given["checkpoints"]
+    elif "checkpoints" in recorded:
+        out["checkpoints"] = recorded["checkpoints"]
+    else:
+        per_run, batch, epochs = out["per_run"], out["batch"], out["epochs"]
+        valid = all(isinstance(v, int) and v > 0 for v in (per_run, batch, epochs))
+        out["checkpoints"] = checkpoint_steps(steps_per_run(per_run, batch, epochs)) if valid else []
+    return out
 
 
 def _record_one(
@@ -255,8 +355,9 @@ def train_on_curriculum(
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Run:
-    """Train a fresh copy of `initial` on `curriculum` (SGD on the batch-mean loss, as the
-    runner does) and score every test example before training and after every step.
+    """Train a fresh copy of `initial` on `curriculum` (``task.make_optimizer(model, lr)`` on
+    the batch-mean loss, as the runner does) and score every test example before training and
+    after every step.
 
     `on_step(step, model)` is called at step 0 (before training) and after every step.
     Returns the `Run` (losses of shape ``(T + 1, M)``); nothing is written.
@@ -349,7 +450,7 @@ def _check_config(
             )
         steps.append(int(step))
     return {
-        "workload": task.name,
+        "workload": task_label(task),
         "runs": int(runs),
         "pool": int(pool),
         "per_run": int(per_run),
@@ -383,9 +484,15 @@ def _prepare_directory(
         raise SimfluenceError(
             f"{directory}: holds a run set that was not recorded by `simfluence record`; {hint}"
         )
-    for key in ("config", "task"):
-        if old.get(key) != metadata[key]:
-            diffs = _diff(old.get(key) or {}, metadata[key])
+    old_config = old.get("config") or {}
+    # recordings older than the optimizer key: compare what they recorded
+    new_config = {k: v for k, v in metadata["config"].items() if k in old_config or k != "optimizer"}
+    for key, before, now in (
+        ("config", old_config, new_config),
+        ("task", old.get("task"), metadata["task"]),
+    ):
+        if before != now:
+            diffs = _diff(before or {}, now)
             raise SimfluenceError(
                 f"{directory}: holds a recording with a different {key} ({diffs}); {hint}"
             )
@@ -393,9 +500,26 @@ def _prepare_directory(
         raise SimfluenceError(
             f"{directory}: its pool or test ids differ from this recording's; {hint}"
         )
-    if old.get("runs") != metadata["runs"]:
-        write_manifest(directory, train_ids, test_ids, {**old, "runs": metadata["runs"]})
+    spec = _resumed_spec(directory, old.get(SPEC_KEY), metadata[SPEC_KEY], hint)
+    if old.get("runs") != metadata["runs"] or old.get(SPEC_KEY) != spec:
+        updated = {**old, "runs": metadata["runs"], SPEC_KEY: spec}
+        write_manifest(directory, train_ids, test_ids, updated)
     _remove_stale_temporaries(directory)
+
+
+def _resumed_spec(
+    directory: Path, old: dict[str, Any] | None, new: dict[str, Any], hint: str
+) -> dict[str, Any]:
+    """The task reference to keep when resuming: the newest one that works. The same class
+    with other constructor arguments is another task; a changed reference (the file moved, a
+    subclass) is judged by the task's name and description only."""
+    if old and old.get("ref") == new.get("ref") and new.get("kwargs") is not None:
+        if old.get("kwargs") != new["kwargs"]:
+            raise SimfluenceError(
+                f"{directory}: holds a recording of the task with other constructor arguments "
+                f"({_diff(old['kwargs'], new['kwargs'])}); {hint}"
+            )
+    return new if new.get("ref") is not None or not old else old
 
 
 def _remove_stale_temporaries(directory: Path) -> None:

@@ -12,13 +12,16 @@ and every simulator (fitted on *all* recorded runs) predicts them from the recor
   occur;
 * ``optimized``: curricula searched by `simfluence.counterfactual.search.optimize_curriculum`
   (the first method given, usually ``linear``) to minimize the mean final test loss, one search
-  per seed; their *actual* mean final test loss is compared with the random curricula's.
+  per seed, each bounded by a number of rollouts (`SEARCH_EVALUATIONS`), never by wall-clock
+  time unless asked: the same call gives the same curricula; their *actual* mean final test
+  loss is compared with the random curricula's.
 
 Per kind and method: all-steps MSE and final-step Spearman (as in `simfluence.metrics`), and the
 linear datamodeling score (LDS, as TRAK and dattri define it): for each test example, the
 Spearman correlation across the kind's curricula between predicted and actual final loss, then
 the mean over test examples. The JSON (see `validate`) is what `simfluence validate --json`
-writes.
+writes; every random choice is seeded, so two identical calls give identical results (the
+command line keeps its wall-clock timing apart, under ``"timing"``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ from simfluence.errors import SimfluenceError
 from simfluence.metrics import linear_datamodeling_score
 from simfluence.recording.runner import torch_threads, train_on_curriculum
 from simfluence.recording.task import Task
+from simfluence.recording.tasks import prepare_for_runset
 from simfluence.runlog.runs import Curriculum, RunSet
 from simfluence.simulators.base import Simulator
 
 KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
 #: share of the base curriculum's distinct examples left out or repeated per variant
 EDIT_FRACTION = 0.1
+#: rollouts per ``optimized`` search (about what 5 s of search did on digits-mlp, 2-core VM)
+SEARCH_EVALUATIONS = 10_000
 
 
 def make_curricula(
@@ -50,11 +56,14 @@ def make_curricula(
     runs: RunSet,
     seed: int,
     optimizer: Simulator | None = None,
-    search_seconds: float = 5.0,
+    search_evaluations: int = SEARCH_EVALUATIONS,
+    search_seconds: float | None = None,
 ) -> list[Curriculum]:
     """`count` new curricula of `kind` in the protocol of `runs` (manifest ``config``).
 
-    ``optimized`` curricula are searched with `optimizer` (fitted), `search_seconds` each.
+    ``optimized`` curricula are searched with `optimizer` (fitted), at most
+    `search_evaluations` rollouts each (and `search_seconds`, when given: results then depend
+    on the machine's speed).
     """
     config = runs.metadata["config"]
     pool, per_run, batch, epochs = (
@@ -92,6 +101,7 @@ def make_curricula(
                 batch,
                 epochs,
                 seed=seed * 1000 + k,
+                max_evaluations=search_evaluations,
                 max_seconds=search_seconds,
                 recorded=runs,
             ).curriculum
@@ -150,14 +160,19 @@ def validate(
     count: int = 20,
     seed: int = 0,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
-    search_seconds: float = 5.0,
+    search_evaluations: int = SEARCH_EVALUATIONS,
+    search_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Train `task` on `count` new curricula of each kind and score every simulator.
 
-    The simulators are fitted on all of `runs` here. Returns the JSON-able dict::
+    The simulators are fitted on all of `runs` here. ``optimized`` searches are bounded by
+    `search_evaluations` rollouts (and by `search_seconds` only when given). Returns the
+    JSON-able dict::
 
         {"kinds": {KIND: {"curricula": C, "methods": {NAME: {"all_steps_mse",
                    "final_step_spearman", "lds"}}}},
+         "curricula_per_kind": C, "seed": seed, "search_evaluations": N,
+         "warnings": {NAME: [str, ...]},   # e.g. a gradient method on Adam runs
          "optimized": {"actual_mean_test_loss", "random_mean_test_losses": [...],
                        "fraction_of_random_beaten", "predicted_mean_test_loss",
                        "actual_mean_test_losses_per_search": [...]}}   # when both kinds ran
@@ -176,9 +191,9 @@ def validate(
         raise SimfluenceError(f"unknown kind {unknown[0]!r}; kinds: {', '.join(KINDS)}")
     if count < 2:
         raise SimfluenceError("--curricula must be at least 2 (LDS correlates across curricula)")
-    pool, tests = task.prepare(config["pool"], config["tests"], config["seed"])
-    if pool.ids != runs.train_ids or tests.ids != runs.test_ids:
-        raise SimfluenceError(f"workload {task.name!r} does not rebuild this run set's ids")
+    if not simulators:
+        raise SimfluenceError("validation needs at least one method")
+    pool, tests = prepare_for_runset(task, runs)
     for simulator in simulators.values():
         simulator.fit(runs)
         with contextlib.suppress(SimfluenceError):  # e.g. one recorded run: no intervals
@@ -186,12 +201,22 @@ def validate(
     initial_model = task.make_model(config["seed"])
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
     wrap = progress or (lambda items, total: items)
-    result: dict[str, Any] = {"kinds": {}, "curricula_per_kind": count, "seed": seed}
+    result: dict[str, Any] = {
+        "kinds": {},
+        "curricula_per_kind": count,
+        "seed": seed,
+        "search_evaluations": search_evaluations,
+        "warnings": {
+            name: list(getattr(sim, "warnings_", None) or []) for name, sim in simulators.items()
+        },
+    }
     actual_mean: dict[str, list[float]] = {}
     searched: list[float] = []
     for kind in kinds:
         optimizer = next(iter(simulators.values()))
-        curricula = make_curricula(kind, count, runs, seed, optimizer, search_seconds)
+        curricula = make_curricula(
+            kind, count, runs, seed, optimizer, search_evaluations, search_seconds
+        )
         true = []
         with torch_threads(initial_model):
             for k, curriculum in enumerate(wrap(curricula, len(curricula))):

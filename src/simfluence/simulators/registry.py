@@ -3,13 +3,13 @@ Methods that need PyTorch are imported only when asked for, so the core never im
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from simfluence._resolve import load_reference
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
@@ -52,8 +52,7 @@ def simulator_class(name: str) -> type[Simulator]:
     if name in _CORE:
         return _CORE[name]
     if name in _LAZY:
-        module, attr = _LAZY[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_reference(_LAZY[name], f"method {name!r}")
     raise SimfluenceError(
         f"unknown method {name!r}; known methods: {', '.join(available_simulators())}"
     )

@@ -6,6 +6,7 @@ The pretrained workloads import their heavy dependencies (transformers, gguf) on
 
 from __future__ import annotations
 
+from simfluence.errors import SimfluenceError
 from simfluence.recording.task import Task
 from simfluence.recording.workloads._common import cache_dir
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask
@@ -23,15 +24,17 @@ WORKLOADS: dict[str, type[Task]] = {
 
 
 def get_workload(name: str) -> Task:
-    """A new instance of the workload called `name`.
+    """A new instance of the built-in workload called `name` (any task reference, a user's
+    own task included: `simfluence.recording.tasks.resolve_task`).
 
-    Raises `ValueError` naming the unknown workload and listing the known ones.
+    Raises `SimfluenceError` (a `ValueError`) naming the unknown workload and listing the
+    known ones.
     """
     try:
         cls = WORKLOADS[name]
     except KeyError:
         known = ", ".join(sorted(WORKLOADS))
-        raise ValueError(f"unknown workload {name!r}; known workloads: {known}") from None
+        raise SimfluenceError(f"unknown workload {name!r}; known workloads: {known}") from None
     return cls()
 
 
