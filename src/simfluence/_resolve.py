@@ -99,7 +99,8 @@ def _import_module(name: str, ref: str, what: str) -> ModuleType:
             f"({install_hint(missing)})"
         ) from None
     except Exception as exc:  # the user's module itself fails: say so in one line
-        raise SimfluenceError(f"{what} {ref!r}: importing {name} failed: {_one_line(exc)}") from None
+        message = f"{what} {ref!r}: importing {name} failed: {_one_line(exc)}"
+        raise SimfluenceError(message) from None
 
 
 def file_module_name(path: Path) -> str:
@@ -137,7 +138,8 @@ def _load_file(path: Path, ref: str, what: str) -> ModuleType:
         ) from None
     except Exception as exc:
         del sys.modules[name]
-        raise SimfluenceError(f"{what} {ref!r}: executing {path} failed: {_one_line(exc)}") from None
+        message = f"{what} {ref!r}: executing {path} failed: {_one_line(exc)}"
+        raise SimfluenceError(message) from None
     return module
 
 

@@ -215,5 +215,7 @@ def format_table(result: EvaluationResult) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"warning: {w}" for method in result.methods.values() for w in method.warnings]
-    lines += [f"failed: {name}: {failure_message(exc, name)}" for name, exc in result.failed.items()]
+    lines += [
+        f"failed: {name}: {failure_message(exc, name)}" for name, exc in result.failed.items()
+    ]
     return "\n".join(lines)

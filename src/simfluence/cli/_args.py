@@ -49,7 +49,7 @@ def read_json(path: str | Path, what: str) -> Any:
         raise SimfluenceError(f"{what} {path}: not valid JSON ({exc})") from None
 
 
-class CommandFailed(Exception):
+class CommandFailedError(Exception):
     """A command finished part of its work and reports the rest as failed (e.g. one method of
     `evaluate`): `main` prints the message as one line and exits with `status`."""
 

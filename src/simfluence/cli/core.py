@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli._args import CommandFailed, add_task_option, comma_list, level, positive_int
+from simfluence.cli._args import CommandFailedError, add_task_option, comma_list, level, positive_int
 from simfluence.cli._curricula import (
     add_curriculum_source_options,
     add_edit_options,
@@ -22,7 +22,7 @@ from simfluence.cli._curricula import (
     load_curriculum,
 )
 from simfluence.errors import SimfluenceError
-from simfluence.evaluation import EvaluationResult, evaluate, format_table
+from simfluence.evaluation import EvaluationResult, evaluate, failure_message, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
     export_gptfluence,
@@ -351,16 +351,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def raise_failures(result: EvaluationResult) -> None:
-    """After the results of the others are out: `CommandFailed` naming the methods that
+    """After the results of the others are out: `CommandFailedError` naming the methods that
     failed (status 2 when every failure was a user mistake, else 1)."""
     if not result.failed:
         return
     names = ", ".join(result.failed)
     first_name, first = next(iter(result.failed.items()))
     mistakes = all(isinstance(exc, SimfluenceError) for exc in result.failed.values())
-    raise CommandFailed(
+    raise CommandFailedError(
         f"{len(result.failed)} of {len(result.failed) + len(result.methods)} methods failed "
-        f"({names}); {first_name}: {' '.join(str(first).split())}",
+        f"({names}); {first_name}: {failure_message(first, first_name)}",
         status=2 if mistakes else 1,
     )
 

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from simfluence._resolve import install_hint
 from simfluence.cli import core, counterfactual, demo, record, report, validate
-from simfluence.cli._args import CommandFailed
+from simfluence.cli._args import CommandFailedError
 from simfluence.errors import SimfluenceError
 
 #: command modules; each has ``register(subparsers)`` and sets ``func`` on its parsers
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimfluenceError as exc:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except CommandFailed as exc:
+    except CommandFailedError as exc:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.status
     except ModuleNotFoundError as exc:  # an optional extra that is not installed

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--task-kwargs",
         default=None,
         metavar="JSON",
-        help='constructor arguments of the task as a JSON object, e.g. \'{"hidden": 64}\'',
+        help="constructor arguments of the task as a JSON object, e.g. '{\"hidden\": 64}'",
     )
     for flag, dest, what in [
         ("--runs", "runs", "number of runs"),

@@ -123,7 +123,7 @@ def build_evaluation(
     """Evaluate `methods` (fitted here) and `models` (pre-fitted files); returns notes too."""
     simulators = {name: configure_simulator(name, **options) for name in methods}
     result = evaluate(runs, simulators, heldout, keep_going=True)
-    notes = [f"{name} failed: {failure_message(exc)}" for name, exc in result.failed.items()]
+    notes = [f"{name} failed: {failure_message(exc, name)}" for name, exc in result.failed.items()]
     notes += [f"warning: {w}" for m in result.methods.values() for w in m.warnings]
     if models:
         _, held = runs.split(heldout)

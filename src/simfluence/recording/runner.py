@@ -296,7 +296,8 @@ def _protocol(task: Task, directory: Path, **given: Any) -> dict[str, Any]:
     else:
         per_run, batch, epochs = out["per_run"], out["batch"], out["epochs"]
         valid = all(isinstance(v, int) and v > 0 for v in (per_run, batch, epochs))
-        out["checkpoints"] = checkpoint_steps(steps_per_run(per_run, batch, epochs)) if valid else []
+        n_steps = steps_per_run(per_run, batch, epochs) if valid else 0
+        out["checkpoints"] = checkpoint_steps(n_steps) if valid else []
     return out
 
 
@@ -486,7 +487,9 @@ def _prepare_directory(
         )
     old_config = old.get("config") or {}
     # recordings older than the optimizer key: compare what they recorded
-    new_config = {k: v for k, v in metadata["config"].items() if k in old_config or k != "optimizer"}
+    new_config = {
+        k: v for k, v in metadata["config"].items() if k in old_config or k != "optimizer"
+    }
     for key, before, now in (
         ("config", old_config, new_config),
         ("task", old.get("task"), metadata["task"]),
@@ -513,12 +516,12 @@ def _resumed_spec(
     """The task reference to keep when resuming: the newest one that works. The same class
     with other constructor arguments is another task; a changed reference (the file moved, a
     subclass) is judged by the task's name and description only."""
-    if old and old.get("ref") == new.get("ref") and new.get("kwargs") is not None:
-        if old.get("kwargs") != new["kwargs"]:
-            raise SimfluenceError(
-                f"{directory}: holds a recording of the task with other constructor arguments "
-                f"({_diff(old['kwargs'], new['kwargs'])}); {hint}"
-            )
+    same_class = old and old.get("ref") == new.get("ref") and new.get("kwargs") is not None
+    if same_class and old.get("kwargs") != new["kwargs"]:
+        raise SimfluenceError(
+            f"{directory}: holds a recording of the task with other constructor arguments "
+            f"({_diff(old.get('kwargs') or {}, new['kwargs'])}); {hint}"
+        )
     return new if new.get("ref") is not None or not old else old
 
 
@@ -530,11 +533,17 @@ def _remove_stale_temporaries(directory: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [
-        f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)
-    ]
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """The first differing keys, ``key: X there, Y now`` (nested dicts by dotted key)."""
+    parts = []
+    for k in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(_diff(a, b, f"{prefix}{k}."))
+        else:
+            parts.append(f"{prefix}{k}: {a!r} there, {b!r} now")
     return "; ".join(parts[:3])
 
 

@@ -203,9 +203,7 @@ def task_for_runset(runs: RunSet, override: str | None = None) -> Task:
     return task_from_metadata(runs.metadata or {}, str(runs.source or "the run set"), override)
 
 
-def task_from_metadata(
-    metadata: dict[str, Any], where: str, override: str | None = None
-) -> Task:
+def task_from_metadata(metadata: dict[str, Any], where: str, override: str | None = None) -> Task:
     """`task_for_runset` from a manifest's ``metadata`` (`where` names it in errors)."""
     config = metadata.get("config") or {}
     spec = metadata.get(SPEC_KEY) or {}
