@@ -198,8 +198,9 @@ class GradientSimulator(DynamicsSimulator):
         steps = sorted(run.metadata.get("checkpoint_steps") or [])
         if not steps:
             raise SimfluenceError(
-                f"{self.name}: run {run.run_id!r} has no saved checkpoints; record with "
-                "--checkpoints (e.g. --checkpoints 0,32,64) to use gradient methods"
+                f"{self.name}: run {run.run_id!r} has no saved checkpoints (was it recorded "
+                "with --checkpoints none?); gradient methods need them: record with the default "
+                "checkpoints or e.g. --checkpoints 0,32,64"
             )
         return steps if self.checkpoints_used == "all" else steps[-1:]
 

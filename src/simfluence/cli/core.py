@@ -320,7 +320,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         runs,
         simulators,
         heldout,
-        lambda items: tqdm(items, desc="fit + simulate", leave=False),
+        lambda items: tqdm(items, desc="fit + simulate", leave=False, disable=None),
         keep_going=True,
     )
     print(

@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         runs,
         simulators,
         args.holdout,
-        lambda items: tqdm(items, desc="methods", leave=False),
+        lambda items: tqdm(items, desc="methods", leave=False, disable=None),
         keep_going=True,
     )
     print(format_table(result))

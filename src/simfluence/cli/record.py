@@ -75,16 +75,17 @@ def parse_checkpoints(text: str | None) -> list[int] | None:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
-    from simfluence.recording.runner import record_runs
+    from simfluence.recording.runner import RECORDER_NAME, record_runs
     from simfluence.recording.tasks import resolve_task, task_from_metadata, task_label
     from simfluence.runlog import read_manifest
     from simfluence.runlog.store import MANIFEST
 
     steps = parse_checkpoints(args.checkpoints)
     kwargs = load_json_object(args.task_kwargs, "--task-kwargs")
-    manifest = Path(args.directory) / MANIFEST
-    if args.task is None and manifest.is_file() and not kwargs:
+    meta = {}
+    if args.task is None and not kwargs and (Path(args.directory) / MANIFEST).is_file():
         meta = read_manifest(args.directory).get("metadata") or {}
+    if meta.get("recorder") == RECORDER_NAME:  # resume the task it was recorded with
         task = task_from_metadata(meta, str(args.directory))
         task_ref = (meta.get("task_spec") or {}).get("ref")
     else:

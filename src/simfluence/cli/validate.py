@@ -79,7 +79,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
 
     def progress(items, total):  # type: ignore[no-untyped-def]
-        return tqdm(items, total=total, desc="training", unit="curriculum", leave=False)
+        return tqdm(
+            items, total=total, desc="training", unit="curriculum", leave=False, disable=None
+        )
 
     result = validate(
         task,

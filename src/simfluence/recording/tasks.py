@@ -68,8 +68,9 @@ def resolve_task_class(ref: str) -> type[Task]:
     else:
         cls = _entry_point(ref)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
+        what = getattr(cls, "__qualname__", type(cls).__name__)
         raise SimfluenceError(
-            f"task {ref!r}: {cls!r} is not a subclass of simfluence.recording.Task"
+            f"task {ref!r}: {what} is not a subclass of simfluence.recording.Task"
         )
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
