@@ -12,6 +12,9 @@ Conventions
 * `make_model(seed)` returns the *trainable* part only. Frozen lower layers are applied once in
   `prepare` and their outputs cached in the `Examples` tensors, which gives identical losses at a
   fraction of the cost.
+* Constructor arguments are stored unchanged as attributes of the same name (scikit-learn's
+  convention): `simfluence.recording.tasks.task_reference` reads them back so that later
+  commands rebuild the same task from the run set's manifest.
 """
 
 from __future__ import annotations
@@ -95,7 +98,12 @@ class Task(ABC):
         """Per-example losses, shape ``(n,)``, for a batch of ``n`` examples (no reduction)."""
 
     def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        """The optimizer used by the runner; plain SGD unless a task overrides it."""
+        """The optimizer used by the runner; plain SGD unless a task overrides it.
+
+        The runner records its class name and hyper-parameters in the run set
+        (``config["optimizer"]``); the gradient methods, whose formulas assume plain SGD, warn
+        when it is anything else.
+        """
         return torch.optim.SGD(model.parameters(), lr=lr)
 
     def describe(self) -> dict[str, object]:
