@@ -4,6 +4,7 @@ report; validate's JSON byte-identical between two identical calls; the HF Train
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -17,7 +18,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from simfluence.cli.main import main
+from simfluence.cli.main import build_parser, main
+from simfluence.counterfactual.search import optimize_curriculum
+from simfluence.recording.validation import make_curricula, validate
 from simfluence.runlog import load_runset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,12 +135,6 @@ def test_hf_trainer_example_records_runs_the_simulators_evaluate(tmp_path: Path)
 
 
 def test_searches_are_bounded_by_work_unless_a_time_limit_is_asked_for() -> None:
-    import inspect
-
-    from simfluence.cli.main import build_parser
-    from simfluence.counterfactual.search import optimize_curriculum
-    from simfluence.recording.validation import make_curricula, validate
-
     for fn, name in (
         (optimize_curriculum, "max_seconds"),
         (validate, "search_seconds"),

@@ -4,8 +4,6 @@ in another process; the optimizer recorded and the gradient methods' warning abo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -194,24 +192,6 @@ def test_record_defaults_to_the_task_protocol_and_stores_the_reference(
         record_runs(type(task)(features=3, optimizer="sgd "), tmp_path / "runs", progress=False)
     with pytest.raises(SimfluenceError, match=r"optimizer\.name: 'SGD' there, 'Adam' now"):
         record_runs(type(task)(features=3, optimizer="adam"), tmp_path / "runs", progress=False)
-
-
-def test_the_task_is_rebuilt_in_another_process(task_file: Path, tmp_path: Path) -> None:
-    record_runs(resolve_task(f"{task_file}:Regression"), tmp_path / "runs", progress=False)
-    code = (
-        "import sys; from simfluence.runlog import load_runset; "
-        "from simfluence.recording import task_for_runset; "
-        "t = task_for_runset(load_runset(sys.argv[1])); print(t.name, t.features)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "runs")],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["user-regression", "3"]
 
 
 def test_task_for_runset_old_manifests_overrides_and_moved_files(
