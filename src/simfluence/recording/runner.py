@@ -33,6 +33,7 @@ disk are skipped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -214,17 +215,12 @@ def record_defaults(
     """`record_runs` with the task's default protocol (`task.defaults`) and checkpoints at
     4 evenly spaced steps (what the gradient methods need); `runs` overrides the number."""
     d = task.defaults
+    protocol = {**dataclasses.asdict(d), "runs": runs or d.runs}
     n_steps = steps_per_run(d.per_run, d.batch, d.epochs)
     return record_runs(
         task,
         directory,
-        runs=runs or d.runs,
-        pool=d.pool,
-        per_run=d.per_run,
-        tests=d.tests,
-        batch=d.batch,
-        epochs=d.epochs,
-        lr=d.lr,
+        **protocol,
         seed=seed,
         checkpoints=checkpoint_steps(n_steps),
         progress=progress,
@@ -272,17 +268,7 @@ def _protocol(task: Task, directory: Path, **given: Any) -> dict[str, Any]:
             meta = {}
         if meta.get("recorder") == RECORDER_NAME:
             recorded = {**(meta.get("config") or {}), "runs": meta.get("runs")}
-    d = task.defaults
-    defaults = {
-        "runs": d.runs,
-        "pool": d.pool,
-        "per_run": d.per_run,
-        "tests": d.tests,
-        "batch": d.batch,
-        "epochs": d.epochs,
-        "lr": d.lr,
-        "seed": 0,
-    }
+    defaults = {**dataclasses.asdict(task.defaults), "seed": 0}
     out = {}
     for key, default in defaults.items():
         value = given[key]
