@@ -72,10 +72,10 @@ def record_one(
     torch.manual_seed(args.seed)  # every run starts from the same model
     model = WineMLP()
     collator = IdCollator(transformers.default_data_collator)
+    run_id = f"run-{run:04d}"
     callback = SimfluenceCallback(
-        collator, tests, test_losses, pool=pool.ids, directory=directory,
-        run_id=f"run-{run:04d}", seed=seed,
-    )  # fmt: skip
+        collator, tests, test_losses, pool=pool.ids, directory=directory, run_id=run_id, seed=seed
+    )
     training = transformers.TrainingArguments(
         output_dir=work,  # Trainer's own files: not in the run set
         per_device_train_batch_size=args.batch,
