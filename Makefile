@@ -30,7 +30,7 @@ mutate: setup
 	$(PY) tools/mutation_score.py
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff check src tests benchmarks tools examples
 
 bench: setup
 	$(PY) benchmarks/bench_core.py
