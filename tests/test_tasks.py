@@ -25,6 +25,8 @@ from simfluence.recording import (
 from simfluence.recording.workloads import DigitsMLPTask
 from simfluence.runlog import load_runset, read_manifest, write_manifest
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model" / "task.py"
+
 #: a user's task file: linear regression on Gaussian features, SGD or Adam
 TASK_SOURCE = textwrap.dedent(
     """
@@ -96,7 +98,7 @@ def test_every_form_of_reference_resolves(task_file: Path, tmp_path: Path, monke
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert type(resolve_task("digits-plugin")) is DigitsMLPTask  # the broken one is not loaded
-    with pytest.raises(SimfluenceError, match=r"task 'broken-plugin'.*needs 'userplugin_not_"):
+    with pytest.raises(SimfluenceError, match=r"'broken-plugin'.*no module named 'userplugin_not"):
         resolve_task("broken-plugin")
     with pytest.raises(SimfluenceError, match=r"unknown task 'nope'.*broken-plugin, digits-plug"):
         resolve_task("nope")
@@ -129,6 +131,8 @@ def test_bad_references_fail_in_one_line(task_file: Path, ref: str, message: str
 def test_constructor_arguments_can_be_refused(task_file: Path) -> None:
     with pytest.raises(SimfluenceError, match=r"cannot be built with \{'nope': 1\}"):
         resolve_task(f"{task_file}:Regression", {"nope": 1})
+    with pytest.raises(SimfluenceError, match=r"cannot be built with .*expected 'sgd' or 'adam'"):
+        resolve_task(f"{EXAMPLE}:BreastCancerTask", {"optimizer": "rmsprop"})
 
 
 # -- writing a reference ----------------------------------------------------------------------

@@ -32,7 +32,6 @@ from typing import Any
 
 from simfluence._resolve import (
     FILE_MODULE_PREFIX,
-    install_hint,
     is_file_reference,
     load_reference,
     split_reference,
@@ -86,7 +85,7 @@ def resolve_task(ref: str, kwargs: dict[str, Any] | None = None) -> Task:
     cls = resolve_task_class(ref)
     try:
         return cls(**(kwargs or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # the constructor refused the arguments
         raise SimfluenceError(f"task {ref!r}: cannot be built with {kwargs or {}}: {exc}") from None
 
 
@@ -100,18 +99,7 @@ def _entry_point(name: str) -> Any:
             f"{', '.join(plugins) or 'none'}), and not 'package.module:Class' or "
             "'path/to/file.py:Class'"
         )
-    try:
-        return found[0].load()
-    except ModuleNotFoundError as exc:
-        raise SimfluenceError(
-            f"task {name!r} (entry point {found[0].value}): needs {exc.name!r}, which is not "
-            f"installed ({install_hint(exc.name)})"
-        ) from None
-    except Exception as exc:
-        raise SimfluenceError(
-            f"task {name!r} (entry point {found[0].value}): loading failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+    return load_reference(found[0].value, f"task {name!r} (plugin)")
 
 
 # -- writing a reference ----------------------------------------------------------------------
