@@ -27,7 +27,7 @@ from simfluence.cli.demo import ALL_METHODS
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.recording.runner import record_defaults, steps_per_run
-from simfluence.recording.workloads import get_workload
+from simfluence.recording.tasks import resolve_task, task_label
 from simfluence.simulators import configure_simulator
 
 
@@ -76,7 +76,9 @@ def validation_table(validation: dict) -> str:  # type: ignore[type-arg]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="digits-mlp")
+    parser.add_argument(
+        "--workload", "--task", default="digits-mlp", help="a built-in name or a task reference"
+    )
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--holdout", type=int, default=5)
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
@@ -86,12 +88,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     out = Path(args.out)
-    task = get_workload(args.workload)
+    task = resolve_task(args.workload)  # a built-in name or any task reference
+    name = task_label(task)
     d = task.defaults
     runs_count = args.runs or d.runs
     steps = steps_per_run(d.per_run, d.batch, d.epochs)
     start = time.perf_counter()
-    runs = record_defaults(task, out / task.name / "runs", runs_count)
+    runs = record_defaults(task, out / name / "runs", runs_count)
     record_seconds = time.perf_counter() - start
     methods = args.methods.split(",")
     simulators = {name: configure_simulator(name, unseen="prior") for name in methods}
@@ -103,11 +106,11 @@ def main() -> None:
         {n: m.simulated[0] for n, m in result.methods.items()},
         runs.test_ids,
         pick_test_examples(run.losses, 4),
-        f"{task.name}: held-out run {run.run_id}",
-        out / f"{task.name}.png",
+        f"{name}: held-out run {run.run_id}",
+        out / f"{name}.png",
     )
     payload |= {
-        "workload": task.name,
+        "workload": name,
         "describe": task.describe(),
         "protocol": {
             "runs": runs_count,
@@ -143,8 +146,8 @@ def main() -> None:
         table += "\n\nValidation against real retraining:\n\n" + validation_table(
             payload["validation"]
         )
-    write_json_atomic(out / f"{task.name}.json", payload)
-    write_text_atomic(out / f"{task.name}.md", table + "\n")
+    write_json_atomic(out / f"{name}.json", payload)
+    write_text_atomic(out / f"{name}.md", table + "\n")
     print(table)
     print(json.dumps({k: payload[k] for k in ("date", "machine", "command")}, indent=1))
 
