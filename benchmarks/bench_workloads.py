@@ -89,12 +89,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     task = resolve_task(args.workload)  # a built-in name or any task reference
-    name = task_label(task)
+    task_name = task_label(task)
     d = task.defaults
     runs_count = args.runs or d.runs
     steps = steps_per_run(d.per_run, d.batch, d.epochs)
     start = time.perf_counter()
-    runs = record_defaults(task, out / name / "runs", runs_count)
+    runs = record_defaults(task, out / task_name / "runs", runs_count)
     record_seconds = time.perf_counter() - start
     methods = args.methods.split(",")
     simulators = {name: configure_simulator(name, unseen="prior") for name in methods}
@@ -106,11 +106,11 @@ def main() -> None:
         {n: m.simulated[0] for n, m in result.methods.items()},
         runs.test_ids,
         pick_test_examples(run.losses, 4),
-        f"{name}: held-out run {run.run_id}",
-        out / f"{name}.png",
+        f"{task_name}: held-out run {run.run_id}",
+        out / f"{task_name}.png",
     )
     payload |= {
-        "workload": name,
+        "workload": task_name,
         "describe": task.describe(),
         "protocol": {
             "runs": runs_count,
@@ -146,8 +146,8 @@ def main() -> None:
         table += "\n\nValidation against real retraining:\n\n" + validation_table(
             payload["validation"]
         )
-    write_json_atomic(out / f"{name}.json", payload)
-    write_text_atomic(out / f"{name}.md", table + "\n")
+    write_json_atomic(out / f"{task_name}.json", payload)
+    write_text_atomic(out / f"{task_name}.md", table + "\n")
     print(table)
     print(json.dumps({k: payload[k] for k in ("date", "machine", "command")}, indent=1))
 
