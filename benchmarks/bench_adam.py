@@ -29,7 +29,7 @@ from torch import nn
 from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.evaluation import evaluate, format_table
 from simfluence.recording.runner import record_runs
-from simfluence.recording.validation import validate
+from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask
 from simfluence.simulators import configure_simulator
 
@@ -96,7 +96,7 @@ def main() -> None:
             config["batch"],
             config["epochs"],
             seed=seed * 1000,
-            max_seconds=5.0,
+            max_evaluations=SEARCH_EVALUATIONS,
             recorded=runs,
         )
         optimized["search_statement"] = search.statement

@@ -1,7 +1,7 @@
 """Benchmark: does the curriculum search find curricula that really are better? (issue 9)
 
     python benchmarks/bench_search.py RUNSET [--task WORKLOAD | --adam LR] [--random 20]
-        [--seeds 3] [--seconds 5] [--json out.json]
+        [--seeds 3] [--evaluations 10000] [--seconds S] [--json out.json]
 
 Fits `linear` on all recorded runs (and calibrates it), then searches curricula of the
 recorded protocol's size with three settings, `--seeds` searches each:
@@ -32,7 +32,8 @@ import torch
 from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.curricula import random_curriculum
 from simfluence.recording.runner import torch_threads, train_on_curriculum
-from simfluence.recording.workloads import get_workload
+from simfluence.recording.tasks import task_for_runset
+from simfluence.recording.validation import SEARCH_EVALUATIONS
 from simfluence.runlog import load_runset
 from simfluence.simulators import LinearSimulator
 
@@ -49,7 +50,7 @@ def _task(args: argparse.Namespace, runs):  # type: ignore[no-untyped-def]
         from bench_adam import AdamDigitsMLP
 
         return AdamDigitsMLP()
-    return get_workload(args.task or runs.metadata["config"]["workload"])
+    return task_for_runset(runs, args.task)
 
 
 def main() -> None:
@@ -59,7 +60,12 @@ def main() -> None:
     parser.add_argument("--adam", type=float, default=None)
     parser.add_argument("--random", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--evaluations", type=int, default=SEARCH_EVALUATIONS, help="rollouts per search"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="also a time limit per search (opt-in)"
+    )
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -131,6 +137,7 @@ def main() -> None:
                 config["batch"],
                 config["epochs"],
                 seed=seed,
+                max_evaluations=args.evaluations,
                 max_seconds=args.seconds,
                 trust_region=setting["trust_region"],
                 recorded=runs if setting["fallback"] else None,

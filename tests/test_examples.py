@@ -106,7 +106,7 @@ def _without_timing(path: Path) -> bytes:
 
 def test_validate_twice_gives_byte_identical_json(recorded: Path, tmp_path: Path) -> None:
     """Searches are bounded by rollouts, not seconds: 1500 stops these searches (which run
-    about 4000-5500 before they stop improving) at the same point on any machine."""
+    about 6000 to 9000 before they stop improving) at the same point on any machine."""
     outputs = [tmp_path / "first.json", tmp_path / "second.json"]
     for out in outputs:
         args = ["validate", str(recorded), "--kinds", "random,optimized", "--curricula", "3"]

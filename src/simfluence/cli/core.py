@@ -13,7 +13,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli._args import CommandFailedError, add_task_option, comma_list, level, positive_int
+from simfluence.cli._args import (
+    CommandFailedError,
+    add_task_option,
+    comma_list,
+    level,
+    positive_int,
+)
 from simfluence.cli._curricula import (
     add_curriculum_source_options,
     add_edit_options,

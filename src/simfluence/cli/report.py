@@ -19,8 +19,8 @@ from simfluence.evaluation import (
     EvaluationResult,
     MethodResult,
     evaluate,
-    interval_scores,
     failure_message,
+    interval_scores,
     score,
 )
 from simfluence.plots import pick_test_examples, plot_method_grid
