@@ -400,8 +400,10 @@ def test_gradient_simulators_need_their_run_set(
     bare = RunSet(runs.train_ids, runs.test_ids, runs.runs, {})
     with pytest.raises(SimfluenceError, match="not recorded by `simfluence record`"):
         configure_simulator("grad-dot").fit(bare)
-    with pytest.raises(ValueError, match="unknown workload 'nope'"):
-        configure_simulator("grad-dot", workload="nope").fit(runs)
+    with pytest.raises(SimfluenceError, match="unknown task 'nope'"):
+        configure_simulator("grad-dot", workload="nope").fit(runs)  # the older parameter name
+    with pytest.raises(SimfluenceError, match="unknown task 'nope'"):
+        configure_simulator("grad-dot", task="nope").fit(runs)
 
     copy = tmp_path / "copy"
     shutil.copytree(decaying, copy)

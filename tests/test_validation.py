@@ -213,7 +213,7 @@ def test_validate_refuses_what_it_cannot_do(setting: dict) -> None:
             train, test = super().prepare(pool, tests, seed)
             return train, Examples([f"other-{i}" for i in test.ids], test.tensors)
 
-    with pytest.raises(SimfluenceError, match="does not rebuild this run set's ids"):
+    with pytest.raises(SimfluenceError, match="rebuilt other pool/test ids than the run set's"):
         validate(OtherTests(), runs, sims, kinds=("random",), count=2)
 
 
