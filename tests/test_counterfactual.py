@@ -19,6 +19,7 @@ from simfluence.counterfactual import (
     pair_interactions,
     step_contributions,
 )
+from simfluence.counterfactual.attribution import SIMULATED_CHANGE
 from simfluence.counterfactual.search import _Evaluator, _random_layouts
 from simfluence.curricula import (
     add,
@@ -527,7 +528,8 @@ def test_attribution_views_and_their_json_agree(synthetic: tuple) -> None:
     assert payload["sign_convention"].startswith("effect = L_T(with) - L_T(without)")
     assert set(payload["leave_one_out"]) >= {"sign_convention", "test_ids", "final_loss", "effects"}
     assert set(payload["leave_one_out"]["effects"][0]) >= {"train_id", "count", "effect"}
-    assert set(payload["steps"]) == {"test_ids", "trajectory", "change", "top_steps"}
+    assert set(payload["steps"]) == {"test_ids", "trajectory", "change", "top_steps", "unit"}
+    assert payload["steps"]["unit"] == SIMULATED_CHANGE
     assert set(top[0]) == {"step", "change", "top_examples"}
     assert set(top[0]["top_examples"][0]) == {"train_id", "contribution"}
     assert set(payload["pairs"]) == {"sign_convention", "test_ids", "singles", "pairs"}

@@ -158,3 +158,24 @@ def test_exploding_rollouts_are_scored_without_numpy_warnings() -> None:
 def test_lds_needs_the_same_curricula_and_tests() -> None:
     with pytest.raises(ValueError):
         metrics.linear_datamodeling_score(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+def test_attribution_metrics_against_actual_effects() -> None:
+    from simfluence.metrics import (
+        effect_size_ratio,
+        per_test_pearson,
+        per_test_spearman,
+        top_sign_agreement,
+    )
+
+    actual = np.array([[-3.0, -2.0, -1.0, 1.0, 2.0], [1.0, -1.0, 2.0, -2.0, 0.5]])
+    assert per_test_spearman(actual, 2 * actual) == pytest.approx(1.0)
+    assert per_test_pearson(actual, 2 * actual + 1) == pytest.approx(1.0)
+    assert per_test_pearson(actual, -actual) == pytest.approx(-1.0)
+    assert effect_size_ratio(actual, 0.5 * actual) == pytest.approx(0.5)
+    # top 2 predicted helpful: row 0 -> columns 0, 1 (both helped); row 1 -> 3 and 4 (one did)
+    predicted = np.array([[-9.0, -8.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -5.0, -6.0]])
+    assert top_sign_agreement(actual, predicted, k=2) == pytest.approx(0.75)
+    assert per_test_pearson(actual, np.zeros_like(actual)) == 0.0  # constant ranks nothing
+    with pytest.raises(ValueError, match=r"must both be \(M, N\)"):
+        per_test_spearman(actual, actual[:, :3])

@@ -127,3 +127,53 @@ def interval_width(lower: Trajectories, upper: Trajectories) -> float:
         widths = [(hi[1:] - lo[1:]).ravel() for lo, hi in _pairs(lower, upper)]
     values = np.concatenate(widths)
     return float(np.mean(np.where(np.isnan(values), np.inf, values)))
+
+
+# -- attribution against actual leave-one-out ---------------------------------------------------
+# ``actual`` and ``predicted`` are effect matrices of shape ``(M, N)``: row ``j`` holds, for test
+# example ``j``, ``L_T(with) - L_T(without example i)`` of every training example ``i``
+# (negative = helpful), as retraining measured it and as a method predicted it.
+
+
+def _effect_pairs(actual: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    actual, predicted = np.asarray(actual, np.float64), np.asarray(predicted, np.float64)
+    if actual.shape != predicted.shape or actual.ndim != 2:
+        raise ValueError(
+            f"actual effects {actual.shape} and predicted {predicted.shape} must both be (M, N)"
+        )
+    return actual, predicted
+
+
+def per_test_spearman(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over test examples (rows) of the Spearman correlation across training examples."""
+    actual, predicted = _effect_pairs(actual, predicted)
+    return float(np.mean([spearman_or_zero(a, p) for a, p in zip(actual, predicted, strict=True)]))
+
+
+def per_test_pearson(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over test examples (rows) of the Pearson correlation across training examples
+    (0 for a row where either side is constant or a prediction is not finite)."""
+    actual, predicted = _effect_pairs(actual, predicted)
+    rhos = []
+    for a, p in zip(actual, predicted, strict=True):
+        ok = np.isfinite(p).all() and np.ptp(p) > 0 and np.ptp(a) > 0
+        rhos.append(float(stats.pearsonr(a, p).statistic) if ok else 0.0)
+    return float(np.mean(rhos))
+
+
+def top_sign_agreement(actual: np.ndarray, predicted: np.ndarray, k: int = 10) -> float:
+    """Of the `k` training examples a method calls most helpful for a test example (lowest
+    predicted effect), the share whose actual effect is helpful too (negative); mean over
+    test examples. 1 = every "this helped" was right."""
+    actual, predicted = _effect_pairs(actual, predicted)
+    k = min(k, actual.shape[1])
+    top = np.argsort(predicted, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.take_along_axis(actual, top, axis=1) < 0))
+
+
+def effect_size_ratio(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Root-mean-square predicted effect over root-mean-square actual effect (all entries):
+    1 = the right size, below 1 = effects predicted too small."""
+    actual, predicted = _effect_pairs(actual, predicted)
+    denominator = float(np.sqrt(np.mean(actual**2)))
+    return float(np.sqrt(np.mean(predicted**2))) / denominator if denominator > 0 else np.inf

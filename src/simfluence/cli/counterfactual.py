@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from simfluence._atomic import atomic_path, write_json_atomic
-from simfluence.cli._args import level, positive_int
+from simfluence.cli._args import add_task_option, level, positive_int
 from simfluence.cli._curricula import add_curriculum_source_options, initial_loss, load_curriculum
 from simfluence.counterfactual import (
     SIGN_CONVENTION,
@@ -18,7 +18,7 @@ from simfluence.counterfactual import (
     StepContributions,
     optimize_curriculum,
 )
-from simfluence.counterfactual.attribution import attribution_views
+from simfluence.counterfactual.attribution import REMOVALS, attribution_views
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset
 from simfluence.simulators import load_simulator
@@ -33,9 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_attribute(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "attribute",
-        help="which training examples, and which steps, moved a test loss (by simulation)",
+        help="which training examples, and which steps, moved a test loss",
+        description="Leave-one-out effects (effect = L_T(with) - L_T(without), negative = "
+        "helpful), where in training, and pairwise interactions. For a recorded run with a "
+        "step-0 checkpoint the default answers from the run itself (exact metagradients, "
+        "`unrolled`: closest to actual retraining); otherwise a fitted simulator simulates.",
     )
-    p.add_argument("model", help="simulator file written by `simfluence fit`")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="simulator file written by `simfluence fit` (needed by --method simulator and "
+        "combined, and for --curriculum)",
+    )
     p.add_argument(
         "--test",
         action="append",
@@ -51,20 +61,94 @@ def _register_attribute(subparsers: argparse._SubParsersAction) -> None:
         default=6,
         help="pairwise interactions among the top K by |effect| (0: none; default 6)",
     )
+    p.add_argument(
+        "--method",
+        choices=ATTRIBUTE_METHODS,
+        default="auto",
+        help="auto (default): unrolled for a recorded run (--runs/--run) with a step-0 "
+        "checkpoint, else simulator; unrolled: exact metagradients of the run; dvemb: DVEmb "
+        "(dattri); simulator: the MODEL's simulated removals; combined: unrolled plus the "
+        "MODEL's pairwise interactions",
+    )
+    p.add_argument(
+        "--removal",
+        choices=REMOVALS,
+        default="renormalize",
+        help="what removing an example means: drop it and re-average its batches "
+        "(renormalize, default: what retraining on a shorter list does) or keep it in its "
+        "batches with loss weight 0 (zero-weight)",
+    )
+    add_task_option(
+        p,
+        "unrolled, dvemb, combined: where the run set's task is, when the reference stored in "
+        "its manifest no longer works (default: the stored one)",
+    )
     p.add_argument("--json", default=None, help="write every view as JSON here")
     p.add_argument("--plot", default=None, help="draw trajectory and top effects to this PNG")
     p.set_defaults(func=cmd_attribute)
 
 
+ATTRIBUTE_METHODS = ("auto", "simulator", "unrolled", "dvemb", "combined")
+
+
+def _attribute_method(args: argparse.Namespace) -> str:
+    """The method `auto` stands for: the run's own metagradients when they can be had."""
+    if args.method != "auto":
+        return args.method
+    recorded = args.run is not None and args.runs is not None and args.curriculum is None
+    if recorded and _has_step0_checkpoint(args.runs, args.run):
+        return "unrolled"
+    if args.model is None:
+        raise SimfluenceError(
+            "no MODEL given and no recorded run with a step-0 checkpoint (--runs DIR --run ID) "
+            "to replay: give a simulator file or a run"
+        )
+    return "simulator"
+
+
+def _has_step0_checkpoint(directory: str, run_id: str) -> bool:
+    # the runner's layout (recording.runner.checkpoint_path), without importing torch here
+    return os.path.isfile(os.path.join(directory, "checkpoints", run_id, "step-0.pt"))
+
+
 def cmd_attribute(args: argparse.Namespace) -> None:
-    simulator = load_simulator(args.model)
-    curriculum, initial, source = load_curriculum(args, simulator)
-    loo, steps, pairs, views = attribution_views(
-        simulator, curriculum, initial, args.test, args.top, args.pairs
-    )
-    print(_attribute_report(loo, steps, pairs, source, len(curriculum), args.top))
+    method = _attribute_method(args)
+    simulator = load_simulator(args.model) if args.model is not None else None
+    if method == "simulator":
+        if simulator is None:
+            raise SimfluenceError("--method simulator needs MODEL, a simulator file")
+        curriculum, initial, source = load_curriculum(args, simulator)
+        loo, steps, pairs, views = attribution_views(
+            simulator, curriculum, initial, args.test, args.top, args.pairs, removal=args.removal
+        )
+        loo.method = simulator.name
+        n_steps = len(curriculum)
+    else:
+        if args.runs is None or args.run is None or args.curriculum is not None:
+            raise SimfluenceError(
+                f"--method {method} answers for a recorded run: give --runs DIR --run ID "
+                "(recorded with a step-0 checkpoint)"
+            )
+        if method == "combined" and simulator is None:
+            raise SimfluenceError("--method combined needs MODEL, a fitted simulator file")
+        from simfluence.attribution.run_views import run_attribution_views
+
+        runset = load_runset(args.runs)
+        loo, steps, pairs, views = run_attribution_views(
+            runset,
+            args.run,
+            args.test,
+            method,
+            args.removal,
+            top=args.top,
+            pairs=args.pairs,
+            simulator=simulator,
+            task=args.task,
+        )
+        source, n_steps = f"run {args.run}", runset.run(args.run).n_steps
+    print(_attribute_report(loo, steps, pairs, source, n_steps, args.top))
     if args.json:
-        write_json_atomic(args.json, {"model": str(args.model), "curriculum": source, **views})
+        write_json_atomic(args.json, {"model": args.model, "curriculum": source, **views})
         print(f"wrote {args.json}")
     if args.plot:
         plot_attribution(loo, steps, args.top, args.plot)
@@ -72,12 +156,26 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
 
 def _attribute_report(
-    loo: LeaveOneOut, steps: StepContributions, pairs: Any, source: str, n_steps: int, top: int
+    loo: LeaveOneOut,
+    steps: StepContributions | None,
+    pairs: Any,
+    source: str,
+    n_steps: int,
+    top: int,
 ) -> str:
     target = loo.test_ids[0] if len(loo.test_ids) == 1 else f"mean of {len(loo.test_ids)} tests"
+    replayed = loo.method in ("unrolled", "dvemb", "combined")
+    loss = "recorded loss" if replayed else "simulated loss"
+    start = f"{steps.trajectory[0]:.4f} -> " if steps is not None else ""
     lines = [
         f"{target} on {source} ({n_steps} steps, {len(loo.train_ids)} distinct training ids): "
-        f"simulated loss {steps.trajectory[0]:.4f} -> {loo.final_loss:.4f}",
+        f"{loss} {start}{loo.final_loss:.4f}",
+        f"method: {loo.method}; removal: {loo.removal} "
+        + (
+            "(the example kept in its batches at weight 0)"
+            if loo.removal == "zero-weight"
+            else "(dropped, its batch mates re-averaged)"
+        ),
         f"sign: {SIGN_CONVENTION}",
     ]
     bounds = {}
@@ -100,12 +198,13 @@ def _attribute_report(
                 lo, hi, zero = bounds[i]
                 line += f" [{lo:+.5f}, {hi:+.5f}]" + (" ~" if zero else "")
             lines.append(line)
-    lines.append("steps where the simulated loss moved most (change = L_t - L_{t-1}):")
-    for t in steps.top_steps(min(top, 5)):
-        ex = ", ".join(f"{i} {c:+.4f}" for i, c in steps.top_examples(t, 3))
-        lines.append(
-            f"  step {t:<5} change {steps.change[t - 1]:+.5f}" + (f"  [{ex}]" if ex else "")
-        )
+    if steps is not None:
+        lines.append(f"steps that mattered most ({steps.unit}):")
+        for t in steps.top_steps(min(top, 5)):
+            ex = ", ".join(f"{i} {c:+.4f}" for i, c in steps.top_examples(t, 3))
+            lines.append(
+                f"  step {t:<5} change {steps.change[t - 1]:+.5f}" + (f"  [{ex}]" if ex else "")
+            )
     if pairs is not None and pairs.pairs:
         lines.append(
             "pair interactions (joint - (effect_i + effect_j); <0 for two helpful = redundant):"
@@ -118,26 +217,32 @@ def _attribute_report(
 
 
 def plot_attribution(
-    loo: LeaveOneOut, steps: StepContributions, top: int, path: str | os.PathLike[str]
+    loo: LeaveOneOut, steps: StepContributions | None, top: int, path: str | os.PathLike[str]
 ) -> None:
-    """Left: the simulated trajectory with the top steps marked; right: the top LOO effects."""
+    """Left: the (simulated or recorded) trajectory with the top steps marked; right: the top
+    leave-one-out effects."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(np.arange(steps.trajectory.size), steps.trajectory, color="tab:red", lw=1.5)
-    marked = steps.top_steps(min(top, 5))
-    left.scatter(marked, steps.trajectory[marked], color="black", zorder=3, label="top steps")
-    left.set(xlabel="training step", ylabel="simulated loss", title="simulated trajectory")
-    left.legend(frameon=False)
+    if steps is not None:
+        kind = "recorded" if loo.method in ("unrolled", "combined") else "simulated"
+        left.plot(np.arange(steps.trajectory.size), steps.trajectory, color="tab:red", lw=1.5)
+        marked = steps.top_steps(min(top, 5))
+        left.scatter(marked, steps.trajectory[marked], color="black", zorder=3, label="top steps")
+        left.set(xlabel="training step", ylabel=f"{kind} loss", title=f"{kind} trajectory")
+        left.legend(frameon=False)
     left.grid(alpha=0.3)
     rows = sorted(loo.rows(), key=lambda r: -abs(r[2]))[:top][::-1]
     colors = ["tab:green" if e < 0 else "tab:red" for _, _, e in rows]
     right.barh([r[0] for r in rows], [r[2] for r in rows], color=colors)
     right.axvline(0, color="black", lw=0.8)
-    right.set(xlabel="L_T(with) - L_T(without)  (<0 helpful)", title="leave-one-out effects")
+    right.set(
+        xlabel="L_T(with) - L_T(without)  (<0 helpful)",
+        title=f"leave-one-out effects ({loo.method or 'simulator'}, {loo.removal})",
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")

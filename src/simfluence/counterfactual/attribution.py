@@ -11,12 +11,13 @@ lowered the final loss. Positive = harmful.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, normalize_curriculum
@@ -26,6 +27,18 @@ from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 SIGN_CONVENTION = (
     "effect = L_T(with) - L_T(without): negative = consuming it lowered the final loss (helpful)"
 )
+SIMULATED_CHANGE = "simulated loss change L_t - L_{t-1}"
+#: the two meanings of "remove example i": drop it and re-average its batches (what
+#: `simfluence.curricula.remove` and real retraining on a shorter list do), or keep it in its
+#: batches with loss weight 0 (what influence functions, DVEmb and metagradients estimate)
+REMOVALS = ("renormalize", "zero-weight")
+
+
+def check_removal(removal: str) -> str:
+    """`removal` if it is one of `REMOVALS`; `SimfluenceError` naming the choices otherwise."""
+    if removal not in REMOVALS:
+        raise SimfluenceError(f"removal {removal!r}: must be one of {', '.join(REMOVALS)}")
+    return removal
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -102,6 +115,71 @@ def _without(curriculum: list[list[str]], dropped: set[str]) -> list[list[str]]:
     return [kept for batch in curriculum if (kept := [i for i in batch if i not in dropped])]
 
 
+def removal_effects(
+    simulator: Simulator,
+    curriculum: AnyCurriculum,
+    initial: np.ndarray,
+    columns: np.ndarray,
+    groups: Sequence[Collection[str]],
+    removal: str = "renormalize",
+) -> np.ndarray:
+    """Shape ``(G, len(columns))``: ``L_T(with) - L_T(without group g)`` per test column.
+
+    ``"renormalize"``: every occurrence of the group's ids is dropped and the curriculum
+    re-simulated (batches shrink, empty ones vanish). ``"zero-weight"``: the batches stay as
+    they are and each consumption of the group's ids becomes neutral, ``A = 1/b``, ``B = 0``
+    (a zero loss weight; needs a Simfluence-Linear-family simulator). All ``G + 1`` rollouts
+    go in one vectorized call. Negative = removing the group raises the loss (it helped).
+    """
+    check_removal(removal)
+    batches = normalize_curriculum(curriculum)
+    if removal == "renormalize":
+        edited = [batches] + [_without(batches, set(map(str, g))) for g in groups]
+        finals = np.empty((len(edited), len(columns)))
+        busy = [k for k, c in enumerate(edited) if len(c)]
+        finals[:] = initial[columns]
+        trajs = _rollouts(simulator, [edited[k] for k in busy], initial, columns)
+        finals[busy] = [t[-1] for t in trajs]
+        return finals[0] - finals[1:]
+    if not isinstance(simulator, DynamicsSimulator):
+        raise SimfluenceError(
+            f"{simulator.name}: zero-weight removal needs a simulator of the Simfluence-Linear "
+            "family (per-example parameters); use removal='renormalize'"
+        )
+    return _zero_weight_effects(simulator, batches, initial, columns, groups)
+
+
+def _zero_weight_effects(
+    simulator: DynamicsSimulator,
+    batches: list[list[str]],
+    initial: np.ndarray,
+    columns: np.ndarray,
+    groups: Sequence[Collection[str]],
+) -> np.ndarray:
+    # one extra, neutral pool column (A = 1/b, B = 0): a zero-weight consumption is moved there
+    counts = simulator.encode([batches])[0].tocoo()
+    neutral = len(simulator.train_ids_)
+    index = {t: k for k, t in enumerate(simulator.train_ids_)}
+    edited = [counts.tocsr()]
+    for group in groups:
+        cols = counts.col.copy()
+        cols[np.isin(cols, [index[str(i)] for i in group if str(i) in index])] = neutral
+        edited.append(
+            sparse.csr_matrix(
+                (counts.data, (counts.row, cols)), shape=(counts.shape[0], neutral + 1)
+            )
+        )
+    edited[0] = sparse.hstack([edited[0], sparse.csr_matrix((counts.shape[0], 1))], format="csr")
+    B = np.hstack([simulator.B_[columns], np.zeros((len(columns), 1))])
+    A = None
+    if simulator.A_ is not None:
+        prior = 1.0 / simulator.batch_size_
+        A = np.hstack([simulator.A_[columns], np.full((len(columns), 1), prior)])
+    start = np.broadcast_to(initial[columns], (len(edited), len(columns)))
+    finals = np.stack([t[-1] for t in rollout(edited, A, B, np.ascontiguousarray(start))])
+    return finals[0] - finals[1:]
+
+
 def _prepare(
     simulator: Simulator,
     curriculum: AnyCurriculum,
@@ -129,6 +207,8 @@ class LeaveOneOut:
             or None when the simulator has no fold copies (not calibrated, or not a dynamics
             simulator).
         level: the nominal level of the intervals, or None.
+        removal: what "without it" means (`REMOVALS`).
+        method: what computed the effects when not a simulator's rollouts (``"unrolled"``...).
     """
 
     test_ids: list[str]
@@ -139,6 +219,8 @@ class LeaveOneOut:
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
     level: float | None = None
+    removal: str = "renormalize"
+    method: str | None = None
 
     def uncertain(self) -> np.ndarray:
         """Shape ``(N,)`` bool: the effect's interval includes 0 (its sign is not established);
@@ -178,6 +260,7 @@ class LeaveOneOut:
                 }
         return {
             "sign_convention": SIGN_CONVENTION,
+            "removal": self.removal,
             "test_ids": self.test_ids,
             "final_loss": self.final_loss,
             "interval_level": self.level,
@@ -192,6 +275,7 @@ def leave_one_out(
     initial_loss: np.ndarray | None,
     test_ids: str | Sequence[str],
     level: float | None = 0.9,
+    removal: str = "renormalize",
 ) -> LeaveOneOut:
     """Each distinct training id's effect on the final loss by simulated leave-one-out.
 
@@ -205,22 +289,29 @@ def leave_one_out(
             simulator's mean recorded one.
         level: the level of each effect's interval (`effect_intervals`; only for calibrated
             dynamics simulators), or None for none.
+        removal: ``"renormalize"`` (drop it, re-average its batches) or ``"zero-weight"``
+            (keep it in its batches with weight 0); see `removal_effects`.
     """
     batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
     distinct, counts = np.unique([i for b in batches for i in b], return_counts=True)
-    curricula = [batches] + [_without(batches, {str(i)}) for i in distinct]
-    finals = final_objective(simulator, curricula, initial, columns)
-    effects = finals[0] - finals[1:]
+    final = float(final_objective(simulator, [batches], initial, columns)[0])
+    groups = [[str(i)] for i in distinct]
+    effects = removal_effects(simulator, batches, initial, columns, groups, removal).mean(axis=1)
     order = np.argsort(effects, kind="stable")
     result = LeaveOneOut(
-        ids, float(finals[0]), [str(distinct[k]) for k in order], counts[order], effects[order]
+        ids,
+        final,
+        [str(distinct[k]) for k in order],
+        counts[order],
+        effects[order],
+        removal=removal,
     )
     folds = simulator.fold_simulators() if isinstance(simulator, DynamicsSimulator) else []
     if level is not None and folds:
         per_fold = []
         for fold in folds:
-            fold_finals = final_objective(fold, curricula, initial, columns)
-            per_fold.append(fold_finals[0] - fold_finals[1:])
+            fold_effects = removal_effects(fold, batches, initial, columns, groups, removal)
+            per_fold.append(fold_effects.mean(axis=1))
         lower, upper = effect_intervals(effects, np.stack(per_fold), level)
         result.lower, result.upper, result.level = lower[order], upper[order], float(level)
     return result
@@ -264,19 +355,23 @@ class StepContributions:
 
     Attributes:
         test_ids: the test examples averaged.
-        trajectory: shape ``(T + 1,)``, the simulated objective after each step (0 = start).
+        trajectory: shape ``(T + 1,)``, the simulated objective after each step (0 = start);
+            for a replayed run (`unit` says so), the recorded one.
         change: shape ``(T,)``, ``L_t - L_{t-1}`` for steps ``t = 1..T``; negative = the
-            step lowered the loss.
+            step lowered the loss. For a replayed run: each step's first-order effect on the
+            *final* loss (the metagradients of its consumptions; see `unit`).
         contributions: for dynamics simulators, one dict per step ``{train_id: contribution}``
             whose values sum exactly to that step's change (an id repeated in a batch is
             summed); where the loss floor bent a step (`soft_floor`), an entry ``"(floor)"``
             holds what it added; None for simulators without a per-example decomposition.
+        unit: what `change` and `contributions` measure.
     """
 
     test_ids: list[str]
     trajectory: np.ndarray
     change: np.ndarray
     contributions: list[dict[str, float]] | None
+    unit: str = SIMULATED_CHANGE
 
     def top_steps(self, k: int) -> list[int]:
         """The `k` steps (1-based) with the largest ``|L_t - L_{t-1}|``, largest first."""
@@ -293,6 +388,7 @@ class StepContributions:
     def to_json(self, top: int = 10, per_step: int = 5) -> dict[str, Any]:
         return {
             "test_ids": self.test_ids,
+            "unit": self.unit,
             "trajectory": self.trajectory.tolist(),
             "change": self.change.tolist(),
             "top_steps": [
@@ -412,22 +508,23 @@ def pair_interactions(
     test_ids: str | Sequence[str],
     top: int = 10,
     loo: LeaveOneOut | None = None,
+    removal: str = "renormalize",
 ) -> PairInteractions:
     """Interactions of all pairs of the `top` examples by ``|LOO effect|``: the simulated effect
     of removing both vs the sum of removing each (``interaction = joint - (single_i +
     single_j)``); all pairs are rolled out in one vectorized call. Pairs are sorted by
     ``|interaction|``, largest first. Pass `loo` to reuse a `leave_one_out` result."""
     batches, initial, columns, ids = _prepare(simulator, curriculum, initial_loss, test_ids)
-    loo = loo or leave_one_out(simulator, batches, initial, ids)
+    loo = loo or leave_one_out(simulator, batches, initial, ids, None, removal)
     chosen = np.argsort(-np.abs(loo.effects), kind="stable")[: max(top, 0)]
     names = [loo.train_ids[k] for k in chosen]
     singles = loo.effects[chosen]
     pairs = list(combinations(range(len(names)), 2))
-    curricula = [batches] + [_without(batches, {names[a], names[b]}) for a, b in pairs]
-    finals = final_objective(simulator, curricula, initial, columns)
+    groups = [[names[a], names[b]] for a, b in pairs]
+    joints = removal_effects(simulator, batches, initial, columns, groups, removal).mean(axis=1)
     rows = []
-    for (a, b), final in zip(pairs, finals[1:], strict=True):
-        joint = float(finals[0] - final)
+    for (a, b), joint in zip(pairs, joints, strict=True):
+        joint = float(joint)
         additive = float(singles[a] + singles[b])
         rows.append((names[a], names[b], joint, additive, joint - additive))
     rows.sort(key=lambda r: -abs(r[4]))
@@ -442,14 +539,15 @@ def attribution_views(
     top: int = 10,
     pairs: int = 10,
     level: float | None = 0.9,
+    removal: str = "renormalize",
 ) -> tuple[LeaveOneOut, StepContributions, PairInteractions | None, dict[str, Any]]:
     """All three views for one test example (or the mean of several), and their JSON form:
     ``{"method", "sign_convention", "leave_one_out", "steps", "pairs"}`` (what
     ``simfluence attribute --json`` writes, without the file names). ``pairs < 2``: no pairs."""
-    loo = leave_one_out(simulator, curriculum, initial_loss, test_ids, level)
+    loo = leave_one_out(simulator, curriculum, initial_loss, test_ids, level, removal)
     steps = step_contributions(simulator, curriculum, initial_loss, test_ids)
     interactions = (
-        pair_interactions(simulator, curriculum, initial_loss, test_ids, pairs, loo)
+        pair_interactions(simulator, curriculum, initial_loss, test_ids, pairs, loo, removal)
         if pairs >= 2
         else None
     )

@@ -341,15 +341,20 @@ def train_on_curriculum(
     row_of: dict[str, int] | None = None,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> Run:
     """Train a fresh copy of `initial` on `curriculum` (``task.make_optimizer(model, lr)`` on
     the batch-mean loss, as the runner does) and score every test example before training and
     after every step.
 
     `on_step(step, model)` is called at step 0 (before training) and after every step.
+    `weights`: optional per-example loss weights, one list per batch (same lengths as the
+    curriculum); the step then minimises ``sum_k w_k loss_k / |batch|`` (weight 0 keeps an
+    example in its batch without effect: "zero-weight" removal). None: the plain batch mean.
     Returns the `Run` (losses of shape ``(T + 1, M)``); nothing is written.
     """
     row_of = row_of or {train_id: row for row, train_id in enumerate(pool_examples.ids)}
+    _check_weights(curriculum, weights)
     torch.manual_seed(seed)
     model = copy.deepcopy(initial)
     model.train()
@@ -365,27 +370,105 @@ def train_on_curriculum(
     )
     if on_step:
         on_step(0, model)
-    for step, batch_ids in enumerate(curriculum, start=1):
-        step_lr = float(optimizer.param_groups[0]["lr"])
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            inputs = pool_examples.take([row_of[i] for i in batch_ids])
-        except KeyError as exc:
-            raise RecordingError(
-                f"run {run_id!r}: step {step}: training id {exc.args[0]!r} is not in the pool"
-            ) from None
-        losses = task.example_losses(model, inputs)
-        if losses.shape != (len(batch_ids),):
-            raise RecordingError(
-                f"run {run_id!r}: step {step}: example_losses returned shape "
-                f"{tuple(losses.shape)} for a batch of {len(batch_ids)}"
-            )
-        losses.mean().backward()
-        optimizer.step()
+    steps = _train_steps(task, model, optimizer, pool_examples, row_of, curriculum, weights, run_id)
+    for step, batch_ids, step_lr in steps:
         recorder.step(batch_ids, lr=step_lr)
         if on_step:
             on_step(step, model)
     return recorder.run()
+
+
+def final_test_losses(
+    task: Task,
+    initial: torch.nn.Module,
+    pool_examples: Examples,
+    test_examples: Examples,
+    curriculum: Sequence[Sequence[str]],
+    lr: float,
+    seed: int,
+    *,
+    weights: Sequence[Sequence[float]] | None = None,
+) -> np.ndarray:
+    """The test losses, shape ``(M,)``, after training exactly as `train_on_curriculum` does
+    (bit-identical), scoring only once at the end: for leave-one-out retraining."""
+    row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
+    _check_weights(curriculum, weights)
+    torch.manual_seed(seed)
+    model = copy.deepcopy(initial)
+    model.train()
+    optimizer = task.make_optimizer(model, lr)
+    for _ in _train_steps(task, model, optimizer, pool_examples, row_of, curriculum, weights):
+        pass
+    return Recorder.from_task(task, model, test_examples).losses[0]
+
+
+def _train_steps(
+    task: Task,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pool_examples: Examples,
+    row_of: dict[str, int],
+    curriculum: Sequence[Sequence[str]],
+    weights: Sequence[Sequence[float]] | None,
+    run_id: str = "run",
+) -> Iterator[tuple[int, Sequence[str], float]]:
+    """Take the curriculum's optimizer steps; yield ``(step, batch ids, its lr)`` after each."""
+    for step, batch_ids in enumerate(curriculum, start=1):
+        step_lr = float(optimizer.param_groups[0]["lr"])
+        batch_weights = None if weights is None else weights[step - 1]
+        _train_step(
+            task, model, optimizer, pool_examples, row_of, batch_ids, batch_weights, step, run_id
+        )
+        yield step, batch_ids, step_lr
+
+
+def _train_step(
+    task: Task,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pool_examples: Examples,
+    row_of: dict[str, int],
+    batch_ids: Sequence[str],
+    weights: Sequence[float] | None,
+    step: int,
+    run_id: str = "run",
+) -> None:
+    """One optimizer step on the batch-mean loss (or ``sum w_k loss_k / |batch|``)."""
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        inputs = pool_examples.take([row_of[i] for i in batch_ids])
+    except KeyError as exc:
+        raise RecordingError(
+            f"run {run_id!r}: step {step}: training id {exc.args[0]!r} is not in the pool"
+        ) from None
+    losses = task.example_losses(model, inputs)
+    if losses.shape != (len(batch_ids),):
+        raise RecordingError(
+            f"run {run_id!r}: step {step}: example_losses returned shape "
+            f"{tuple(losses.shape)} for a batch of {len(batch_ids)}"
+        )
+    if weights is None:
+        losses.mean().backward()
+    else:
+        w = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
+        ((losses * w).sum() / len(batch_ids)).backward()
+    optimizer.step()
+
+
+def _check_weights(
+    curriculum: Sequence[Sequence[str]], weights: Sequence[Sequence[float]] | None
+) -> None:
+    if weights is None:
+        return
+    if len(weights) != len(curriculum):
+        raise SimfluenceError(
+            f"weights: {len(weights)} batches of weights for a curriculum of {len(curriculum)}"
+        )
+    for step, (batch, w) in enumerate(zip(curriculum, weights, strict=True), start=1):
+        if len(w) != len(batch):
+            raise SimfluenceError(
+                f"weights: step {step}: {len(w)} weights for a batch of {len(batch)} examples"
+            )
 
 
 def _save_checkpoint(directory: Path, run_id: str, step: int, model: torch.nn.Module) -> None:

@@ -37,13 +37,17 @@ from simfluence.counterfactual.search import assess_curriculum, optimize_curricu
 from simfluence.curricula import random_curriculum, remove, reorder, repeat
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import linear_datamodeling_score
+from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
 from simfluence.recording.runner import torch_threads, train_on_curriculum
 from simfluence.recording.task import Task
 from simfluence.recording.tasks import prepare_for_runset
 from simfluence.runlog.runs import Curriculum, RunSet
 from simfluence.simulators.base import Simulator
 
-KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
+#: kinds of new curricula; the leave-one-out kinds ("loo", "loo-weight0") live in
+#: `simfluence.recording.loo` and retrain a held-out recorded run instead
+CURRICULUM_KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
+KINDS = (*CURRICULUM_KINDS, *LOO_KINDS)
 #: share of the base curriculum's distinct examples left out or repeated per variant
 EDIT_FRACTION = 0.1
 #: rollouts per ``optimized`` search (about what 5 s of search did on digits-mlp, 2-core VM)
@@ -156,14 +160,25 @@ def validate(
     task: Task,
     runs: RunSet,
     simulators: dict[str, Simulator],
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = CURRICULUM_KINDS,
     count: int = 20,
     seed: int = 0,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
     search_evaluations: int = SEARCH_EVALUATIONS,
     search_seconds: float | None = None,
+    max_examples: int | None = None,
+    groups: int = 20,
 ) -> dict[str, Any]:
     """Train `task` on `count` new curricula of each kind and score every simulator.
+
+    The leave-one-out kinds (``loo``, ``loo-weight0``) hold out the last `count` recorded runs
+    instead and retrain their curricula without each example (at most `max_examples`) and
+    without `groups` random tenths: `simfluence.recording.loo.validate_loo`, whose block of
+    the JSON goes under ``"kinds"`` too.
+
+    Their wall-clock seconds (``truth_seconds``, and per method ``seconds`` and
+    ``fit_seconds``) are moved to ``result["timing"][KIND]`` (`split_timing`), so that the rest
+    of the result is deterministic.
 
     The simulators are fitted on all of `runs` here. ``optimized`` searches are bounded by
     `search_evaluations` rollouts (and by `search_seconds` only when given). Returns the
@@ -189,10 +204,21 @@ def validate(
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise SimfluenceError(f"unknown kind {unknown[0]!r}; kinds: {', '.join(KINDS)}")
-    if count < 2:
-        raise SimfluenceError("--curricula must be at least 2 (LDS correlates across curricula)")
     if not simulators:
         raise SimfluenceError("validation needs at least one method")
+    loo_kinds = [k for k in kinds if k in LOO_KINDS]
+    kinds = [k for k in kinds if k not in LOO_KINDS]
+    result: dict[str, Any] = {"kinds": {}, "curricula_per_kind": count, "seed": seed}
+    if loo_kinds:
+        loo = validate_loo(
+            task, runs, simulators, loo_kinds, count, seed, max_examples, groups, progress
+        )
+        result["kinds"].update(loo)
+        result["timing"] = split_timing(loo)
+    if not kinds:
+        return result
+    if count < 2:
+        raise SimfluenceError("--curricula must be at least 2 (LDS correlates across curricula)")
     pool, tests = prepare_for_runset(task, runs)
     for simulator in simulators.values():
         simulator.fit(runs)
@@ -201,14 +227,9 @@ def validate(
     initial_model = task.make_model(config["seed"])
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
     wrap = progress or (lambda items, total: items)
-    result: dict[str, Any] = {
-        "kinds": {},
-        "curricula_per_kind": count,
-        "seed": seed,
-        "search_evaluations": search_evaluations,
-        "warnings": {
-            name: list(getattr(sim, "warnings_", None) or []) for name, sim in simulators.items()
-        },
+    result["search_evaluations"] = search_evaluations
+    result["warnings"] = {
+        name: list(getattr(sim, "warnings_", None) or []) for name, sim in simulators.items()
     }
     actual_mean: dict[str, list[float]] = {}
     searched: list[float] = []

@@ -40,6 +40,9 @@ _LAZY: dict[str, str] = {
         ("influence-scaled", "ScaledInfluenceSimulator"),
     ]
 }
+_LAZY["unrolled"] = "simfluence.attribution.unrolled:UnrolledSimulator"
+_LAZY["dvemb"] = "simfluence.attribution.dvemb:DVEmbSimulator"
+_LAZY["combined"] = "simfluence.attribution.combined:CombinedSimulator"
 
 
 def available_simulators() -> list[str]:

@@ -1,0 +1,439 @@
+"""Attribution for a recorded run: replay, metagradients (`unrolled`), DVEmb, both removal
+definitions, leave-one-out validation against retraining, and `attribute --method`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from conftest import require_module  # noqa: E402
+
+from simfluence.attribution.replay import ReplayError, load_recorded_run  # noqa: E402
+from simfluence.attribution.unrolled import (  # noqa: E402
+    UnrolledSimulator,
+    run_metagradients,
+    unrolled_metagradients,
+)
+from simfluence.cli.main import main  # noqa: E402
+from simfluence.counterfactual.attribution import removal_effects  # noqa: E402
+from simfluence.curricula import remove  # noqa: E402
+from simfluence.errors import SimfluenceError  # noqa: E402
+from simfluence.recording.loo import validate_loo  # noqa: E402
+from simfluence.recording.runner import (  # noqa: E402
+    checkpoint_path,
+    final_test_losses,
+    record_runs,
+    train_on_curriculum,
+)
+from simfluence.recording.workloads import get_workload  # noqa: E402
+from simfluence.recording.workloads.digits_mlp import DigitsMLPTask  # noqa: E402
+from simfluence.runlog import load_runset  # noqa: E402
+from simfluence.simulators import LinearSimulator, configure_simulator  # noqa: E402
+
+TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("digits-run") / "runs"
+    record_runs(
+        get_workload("digits-mlp"), directory, checkpoints=[0, 4, 8], progress=False, **TINY
+    )
+    return directory
+
+
+def _retrain(rec, weights=None, curriculum=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return final_test_losses(
+        rec.task,
+        rec.model,
+        rec.pool,
+        rec.tests,
+        curriculum or rec.run.curriculum,
+        rec.lrs[0],
+        rec.run.seed,
+        weights=weights,
+    )
+
+
+# -- the runner's per-example weights -----------------------------------------------------------
+def test_unit_weights_are_bit_identical_and_zero_weight_differs_from_removal(
+    recorded: Path,
+) -> None:
+    runs = load_runset(recorded)
+    rec = load_recorded_run(runs, "run-0005")
+    ones = [[1.0] * len(b) for b in rec.run.curriculum]
+    assert np.array_equal(_retrain(rec), rec.run.losses[-1])
+    assert np.array_equal(_retrain(rec, ones), rec.run.losses[-1])
+    first = rec.run.curriculum[0][0]
+    zero = [[0.0 if i == first else 1.0 for i in b] for b in rec.run.curriculum]
+    weight0 = _retrain(rec, zero)
+    dropped = _retrain(rec, curriculum=remove(rec.run.curriculum, [first]))
+    assert not np.allclose(weight0, rec.run.losses[-1])
+    assert not np.allclose(weight0, dropped)  # the two definitions of "remove" differ
+    full = train_on_curriculum(
+        rec.task,
+        rec.model,
+        rec.pool,
+        rec.tests,
+        rec.run.curriculum,
+        0.1,
+        rec.run.seed,
+        weights=zero,
+    )
+    assert np.array_equal(full.losses[-1], weight0)
+    with pytest.raises(SimfluenceError, match="step 1: 3 weights for a batch of 4"):
+        _retrain(rec, [[1.0, 1.0, 1.0], *ones[1:]])
+
+
+# -- replay and metagradients ----------------------------------------------------------------
+def test_replay_is_checked_against_the_recording(recorded: Path, tmp_path: Path) -> None:
+    runs = load_runset(recorded)
+    mg = run_metagradients(runs, "run-0002")
+    assert mg.replay_error == 0.0  # bit for bit on the machine that recorded it
+    assert mg.grads.shape == (8, 8 * 4) and np.isfinite(mg.grads).all()
+    tampered = tmp_path / "runs"
+    shutil.copytree(recorded, tampered)
+    path = checkpoint_path(tampered, "run-0002", 4)
+    state = torch.load(path, weights_only=True)
+    state["out.bias"] = state["out.bias"] + 1e-3
+    torch.save(state, path)
+    with pytest.raises(ReplayError, match=r"'out\.bias' after step 4"):
+        run_metagradients(load_runset(tampered), "run-0002")
+
+
+def test_metagradients_match_finite_differences_of_retraining(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    rec = load_recorded_run(runs, "run-0001")
+    mg = run_metagradients(runs, "run-0001")
+    ones = [[1.0] * len(b) for b in rec.run.curriculum]
+    eps = 1e-4
+    for step, slot in [(1, 0), (3, 2), (8, 3)]:  # first step, middle, last
+        column = 4 * (step - 1) + slot
+        plus = [list(b) for b in ones]
+        minus = [list(b) for b in ones]
+        plus[step - 1][slot] += eps
+        minus[step - 1][slot] -= eps
+        numeric = (_retrain(rec, plus) - _retrain(rec, minus)) / (2 * eps)
+        np.testing.assert_allclose(mg.grads[:, column], numeric, rtol=1e-5, atol=1e-9)
+    # a renormalized group removal is the weight change k/(b-k) on the batch mates
+    # two from one batch (k = 2), one from another batch (k = 1)
+    group = [rec.run.curriculum[2][0], rec.run.curriculum[2][3], rec.run.curriculum[5][1]]
+    s = 1e-4
+    direction = []
+    for batch in rec.run.curriculum:
+        k = sum(i in group for i in batch)
+        direction.append([-1.0 if i in group else k / (len(batch) - k) for i in batch])
+    moved = [[1.0 + s * d for d in row] for row in direction]
+    numeric = (_retrain(rec) - _retrain(rec, moved)) / -s  # effect per unit of removal
+    predicted = mg.removal_effects([group], "renormalize")[:, 0]
+    np.testing.assert_allclose(predicted, -numeric, rtol=1e-3, atol=1e-8)
+
+
+def test_segments_give_the_same_metagradients(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    rec = load_recorded_run(runs, "run-0003")
+    args = (rec.task, rec.model, rec.checkpoint, rec.pool, rec.tests, rec.run.curriculum, rec.lrs)
+    whole = unrolled_metagradients(*args)
+    for segment in (1, 3):
+        parts = unrolled_metagradients(*args, segment=segment, test_chunk=3)
+        np.testing.assert_allclose(parts.grads, whole.grads, rtol=1e-10, atol=1e-14)
+
+
+class AdamDigits(DigitsMLPTask):
+    def make_optimizer(self, model, lr):  # type: ignore[no-untyped-def]
+        return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def test_another_optimizer_is_refused_by_name(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    rec = load_recorded_run(runs, "run-0000")
+    with pytest.raises(ReplayError, match="trains with AdamW"):
+        unrolled_metagradients(
+            AdamDigits(),
+            rec.model,
+            rec.checkpoint,
+            rec.pool,
+            rec.tests,
+            rec.run.curriculum,
+            rec.lrs,
+        )
+
+
+def test_first_order_effects_rank_actual_leave_one_out(recorded: Path) -> None:
+    from scipy import stats
+
+    runs = load_runset(recorded)
+    rec = load_recorded_run(runs, "run-0004")
+    mg = run_metagradients(runs, "run-0004")
+    ids, predicted = mg.effects("zero-weight")
+    full = _retrain(rec)
+    actual = np.stack(
+        [
+            full - _retrain(rec, [[0.0 if j == i else 1.0 for j in b] for b in rec.run.curriculum])
+            for i in ids
+        ],
+        axis=1,
+    )
+    rho = np.mean([stats.spearmanr(a, p).statistic for a, p in zip(actual, predicted, strict=True)])
+    assert rho > 0.9
+
+
+# -- simulators under both removals ----------------------------------------------------------
+def test_simulated_zero_weight_removal_makes_the_consumptions_neutral(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    sim = LinearSimulator(l2=1.0).fit(runs)
+    run = runs.runs[0]
+    target = run.curriculum[1][2]
+    columns = np.arange(len(runs.test_ids))
+    effect = removal_effects(
+        sim, run.curriculum, run.initial_loss, columns, [[target]], "zero-weight"
+    )
+    neutral = LinearSimulator(l2=1.0).fit(runs)
+    k = runs.train_ids.index(target)
+    neutral.A_ = sim.A_.copy()
+    neutral.B_ = sim.B_.copy()
+    neutral.A_[:, k] = 1.0 / sim.batch_size_
+    neutral.B_[:, k] = 0.0
+    with_it = sim.simulate(run.curriculum, run.initial_loss)[-1]
+    without = neutral.simulate(run.curriculum, run.initial_loss)[-1]
+    np.testing.assert_allclose(effect[0], with_it - without, atol=1e-12)
+    renorm = removal_effects(sim, run.curriculum, run.initial_loss, columns, [[target]])
+    dropped = sim.simulate(remove(run.curriculum, [target]), run.initial_loss)[-1]
+    np.testing.assert_allclose(renorm[0], with_it - dropped, atol=1e-12)
+    with pytest.raises(SimfluenceError, match="zero-weight removal needs"):
+        removal_effects(
+            configure_simulator("mean").fit(runs),
+            run.curriculum,
+            run.initial_loss,
+            columns,
+            [[target]],
+            "zero-weight",
+        )
+
+
+def test_unrolled_simulator_averages_consumption_effects(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    sim = UnrolledSimulator(max_runs=2).fit(runs)
+    index = runs.train_index
+    total = np.zeros_like(sim.B_)
+    count = np.zeros(len(runs.train_ids))
+    for run in runs.runs[:2]:
+        mg = run_metagradients(runs, run.run_id)
+        for c, train_id in enumerate(mg.train_ids):
+            total[:, index[train_id]] += mg.grads[:, c]
+            count[index[train_id]] += 1
+    seen = count > 0
+    np.testing.assert_allclose(sim.B_[:, seen], total[:, seen] / count[seen])
+    assert (sim.B_[:, ~seen] == 0).all() and (sim.seen_ == seen).all()
+
+
+# -- DVEmb through dattri ----------------------------------------------------------------------
+def test_dvemb_matches_grad_dot_and_unrolled_on_a_one_step_run(tmp_path: Path) -> None:
+    # CI installs the [dattri] extra (make setup): there a missing dattri fails the test
+    require_module("dattri", 'pip install -e ".[dattri]"')
+    from simfluence.attribution.dvemb import run_dvemb
+    from simfluence.attribution.tracin import grad_dot_scores
+
+    directory = tmp_path / "one-step"
+    options = {**TINY, "per_run": 4, "epochs": 1, "runs": 2, "lr": 1e-6}
+    record_runs(
+        get_workload("digits-mlp"), directory, checkpoints=[0, 1], progress=False, **options
+    )
+    runs = load_runset(directory)
+    result = run_dvemb(runs, "run-0000")
+    rec = load_recorded_run(runs, "run-0000")
+    rows = [rec.pool.ids.index(i) for i in result.train_ids]
+    grad_dot = grad_dot_scores(
+        rec.task, rec.model, rec.checkpoint, 1e-6, rec.pool.subset(rows), rec.tests, 4
+    )
+    # sign and scale: effect = -(lr / b) g_z . g_i, negative = helpful
+    np.testing.assert_allclose(result.effects, grad_dot, rtol=1e-4, atol=1e-16)
+    ids, unrolled = run_metagradients(runs, "run-0000").effects("zero-weight")
+    assert ids == result.train_ids
+    np.testing.assert_allclose(result.effects, unrolled, rtol=1e-9, atol=1e-18)
+
+
+# -- validation against actual leave-one-out -------------------------------------------------
+def test_validate_loo_contract_and_unrolled_wins(recorded: Path) -> None:
+    runs = load_runset(recorded)
+    simulators = {
+        "linear": LinearSimulator(unseen="prior"),
+        "unrolled": UnrolledSimulator(unseen="prior"),
+    }
+    result = validate_loo(
+        get_workload("digits-mlp"), runs, simulators, ["loo", "loo-weight0"], 1, 0, 10, 6
+    )
+    for kind, removal in (("loo", "renormalize"), ("loo-weight0", "zero-weight")):
+        block = result[kind]
+        assert block["removal"] == removal and block["runs"] == ["run-0005"]
+        assert block["examples"] == 10 and block["retrains"] == 10 + 6 + 1
+        for scores in block["methods"].values():
+            assert set(scores) >= {
+                "loo_spearman",
+                "loo_pearson",
+                "top10_sign_agreement",
+                "lds",
+                "effect_size_ratio",
+            }
+        assert block["methods"]["unrolled"]["loo_spearman"] > 0.9
+        assert (
+            block["methods"]["unrolled"]["loo_spearman"]
+            > block["methods"]["linear"]["loo_spearman"]
+        )
+    with pytest.raises(SimfluenceError, match="--curricula 6"):
+        validate_loo(get_workload("digits-mlp"), runs, simulators, ["loo"], 6)
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_attribute_defaults_to_the_run_itself(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = load_runset(recorded)
+    test_id = runs.test_ids[0]
+    out = tmp_path / "a.json"
+    main(
+        [
+            "attribute",
+            "--test",
+            test_id,
+            "--runs",
+            str(recorded),
+            "--run",
+            "run-0001",
+            "--json",
+            str(out),
+        ]
+    )
+    payload = json.loads(out.read_text())
+    assert payload["method"] == "unrolled" and payload["leave_one_out"]["removal"] == "renormalize"
+    mg = run_metagradients(runs, "run-0001")
+    ids, effects = mg.effects("renormalize")
+    got = {e["train_id"]: e["effect"] for e in payload["leave_one_out"]["effects"]}
+    assert got == pytest.approx(dict(zip(ids, effects[0], strict=True)))
+    assert "method: unrolled" in capsys.readouterr().out
+    model = tmp_path / "linear.npz"
+    main(["fit", str(recorded), "--method", "linear", "--l2", "1", "-o", str(model)])
+    main(
+        [
+            "attribute",
+            str(model),
+            "--test",
+            test_id,
+            "--runs",
+            str(recorded),
+            "--run",
+            "run-0001",
+            "--method",
+            "simulator",
+            "--removal",
+            "zero-weight",
+            "--json",
+            str(out),
+        ]
+    )
+    payload = json.loads(out.read_text())
+    assert payload["method"] == "linear" and payload["leave_one_out"]["removal"] == "zero-weight"
+    for bad, message in [
+        (["--method", "dvemb"], "zero-weight removal only"),
+        (["--method", "combined"], "needs MODEL"),
+    ]:
+        code = main(
+            ["attribute", "--test", test_id, "--runs", str(recorded), "--run", "run-0001", *bad]
+        )
+        assert code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_combined_is_unrolled_for_single_examples(recorded: Path) -> None:
+    import inspect
+
+    from simfluence.attribution.combined import CombinedSimulator
+
+    linear_params = set(inspect.signature(LinearSimulator.__init__).parameters)
+    assert linear_params <= set(inspect.signature(CombinedSimulator.__init__).parameters)
+    runs = load_runset(recorded)
+    train, held = runs.split(1)
+    combined = CombinedSimulator(l2=1.0, unseen="prior").fit(train)
+    run_id = held.run_ids[0]
+    first = held.runs[0].curriculum[0]
+    groups = [[first[0]], [first[1]], [first[0], first[1]]]
+    got = combined.run_removal_effects(runs, run_id, groups, "zero-weight")
+    unrolled = run_metagradients(runs, run_id).removal_effects(groups, "zero-weight")
+    np.testing.assert_allclose(got[:, :2], unrolled[:, :2], atol=1e-12)
+    assert not np.allclose(got[:, 2], unrolled[:, 2])  # the simulator's interaction is added
+
+
+# -- a user's own task, found through the run set's manifest -----------------------------------
+EXACT = dict(runs=3, pool=10, per_run=8, tests=4, batch=4, epochs=2, lr=0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def user_task_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs of `LinearLossTask` (tests/exact_tasks.py, not a built-in workload)."""
+    from exact_tasks import LinearLossTask
+
+    directory = tmp_path_factory.mktemp("user-task") / "runs"
+    task_file = Path(__file__).parent / "exact_tasks.py"
+    record_runs(
+        LinearLossTask(),
+        directory,
+        checkpoints=[0],
+        progress=False,
+        task_ref=f"{task_file}:LinearLossTask",
+        **EXACT,
+    )
+    return directory
+
+
+def test_unrolled_on_a_user_task_is_exact(user_task_runs: Path) -> None:
+    """For ``loss = theta . x_z + c_z`` under SGD on the (weighted) batch mean, the final loss
+    is linear in every consumption weight: ``d L_T(z) / d w_c = -(lr / b) x_i . x_z`` for the
+    consumption ``c`` of ``i``, and first-order removal effects equal actual retraining under
+    both removal definitions. The task is rebuilt from the manifest's reference."""
+    from exact_tasks import LinearLossTask, features
+
+    from simfluence.recording.loo import actual_removal_effects
+
+    runs = load_runset(user_task_runs)
+    run = runs.runs[0]
+    mg = UnrolledSimulator().metagradients(runs, run.run_id)
+    task = LinearLossTask()
+    pool, tests = task.prepare(EXACT["pool"], EXACT["tests"], EXACT["seed"])
+    x_pool, x_test = features(pool), features(tests)
+    row = {i: k for k, i in enumerate(pool.ids)}
+    expected = -(EXACT["lr"] / EXACT["batch"]) * x_test @ x_pool[[row[i] for i in mg.train_ids]].T
+    np.testing.assert_allclose(mg.grads, expected, rtol=1e-10, atol=1e-12)
+    ids = mg.distinct_ids()
+    groups = [[i] for i in ids] + [ids[:3]]
+    for removal in ("zero-weight", "renormalize"):
+        _, actual = actual_removal_effects(
+            task, task.make_model(EXACT["seed"]), pool, tests, run, EXACT["lr"], groups, removal
+        )
+        np.testing.assert_allclose(
+            mg.removal_effects(groups, removal), actual, rtol=1e-9, atol=1e-12
+        )
+
+
+def test_validate_loo_on_a_user_task(user_task_runs: Path, tmp_path: Path) -> None:
+    """The command line finds the user's task in the manifest; wall-clock seconds go under
+    ``"timing"``, the last key, and the leave-one-out blocks hold none."""
+    out = tmp_path / "loo.json"
+    args = ["validate", str(user_task_runs), "--kinds", "loo,loo-weight0", "--curricula", "1"]
+    assert main([*args, "--methods", "unrolled,linear", "--groups", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result)[-1] == "timing"
+    for kind in ("loo", "loo-weight0"):
+        block = result["kinds"][kind]
+        assert "truth_seconds" not in block
+        unrolled = block["methods"]["unrolled"]
+        assert "seconds" not in unrolled and "fit_seconds" not in unrolled
+        assert unrolled["loo_pearson"] == pytest.approx(1.0)
+        assert unrolled["effect_size_ratio"] == pytest.approx(1.0)
+        assert set(result["timing"][kind]["methods"]) == {"unrolled", "linear"}
