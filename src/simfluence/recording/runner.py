@@ -354,11 +354,7 @@ def train_on_curriculum(
     Returns the `Run` (losses of shape ``(T + 1, M)``); nothing is written.
     """
     row_of = row_of or {train_id: row for row, train_id in enumerate(pool_examples.ids)}
-    _check_weights(curriculum, weights)
-    torch.manual_seed(seed)
-    model = copy.deepcopy(initial)
-    model.train()
-    optimizer = task.make_optimizer(model, lr)
+    model, optimizer = _start_training(task, initial, curriculum, lr, seed, weights)
     recorder = Recorder.from_task(
         task,
         model,
@@ -392,14 +388,27 @@ def final_test_losses(
     """The test losses, shape ``(M,)``, after training exactly as `train_on_curriculum` does
     (bit-identical), scoring only once at the end: for leave-one-out retraining."""
     row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
+    model, optimizer = _start_training(task, initial, curriculum, lr, seed, weights)
+    for _ in _train_steps(task, model, optimizer, pool_examples, row_of, curriculum, weights):
+        pass
+    return Recorder.from_task(task, model, test_examples).losses[0]
+
+
+def _start_training(
+    task: Task,
+    initial: torch.nn.Module,
+    curriculum: Sequence[Sequence[str]],
+    lr: float,
+    seed: int,
+    weights: Sequence[Sequence[float]] | None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A fresh copy of `initial` in training mode and its optimizer, after seeding torch (the
+    start of every run, recorded or retrained)."""
     _check_weights(curriculum, weights)
     torch.manual_seed(seed)
     model = copy.deepcopy(initial)
     model.train()
-    optimizer = task.make_optimizer(model, lr)
-    for _ in _train_steps(task, model, optimizer, pool_examples, row_of, curriculum, weights):
-        pass
-    return Recorder.from_task(task, model, test_examples).losses[0]
+    return model, task.make_optimizer(model, lr)
 
 
 def _train_steps(
