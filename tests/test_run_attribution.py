@@ -437,3 +437,21 @@ def test_validate_loo_on_a_user_task(user_task_runs: Path, tmp_path: Path) -> No
         assert unrolled["loo_pearson"] == pytest.approx(1.0)
         assert unrolled["effect_size_ratio"] == pytest.approx(1.0)
         assert set(result["timing"][kind]["methods"]) == {"unrolled", "linear"}
+
+
+def test_validate_refuses_one_curriculum_for_curriculum_kinds_before_retraining(
+    user_task_runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exact_tasks import LinearLossTask
+
+    import simfluence.recording.validation as validation
+
+    def no_retraining(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("leave-one-out retraining started")
+
+    monkeypatch.setattr(validation, "validate_loo", no_retraining)
+    runs = load_runset(user_task_runs)
+    with pytest.raises(SimfluenceError, match="at least 2"):
+        validation.validate(
+            LinearLossTask(), runs, {"linear": LinearSimulator()}, ["loo", "random"], 1
+        )

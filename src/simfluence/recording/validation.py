@@ -208,6 +208,8 @@ def validate(
         raise SimfluenceError("validation needs at least one method")
     loo_kinds = [k for k in kinds if k in LOO_KINDS]
     kinds = [k for k in kinds if k not in LOO_KINDS]
+    if kinds and count < 2:  # checked before any leave-one-out retraining
+        raise SimfluenceError("--curricula must be at least 2 (LDS correlates across curricula)")
     result: dict[str, Any] = {"kinds": {}, "curricula_per_kind": count, "seed": seed}
     if loo_kinds:
         loo = validate_loo(
@@ -217,8 +219,6 @@ def validate(
         result["timing"] = split_timing(loo)
     if not kinds:
         return result
-    if count < 2:
-        raise SimfluenceError("--curricula must be at least 2 (LDS correlates across curricula)")
     pool, tests = prepare_for_runset(task, runs)
     for simulator in simulators.values():
         simulator.fit(runs)
