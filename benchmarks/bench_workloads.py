@@ -26,6 +26,7 @@ from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.cli.demo import ALL_METHODS
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
+from simfluence.recording.features import ensure_features
 from simfluence.recording.runner import record_defaults, steps_per_run
 from simfluence.recording.tasks import resolve_task, task_label
 from simfluence.simulators import configure_simulator
@@ -97,6 +98,7 @@ def main() -> None:
     runs = record_defaults(task, out / task_name / "runs", runs_count)
     record_seconds = time.perf_counter() - start
     methods = args.methods.split(",")
+    runs = ensure_features(out / task.name / "runs", runs, methods)
     simulators = {name: configure_simulator(name, unseen="prior") for name in methods}
     result = evaluate(runs, simulators, args.holdout, lambda items: tqdm(items, desc="methods"))
     payload = result.to_json()

@@ -8,7 +8,12 @@ The JSON written by `simfluence evaluate --json` is `EvaluationResult.to_json()`
                         "final_step_spearman_std", "fit_seconds", "simulate_seconds",
                         "coverage_90", "interval_width_90", "calibrate_seconds",
                         "warnings": [str, ...]}},
-     "failed": {NAME: "why it failed"}}
+     "failed": {NAME: "why it failed"},
+     "heldout_unseen_fraction": share of the held-out consumptions unseen in training,
+     "heldout_unseen_share": {RUN: share of that run's consumptions unseen in training},
+     "by_unseen_share": {NAME: {BIN: {"runs", "unseen_share", "all_steps_mse",
+                                      "final_step_mse", "final_step_spearman",
+                                      "coverage_90"}}}}
 
 ``coverage_90``: the share of held-out (run, step >= 1, test example) points inside the method's
 90% predictive interval (`Simulator.calibrate` on the training runs, then
@@ -18,6 +23,10 @@ failed has neither (and ``interval_error`` says why).
 ``warnings`` are what a method says about its own validity on these runs (e.g. a gradient
 method on runs trained with Adam). With ``keep_going=True`` a method that raises is reported in
 ``failed`` and the others are still evaluated.
+
+``BIN`` groups the held-out runs by their unseen share (`UNSEEN_BINS`: "0%", "0-10%", "10-30%",
+">30%"; only bins holding runs appear): how each method fares on genuinely new training data
+(``coverage_90`` only for methods with intervals).
 """
 
 from __future__ import annotations
@@ -58,9 +67,20 @@ class EvaluationResult:
     unseen_fraction: float = 0.0
     #: methods that raised (with ``keep_going``): name -> the exception
     failed: dict[str, Exception] = field(default_factory=dict)
+    #: the same per held-out run, in `heldout_runs` order
+    unseen_shares: list[float] = field(default_factory=list)
+    #: the held-out runs' recorded losses, in `heldout_runs` order
+    true: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def by_unseen_share(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Per method, the metrics of the held-out runs grouped by their unseen share."""
+        return {
+            name: split_by_unseen(self.true, method.simulated, self.unseen_shares, method.intervals)
+            for name, method in self.methods.items()
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "train_runs": self.train_runs,
             "heldout_runs": self.heldout_runs,
             "heldout_unseen_fraction": self.unseen_fraction,
@@ -70,6 +90,12 @@ class EvaluationResult:
             },
             "failed": {name: failure_message(exc, name) for name, exc in self.failed.items()},
         }
+        if self.unseen_shares:
+            out["heldout_unseen_share"] = dict(
+                zip(self.heldout_runs, self.unseen_shares, strict=True)
+            )
+            out["by_unseen_share"] = self.by_unseen_share()
+        return out
 
 
 def failure_message(exc: BaseException, method: str = "") -> str:
@@ -98,13 +124,62 @@ def score(true: Sequence[np.ndarray], simulated: Sequence[np.ndarray]) -> dict[s
 def unseen_fraction(train: RunSet, heldout: RunSet) -> float:
     """Share of the held-out consumptions of ids that no training run consumed (such ids get
     "no effect" under ``unseen="prior"``, or stop the evaluation under ``"error"``)."""
+    counts = _unseen_counts(train, heldout)
+    total = sum(n for _, n in counts)
+    return sum(u for u, _ in counts) / total if total else 0.0
+
+
+def unseen_shares(train: RunSet, heldout: RunSet) -> list[float]:
+    """Per held-out run, the share of its consumptions of ids that no training run consumed."""
+    return [unseen / total if total else 0.0 for unseen, total in _unseen_counts(train, heldout)]
+
+
+def _unseen_counts(train: RunSet, heldout: RunSet) -> list[tuple[int, int]]:
     seen = {i for run in train.runs for batch in run.curriculum for i in batch}
-    total = unseen = 0
+    counts = []
     for run in heldout.runs:
-        for batch in run.curriculum:
-            total += len(batch)
-            unseen += sum(i not in seen for i in batch)
-    return unseen / total if total else 0.0
+        ids = [i for batch in run.curriculum for i in batch]
+        counts.append((sum(i not in seen for i in ids), len(ids)))
+    return counts
+
+
+#: ``(low, high, label)``: a run falls in the first bin with ``low < share <= high`` ("0%" is 0)
+UNSEEN_BINS: tuple[tuple[float, float, str], ...] = (
+    (-1.0, 0.0, "0%"),
+    (0.0, 0.1, "0-10%"),
+    (0.1, 0.3, "10-30%"),
+    (0.3, 1.0, ">30%"),
+)
+
+
+def split_by_unseen(
+    true: Sequence[np.ndarray],
+    simulated: Sequence[np.ndarray],
+    shares: Sequence[float],
+    intervals: Sequence[Interval] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the runs of each `UNSEEN_BINS` bin that holds any (runs, their mean unseen
+    share, all-steps MSE, final-step MSE, final-step Spearman: means as in `score`; with the
+    runs' 90% `intervals`, ``coverage_90`` as in `interval_scores`)."""
+    out = {}
+    for low, high, label in UNSEEN_BINS:
+        rows = [k for k, share in enumerate(shares) if low < share <= high]
+        if rows:
+            pick_true, pick_sim = [true[k] for k in rows], [simulated[k] for k in rows]
+            out[label] = {
+                "runs": len(rows),
+                "unseen_share": float(np.mean([shares[k] for k in rows])),
+                "all_steps_mse": metrics.all_steps_mse(pick_true, pick_sim).mean,
+                "final_step_mse": metrics.final_step_mse(pick_true, pick_sim).mean,
+                "final_step_spearman": metrics.final_step_spearman(pick_true, pick_sim).mean,
+            }
+            if intervals is not None:
+                out[label]["coverage_90"] = metrics.interval_coverage(
+                    pick_true,
+                    [intervals[k].lower for k in rows],
+                    [intervals[k].upper for k in rows],
+                )
+    return out
 
 
 def evaluate_simulator(
@@ -174,7 +249,11 @@ def evaluate(
     """
     train, held = runs.split(heldout)
     result = EvaluationResult(
-        train.run_ids, held.run_ids, unseen_fraction=unseen_fraction(train, held)
+        train.run_ids,
+        held.run_ids,
+        unseen_fraction=unseen_fraction(train, held),
+        unseen_shares=unseen_shares(train, held),
+        true=[r.losses for r in held.runs],
     )
     for name, simulator in progress(list(simulators.items())):
         try:
@@ -211,7 +290,36 @@ def format_table(result: EvaluationResult) -> str:
             ]
         rows.append(row)
     rows += [[name, "failed", *["-"] * (len(header) - 2)] for name in result.failed]
-    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    return _aligned(rows)
+
+
+def format_unseen_table(result: EvaluationResult) -> str:
+    """All-steps MSE (and 90% coverage, for methods with intervals) per method and unseen-share
+    bin of the held-out runs ("" when every held-out run falls in one bin: the main table says
+    it all, or when no method worked)."""
+    split = result.by_unseen_share()
+    bins = [label for _, _, label in UNSEEN_BINS if any(label in s for s in split.values())]
+    if len(bins) < 2:
+        return ""
+    first = next(iter(split.values()))
+    header = ["all-steps MSE by unseen share"] + [
+        f"{label} ({first[label]['runs']} runs, {100 * first[label]['unseen_share']:.0f}%)"
+        for label in bins
+    ]
+    rows = [header]
+    for name, by_bin in split.items():
+        cells = []
+        for label in bins:
+            cell = f"{by_bin[label]['all_steps_mse']:.4g}"
+            if "coverage_90" in by_bin[label]:
+                cell += f" (cov. {by_bin[label]['coverage_90']:.2f})"
+            cells.append(cell)
+        rows.append([name, *cells])
+    return _aligned(rows)
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"warning: {w}" for method in result.methods.values() for w in method.warnings]

@@ -21,6 +21,8 @@ METHOD_COLORS = {
     "mean": "tab:gray",
     "persistence": "tab:olive",
     "truth": "tab:green",
+    "featurized": "tab:orange",
+    "hybrid": "tab:purple",
 }
 
 

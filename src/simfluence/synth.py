@@ -12,6 +12,11 @@ Its parameters mimic a classification task with latent classes:
   and ``U(0, 0.01)`` otherwise (so a batch of ``b`` examples decreases the loss on average);
 * a few "mislabeled" examples (``harmful`` of the pool) add a spike ``U(0.3, 1.0) * L_0 / b``
   to test examples of their class.
+
+Example features (``DIR/features.npz``, for featurized simulators) play a frozen encoder that
+knows the class but not the rest: the one-hot class plus ``N(0, feature_noise^2)`` noise, and 8
+dimensions of pure noise. They reveal neither which examples are mislabeled nor how strongly
+each example helps, so only a simulator that also learns per-example effects can know those.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from simfluence._atomic import save_npz_atomic
 from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
+from simfluence.runlog.features import ExampleFeatures
 from simfluence.runlog.runs import Run, RunSet, count_matrix
 from simfluence.runlog.store import save_runset
 from simfluence.simulators.encoding import weight_batches
@@ -45,6 +51,7 @@ class SynthConfig:
     classes: int = 5
     harmful: float = 0.05
     noise: float = 0.02
+    feature_noise: float = 0.3
 
     def validate(self) -> None:
         for name in ("pool", "tests", "runs", "per_run", "batch", "epochs", "classes"):
@@ -52,17 +59,20 @@ class SynthConfig:
                 raise SimfluenceError(f"--{name.replace('_', '-')} must be at least 1")
         if self.per_run > self.pool:
             raise SimfluenceError(f"--per-run {self.per_run} exceeds --pool {self.pool}")
-        if not 0 <= self.harmful <= 1 or self.noise < 0:
-            raise SimfluenceError("harmful must be in [0, 1] and noise non-negative")
+        if not 0 <= self.harmful <= 1 or self.noise < 0 or self.feature_noise < 0:
+            raise SimfluenceError("harmful must be in [0, 1] and the noises non-negative")
 
 
 @dataclass
 class Truth:
-    """True parameters: ``A``, ``B`` of shape ``(M, P)``, ``initial_loss`` ``(M,)``."""
+    """True parameters: ``A``, ``B`` of shape ``(M, P)``, ``initial_loss`` ``(M,)``, and the
+    latent classes of the training (``(P,)``) and test (``(M,)``) examples."""
 
     A: np.ndarray
     B: np.ndarray
     initial_loss: np.ndarray
+    train_class: np.ndarray
+    test_class: np.ndarray
 
 
 def true_parameters(config: SynthConfig, rng: np.random.Generator) -> Truth:
@@ -79,7 +89,27 @@ def true_parameters(config: SynthConfig, rng: np.random.Generator) -> Truth:
     harmful = rng.random(P) < config.harmful
     spikes = rng.uniform(0.3, 1.0, (M, P)) * initial[:, None] / b
     B += np.where(same & harmful[None, :], spikes, 0.0)
-    return Truth(A, B, initial)
+    return Truth(A, B, initial, train_class, test_class)
+
+
+#: pure-noise dimensions appended to the synthetic features
+NOISE_DIMENSIONS = 8
+
+
+def synthetic_features(truth: Truth, config: SynthConfig) -> ExampleFeatures:
+    """Noisy one-hot classes plus pure noise (see the module docstring); own random stream."""
+    rng = np.random.default_rng([config.seed, 2])
+
+    def encode(classes: np.ndarray) -> np.ndarray:
+        onehot = np.eye(config.classes)[classes]
+        noisy = onehot + config.feature_noise * rng.standard_normal(onehot.shape)
+        return np.hstack([noisy, rng.standard_normal((len(classes), NOISE_DIMENSIONS))])
+
+    return ExampleFeatures(
+        encode(truth.train_class),
+        encode(truth.test_class),
+        {"source": f"synthetic (noisy class, feature_noise {config.feature_noise})"},
+    )
 
 
 def simulate_noisy(
@@ -120,11 +150,13 @@ def generate(config: SynthConfig) -> tuple[RunSet, Truth]:
         losses = simulate_noisy(truth, curriculum, index, config.batch, config.noise, run_rng)
         runs.append(Run(f"run-{r:04d}", curriculum, losses, seed=r))
     meta = {"workload": "synthetic", "config": asdict(config)}
-    return RunSet(train_ids, test_ids, runs, meta), truth
+    runset = RunSet(train_ids, test_ids, runs, meta, features=synthetic_features(truth, config))
+    return runset, truth
 
 
 def write_synthetic(directory: str | os.PathLike[str], config: SynthConfig) -> RunSet:
-    """Generate and write a run set plus ``truth.npz`` (arrays ``A``, ``B``, ``initial_loss``)."""
+    """Generate and write a run set (with its features) plus ``truth.npz`` (arrays ``A``,
+    ``B``, ``initial_loss``, ``train_class``, ``test_class``)."""
     runset, truth = generate(config)
     save_runset(runset, directory)
     save_npz_atomic(Path(directory) / TRUTH_FILE, **vars(truth))

@@ -12,6 +12,7 @@ from simfluence.cli._args import comma_list, positive_int, read_json
 from simfluence.curricula import apply_edits
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset, normalize_curriculum
+from simfluence.runlog.features import read_feature_table
 from simfluence.simulators import Simulator
 
 
@@ -29,8 +30,52 @@ def initial_loss(simulator: Simulator, path: str | None) -> np.ndarray:
     return np.array([float(given[t]) for t in simulator.test_ids_])
 
 
+def add_new_examples_option(p: argparse.ArgumentParser) -> None:
+    """``--features FILE``: examples no recorded run holds, for featurized simulators."""
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="FILE",
+        help="featurized/hybrid only: vectors (.npz or .parquet, id -> vector) of examples the "
+        "model has never seen; each new id with a loss in --initial-loss becomes a test "
+        "example, every other new id a training example",
+    )
+
+
+def with_new_examples(
+    simulator: Simulator, features: str | None, initial_loss_path: str | None
+) -> Simulator:
+    """`simulator` grown by the examples of the `--features` file it does not know yet."""
+    if features is None:
+        return simulator
+    if not hasattr(simulator, "extend"):
+        raise SimfluenceError(
+            f"--features: a {simulator.name} model cannot take new examples (featurized and "
+            "hybrid models can)"
+        )
+    ids, vectors = read_feature_table(features)
+    known = set(simulator.train_ids_) | set(simulator.test_ids_)
+    losses = read_json(initial_loss_path, "initial loss") if initial_loss_path else {}
+    if not isinstance(losses, dict):
+        raise SimfluenceError(f"initial loss {initial_loss_path}: expected an object")
+    rows = {example_id: k for k, example_id in enumerate(ids) if example_id not in known}
+    tests = [i for i in rows if i in losses]
+    trains = [i for i in rows if i not in losses]
+    vectors = np.asarray(vectors, dtype=np.float64)
+    extended = simulator.extend(
+        trains,
+        vectors[[rows[i] for i in trains]],
+        tests,
+        vectors[[rows[i] for i in tests]],
+        np.array([float(losses[i]) for i in tests]),
+    )
+    print(f"added {len(trains)} new training and {len(tests)} new test examples from {features}")
+    return extended
+
+
 def add_curriculum_source_options(p: argparse.ArgumentParser) -> None:
-    """``--curriculum FILE`` or ``--runs DIR --run RUN_ID``, and ``--initial-loss FILE``."""
+    """``--curriculum FILE`` or ``--runs DIR --run RUN_ID``, ``--initial-loss FILE``, and
+    ``--features FILE``."""
     p.add_argument("--curriculum", default=None, help="JSON file: a list of batches of ids")
     p.add_argument("--runs", default=None, help="run-set directory holding --run")
     p.add_argument(
@@ -42,6 +87,7 @@ def add_curriculum_source_options(p: argparse.ArgumentParser) -> None:
         help="JSON file: {test_id: loss} before training (default: the run's recorded one "
         "with --run, else the model's mean recorded one)",
     )
+    add_new_examples_option(p)
 
 
 def load_curriculum(

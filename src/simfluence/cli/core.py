@@ -26,9 +26,16 @@ from simfluence.cli._curricula import (
     edit_spec,
     edited,
     load_curriculum,
+    with_new_examples,
 )
 from simfluence.errors import SimfluenceError
-from simfluence.evaluation import EvaluationResult, evaluate, failure_message, format_table
+from simfluence.evaluation import (
+    EvaluationResult,
+    evaluate,
+    failure_message,
+    format_table,
+    format_unseen_table,
+)
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
     export_gptfluence,
@@ -179,6 +186,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     simulator.fit(runs)
     seconds = time.perf_counter() - start
     extra = f", l2 = {simulator.l2_:g}" if hasattr(simulator, "l2_") else ""
+    if hasattr(simulator, "n_components_"):
+        extra += f", {simulator.n_components_} feature directions"
     print(f"fitted {args.method} on {len(runs.runs)} runs in {seconds:.2f} s{extra}")
     if args.intervals:
         if len(runs.runs) < 2:
@@ -216,7 +225,7 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
 def cmd_simulate(args: argparse.Namespace) -> None:
     """Simulate a curriculum (a file, or a recorded run's); with edits, simulate the edited
     curriculum (written to the output) and report both mean final losses."""
-    simulator = load_simulator(args.model)
+    simulator = with_new_examples(load_simulator(args.model), args.features, args.initial_loss)
     curriculum, initial, _ = load_curriculum(args, simulator)
     spec = edit_spec(args, simulator)
     original = None
@@ -339,6 +348,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             f"examples no training run consumed (--unseen {args.unseen})"
         )
     print(format_table(result))
+    by_unseen = format_unseen_table(result)
+    if by_unseen:
+        print(by_unseen)
     if args.json:
         write_json_atomic(args.json, result.to_json())
         print(f"wrote {args.json}")

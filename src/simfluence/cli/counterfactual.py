@@ -11,7 +11,13 @@ import numpy as np
 
 from simfluence._atomic import atomic_path, write_json_atomic
 from simfluence.cli._args import add_task_option, level, positive_int
-from simfluence.cli._curricula import add_curriculum_source_options, initial_loss, load_curriculum
+from simfluence.cli._curricula import (
+    add_curriculum_source_options,
+    add_new_examples_option,
+    initial_loss,
+    load_curriculum,
+    with_new_examples,
+)
 from simfluence.counterfactual import (
     SIGN_CONVENTION,
     LeaveOneOut,
@@ -114,6 +120,10 @@ def _has_step0_checkpoint(directory: str, run_id: str) -> bool:
 def cmd_attribute(args: argparse.Namespace) -> None:
     method = _attribute_method(args)
     simulator = load_simulator(args.model) if args.model is not None else None
+    if simulator is not None:
+        simulator = with_new_examples(simulator, args.features, args.initial_loss)
+    elif args.features is not None:
+        raise SimfluenceError("--features needs MODEL, a featurized or hybrid simulator file")
     if method == "simulator":
         if simulator is None:
             raise SimfluenceError("--method simulator needs MODEL, a simulator file")
@@ -277,6 +287,7 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
         help="test id of the objective (implies --objective ids); repeatable",
     )
     p.add_argument("--initial-loss", default=None, help="JSON file: {test_id: loss}")
+    add_new_examples_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--budget",
@@ -295,7 +306,8 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--include-unseen",
         action="store_true",
-        help="also consider pool examples absent from the fitted runs",
+        help="also consider pool examples absent from the fitted runs (and those added by "
+        "--features): outside the trust region, no run shows what they do",
     )
     p.add_argument(
         "--no-trust-region",
@@ -323,7 +335,7 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> None:
-    simulator = load_simulator(args.model)
+    simulator = with_new_examples(load_simulator(args.model), args.features, args.initial_loss)
     if args.objective == "ids" and not args.test:
         raise SimfluenceError("--objective ids needs at least one --test ID")
     objective = args.test if args.test and args.objective != "mean" else "mean"

@@ -29,6 +29,8 @@ ALL_METHODS = [
     "grad-dot-scaled",
     "influence",
     "influence-scaled",
+    "featurized",
+    "hybrid",
     "mean",
     "persistence",
 ]
@@ -52,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from simfluence.recording.features import ensure_features
     from simfluence.recording.runner import record_runs, steps_per_run
     from simfluence.recording.tasks import resolve_task, task_label
 
@@ -69,6 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     runs = record_runs(task, out / "runs", runs=runs_count, seed=args.seed, task_ref=ref)
     recorded = time.perf_counter() - start
     print(f"      recorded in {recorded:.1f} s")
+    runs = ensure_features(out / "runs", runs, args.methods, task)
     print(
         f"[2/3] fitting {len(args.methods)} simulators on {runs_count - args.holdout} runs, "
         f"simulating {args.holdout} held-out runs"

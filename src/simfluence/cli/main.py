@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from simfluence._resolve import install_hint
-from simfluence.cli import core, counterfactual, demo, record, report, validate
+from simfluence.cli import core, counterfactual, demo, features, record, report, validate
 from simfluence.cli._args import CommandFailedError
 from simfluence.errors import SimfluenceError
 
 #: command modules; each has ``register(subparsers)`` and sets ``func`` on its parsers
-COMMAND_MODULES = [core, record, demo, validate, counterfactual, report]
+COMMAND_MODULES = [core, record, features, demo, validate, counterfactual, report]
 
 
 class _Parser(argparse.ArgumentParser):

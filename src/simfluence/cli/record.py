@@ -55,6 +55,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "training), e.g. 0,20,40; 'none' for none (default: 4 evenly spaced steps from 0, "
         "what the gradient methods need)",
     )
+    p.add_argument(
+        "--reserve",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="never-seen protocol: keep this share of the pool (e.g. 0.2) for the held-out runs "
+        "only (default: the share DIR was recorded with when resuming, else 0: off)",
+    )
+    p.add_argument(
+        "--reserve-from",
+        type=int,
+        default=None,
+        metavar="RUN",
+        help="with --reserve: runs with this index and above may draw the reserved examples "
+        "(default: the last round(5 * runs / 32), the runs `evaluate` holds out by default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_record)
 
@@ -109,6 +125,8 @@ def cmd_record(args: argparse.Namespace) -> None:
             checkpoints=steps,
             progress=not args.no_progress,
             task_ref=task_ref,
+            reserve=args.reserve,
+            reserve_from=args.reserve_from,
             **options,
         )
     except KeyboardInterrupt:

@@ -88,6 +88,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     runs = load_runset(args.directory)
     task = task_for_runset(runs, args.task)
+    if runs.features is None:
+        from simfluence.recording.features import ensure_features
+
+        runs = ensure_features(args.directory, runs, args.methods, task)
+        if runs.features is not None:
+            print(f"computed example features for {', '.join(args.methods)} into {args.directory}")
     # new curricula may consume examples no recorded run did: they get "no effect"
     options = {"unseen": "prior", "task": args.task}
     simulators = {name: configure_simulator(name, **options) for name in args.methods}

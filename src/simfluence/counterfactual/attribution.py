@@ -22,7 +22,7 @@ from scipy import sparse
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, normalize_curriculum
 from simfluence.simulators.base import Simulator, soft_floor
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.dynamics import DynamicsSimulator, step_times
 
 SIGN_CONVENTION = (
     "effect = L_T(with) - L_T(without): negative = consuming it lowered the final loss (helpful)"
@@ -78,10 +78,9 @@ def _rollouts(
     """Rollouts of the `columns` only, each ``(T_c + 1, len(columns))``; one vectorized call.
     Dynamics simulators roll out just those test examples' parameters."""
     if isinstance(simulator, DynamicsSimulator):
-        A = None if simulator.A_ is None else simulator.A_[columns]
         counts = simulator.encode(curricula)
         start = np.broadcast_to(initial[columns], (len(curricula), len(columns)))
-        trajectories = rollout(counts, A, simulator.B_[columns], np.ascontiguousarray(start))
+        trajectories = simulator.rollout_encoded(counts, np.ascontiguousarray(start), columns)
         floor, width = (
             np.broadcast_to(np.asarray(f, dtype=np.float64), initial.shape)[columns]
             for f in (simulator.floor_, simulator.floor_width_)
@@ -456,10 +455,16 @@ def _decompose(
     size = np.asarray(W.sum(axis=1)).ravel()  # w_t |c_t|, so n_ti / |c_t| = W_ti / size_t
     prev = traj[rows]  # (nnz, m): L_{t-1} of the step each entry belongs to
     B = simulator.B_[columns][:, cols].T
+    tau = None
+    if simulator.B_slope_ is not None:  # time-varying effects: those of each entry's step
+        tau = step_times(W.shape[0], simulator.time_scale_)[rows][:, None]
+        B = B + tau * simulator.B_slope_[columns][:, cols].T
     if simulator.A_ is None:
         per = w[:, None] * B
     else:
         A = simulator.A_[columns][:, cols].T
+        if tau is not None:
+            A = A + tau * simulator.A_slope_[columns][:, cols].T
         per = w[:, None] * (A * prev + B) - (w / size[rows])[:, None] * prev
     values = per.mean(axis=1)
     out: list[dict[str, float]] = [{} for _ in batches]

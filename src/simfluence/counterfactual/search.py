@@ -19,7 +19,7 @@ from simfluence.counterfactual.attribution import _initial, test_columns
 from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.base import Simulator, soft_floor
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.dynamics import DynamicsSimulator, step_times
 
 #: floats gathered per evaluation chunk (bounds memory at about 16 bytes each)
 _CHUNK_FLOATS = 4_000_000
@@ -138,6 +138,13 @@ class _Evaluator:
                 np.broadcast_to(np.asarray(f, dtype=np.float64), initial.shape)[columns].copy()
                 for f in (simulator.floor_, simulator.floor_width_)
             )
+            self.slopes = None  # time-varying effects: A' and B' of `columns`, transposed
+            if simulator.B_slope_ is not None:
+                A1 = simulator.A_slope_
+                self.slopes = (
+                    None if A1 is None else A1[columns].T.copy(),
+                    simulator.B_slope_[columns].T.copy(),
+                )
 
     def curriculum(self, layout: np.ndarray) -> list[list[str]]:
         ids = self.simulator.train_ids_
@@ -169,15 +176,22 @@ class _Evaluator:
         weight = sim.batch_size_ / counts if sim.batch_weighting == "mean" else np.ones(len(starts))
         weight = weight[None, None, :, None]
         n = len(layouts)
-        beta = (np.add.reduceat(self.BT[layouts], starts, axis=2) * weight).reshape(
-            n, -1, self.BT.shape[1]
-        )
+
+        def per_step(table: np.ndarray) -> np.ndarray:  # (n, T, m): batch sums of each step
+            sums = np.add.reduceat(table[layouts], starts, axis=2) * weight
+            return sums.reshape(n, -1, table.shape[1])
+
+        beta = per_step(self.BT)
+        tau = None
+        if self.slopes is not None:
+            tau = step_times(beta.shape[1], sim.time_scale_)[None, :, None]
+            beta += tau * per_step(self.slopes[1])
         loss = np.broadcast_to(self.initial[self.columns], (n, len(self.columns))).copy()
-        alpha = (
-            None
-            if self.AT is None
-            else (np.add.reduceat(self.AT[layouts], starts, axis=2) * weight).reshape(beta.shape)
-        )
+        alpha = None
+        if self.AT is not None:
+            alpha = per_step(self.AT)
+            if tau is not None and self.slopes[0] is not None:
+                alpha += tau * per_step(self.slopes[0])
         for t in range(beta.shape[1]):  # `rollout`'s arithmetic, floor included
             if alpha is not None:
                 loss *= alpha[:, t]
@@ -203,7 +217,7 @@ def trust_region_rollouts(
     if isinstance(simulator, DynamicsSimulator):
         start = np.broadcast_to(initial, (len(curricula), initial.size))
         counts = simulator.encode(curricula)
-        trajectories = rollout(counts, simulator.A_, simulator.B_, start, envelope=envelope)
+        trajectories = simulator.rollout_encoded(counts, start, envelope=envelope)
         for traj in trajectories:  # as `simulate_many` reports them
             soft_floor(traj[1:], simulator.floor_, simulator.floor_width_)
         return trajectories
@@ -254,7 +268,9 @@ def _candidates(
             raise SimfluenceError(f"unknown training id {unknown[0]!r} among the candidates")
         return np.unique([index[str(c)] for c in candidates])
     pool = np.arange(len(simulator.train_ids_))
-    seen = getattr(simulator, "seen_", None)
+    # consumed by a fitted run (featurized simulators have effects for every example, seen_,
+    # but the trust region keeps to those the runs consumed, consumed_)
+    seen = getattr(simulator, "consumed_", getattr(simulator, "seen_", None))
     if seen is None or include_unseen:
         return pool
     return pool[np.asarray(seen, dtype=bool)]
@@ -410,7 +426,8 @@ def optimize_curriculum(
             of test ids: the mean over those.
         initial_loss: shape ``(M,)``, or None for the simulator's mean recorded one.
         candidates: pool ids allowed; default: those the simulator saw in its fitted runs
-            (``seen_``), or all of them with `include_unseen`.
+            (``consumed_`` where it has one, else ``seen_``), or all of them with
+            `include_unseen`.
         trust_region: confine the search to the recorded envelope (above); False searches the
             simulator's unconstrained predictions (not recommended: see the docs).
         level: the interval level of the pessimistic objective and of the reported interval.

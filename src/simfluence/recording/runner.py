@@ -127,6 +127,8 @@ def record_runs(
     progress: bool = True,
     num_threads: int | None = None,
     task_ref: str | None = None,
+    reserve: float | None = None,
+    reserve_from: int | None = None,
 ) -> RunSet:
     """Record `runs` runs of `task` on random curricula into `directory`; returns them.
 
@@ -140,6 +142,13 @@ def record_runs(
     threads while training (default: 1 for models under a million parameters, else unchanged).
     `task_ref` is the reference the task was made from (`resolve_task`), stored in the
     manifest so later commands rebuild the task; by default it is inferred from its class.
+
+    The never-seen protocol: with ``reserve = f > 0`` a share `f` of the pool (drawn by `seed`,
+    listed in the manifest's ``metadata["reserved_ids"]``) is consumed only by the runs whose
+    index is at least `reserve_from` (the held-out runs: by default the last ``round(5 * runs /
+    32)``, the runs `simfluence evaluate` holds out by default); those runs draw from the whole
+    pool, every other run from the rest. Left out (None), `reserve` is the share `directory`
+    was recorded with when resuming, else 0.
 
     Raises `SimfluenceError` on bad options, or when `directory` holds a different recording.
     """
@@ -159,6 +168,12 @@ def record_runs(
     )
     config = _check_config(task, **options)
     runs, pool, tests, seed = options["runs"], options["pool"], options["tests"], options["seed"]
+    if reserve is None:  # resuming: the share the directory was recorded with, else none
+        recorded = _recorded_config(directory)
+        reserve = recorded.get("reserve", 0.0)
+        if reserve_from is None:
+            reserve_from = recorded.get("reserve_from")
+    config |= _check_reserve(reserve, reserve_from, runs, pool, options["per_run"])
     n_steps = config["steps"]
     try:
         pool_examples, test_examples = task.prepare(pool, tests, seed)
@@ -180,6 +195,9 @@ def record_runs(
         SPEC_KEY: _spec(task, task_ref),
         "task": _jsonable(task.describe()),
     }
+
+    if "reserve" in config:
+        metadata["reserved_ids"] = reserved_ids(pool_examples.ids, config["reserve"], seed)
     _prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
 
     row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
@@ -211,9 +229,11 @@ def record_defaults(
     runs: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    reserve: float = 0.0,
 ) -> RunSet:
     """`record_runs` with the task's default protocol (`task.defaults`) and checkpoints at
-    4 evenly spaced steps (what the gradient methods need); `runs` overrides the number."""
+    4 evenly spaced steps (what the gradient methods need); `runs` overrides the number;
+    `reserve` as in `record_runs`."""
     d = task.defaults
     protocol = {**dataclasses.asdict(d), "runs": runs or d.runs}
     n_steps = steps_per_run(d.per_run, d.batch, d.epochs)
@@ -224,6 +244,7 @@ def record_defaults(
         seed=seed,
         checkpoints=checkpoint_steps(n_steps),
         progress=progress,
+        reserve=reserve,
     )
 
 
@@ -257,17 +278,23 @@ def _spec(task: Task, ref: str | None) -> dict[str, Any]:
         return {"ref": None, "kwargs": None, "reason": str(exc)}
 
 
+def _recorded_config(directory: Path) -> dict[str, Any]:
+    """The config (and ``runs``) `directory` was recorded with by `record_runs`; {} if none."""
+    if not (directory / MANIFEST).is_file():
+        return {}
+    try:
+        meta = read_manifest(directory).get("metadata") or {}
+    except SimfluenceError:
+        return {}
+    if meta.get("recorder") != RECORDER_NAME:
+        return {}
+    return {**(meta.get("config") or {}), "runs": meta.get("runs")}
+
+
 def _protocol(task: Task, directory: Path, **given: Any) -> dict[str, Any]:
     """The options of a recording: the given ones, else those `directory` was recorded with,
     else the task's defaults (checkpoints: `checkpoint_steps` of the run length)."""
-    recorded: dict[str, Any] = {}
-    if (directory / MANIFEST).is_file():
-        try:
-            meta = read_manifest(directory).get("metadata") or {}
-        except SimfluenceError:
-            meta = {}
-        if meta.get("recorder") == RECORDER_NAME:
-            recorded = {**(meta.get("config") or {}), "runs": meta.get("runs")}
+    recorded = _recorded_config(directory)
     defaults = {**dataclasses.asdict(task.defaults), "seed": 0}
     out = {}
     for key, default in defaults.items():
@@ -302,7 +329,11 @@ def _record_one(
     seed = run_seed(config["seed"], index)
     rng = np.random.default_rng(seed)
     curriculum = random_curriculum(
-        pool_examples.ids, config["per_run"], config["batch"], config["epochs"], rng
+        drawable_ids(pool_examples.ids, config, index),
+        config["per_run"],
+        config["batch"],
+        config["epochs"],
+        rng,
     )
     ckpt_steps = set(config["checkpoints"])
 
@@ -326,6 +357,49 @@ def _record_one(
         metadata={"run_index": index, "checkpoint_steps": sorted(ckpt_steps)},
     )
     write_run(directory, run, test_examples.ids)
+
+
+def reserved_ids(pool_ids: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """The ``round(fraction * P)`` pool ids kept for the held-out runs (seeded, in pool order)."""
+    count = round(fraction * len(pool_ids))
+    rng = np.random.default_rng([seed, 104_729])  # apart from the runs' and validation's seeds
+    chosen = set(rng.choice(len(pool_ids), size=count, replace=False).tolist())
+    return [train_id for k, train_id in enumerate(pool_ids) if k in chosen]
+
+
+def drawable_ids(pool_ids: Sequence[str], config: dict[str, Any], index: int) -> list[str]:
+    """The ids run `index` draws from: the whole pool, or the unreserved part of it."""
+    if "reserve" not in config or index >= config["reserve_from"]:
+        return list(pool_ids)
+    reserved = set(reserved_ids(pool_ids, config["reserve"], config["seed"]))
+    return [train_id for train_id in pool_ids if train_id not in reserved]
+
+
+def _check_reserve(
+    reserve: float, reserve_from: int | None, runs: int, pool: int, per_run: int
+) -> dict[str, Any]:
+    """Config entries of the never-seen protocol (none when `reserve` is 0, so the config of
+    an ordinary recording is unchanged)."""
+    reserve = float(reserve)
+    if not math.isfinite(reserve) or not 0 <= reserve < 1:
+        raise SimfluenceError(f"--reserve {reserve}: must be a share of the pool in [0, 1)")
+    if reserve == 0:
+        if reserve_from is not None:
+            raise SimfluenceError("--reserve-from needs --reserve")
+        return {}
+    first = runs - max(1, round(runs * 5 / 32)) if reserve_from is None else reserve_from
+    if isinstance(first, bool) or not isinstance(first, int | np.integer) or not 0 < first < runs:
+        raise SimfluenceError(
+            f"--reserve-from {first!r}: must be a run index between 1 and {runs - 1} (runs from "
+            "it on are the held-out runs that may draw the reserved examples)"
+        )
+    open_pool = pool - round(reserve * pool)
+    if per_run > open_pool:
+        raise SimfluenceError(
+            f"--reserve {reserve}: leaves {open_pool} examples for the training runs, fewer than "
+            f"--per-run {per_run}"
+        )
+    return {"reserve": reserve, "reserve_from": int(first)}
 
 
 def train_on_curriculum(

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -109,3 +110,26 @@ class Task(ABC):
     def describe(self) -> dict[str, object]:
         """Free-form metadata written into the run log (model, data, frozen layers...)."""
         return {"workload": self.name}
+
+    #: kinds of example features `example_features` offers, besides the generic "gradients"
+    feature_kinds: tuple[str, ...] = ()
+
+    def example_features(
+        self, examples: Examples, model: nn.Module, kind: str
+    ) -> np.ndarray | None:
+        """One feature vector per example, for featurized simulators; optional hook.
+
+        Args:
+            examples: ``n`` training or test examples (as `prepare` returned them).
+            model: the initial model of the recording (``make_model(seed)``), which every run
+                starts from.
+            kind: one of `feature_kinds` (e.g. a frozen encoder's output, hidden activations).
+
+        Returns:
+            shape ``(n, d)``, finite floats, the same ``d`` for every call; or None (the
+            default): the task has no features of this kind. Every task has the kind
+            ``"gradients"`` (`simfluence.recording.features`: per-example loss gradients at
+            the initial model), computed through `example_losses` alone.
+        """
+        del examples, model, kind
+        return None

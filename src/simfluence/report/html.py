@@ -46,6 +46,8 @@ KNOWN_COLORS = {
     "mean": "#7f7f7f",
     "persistence": "#bcbd22",
     "truth": "#2ca02c",
+    "featurized": "#ff7f0e",
+    "hybrid": "#9467bd",
 }
 PALETTE = [
     "#ff7f0e",

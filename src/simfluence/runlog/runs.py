@@ -12,12 +12,15 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import sparse
 
 from simfluence.errors import CurriculumError, RunLogError
+
+if TYPE_CHECKING:
+    from simfluence.runlog.features import ExampleFeatures
 
 Curriculum = list[list[str]]
 #: a curriculum as users give it: batches of str or int ids
@@ -139,6 +142,8 @@ class RunSet:
         runs: the runs, in the order they were recorded or loaded.
         metadata: free-form metadata of the whole set.
         source: the directory it was loaded from, if any (where checkpoints live).
+        features: one vector per training and test example (`ExampleFeatures`), or None;
+            loaded from ``DIR/features.npz`` when present. Featurized simulators need them.
     """
 
     train_ids: list[str]
@@ -146,6 +151,7 @@ class RunSet:
     runs: list[Run] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
+    features: ExampleFeatures | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.train_ids = [str(i) for i in self.train_ids]
@@ -170,7 +176,9 @@ class RunSet:
     def subset(self, run_ids: Sequence[str]) -> RunSet:
         """A run set holding only the named runs, in the given order."""
         runs = [self.run(r) for r in run_ids]
-        return RunSet(self.train_ids, self.test_ids, runs, self.metadata, self.source)
+        return RunSet(
+            self.train_ids, self.test_ids, runs, self.metadata, self.source, self.features
+        )
 
     def split(self, heldout: int | Sequence[str]) -> tuple[RunSet, RunSet]:
         """``(train, heldout)`` by whole runs.

@@ -2,6 +2,7 @@
 
     DIR/manifest.json         {"format": "simfluence.runset", "schema_version": 1,
                                "train_ids": [...], "test_ids": [...], "metadata": {...}}
+    DIR/features.npz          optional: one vector per example (`simfluence.runlog.features`)
     DIR/runs/<run_id>.parquet one row per step 0..T: step (int32), batch (list<string>),
                               lr (float64, null when unknown), loss (fixed_size_list<float64>[M]);
                               key b"simfluence" of the schema metadata holds JSON
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from simfluence._atomic import write_json_atomic, write_with
 from simfluence.errors import RunLogError
+from simfluence.runlog.features import load_features, save_features
 from simfluence.runlog.runs import Run, RunSet, validate_run
 
 FORMAT = "simfluence.runset"
@@ -78,11 +80,13 @@ def write_run(directory: str | os.PathLike[str], run: Run, test_ids: list[str]) 
 
 
 def save_runset(runset: RunSet, directory: str | os.PathLike[str]) -> None:
-    """Validate and write a whole run set (manifest + one file per run)."""
+    """Validate and write a whole run set (manifest + one file per run, and its features)."""
     runset.validate()
     write_manifest(directory, runset.train_ids, runset.test_ids, runset.metadata)
     for run in runset.runs:
         write_run(directory, run, runset.test_ids)
+    if runset.features is not None:
+        save_features(directory, runset.features, runset.train_ids, runset.test_ids)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -190,4 +194,5 @@ def load_runset(directory: str | os.PathLike[str]) -> RunSet:
         runset.runs.append(run)
     if not runset.runs:
         raise RunLogError(f"{directory}: the run set holds no runs (nothing in {RUNS_DIR}/)")
+    runset.features = load_features(directory, runset.train_ids, runset.test_ids)
     return runset

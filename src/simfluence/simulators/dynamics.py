@@ -18,6 +18,12 @@ paper's raw sum for every batch size.
 
 Signs: a negative ``B_i(z)`` lowers test example ``z``'s loss each time ``i`` is consumed;
 ``A_i(z) < 1/b`` (``b`` the batch size) shrinks the loss multiplicatively.
+
+Time-varying members (the featurized simulators) let an example's effects drift linearly over
+training: consumed at step ``t`` (1-based), example ``i`` acts with ``A_i + tau_t A'_i`` and
+``B_i + tau_t B'_i``, ``tau_t = min((t - 1) / time_scale, 1)`` (``A'``, ``B'``: ``A_slope_``,
+``B_slope_``; ``time_scale_`` the typical run length). A rollout then sees a time-augmented count
+matrix ``[N, diag(tau) N]`` and the stacked parameters ``[A, A']``: the same arithmetic.
 """
 
 from __future__ import annotations
@@ -113,6 +119,36 @@ def rollout(
     return [traj for block in blocks for traj in block]
 
 
+def step_times(n_steps: int, time_scale: float) -> np.ndarray:
+    """``tau_t`` of steps ``t = 1..n_steps``: ``min((t - 1) / time_scale, 1)``, shape ``(T,)``."""
+    return np.minimum(np.arange(n_steps) / time_scale, 1.0)
+
+
+def time_augmented(counts: sparse.csr_matrix, time_scale: float) -> sparse.csr_matrix:
+    """``[N, diag(tau) N]``, shape ``(T, 2P)``, for a ``(T, P)`` count matrix ``N``."""
+    tau = sparse.diags(step_times(counts.shape[0], time_scale))
+    return sparse.hstack([counts, tau @ counts], format="csr")
+
+
+def rollout_drifting(
+    counts: Sequence[sparse.csr_matrix],
+    A: np.ndarray | None,
+    B: np.ndarray,
+    slopes: tuple[np.ndarray | None, np.ndarray] | None,
+    time_scale: float,
+    initial: np.ndarray,
+    envelope: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """`rollout` with effects that drift over training: ``(A + tau_t A', B + tau_t B')`` at
+    step ``t`` (`slopes` = ``(A', B')``, each ``(M, P)`` or None for A'; None: static);
+    `envelope` as for `rollout`."""
+    if slopes is not None:
+        counts = [time_augmented(c, time_scale) for c in counts]
+        A = None if A is None else np.hstack([A, slopes[0]])
+        B = np.hstack([B, slopes[1]])
+    return rollout(counts, A, B, initial, envelope=envelope)
+
+
 class DynamicsSimulator(Simulator):
     """Base of the Simfluence-Linear family: holds ``A_`` (or None) and ``B_``, and rolls out.
 
@@ -124,7 +160,10 @@ class DynamicsSimulator(Simulator):
         batch_size_: ``b``, the median batch size of the fitted runs.
         fold_A_, fold_B_: shape ``(K, M, P)`` float32, set by `calibrate`: the parameters of
             the ``K`` copies fitted without one fold of runs each (`fold_simulators`); no
-            ``fold_A_`` for additive simulators.
+            ``fold_A_`` for additive simulators (and ``fold_A_slope_``, ``fold_B_slope_`` for
+            time-varying ones).
+        A_slope_, B_slope_, time_scale_: time-varying members only (module docstring); None,
+            None, 0 otherwise.
 
     Parameters:
         unseen: ``"error"`` (default): simulating a training id absent from the fitted runs is
@@ -137,6 +176,9 @@ class DynamicsSimulator(Simulator):
     seen_: np.ndarray
 
     batch_size_: float
+    A_slope_: np.ndarray | None = None
+    B_slope_: np.ndarray | None = None
+    time_scale_: float = 0.0
 
     def __init__(self, unseen: str = "error", batch_weighting: str = "mean") -> None:
         self.unseen = unseen
@@ -169,6 +211,10 @@ class DynamicsSimulator(Simulator):
         self.fold_B_ = np.stack([c.B_ for c in usable]).astype(np.float32)
         if self.A_ is not None:
             self.fold_A_ = np.stack([c.A_ for c in usable]).astype(np.float32)
+        if self.B_slope_ is not None:  # time-varying: the drift is part of the parameters
+            self.fold_B_slope_ = np.stack([c.B_slope_ for c in usable]).astype(np.float32)
+            if self.A_slope_ is not None:
+                self.fold_A_slope_ = np.stack([c.A_slope_ for c in usable]).astype(np.float32)
 
     def fold_simulators(self) -> list[DynamicsSimulator]:
         """The ``K`` simulators fitted by `calibrate`, each without one fold of the runs (same
@@ -178,11 +224,16 @@ class DynamicsSimulator(Simulator):
         if fold_B is None:
             return []
         fold_A = getattr(self, "fold_A_", None)
+        fold_slopes = getattr(self, "fold_A_slope_", None), getattr(self, "fold_B_slope_", None)
         out = []
         for k in range(len(fold_B)):
             twin = copy.copy(self)
             twin.B_ = np.asarray(fold_B[k], dtype=np.float64)
             twin.A_ = None if fold_A is None else np.asarray(fold_A[k], dtype=np.float64)
+            if fold_slopes[1] is not None:
+                twin.A_slope_, twin.B_slope_ = (
+                    None if s is None else np.asarray(s[k], dtype=np.float64) for s in fold_slopes
+                )
             out.append(twin)
         return out
 
@@ -216,7 +267,7 @@ class DynamicsSimulator(Simulator):
     def _simulate_many(
         self, curricula: Sequence[AnyCurriculum], initial: np.ndarray
     ) -> list[np.ndarray]:
-        return rollout(self.encode(curricula), self.A_, self.B_, initial)
+        return self.rollout_encoded(self.encode(curricula), initial)
 
     def simulate_encoded(
         self, counts: Sequence[sparse.csr_matrix], initial_losses: np.ndarray
@@ -225,7 +276,27 @@ class DynamicsSimulator(Simulator):
         initial = np.broadcast_to(
             np.asarray(initial_losses, dtype=np.float64), (len(counts), len(self.test_ids_))
         )
-        trajectories = rollout(counts, self.A_, self.B_, initial)
+        trajectories = self.rollout_encoded(counts, initial)
         for traj in trajectories:  # `simulate_many` floors through the base class
             soft_floor(traj[1:], self.floor_, self.floor_width_)
         return trajectories
+
+    def rollout_encoded(
+        self,
+        counts: Sequence[sparse.csr_matrix],
+        initial: np.ndarray,
+        columns: np.ndarray | None = None,
+        envelope: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """`rollout` of encoded curricula with this simulator's parameters (time-augmented for
+        time-varying members), for all test examples or only `columns` (``initial``: ``(C, M)``
+        or ``(C, len(columns))``; `envelope`, the hard per-step lower bound of `rollout`, has
+        as many columns). Unfloored: callers apply `soft_floor` to what they report."""
+        A, B = self.A_, self.B_
+        slopes = None if self.B_slope_ is None else (self.A_slope_, self.B_slope_)
+        if columns is not None:
+            A = None if A is None else A[columns]
+            B = B[columns]
+            if slopes is not None:
+                slopes = (None if slopes[0] is None else slopes[0][columns], slopes[1][columns])
+        return rollout_drifting(counts, A, B, slopes, self.time_scale_, initial, envelope)

@@ -109,14 +109,13 @@ class _RidgeSimulator(DynamicsSimulator):
         """
         folds = run_folds(runs, min(self.cv_folds, len(runs.runs)))
         paths = [self._path(self.design(train), grid, final=False) for train, _ in folds]
-        weighting = (self.batch_size_, self.batch_weighting, (self.floor_, self.floor_width_))
         curve: list[list[float]] = []
         best, rises = np.inf, 0
         for lam in grid:
             mse = float(
                 np.mean(
                     [
-                        rollout_mse(valid, *next(path), *weighting)
+                        self._validation_mse(valid, next(path))
                         for path, (_, valid) in zip(paths, folds, strict=True)
                     ]
                 )
@@ -132,6 +131,11 @@ class _RidgeSimulator(DynamicsSimulator):
         """``(A, B)`` of shape ``(M, P)`` for each ``l2`` of `grid`, in order; `final` asks for
         full precision (cross-validation needs less)."""
         raise NotImplementedError
+
+    def _validation_mse(self, runs: RunSet, params: Params) -> float:
+        """Rollout all-steps MSE of `runs` under one point of `_path`, floored as reported."""
+        floor = (self.floor_, self.floor_width_)
+        return rollout_mse(runs, *params, self.batch_size_, self.batch_weighting, floor)
 
 
 class LinearSimulator(_RidgeSimulator):

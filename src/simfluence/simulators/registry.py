@@ -14,6 +14,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.blend import BlendSimulator
+from simfluence.simulators.featurized import FeaturizedSimulator, HybridSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.truth import TruthSimulator
 
@@ -23,6 +24,8 @@ _CORE: dict[str, type[Simulator]] = {
         LinearSimulator,
         BlendSimulator,
         AdditiveSimulator,
+        FeaturizedSimulator,
+        HybridSimulator,
         PersistenceSimulator,
         MeanTrajectorySimulator,
         TruthSimulator,

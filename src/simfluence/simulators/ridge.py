@@ -37,11 +37,14 @@ class Design:
             scaled by its batch weight.
         prev: ``(n, M)`` observed loss before each step.
         next: ``(n, M)`` observed loss after each step.
+        step: ``(n,)`` the step of each row within its run, 0-based (step ``t`` is row
+            ``t - 1`` of its run).
     """
 
     counts: sparse.csr_matrix
     prev: np.ndarray
     next: np.ndarray
+    step: np.ndarray | None = None
 
     @classmethod
     def from_runs(cls, runs: RunSet, batch_size: float, weighting: str) -> Design:
@@ -49,7 +52,8 @@ class Design:
         counts = sparse.vstack(encode_runs(runs, batch_size, weighting), format="csr")
         prev = np.concatenate([r.losses[:-1] for r in runs.runs])
         nxt = np.concatenate([r.losses[1:] for r in runs.runs])
-        return cls(counts, prev, nxt)
+        step = np.concatenate([np.arange(r.n_steps) for r in runs.runs])
+        return cls(counts, prev, nxt, step)
 
     @property
     def seen(self) -> np.ndarray:
@@ -82,18 +86,31 @@ class LinearSolution:
 
 
 class LinearRidgeProblem:
-    """The ``M`` normal-equation systems of Simfluence-Linear for one design, any ``lam``."""
+    """The ``M`` normal-equation systems of Simfluence-Linear for one design, any ``lam``.
 
-    def __init__(self, design: Design, prior_a: float, weights: np.ndarray | None = None) -> None:
+    The solution is the departure ``delta`` from a prior ``theta_0``: "no effect" by default
+    (``A = prior_a = 1/b``, ``B = 0``), or any prior given by its teacher-forced predictions
+    `prior_prediction` ``(n, M)`` of ``L_next`` (a featurized prior, which may vary per pair and
+    per step).
+    """
+
+    def __init__(
+        self,
+        design: Design,
+        prior_a: float,
+        weights: np.ndarray | None = None,
+        prior_prediction: np.ndarray | None = None,
+    ) -> None:
         self.N = design.counts
         self.NT = design.counts.T.tocsr()
         self.prev = design.prev
         # per-row, per-test weights (n, M) of the squared errors; None weighs every row alike
         self.weights = weights
         w = 1.0 if weights is None else weights
-        # residual of the prior: L_next - (sum_{i in batch} w_t / b) * L_prev
-        batch_mass = np.asarray(self.N.sum(axis=1))
-        resid = design.next - prior_a * batch_mass * design.prev
+        # residual of the prior: L_next - (sum_{i in batch} w_t / b) * L_prev, or its own
+        if prior_prediction is None:
+            prior_prediction = prior_a * np.asarray(self.N.sum(axis=1)) * design.prev
+        resid = design.next - prior_prediction
         self.rhs_A = self.NT @ (w * self.prev * resid)
         self.rhs_B = self.NT @ (w * resid)
         # exact diagonal 2x2 blocks of X_j^T W_j X_j, for all (example, test) pairs: (P, M) each

@@ -89,6 +89,16 @@ class DigitsMLPTask(Task):
         logits = model(inputs["x"])
         return nn.functional.cross_entropy(logits, inputs["y"], reduction="none")
 
+    feature_kinds = ("embedding", "activations")
+
+    def example_features(self, examples: Examples, model: nn.Module, kind: str) -> np.ndarray:
+        """``"embedding"``: the standardized pixels (64) and the one-hot label (10);
+        ``"activations"``: the hidden layer of `model` (32) and the one-hot label."""
+        x = examples.tensors["x"]
+        label = nn.functional.one_hot(examples.tensors["y"], N_CLASSES).to(x.dtype)
+        inputs = x if kind == "embedding" else torch.tanh(model.hidden(x))
+        return torch.cat([inputs, label], dim=1).numpy()
+
     def describe(self) -> dict[str, object]:
         n_params = N_FEATURES * self.hidden + self.hidden + self.hidden * N_CLASSES + N_CLASSES
         return {

@@ -328,6 +328,21 @@ class NewsgroupsMiniLMTask(Task):
         logits = model(inputs["hidden"], inputs["mask"])
         return nn.functional.cross_entropy(logits, inputs["y"], reduction="none")
 
+    feature_kinds = ("embedding", "activations")
+
+    def example_features(self, examples: Examples, model: nn.Module, kind: str) -> np.ndarray:
+        """Mean-pooled hidden states (384) and the one-hot label (2): ``"embedding"`` pools the
+        frozen encoder's output (the cached input of the trained layers), ``"activations"``
+        the trained layers' output at initialization (the sentence embedding of
+        all-MiniLM-L6-v2, before the head)."""
+        hidden, mask = examples.tensors["hidden"], examples.tensors["mask"]
+        if kind == "activations":
+            for layer in model.layers:
+                hidden = layer(hidden, mask)
+        pooled = (hidden * mask[:, :, None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        label = nn.functional.one_hot(examples.tensors["y"], 2).to(pooled.dtype)
+        return torch.cat([pooled, label], dim=1).double().numpy()
+
     def full_model_logits(self, rows: list[int]) -> torch.Tensor:
         """Logits of the *uncached* pipeline (Hugging Face BertModel, all 6 layers, pretrained
         weights, then mean pooling and the head of ``make_model(0)``) for rows of the data:

@@ -379,6 +379,24 @@ class SmolLM2PolarityTask(Task):
         logits = model(inputs["hidden"], inputs["last"])
         return nn.functional.cross_entropy(logits, inputs["y"], reduction="none")
 
+    feature_kinds = ("embedding", "activations")
+
+    def example_features(self, examples: Examples, model: nn.Module, kind: str) -> np.ndarray:
+        """The hidden state at the prompt's last token (576) and the one-hot label (2):
+        ``"embedding"`` from the frozen layers (the cached input of the trained layers),
+        ``"activations"`` after the trained layers and the final norm at initialization (what
+        the output embedding scores)."""
+        hidden, last = examples.tensors["hidden"], examples.tensors["last"]
+        if kind == "activations":
+            for layer in model.layers[:-1]:
+                hidden = layer(hidden)
+            state = rms_norm(model.layers[-1].forward_last(hidden, last), model.norm.weight)
+        else:
+            state = hidden[torch.arange(len(last)), last]
+        answers = torch.unique(self._features()[0]["y"])  # the two answer token ids, sorted
+        label = (examples.tensors["y"][:, None] == answers[None, :]).to(state.dtype)
+        return torch.cat([state, label], dim=1).double().numpy()
+
     def full_model_losses(self, rows: list[int]) -> torch.Tensor:
         """Answer-token losses of the *uncached* Hugging Face model (all 30 layers, pretrained,
         each prompt alone, unpadded) for rows of the data: shape ``(len(rows),)``."""

@@ -1,0 +1,506 @@
+"""Example features (storage, validation, import) and the featurized and hybrid simulators."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy import sparse
+
+from simfluence.cli.main import main
+from simfluence.counterfactual import leave_one_out, optimize_curriculum, step_contributions
+from simfluence.counterfactual.search import _Evaluator, _random_layouts, trust_region_rollouts
+from simfluence.curricula import random_curriculum
+from simfluence.evaluation import evaluate
+from simfluence.metrics import interval_coverage, interval_width
+from simfluence.runlog import Run, RunSet, load_runset, save_runset
+from simfluence.runlog.features import (
+    ExampleFeatures,
+    FeatureError,
+    align,
+    load_features,
+    read_feature_table,
+    save_features,
+)
+from simfluence.simulators import load_simulator, make_simulator
+from simfluence.simulators.dynamics import step_times, time_augmented
+from simfluence.simulators.featurized import FeatureMissingError, fit_test_map
+from simfluence.simulators.ridge import Design, LinearRidgeProblem
+from simfluence.synth import SynthConfig, generate
+
+
+def featurized_runset(
+    pool: int = 60,
+    tests: int = 6,
+    dim: int = 3,
+    runs: int = 14,
+    per_run: int = 24,
+    batch: int = 4,
+    epochs: int = 2,
+    reserved: int = 0,
+    drift: bool = False,
+    seed: int = 0,
+    noise: float = 0.0,
+) -> tuple[RunSet, dict[str, np.ndarray]]:
+    """Runs drawn from a featurized model with known coefficients: ``A_i(z) = 1/b +
+    u_z . [1, x_i] (+ tau_t u'_z . [1, x_i])``, the same for ``B``, plus Gaussian process
+    noise of standard deviation `noise` at every step (0: noiseless). The last `reserved` pool
+    examples are consumed only by the last two runs."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((pool, dim))
+    Y = rng.standard_normal((tests, dim))
+    phi = np.hstack([np.ones((pool, 1)), X])
+    u = np.hstack([np.full((tests, 1), -0.02), 0.01 * rng.standard_normal((tests, dim))])
+    v = 0.01 * rng.standard_normal((tests, dim + 1))
+    A, B = 1.0 / batch + u @ phi.T, v @ phi.T
+    A1 = (0.01 * rng.standard_normal((tests, dim + 1)) @ phi.T) if drift else 0 * A
+    B1 = (0.01 * rng.standard_normal((tests, dim + 1)) @ phi.T) if drift else 0 * B
+    ids = [f"x{i}" for i in range(pool)]
+    index = {t: k for k, t in enumerate(ids)}
+    open_ids = ids[: pool - reserved]
+    out = []
+    for r in range(runs):
+        drawable = ids if r >= runs - 2 else open_ids
+        curriculum = random_curriculum(drawable, per_run, batch, epochs, np.random.default_rng(r))
+        counts = sparse.lil_matrix((len(curriculum), pool))
+        for t, b in enumerate(curriculum):
+            for i in b:
+                counts[t, index[i]] += 1
+        counts = counts.tocsr()
+        tau = step_times(len(curriculum), per_run // batch * epochs)
+        losses = np.empty((len(curriculum) + 1, tests))
+        losses[0] = 1.0 + rng.random(tests)
+        for t in range(len(curriculum)):
+            row = counts[t]
+            alpha = row @ (A + tau[t] * A1).T
+            beta = row @ (B + tau[t] * B1).T
+            losses[t + 1] = alpha * losses[t] + beta + noise * rng.standard_normal(tests)
+        out.append(Run(f"run-{r:04d}", curriculum, losses, seed=r))
+    features = ExampleFeatures(X, Y, {"source": "test"})
+    runset = RunSet(ids, [f"z{j}" for j in range(tests)], out, {}, features=features)
+    return runset, {"A": A, "B": B, "A1": A1, "B1": B1}
+
+
+# -- features as data -------------------------------------------------------------------------
+def test_features_round_trip_with_the_run_set(tmp_path) -> None:
+    runs, _ = featurized_runset()
+    save_runset(runs, tmp_path / "set")
+    loaded = load_runset(tmp_path / "set")
+    np.testing.assert_array_equal(loaded.features.train, runs.features.train)
+    np.testing.assert_array_equal(loaded.features.test, runs.features.test)
+    assert loaded.features.metadata["source"] == "test"
+    train, held = loaded.split(2)
+    assert train.features is loaded.features and held.features is loaded.features
+
+
+def test_features_are_validated_with_one_line_errors(tmp_path) -> None:
+    train_ids, test_ids = ["a", "b"], ["t"]
+    with pytest.raises(FeatureError, match="no vector for id 'b'"):
+        align(["a", "t"], np.ones((2, 3)), train_ids, test_ids, "f.npz")
+    with pytest.raises(FeatureError, match=r"vector of id 'b' has nan"):
+        align(["a", "b", "t"], [[1.0], [np.nan], [2.0]], train_ids, test_ids, "f.npz")
+    with pytest.raises(FeatureError, match="appears twice"):
+        align(["a", "a", "b", "t"], np.ones((4, 1)), train_ids, test_ids, "f.npz")
+    with pytest.raises(FeatureError, match=r"expected \(2, d\)"):
+        ExampleFeatures(np.ones((3, 2)), np.ones((1, 2))).check(2, 1)
+    save_features(tmp_path, ExampleFeatures(np.ones((2, 2)), np.ones((1, 2))), train_ids, test_ids)
+    with pytest.raises(FeatureError, match="train ids differ"):
+        load_features(tmp_path, ["a", "c"], test_ids)
+
+
+def test_feature_tables_from_npz_and_parquet(tmp_path) -> None:
+    vectors = np.arange(6.0).reshape(3, 2)
+    np.savez(tmp_path / "f.npz", ids=np.array(["a", "b", "t"]), vectors=vectors)
+    ids, got = read_feature_table(tmp_path / "f.npz")
+    assert ids == ["a", "b", "t"]
+    np.testing.assert_array_equal(got, vectors)
+    pq.write_table(
+        pa.table({"id": ["a", "b", "t"], "vector": [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]}),
+        tmp_path / "list.parquet",
+    )
+    pq.write_table(
+        pa.table({"id": ["a", "b", "t"], "x": [0.0, 2.0, 4.0], "y": [1, 3, 5]}),
+        tmp_path / "cols.parquet",
+    )
+    for name in ("list.parquet", "cols.parquet"):
+        ids, got = read_feature_table(tmp_path / name)
+        np.testing.assert_array_equal(got, vectors)
+    with pytest.raises(FeatureError, match="needs arrays 'ids' and 'vectors'"):
+        np.savez(tmp_path / "bad.npz", x=vectors)
+        read_feature_table(tmp_path / "bad.npz")
+
+
+def test_cli_features_from_file_and_its_errors(tmp_path, capsys) -> None:
+    runs, _ = featurized_runset()
+    save_runset(RunSet(runs.train_ids, runs.test_ids, runs.runs), tmp_path / "set")
+    ids = runs.train_ids + runs.test_ids
+    vectors = np.vstack([runs.features.train, runs.features.test])
+    np.savez(tmp_path / "f.npz", ids=np.array(ids[1:]), vectors=vectors[1:])
+    assert main(["features", str(tmp_path / "set"), "--from", str(tmp_path / "f.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no vector for id 'x0'" in err
+    np.savez(tmp_path / "f.npz", ids=np.array(ids), vectors=vectors)
+    assert main(["features", str(tmp_path / "set"), "--from", str(tmp_path / "f.npz")]) == 0
+    np.testing.assert_array_equal(load_runset(tmp_path / "set").features.train, vectors[:60])
+
+
+def test_featurized_needs_features() -> None:
+    runs, _ = featurized_runset()
+    runs.features = None
+    with pytest.raises(FeatureMissingError, match="simfluence features DIR"):
+        make_simulator("featurized").fit(runs)
+
+
+# -- the featurized simulator -----------------------------------------------------------------
+@pytest.mark.parametrize("drift", [False, True])
+def test_featurized_recovers_a_featurized_process(drift: bool) -> None:
+    """Noiseless runs from known featurized effects: the fit reproduces held-out rollouts, and
+    the effects of every pool example, consumed or not."""
+    runs, truth = featurized_runset(reserved=10, drift=drift)
+    train, held = runs.split(2)
+    sim = make_simulator("featurized", n_components=3, l2=1e-8, time_varying=drift).fit(train)
+    np.testing.assert_allclose(sim.A_, truth["A"], atol=1e-6)
+    np.testing.assert_allclose(sim.B_, truth["B"], atol=1e-6)
+    if drift:
+        np.testing.assert_allclose(sim.A_slope_, truth["A1"], atol=1e-6)
+    else:
+        assert sim.A_slope_ is None and sim.B_slope_ is None
+    initial = np.stack([r.initial_loss for r in held.runs])
+    predicted = sim.simulate_many([r.curriculum for r in held.runs], initial)
+    for run, traj in zip(held.runs, predicted, strict=True):
+        np.testing.assert_allclose(traj[1:], run.losses[1:], atol=1e-5)
+
+
+def test_featurized_and_hybrid_beat_linear_on_examples_no_training_run_consumed() -> None:
+    runs, _ = featurized_runset(reserved=15, runs=16)
+    result = evaluate(
+        runs,
+        {
+            "linear": make_simulator("linear", unseen="prior"),
+            "featurized": make_simulator("featurized", n_components=3, time_varying=False),
+            "hybrid": make_simulator("hybrid", n_components=3, time_varying=False),
+        },
+        2,
+    )
+    assert result.unseen_fraction > 0.1
+    mse = {name: m.scores["all_steps_mse"] for name, m in result.methods.items()}
+    assert mse["featurized"] < 0.01 * mse["linear"]
+    assert mse["hybrid"] < 0.1 * mse["linear"]
+    split = result.to_json()["by_unseen_share"]["featurized"]
+    assert sum(b["runs"] for b in split.values()) == 2
+
+
+def test_hybrid_spans_featurized_to_linear() -> None:
+    """A huge pull reproduces the featurized effects; for examples no run consumed the hybrid
+    always keeps them (nothing pulls them away)."""
+    runs, _ = featurized_runset(reserved=10, runs=14, seed=3)
+    train, _ = runs.split(2)
+    feat = make_simulator("featurized", n_components=2, l2=1.0).fit(train)
+    strong = make_simulator("hybrid", n_components=2, feature_l2=1.0, l2=1e9).fit(train)
+    np.testing.assert_allclose(strong.A_, feat.A_, atol=1e-6)
+    np.testing.assert_allclose(strong.B_slope_, feat.B_slope_)
+    weak = make_simulator("hybrid", n_components=2, feature_l2=1.0, l2=1e-3).fit(train)
+    unseen = np.arange(50, 60)
+    np.testing.assert_allclose(weak.A_[:, unseen], feat.A_[:, unseen], atol=1e-9)
+    assert np.abs(weak.A_[:, :50] - feat.A_[:, :50]).max() > 1e-4
+
+
+def test_synthetic_features_help_only_with_per_example_detail() -> None:
+    """The synthetic set's features reveal classes, not the mislabeled spikes: `hybrid` is as
+    good as `linear`, and both beat `featurized` (which beats nothing per-example)."""
+    runs, _ = generate(SynthConfig(pool=120, tests=20, runs=16, per_run=80))
+    result = evaluate(
+        runs,
+        {name: make_simulator(name, unseen="prior") for name in ("linear", "hybrid", "featurized")},
+        3,
+    )
+    mse = {name: m.scores["all_steps_mse"] for name, m in result.methods.items()}
+    assert mse["hybrid"] <= 1.1 * mse["linear"]
+    assert mse["featurized"] > mse["hybrid"]
+
+
+def test_save_load_and_extend(tmp_path) -> None:
+    runs, _ = featurized_runset(drift=True)
+    train, held = runs.split(2)
+    for method in ("featurized", "hybrid"):
+        sim = make_simulator(method, n_components=3).fit(train)
+        sim.save(tmp_path / f"{method}.npz")
+        loaded = load_simulator(tmp_path / f"{method}.npz")
+        run = held.runs[0]
+        np.testing.assert_array_equal(
+            loaded.simulate(run.curriculum, run.initial_loss),
+            sim.simulate(run.curriculum, run.initial_loss),
+        )
+        # a new training example with x3's features acts like x3 where x3 has no own detail
+        x3 = runs.features.train[3:4]
+        grown = loaded.extend(["new"], x3, ["new-test"], runs.features.test[:1], [1.5])
+        assert grown.A_.shape == (7, 61) and grown.A_slope_.shape == (7, 61)
+        assert grown.test_ids_[-1] == "new-test" and grown.initial_loss_[-1] == 1.5
+        if method == "featurized":
+            np.testing.assert_allclose(grown.A_[:6, -1], sim.A_[:, 3])
+            np.testing.assert_allclose(grown.B_slope_[:6, -1], sim.B_slope_[:, 3])
+        curriculum = [["new", "x1"], ["x3", "x4"]]
+        traj = grown.simulate(curriculum, np.r_[run.initial_loss, 1.5])
+        assert traj.shape == (3, 7) and np.isfinite(traj).all()
+        with pytest.raises(Exception, match="already known"):
+            grown.extend(["x1"], x3)
+        with pytest.raises(Exception, match=r"shape \(1, 2\), expected \(1, 3\)"):
+            grown.extend(["other"], np.ones((1, 2)))
+
+
+def test_test_map_predicts_coefficients_from_test_features() -> None:
+    rng = np.random.default_rng(0)
+    psi = np.hstack([np.ones((40, 1)), rng.standard_normal((40, 3))])
+    true_map = rng.standard_normal((4, 5))
+    coef = psi @ true_map + 0.01 * rng.standard_normal((40, 5))
+    W, _, loo = fit_test_map(psi, coef, np.ones(5))
+    np.testing.assert_allclose(W, true_map, atol=0.02)
+    assert loo < 0.01
+    _, _, noise_loo = fit_test_map(psi, rng.standard_normal((40, 5)), np.ones(5))
+    assert noise_loo > 0.9  # features that explain nothing are not trusted
+
+
+# -- time-varying effects everywhere a dynamics simulator is used --------------------------------
+def _drifting_simulator():
+    runs, _ = featurized_runset(drift=True)
+    return make_simulator("featurized", n_components=3).fit(runs), runs
+
+
+def test_time_varying_rollout_matches_a_loop() -> None:
+    sim, runs = _drifting_simulator()
+    run = runs.runs[0]
+    index = {t: k for k, t in enumerate(sim.train_ids_)}
+    loss = run.initial_loss.copy()
+    tau = step_times(len(run.curriculum), sim.time_scale_)
+    for t, batch in enumerate(run.curriculum):
+        cols = [index[i] for i in batch]
+        A = (sim.A_ + tau[t] * sim.A_slope_)[:, cols].sum(axis=1)
+        B = (sim.B_ + tau[t] * sim.B_slope_)[:, cols].sum(axis=1)
+        loss = A * loss + B
+    np.testing.assert_allclose(sim.simulate(run.curriculum, run.initial_loss)[-1], loss)
+    assert time_augmented(sparse.csr_matrix(np.ones((3, 2))), 2.0).toarray().tolist() == [
+        [1, 1, 0, 0],
+        [1, 1, 0.5, 0.5],
+        [1, 1, 1, 1],
+    ]
+
+
+def test_time_varying_effects_in_attribution_and_search() -> None:
+    sim, runs = _drifting_simulator()
+    run = runs.runs[0]
+    steps = step_contributions(sim, run.curriculum, run.initial_loss, sim.test_ids_)
+    per_step = np.array([sum(c.values()) for c in steps.contributions])
+    np.testing.assert_allclose(per_step, steps.change, atol=1e-12)
+    columns = np.arange(len(sim.test_ids_))
+    evaluator = _Evaluator(sim, columns, run.initial_loss, 4)
+    layout = np.array([[[sim.train_ids_.index(i) for b in run.curriculum[:6] for i in b]] * 2])
+    curriculum = evaluator.curriculum(layout[0])
+    expected = sim.simulate(curriculum, run.initial_loss)[-1].mean()
+    np.testing.assert_allclose(evaluator(layout), [expected])
+    result = optimize_curriculum(sim, 12, 4, 1, seed=0, max_seconds=2, max_evaluations=2000)
+    assert np.isfinite(result.objective)
+
+
+def test_ridge_prior_prediction_generalizes_no_effect() -> None:
+    runs, _ = featurized_runset()
+    design = Design.from_runs(runs, 4.0, "mean")
+    default = LinearRidgeProblem(design, 0.25).solve(3.0)
+    prediction = 0.25 * np.asarray(design.counts.sum(axis=1)) * design.prev
+    given = LinearRidgeProblem(design, 0.25, prior_prediction=prediction).solve(3.0)
+    np.testing.assert_allclose(given.delta_A, default.delta_A)
+    np.testing.assert_array_equal(design.step[:3], [0, 1, 2])
+
+
+# -- intervals, the floor and the safe search (issue 9) ---------------------------------------
+@pytest.fixture(scope="module")
+def noisy() -> tuple:
+    """A featurized process with drift and process noise, 30 runs (6 held out); the last 10
+    pool examples are drawn only by the last two (held-out) runs."""
+    runs, _ = featurized_runset(
+        pool=60, tests=8, runs=30, per_run=24, drift=True, noise=0.01, reserved=10
+    )
+    train, held = runs.split(6)
+    fitted = {m: make_simulator(m, unseen="prior").fit(train).calibrate(train) for m in METHODS}
+    return runs, train, held, fitted
+
+
+METHODS = ("featurized", "hybrid")
+
+
+def _extrapolating(sim):  # type: ignore[no-untyped-def]
+    """A copy whose effects drive every loss far below 0 (what a search can find)."""
+    sim = copy.copy(sim)
+    sim.B_ = sim.B_ - 0.3 / sim.batch_size_
+    return sim
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_featurized_intervals_are_calibrated_and_pinned(noisy: tuple, method: str) -> None:
+    _, train, held, fitted = noisy
+    sim = fitted[method]
+    # the fold copies keep what cross-validation chose: no nested cross-validation
+    params = sim._calibration_params()
+    assert params["n_components"] == sim.n_components_
+    assert params["l2"] == sim.l2_
+    if method == "hybrid":
+        assert params["feature_l2"] == sim.feature_l2_
+    assert sim.fold_B_slope_.shape == (5, *sim.B_slope_.shape)
+    folds = sim.fold_simulators()
+    assert len(folds) == 5 and not np.array_equal(folds[0].B_slope_, sim.B_slope_)
+    bands = sim.simulate_interval(
+        [r.curriculum for r in held.runs], np.stack([r.initial_loss for r in held.runs])
+    )
+    true = [r.losses for r in held.runs]
+    coverage = interval_coverage(true, [b.lower for b in bands], [b.upper for b in bands])
+    assert 0.75 <= coverage <= 0.98
+    # informative: narrower than the curriculum-blind mean's calibrated interval
+    blind = make_simulator("mean").fit(train).calibrate(train)
+    blind_bands = [
+        blind.interval_of(t)
+        for t in blind.simulate_many(
+            [r.curriculum for r in held.runs], np.stack([r.initial_loss for r in held.runs])
+        )
+    ]
+    assert interval_width([b.lower for b in bands], [b.upper for b in bands]) < 0.8 * (
+        interval_width([b.lower for b in blind_bands], [b.upper for b in blind_bands])
+    )
+    result = evaluate(train.subset(train.run_ids), {method: sim}, 6)
+    assert 0.6 <= result.methods[method].scores["coverage_90"] <= 1.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_featurized_outputs_respect_the_floor(noisy: tuple, method: str) -> None:
+    _, _, held, fitted = noisy
+    sim = _extrapolating(fitted[method])
+    curricula = [r.curriculum for r in held.runs]
+    initial = np.stack([r.initial_loss for r in held.runs])
+    floor = np.asarray(sim.floor_)
+    for traj in sim.simulate_many(curricula, initial):  # rollouts
+        assert (traj[1:] >= floor - 1e-12).all()
+    raw = sim.rollout_encoded(sim.encode(curricula[:1]), initial[:1])[0]
+    assert (raw[-1] < floor).any()  # without the floor these would be reported below it
+    for band in sim.simulate_interval(curricula, initial):  # intervals
+        assert (band.lower[1:] >= floor - 1e-12).all()
+    for traj in trust_region_rollouts(sim, curricula):  # trust-region rollouts
+        rows = np.minimum(np.arange(1, traj.shape[0]), len(sim.envelope_) - 1)
+        assert (traj[1:] >= np.maximum(floor, sim.envelope_[rows]) - 1e-12).all()
+    # attribution views (leave-one-out finals and the per-step trajectory), with intervals
+    loo = leave_one_out(sim, curricula[0], None, ["z0", "z1"])
+    assert loo.final_loss >= floor[:2].mean() - 1e-12 and loo.lower is not None
+    steps = step_contributions(sim, curricula[0], None, ["z0", "z1"])
+    assert (steps.trajectory >= floor[:2].mean() - 1e-12).all()
+    # the search's vectorized evaluator is the floored, drifting rollout, exactly
+    columns = np.arange(len(sim.test_ids_))
+    evaluator = _Evaluator(sim, columns, sim.initial_loss_, 4)
+    layouts = _random_layouts(np.arange(50), 12, 2, 3, np.random.default_rng(0))
+    for layout, value in zip(layouts, evaluator(layouts), strict=True):
+        traj = sim.simulate(evaluator.curriculum(layout), sim.initial_loss_)
+        assert value == pytest.approx(traj[-1].mean(), abs=1e-12)
+    # and the safe search: never below the floor nor the recorded envelope, with an interval
+    result = optimize_curriculum(sim, 12, 4, 2, seed=0, n_random=8, max_seconds=5)
+    assert result.predicted >= sim.envelope_[len(result.curriculum)].mean() - 1e-12
+    assert result.unconstrained >= floor.mean() - 1e-12
+    assert result.interval is not None and result.interval[0] >= floor.mean() - 1e-12
+    inside = trust_region_rollouts(sim, [result.curriculum])[0]
+    assert inside[-1].mean() == pytest.approx(result.predicted, abs=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_safe_search_keeps_to_consumed_examples(noisy: tuple, method: str) -> None:
+    runs, train, _, fitted = noisy
+    sim = fitted[method]
+    reserved = set(runs.train_ids[-10:])  # drawn by no training run
+    assert sim.seen_.all() and not sim.consumed_[-10:].any() and sim.consumed_[:50].all()
+    result = optimize_curriculum(sim, 12, 4, 2, seed=0, max_seconds=5, recorded=train)
+    assert not reserved & {i for b in result.curriculum for i in b}
+    assert result.interval is not None and result.statement
+    wide = optimize_curriculum(sim, 60, 4, 1, seed=0, max_seconds=2, include_unseen=True)
+    assert reserved <= {i for b in wide.curriculum for i in b}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_and_extend_with_intervals(noisy: tuple, method: str, tmp_path) -> None:
+    runs, _, held, fitted = noisy
+    sim = fitted[method]
+    sim.save(tmp_path / "m.npz")
+    loaded = load_simulator(tmp_path / "m.npz")
+    run = held.runs[0]
+    a = sim.simulate_interval([run.curriculum], run.initial_loss)[0]
+    b = loaded.simulate_interval([run.curriculum], run.initial_loss)[0]
+    np.testing.assert_array_equal(a.lower, b.lower)
+    np.testing.assert_array_equal(a.upper, b.upper)
+    np.testing.assert_array_equal(
+        leave_one_out(sim, run.curriculum, None, "z1").upper,
+        leave_one_out(loaded, run.curriculum, None, "z1").upper,
+    )
+    # grown by a training example with x3's features and a test example with z0's
+    grown = loaded.extend(["new"], runs.features.train[3:4], ["nt"], runs.features.test[:1], [1.5])
+    M, P = len(sim.test_ids_) + 1, len(sim.train_ids_) + 1
+    assert grown.fold_A_.shape == grown.fold_B_slope_.shape == (5, M, P)
+    assert grown.calibration_residuals_.shape[2] == M == grown.envelope_.shape[1]
+    assert grown.floor_.shape == grown.floor_width_.shape == (M,) and not grown.consumed_[-1]
+    if method == "featurized":  # the fold copies, too, give it x3's effects
+        np.testing.assert_allclose(grown.fold_B_[:, :-1, -1], sim.fold_B_[:, :, 3], atol=1e-6)
+    curriculum = [["new", "x1", "x2", "x3"], ["x3", "x4", "x5", "x6"]]
+    band = grown.simulate_interval([curriculum], np.r_[run.initial_loss, 1.5])[0]
+    assert np.isfinite(band.upper).all() and (band.width[1:, -1] > 0).all()
+    loo = leave_one_out(grown, curriculum, None, "nt")
+    assert "new" in loo.train_ids and (loo.lower <= loo.effects).all()
+    # no residuals were recorded for "nt": the interval of a mean over it is unbounded
+    assert grown.objective_interval(band.lower, np.array([M - 1]))[1] == np.inf
+
+
+# -- the command line -------------------------------------------------------------------------
+def test_cli_fit_simulate_new_examples(tmp_path, capsys) -> None:
+    runs, _ = featurized_runset()
+    save_runset(runs, tmp_path / "set")
+    model = str(tmp_path / "h.npz")
+    assert main(["fit", str(tmp_path / "set"), "--method", "hybrid", "-o", model]) == 0
+    np.savez(tmp_path / "new.npz", ids=np.array(["n1", "nt"]), vectors=np.ones((2, 3)))
+    (tmp_path / "c.json").write_text(json.dumps([["n1", "x2"], ["x5", "n1"]]))
+    init = {t: 1.0 for t in runs.test_ids} | {"nt": 2.0}
+    (tmp_path / "init.json").write_text(json.dumps(init))
+    out = tmp_path / "p.json"
+    args = ["simulate", model, "--curriculum", str(tmp_path / "c.json"), "-o", str(out)]
+    assert main(args) == 2
+    assert "unknown training id 'n1'" in capsys.readouterr().err
+    args += ["--features", str(tmp_path / "new.npz"), "--initial-loss", str(tmp_path / "init.json")]
+    assert main(args) == 0
+    assert "added 1 new training and 1 new test examples" in capsys.readouterr().out
+    predicted = json.loads(out.read_text())
+    assert predicted["test_ids"][-1] == "nt" and predicted["loss"][0][-1] == 2.0
+
+
+def test_cli_attribute_optimize_report_with_featurized_models(tmp_path, capsys) -> None:
+    runs, _ = featurized_runset(reserved=10)
+    save_runset(runs, tmp_path / "set")
+    model = str(tmp_path / "f.npz")
+    assert main(["fit", str(tmp_path / "set"), "--method", "featurized", "-o", model]) == 0
+    printed = capsys.readouterr().out
+    assert "feature directions" in printed and "calibrated predictive intervals" in printed
+    np.savez(tmp_path / "new.npz", ids=np.array(["n1"]), vectors=np.full((1, 3), 2.0))
+    (tmp_path / "c.json").write_text(json.dumps([["n1", "x2"], ["x5", "x55"]] * 3))
+    json_out = tmp_path / "a.json"
+    args = ["attribute", model, "--test", "z0", "--curriculum", str(tmp_path / "c.json")]
+    args += ["--features", str(tmp_path / "new.npz"), "--json", str(json_out)]
+    assert main(args) == 0
+    effects = {
+        e["train_id"]: e for e in json.loads(json_out.read_text())["leave_one_out"]["effects"]
+    }
+    assert {"n1", "x55"} <= set(effects)  # a new example and one no run consumed
+    assert {"lower", "upper", "interval_includes_zero"} <= set(effects["n1"])  # with intervals
+    best, figures = tmp_path / "best.json", tmp_path / "search.json"
+    args = ["optimize", model, "--size", "12", "--max-seconds", "2", "-o", str(best)]
+    args += ["--runs", str(tmp_path / "set"), "--json", str(figures)]
+    assert main(args) == 0
+    assert "interval" in capsys.readouterr().out
+    assert len(json.loads(best.read_text())) == 3
+    search = json.loads(figures.read_text())
+    assert search["interval"][0] <= search["predicted"] <= search["interval"][1]
+    html = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "set"), "--methods", "hybrid,mean", "-o", str(html)]) == 0
+    assert "hybrid" in html.read_text()
