@@ -14,7 +14,11 @@ test examples no run recorded).
 * **new test examples** (`--new-tests N`): N test examples (seeded) are removed from the fitted
   run set; the simulators learn from the others, then `extend` adds the N from their features
   and each held-out run's recorded loss before training. Baseline: the *average test example*,
-  ``L_t = L_0 * mean over the fitted test examples and training runs of L_t / L_0``.
+  ``L_t = L_0 * mean over the fitted test examples and training runs of L_t / L_0``. Also the
+  coverage of their 90% intervals (which borrow the recorded test examples' median scale).
+
+The held-out table has every method's 90% interval coverage and width (`evaluate`'s intervals);
+``featurized-static`` and ``hybrid-static`` in `--methods` are the models without the drift.
 
 Prints markdown tables and writes everything as JSON (`--out`).
 """
@@ -40,11 +44,21 @@ from simfluence.runlog.runs import Run, RunSet
 from simfluence.simulators import configure_simulator
 from simfluence.simulators.truth import TRUTH_FILE
 
+#: suffix of a method name that asks for its static variant (``time_varying=False``)
+STATIC = "-static"
+
+
+def _configure(name: str, **options: object):  # type: ignore[no-untyped-def]
+    """``featurized-static`` / ``hybrid-static``: the method without the drift over training."""
+    if name.endswith(STATIC):
+        return configure_simulator(name[: -len(STATIC)], time_varying=False, **options)
+    return configure_simulator(name, **options)
+
 
 def held_out(runs: RunSet, methods: list[str], holdout: int) -> dict:  # type: ignore[type-arg]
     truth = str(Path(runs.source or ".") / TRUTH_FILE)  # the oracle of synthetic run sets
-    simulators = {name: configure_simulator(name, unseen="prior", path=truth) for name in methods}
-    result = evaluate(runs, simulators, holdout)
+    simulators = {name: _configure(name, unseen="prior", path=truth) for name in methods}
+    result = evaluate(runs, simulators, holdout)  # with 90% intervals: coverage and width
     print(format_table(result))
     split = format_unseen_table(result)
     if split:
@@ -76,7 +90,7 @@ def compare_kinds(runs: RunSet, kinds: list[str], holdout: int) -> dict:  # type
     for kind, features in workload_kinds(runs, kinds).items():
         runs.features = features
         simulators = {name: configure_simulator(name) for name in ("featurized", "hybrid")}
-        result = evaluate(runs, simulators, holdout)
+        result = evaluate(runs, simulators, holdout, intervals=False)
         out[kind] = {
             "extraction_seconds": features.metadata["seconds"],
             "dim": features.metadata["dim"],
@@ -112,9 +126,10 @@ def new_tests(runs: RunSet, count: int, holdout: int, seed: int = 0) -> dict:  #
     ratio = np.mean([r.losses / r.losses[0] for r in fitted.runs], axis=(0, 2))  # (T + 1,)
     out = {"new_test_ids": [runs.test_ids[j] for j in new], "methods": {}}
     predictions = {"average test example": [r.losses[0, new] * ratio[:, None] for r in held.runs]}
+    coverage = {}
     for name in ("featurized", "hybrid"):
         start = time.perf_counter()
-        sim = configure_simulator(name, unseen="prior").fit(fitted)
+        sim = configure_simulator(name, unseen="prior").fit(fitted).calibrate(fitted)
         grown = sim.extend(
             test_ids=[runs.test_ids[j] for j in new],
             test_features=runs.features.test[new],
@@ -127,8 +142,17 @@ def new_tests(runs: RunSet, count: int, holdout: int, seed: int = 0) -> dict:  #
         predictions[name] = [s[:, len(old) :] for s in simulated]
         out["methods"][name] = {"test_map_loo": grown.test_map_loo_}
         out["methods"][name]["fit_seconds"] = time.perf_counter() - start
-    lines = ["| method (new test examples) | all-steps MSE | final-step MSE | final Spearman |"]
-    lines.append("|---|---|---|---|")
+        # their intervals borrow the recorded test examples' median scale (not calibrated)
+        bands = [grown.interval_of(s) for s in simulated]
+        coverage[name] = metrics.interval_coverage(
+            true, [b.lower[:, len(old) :] for b in bands], [b.upper[:, len(old) :] for b in bands]
+        )
+        out["methods"][name]["coverage_90"] = coverage[name]
+    lines = [
+        "| method (new test examples) | all-steps MSE | final-step MSE | final Spearman | "
+        "coverage 90% |"
+    ]
+    lines.append("|---|---|---|---|---|")
     for name, pred in predictions.items():
         scores = {
             "all_steps_mse": metrics.all_steps_mse(true, pred).mean,
@@ -136,9 +160,10 @@ def new_tests(runs: RunSet, count: int, holdout: int, seed: int = 0) -> dict:  #
             "final_step_spearman": metrics.final_step_spearman(true, pred).mean,
         }
         out["methods"].setdefault(name, {}).update(scores)
+        cover = f"{coverage[name]:.3f}" if name in coverage else "-"
         lines.append(
             f"| `{name}` | {scores['all_steps_mse']:.4g} | {scores['final_step_mse']:.4g} | "
-            f"{scores['final_step_spearman']:.3f} |"
+            f"{scores['final_step_spearman']:.3f} | {cover} |"
         )
     print("\n".join(lines))
     return out
@@ -148,8 +173,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory")
     parser.add_argument("--holdout", type=int, default=None, help="default: about 5 in 32")
-    parser.add_argument("--methods", default="linear,featurized,hybrid,mean")
-    parser.add_argument("--kinds", default="", help="feature kinds to compare (run sets recorded by `simfluence record` only)")
+    parser.add_argument(
+        "--methods",
+        default="linear,featurized,hybrid,mean",
+        help="comma-separated; featurized-static, hybrid-static: without the drift over training",
+    )
+    parser.add_argument(
+        "--kinds",
+        default="",
+        help="feature kinds to compare (run sets recorded by `simfluence record` only)",
+    )
     parser.add_argument("--new-tests", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -448,6 +448,9 @@ def test_save_load_and_extend_with_intervals(noisy: tuple, method: str, tmp_path
     curriculum = [["new", "x1", "x2", "x3"], ["x3", "x4", "x5", "x6"]]
     band = grown.simulate_interval([curriculum], np.r_[run.initial_loss, 1.5])[0]
     assert np.isfinite(band.upper).all() and (band.width[1:, -1] > 0).all()
+    # its scale: recorded test examples simulated as if never recorded, wider than their own
+    np.testing.assert_array_equal(grown.calibration_scale_[:, -1], sim.new_test_scale_)
+    assert (sim.new_test_scale_[1:] > np.median(sim.calibration_scale_[1:], axis=1)).mean() > 0.5
     loo = leave_one_out(grown, curriculum, None, "nt")
     assert "new" in loo.train_ids and (loo.lower <= loo.effects).all()
     # no residuals were recorded for "nt": the interval of a mean over it is unbounded

@@ -51,6 +51,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.features import ExampleFeatures
 from simfluence.runlog.runs import RunSet
+from simfluence.simulators import intervals
 from simfluence.simulators.base import Simulator, soft_floor
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout_drifting
 from simfluence.simulators.encoding import encode_runs
@@ -194,10 +195,8 @@ def fit_test_map(
         the rows of directions left out are zero.
     """
     M = len(psi)
-    W = np.zeros((psi.shape[1], coef.shape[1]))
-    W[0] = coef.mean(axis=0)
     if M < 3 or psi.shape[1] == 1:
-        return W, np.inf, 1.0
+        return ridge_map(psi, coef, weights, 0, np.inf), np.inf, 1.0
     scaled = coef * np.sqrt(weights)
     center = scaled.mean(axis=0)
     Y = scaled - center
@@ -213,13 +212,45 @@ def fit_test_map(
             loo = float((((Y - fitted) / (1.0 - leverage)[:, None]) ** 2).sum())
             best = min(best, (loo, dim, gamma))
     error, dim, gamma = best
-    if dim:
+    return ridge_map(psi, coef, weights, dim, gamma), float(gamma), error / max(baseline, 1e-300)
+
+
+def ridge_map(
+    psi: np.ndarray, coef: np.ndarray, weights: np.ndarray, dim: int, gamma: float
+) -> np.ndarray:
+    """The ``(K', C)`` map of `fit_test_map` for a given number of directions `dim` and ridge
+    strength `gamma` (0 directions: every test example gets the average coefficients)."""
+    W = np.zeros((psi.shape[1], coef.shape[1]))
+    W[0] = coef.mean(axis=0)
+    if dim and np.isfinite(gamma):
+        scaled = coef * np.sqrt(weights)
+        center = scaled.mean(axis=0)
         means = psi[:, 1 : dim + 1].mean(axis=0)
         X = psi[:, 1 : dim + 1] - means
-        slope = np.linalg.solve(X.T @ X + gamma * np.eye(dim), X.T @ Y)
+        slope = np.linalg.solve(X.T @ X + gamma * np.eye(dim), X.T @ (scaled - center))
         W[1 : dim + 1] = slope / np.sqrt(weights)
         W[0] = (center - means @ slope) / np.sqrt(weights)
-    return W, float(gamma), error / max(baseline, 1e-300)
+    return W
+
+
+def map_directions(W: np.ndarray) -> int:
+    """The number of feature directions a map of `fit_test_map` uses (its nonzero rows)."""
+    used = np.flatnonzero(np.any(W[1:] != 0, axis=1))
+    return int(used[-1]) + 1 if used.size else 0
+
+
+def leave_one_out_coefficients(
+    psi: np.ndarray, coef: np.ndarray, weights: np.ndarray, dim: int, gamma: float
+) -> np.ndarray:
+    """``(M, C)``: each test example's coefficients as `ridge_map` predicts them from the
+    other test examples (the same `dim` and `gamma`): how a test example that no run recorded
+    would be simulated."""
+    everyone = np.arange(len(psi))
+    out = np.empty_like(coef)
+    for j in everyone:
+        others = everyone != j
+        out[j] = psi[j] @ ridge_map(psi[others], coef[others], weights, dim, gamma)
+    return out
 
 
 # -- shared machinery -------------------------------------------------------------------------
@@ -253,9 +284,10 @@ class _FeatureEffects(DynamicsSimulator):
 
     Intervals (`calibrate`, `simulate_interval`) are those of every simulator; the copies
     fitted in calibration keep the chosen ``k`` and ridge strengths (no nested
-    cross-validation). Test examples added by `extend` have no held-out residuals: their
-    intervals borrow the median scale of the recorded test examples at each step (not
-    calibrated: nothing was measured for them), and intervals of means over them are infinite.
+    cross-validation). Test examples added by `extend` have no held-out residuals of their
+    own: their intervals take the per-step scale ``new_test_scale_`` ``(T_max + 1,)``, measured
+    in calibration on the recorded test examples simulated as if never recorded
+    (`_new_test_scale`), and the interval of a mean over them is unbounded.
     """
 
     #: fitting needs ``runs.features`` (the demo and benchmarks compute them when missing)
@@ -369,15 +401,58 @@ class _FeatureEffects(DynamicsSimulator):
             soft_floor(traj[1:], self.floor_, self.floor_width_)
         return all_steps_mse([r.losses for r in runs.runs], simulated).mean
 
-    def _fit_test_map(self) -> None:
+    def _test_map_weights(self) -> np.ndarray:
+        """``(2J,)``: the variance of the feature each coefficient multiplies (`fit_test_map`)."""
         variance = np.concatenate([[1.0], self.features_[:, 1:].var(axis=0)])
         per_coef = np.tile(variance, self.coef_A_.shape[1] // len(variance))
+        return np.concatenate([per_coef, per_coef])
+
+    def _fit_test_map(self) -> None:
         coef = np.hstack([self.coef_A_, self.coef_B_])
         self.test_map_, self.test_map_l2_, self.test_map_loo_ = fit_test_map(
-            self.test_features_, coef, np.concatenate([per_coef, per_coef])
+            self.test_features_, coef, self._test_map_weights()
         )
 
     # calibration ----------------------------------------------------------------------------
+    def calibrate(self, runs: RunSet, n_folds: int = 5) -> Self:
+        """`Simulator.calibrate`, and the scale of the intervals of test examples that `extend`
+        adds (``new_test_scale_``, see `_new_test_scale`)."""
+        super().calibrate(runs, n_folds)
+        self.new_test_scale_ = self._new_test_scale(runs, n_folds)
+        return self
+
+    def _new_test_scale(self, runs: RunSet, n_folds: int) -> np.ndarray | None:
+        """``(T_max + 1,)``: the per-step scale of the held-out residuals of test examples
+        simulated as if no run had recorded them. In each calibration fold every recorded test
+        example gets the coefficients that the fold copy's test map predicts for it from the
+        other test examples (`leave_one_out_coefficients`), and the fold's held-out runs are
+        rolled out; the median over test examples of `intervals.scales`. None without fold
+        copies."""
+        fold_A, fold_B = getattr(self, "fold_coef_A_", None), getattr(self, "fold_coef_B_", None)
+        folds = run_folds(runs, min(n_folds, len(runs.runs)))
+        if fold_A is None or fold_B is None or len(fold_A) != len(folds):
+            return None
+        J, dim = self.coef_A_.shape[1], map_directions(self.test_map_)
+        true: list[np.ndarray] = []
+        simulated: list[np.ndarray] = []
+        for (_, held), coef_A, coef_B in zip(folds, fold_A, fold_B, strict=True):
+            coef = leave_one_out_coefficients(
+                self.test_features_,
+                np.hstack([coef_A, coef_B]),
+                self._test_map_weights(),
+                dim,
+                self.test_map_l2_,
+            )
+            A, B, A1, B1 = self._effects(coef[:, :J], coef[:, J:], self.features_)
+            counts = encode_runs(held, self.batch_size_, self.batch_weighting)
+            initial = np.stack([r.initial_loss for r in held.runs])
+            slopes = None if B1 is None else (A1, B1)
+            for traj in rollout_drifting(counts, A, B, slopes, self.time_scale_, initial):
+                soft_floor(traj[1:], self.floor_, self.floor_width_)
+                simulated.append(traj)
+            true += [r.losses for r in held.runs]
+        return np.median(intervals.scales(intervals.residual_table(true, simulated)), axis=1)
+
     def _keep_fold_copies(self, copies: list[Simulator]) -> None:
         super()._keep_fold_copies(copies)
         usable = [c for c in copies if isinstance(c, _FeatureEffects)]
@@ -491,7 +566,10 @@ class _FeatureEffects(DynamicsSimulator):
             missing = np.full((*residuals.shape[:2], len(initial)), np.nan, residuals.dtype)
             self.calibration_residuals_ = np.concatenate([residuals, missing], axis=2)
             scale = np.asarray(self.calibration_scale_)
-            typical = np.repeat(np.median(scale, axis=1, keepdims=True), len(initial), axis=1)
+            typical = getattr(self, "new_test_scale_", None)
+            if typical is None:  # calibrated without fold copies: a typical recorded example
+                typical = np.median(scale, axis=1)
+            typical = np.repeat(np.asarray(typical)[:, None], len(initial), axis=1)
             self.calibration_scale_ = np.hstack([scale, typical])
 
     def _current_effects(self) -> Effects:
