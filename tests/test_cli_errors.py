@@ -65,11 +65,13 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("{synth} --method tracin-cp -o {root}/m.npz", "not recorded by `simfluence record`"),
         ("{digits} --method grad-dot -o {root}/m.npz", "no saved checkpoints"),
         ("{synth} --method linear", "-o/--output"),
+        ("{digits} --method featurized -o {root}/m.npz", "the run set has no example features"),
     ],
     "simulate": [
         ("{root}/none.npz --curriculum x -o {root}/p.json", "no such simulator file"),
         ("{model} --curriculum {curriculum} -o {root}/p.json", "unknown training id 'no-such-id'"),
         ("{model} -o {root}/p.json", "either --curriculum FILE or --runs DIR --run RUN_ID"),
+        ("{model} --features {root}/f.npz --curriculum x -o {root}/p.json", "cannot take new"),
         ("{model} --runs {synth} --run run-9999 -o {root}/p.json", "run-9999"),
     ],
     "evaluate": [
@@ -93,6 +95,15 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("{digits} --lr 0.5", "holds a recording with a different config (lr: 0.1 there"),
         ("{synth}", "holds a run set that was not recorded by `simfluence record`"),
         ("{root}/r --runs 0", "must be at least 1"),
+    ],
+    "features": [
+        ("{root}/missing", "no such run-set directory"),
+        ("{synth}", "was not recorded by `simfluence record`"),
+        ("{digits} --kind sideways", "has no feature kind 'sideways'"),
+        ("{digits} --task newsgroups-minilm", "is task 'newsgroups-minilm', but"),
+        ("{digits} --task nope:Task", "no module named 'nope'"),
+        ("{synth} --from {root}/none.npz", "no such feature file"),
+        ("{synth} --from {curriculum}", "feature files must be .npz or .parquet"),
     ],
     "demo": [("--task nope --out {root}/d", "unknown task 'nope'")],
     "validate": [

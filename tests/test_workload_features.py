@@ -124,3 +124,38 @@ def test_validate_refits_featurized_simulators(reserved: Path) -> None:
     scores = result["kinds"]["random"]["methods"]
     assert set(scores) == {"hybrid", "featurized"}
     assert all(np.isfinite(s["all_steps_mse"]) for s in scores.values())
+
+
+def test_resuming_a_reserved_recording_keeps_its_protocol(tmp_path: Path) -> None:
+    task = get_workload("digits-mlp")
+    small = {**TINY, "runs": 3, "pool": 20, "per_run": 8}
+    record_runs(task, tmp_path / "r", progress=False, reserve=0.25, reserve_from=2, **small)
+    # resumed with more runs and no --reserve: the recorded share and first held-out run stay
+    runs = record_runs(task, tmp_path / "r", progress=False, runs=4)
+    config = runs.metadata["config"]
+    assert config["reserve"] == 0.25 and config["reserve_from"] == 2 and len(runs.runs) == 4
+    with pytest.raises(SimfluenceError, match="different config"):
+        record_runs(task, tmp_path / "r", progress=False, reserve=0.5)
+
+
+def test_features_of_a_task_from_a_file_are_found_through_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`simfluence features` rebuilds the run set's own task (issue 8's task references), and
+    `--task` points at it when the stored reference no longer works."""
+    source = tmp_path / "mytask.py"
+    source.write_text(
+        "from simfluence.recording.workloads.digits_mlp import DigitsMLPTask\n\n\n"
+        "class MyDigits(DigitsMLPTask):\n    name = 'my-digits'\n"
+    )
+    directory = tmp_path / "runs"
+    args = "--runs 2 --pool 20 --per-run 8 --tests 5 --batch 4 --epochs 1 --checkpoints none"
+    assert main(["record", str(directory), "--task", f"{source}:MyDigits", *args.split()]) == 0
+    assert main(["features", str(directory), "--kind", "embedding"]) == 0
+    assert "(embedding" in capsys.readouterr().out
+    assert load_runset(directory).features.metadata["source"] == "task my-digits"
+    moved = tmp_path / "moved.py"
+    source.rename(moved)
+    assert main(["features", str(directory)]) == 2
+    assert "--task" in capsys.readouterr().err
+    assert main(["features", str(directory), "--task", f"{moved}:MyDigits"]) == 0

@@ -290,7 +290,12 @@ def format_table(result: EvaluationResult) -> str:
             ]
         rows.append(row)
     rows += [[name, "failed", *["-"] * (len(header) - 2)] for name in result.failed]
-    return _aligned(rows)
+    lines = [_aligned(rows)]
+    lines += [f"warning: {w}" for method in result.methods.values() for w in method.warnings]
+    lines += [
+        f"failed: {name}: {failure_message(exc, name)}" for name, exc in result.failed.items()
+    ]
+    return "\n".join(lines)
 
 
 def format_unseen_table(result: EvaluationResult) -> str:
@@ -322,8 +327,4 @@ def _aligned(rows: list[list[str]]) -> str:
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += [f"warning: {w}" for method in result.methods.values() for w in method.warnings]
-    lines += [
-        f"failed: {name}: {failure_message(exc, name)}" for name, exc in result.failed.items()
-    ]
     return "\n".join(lines)

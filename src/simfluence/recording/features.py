@@ -190,9 +190,7 @@ def write_features(
             raise
         raise SimfluenceError(f"task {task_label(task)!r}: {exc}") from None
     if pool.ids != runs.train_ids or tests.ids != runs.test_ids:
-        raise SimfluenceError(
-            f"task {task_label(task)!r} does not rebuild the ids of {directory}"
-        )
+        raise SimfluenceError(f"task {task_label(task)!r} does not rebuild the ids of {directory}")
     model = task.make_model(config["seed"])
     features = workload_features(task, pool, tests, model, kind, dim)
     save_features(Path(directory), features, runs.train_ids, runs.test_ids)
