@@ -507,3 +507,36 @@ def test_cli_attribute_optimize_report_with_featurized_models(tmp_path, capsys) 
     html = tmp_path / "r.html"
     assert main(["report", str(tmp_path / "set"), "--methods", "hybrid,mean", "-o", str(html)]) == 0
     assert "hybrid" in html.read_text()
+
+
+@pytest.mark.parametrize("method", ["featurized", "hybrid"])
+def test_zero_weight_removal_with_drifting_effects_makes_the_consumptions_neutral(
+    method: str,
+) -> None:
+    """Issue 11's zero-weight removal moves the consumptions to a neutral column; with effects
+    that drift over training the neutral column must not drift either."""
+    from simfluence.counterfactual.attribution import removal_effects
+
+    runs, _ = featurized_runset(drift=True, noise=0.01)
+    sim = make_simulator(method).fit(runs)
+    assert sim.B_slope_ is not None
+    run = runs.runs[0]
+    target = run.curriculum[1][2]
+    columns = np.arange(len(runs.test_ids))
+    effect = removal_effects(
+        sim, run.curriculum, run.initial_loss, columns, [[target]], "zero-weight"
+    )
+    neutral = copy.deepcopy(sim)
+    k = runs.train_ids.index(target)
+    neutral.A_ = sim.A_.copy()
+    neutral.A_[:, k] = 1.0 / sim.batch_size_
+    neutral.B_ = sim.B_.copy()
+    neutral.B_[:, k] = 0.0
+    neutral.B_slope_ = sim.B_slope_.copy()
+    neutral.B_slope_[:, k] = 0.0
+    if sim.A_slope_ is not None:
+        neutral.A_slope_ = sim.A_slope_.copy()
+        neutral.A_slope_[:, k] = 0.0
+    with_it = sim.simulate(run.curriculum, run.initial_loss)[-1]
+    without = neutral.simulate(run.curriculum, run.initial_loss)[-1]
+    np.testing.assert_allclose(effect[0], with_it - without, atol=1e-9)

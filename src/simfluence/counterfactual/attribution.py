@@ -22,7 +22,7 @@ from scipy import sparse
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, normalize_curriculum
 from simfluence.simulators.base import Simulator, soft_floor
-from simfluence.simulators.dynamics import DynamicsSimulator, step_times
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout_drifting, step_times
 
 SIGN_CONVENTION = (
     "effect = L_T(with) - L_T(without): negative = consuming it lowered the final loss (helpful)"
@@ -174,8 +174,17 @@ def _zero_weight_effects(
     if simulator.A_ is not None:
         prior = 1.0 / simulator.batch_size_
         A = np.hstack([simulator.A_[columns], np.full((len(columns), 1), prior)])
-    start = np.broadcast_to(initial[columns], (len(edited), len(columns)))
-    finals = np.stack([t[-1] for t in rollout(edited, A, B, np.ascontiguousarray(start))])
+    slopes = None
+    if simulator.B_slope_ is not None:  # time-varying effects (featurized, hybrid): the neutral
+        zero = np.zeros((len(columns), 1))  # column does not drift
+        A_slope = simulator.A_slope_
+        slopes = (
+            None if A_slope is None else np.hstack([A_slope[columns], zero]),
+            np.hstack([simulator.B_slope_[columns], zero]),
+        )
+    start = np.ascontiguousarray(np.broadcast_to(initial[columns], (len(edited), len(columns))))
+    trajectories = rollout_drifting(edited, A, B, slopes, simulator.time_scale_, start)
+    finals = np.stack([t[-1] for t in trajectories])
     return finals[0] - finals[1:]
 
 
