@@ -76,12 +76,11 @@ def held_out(runs: RunSet, methods: list[str], holdout: int) -> dict:  # type: i
 
 def workload_kinds(runs: RunSet, kinds: list[str]) -> dict[str, ExampleFeatures]:
     from simfluence.recording.features import workload_features
-    from simfluence.recording.tasks import task_for_runset
+    from simfluence.recording.tasks import prepare_for_runset, task_for_runset
 
-    config = runs.metadata["config"]
     task = task_for_runset(runs)
-    pool, tests = task.prepare(config["pool"], config["tests"], config["seed"])
-    model = task.make_model(config["seed"])
+    pool, tests = prepare_for_runset(task, runs)
+    model = task.make_model(runs.metadata["config"]["seed"])
     return {kind: workload_features(task, pool, tests, model, kind, 2048) for kind in kinds}
 
 

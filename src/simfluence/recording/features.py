@@ -169,7 +169,7 @@ def write_features(
     Raises `SimfluenceError` (one line) when the task cannot be rebuilt or does not rebuild the
     ids, or for a kind the task does not offer.
     """
-    from simfluence.recording.tasks import task_for_runset
+    from simfluence.recording.tasks import prepare_for_runset, task_for_runset
 
     runs = load_runset(directory)
     if task is None or isinstance(task, str):
@@ -177,20 +177,8 @@ def write_features(
             task = task_for_runset(runs, task)
         except SimfluenceError as exc:
             raise SimfluenceError(f"{exc}; or supply features with --from FILE") from None
-    config = runs.metadata.get("config") or {}
-    try:
-        pool, tests = task.prepare(config["pool"], config["tests"], config["seed"])
-    except KeyError as exc:
-        raise SimfluenceError(
-            f"{directory}: its manifest has no {exc} in its config; supply features with "
-            "--from FILE"
-        ) from None
-    except ValueError as exc:
-        if isinstance(exc, SimfluenceError):
-            raise
-        raise SimfluenceError(f"task {task_label(task)!r}: {exc}") from None
-    if pool.ids != runs.train_ids or tests.ids != runs.test_ids:
-        raise SimfluenceError(f"task {task_label(task)!r} does not rebuild the ids of {directory}")
+    pool, tests = prepare_for_runset(task, runs)
+    config = runs.metadata["config"]
     model = task.make_model(config["seed"])
     features = workload_features(task, pool, tests, model, kind, dim)
     save_features(Path(directory), features, runs.train_ids, runs.test_ids)
