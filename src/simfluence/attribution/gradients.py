@@ -157,9 +157,14 @@ class FunctionalLoss:
         return tensor
 
     def _inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inputs on the parameters' device (and in `dtype`, when one was given)."""
+        device = self.theta.device
         if self.dtype is None:
-            return dict(inputs)
-        return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+            return {k: v.to(device) for k, v in inputs.items()}
+        return {
+            k: (v.to(device, self.dtype) if v.is_floating_point() else v.to(device))
+            for k, v in inputs.items()
+        }
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flat ``(D,)`` vector -> ``{"model.<name>": tensor}`` (views; works under vmap)."""
@@ -362,5 +367,5 @@ def per_example_gradients(
     if not chunks:
         fl = FunctionalLoss(task, model, checkpoint, dtype)
         width = projection.k if projection is not None else fl.dim
-        return torch.zeros(0, width, dtype=fl.theta.dtype)
+        return torch.zeros(0, width, dtype=fl.theta.dtype, device=fl.theta.device)
     return torch.cat(chunks)

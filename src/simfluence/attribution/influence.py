@@ -198,12 +198,16 @@ def batched_minres(
 
 
 def _dense_matrix(
-    matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, dtype: torch.dtype, block: int
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    dtype: torch.dtype,
+    block: int,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    mat = torch.empty(dim, dim, dtype=dtype)
+    mat = torch.empty(dim, dim, dtype=dtype, device=device)
     for start in range(0, dim, block):
         stop = min(start + block, dim)
-        eye = torch.zeros(stop - start, dim, dtype=dtype)
+        eye = torch.zeros(stop - start, dim, dtype=dtype, device=device)
         eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
         mat[start:stop] = matvec(eye)
     return 0.5 * (mat + mat.T)
@@ -275,7 +279,9 @@ def influence_scores(
                 task, model, checkpoint, examples, chunk_size=chunk_size, loss=fl
             )
         ]
-        return torch.cat(chunks) if chunks else torch.zeros(0, fl.dim, dtype=fl.theta.dtype)
+        if chunks:
+            return torch.cat(chunks)
+        return torch.zeros(0, fl.dim, dtype=fl.theta.dtype, device=fl.theta.device)
 
     if curvature == "fisher":
         fisher_grads = grads(h_examples)
@@ -294,7 +300,9 @@ def influence_scores(
 
     test_grads = grads(tests)  # (n_test, D)
     if method == "dense":
-        mat = _dense_matrix(damped_mv, fl.dim, fl.theta.dtype, max(vector_chunk, 1))
+        mat = _dense_matrix(
+            damped_mv, fl.dim, fl.theta.dtype, max(vector_chunk, 1), fl.theta.device
+        )
         solved = torch.linalg.solve(mat, test_grads.T).T
     else:
         solver = batched_cg if method == "cg" else batched_minres
@@ -303,5 +311,5 @@ def influence_scores(
     for start, g in iter_per_example_gradients(
         task, model, checkpoint, pool, chunk_size=chunk_size, loss=fl
     ):
-        out[:, start : start + g.shape[0]] = (solved @ g.T).to(torch.float64)
+        out[:, start : start + g.shape[0]] = (solved @ g.T).to("cpu", torch.float64)
     return (-(lr / batch_size) * out).numpy()

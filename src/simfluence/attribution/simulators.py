@@ -52,6 +52,7 @@ import scipy.linalg
 import torch
 
 from simfluence.errors import SimfluenceError
+from simfluence.recording.devices import resolve_device
 from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset, task_for_runset
@@ -80,6 +81,8 @@ class GradientSimulator(DynamicsSimulator):
         task: a task reference (`resolve_task`) to use instead of the one the run set's
             manifest stores (e.g. the task's file moved); the recorded constructor arguments
             are kept.
+        device: where gradients are computed: ``cpu`` (default), ``auto``, ``cuda``, ``cuda:K``
+            (``B_`` always ends on the CPU as float64).
 
     Learned attributes: ``B_`` (M, P), ``A_`` None, ``scale_`` (1.0 unless scaled),
     ``runs_used_``, ``checkpoint_steps_`` (per run used), ``warnings_`` (list of str: e.g. the
@@ -102,8 +105,10 @@ class GradientSimulator(DynamicsSimulator):
         unseen: str = "error",
         batch_weighting: str = "mean",
         task: str | None = None,
+        device: str = "cpu",
     ) -> None:
         super().__init__(unseen=unseen, batch_weighting=batch_weighting)
+        self.device = device
         self.scaled = scaled
         self.max_runs = max_runs
         self.projection_dim = projection_dim
@@ -153,7 +158,7 @@ class GradientSimulator(DynamicsSimulator):
         task, config = self._task(runs)
         pool, tests = prepare_for_runset(task, runs)
         self.warnings_ = optimizer_warnings(self.name, config.get("optimizer"))
-        model = task.make_model(config["seed"])
+        model = task.make_model(config["seed"]).to(resolve_device(self.device))
         used = runs.runs[: self.max_runs] if self.max_runs else runs.runs
         directory = self.checkpoints_dir or runs.source
         if directory is None:
@@ -225,7 +230,7 @@ class GradientSimulator(DynamicsSimulator):
 
 
 def is_plain_sgd(optimizer: Mapping[str, Any]) -> bool:
-    """Whether a recorded optimizer (`simfluence.recording.runner.optimizer_spec`) is SGD
+    """Whether a recorded optimizer (`simfluence.recording.optim.optimizer_spec`) is SGD
     without momentum, the optimizer the gradient formulas model."""
     return (
         optimizer.get("name") == "SGD"
@@ -299,6 +304,7 @@ class InfluenceSimulator(GradientSimulator):
         unseen: str = "error",
         batch_weighting: str = "mean",
         task: str | None = None,
+        device: str = "cpu",
         damping: float = 0.1,
         curvature: str = "fisher",
     ) -> None:
@@ -312,6 +318,7 @@ class InfluenceSimulator(GradientSimulator):
             unseen,
             batch_weighting,
             task,
+            device,
         )
         self.damping = damping
         self.curvature = curvature
@@ -352,8 +359,8 @@ class InfluenceSimulator(GradientSimulator):
         projection = self._projection()
         pool_grads = per_example_gradients(task, model, checkpoint, pool, projection=projection)
         test_grads = per_example_gradients(task, model, checkpoint, tests, projection=projection)
-        gram = (pool_grads @ pool_grads.T).double().numpy()
-        cross = (test_grads @ pool_grads.T).double().numpy()
+        gram = (pool_grads @ pool_grads.T).to("cpu", torch.float64).numpy()
+        cross = (test_grads @ pool_grads.T).to("cpu", torch.float64).numpy()
         n, dim = pool_grads.shape
         lam = self.damping * np.trace(gram) / n / dim
         factor = scipy.linalg.cho_factor(gram + n * lam * np.eye(n))

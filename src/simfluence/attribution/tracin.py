@@ -85,7 +85,7 @@ def gradient_similarity(
         [g for _, g in iter_per_example_gradients(task, model, checkpoint, tests, **kwargs)]
     )
     for start, g in iter_per_example_gradients(task, model, checkpoint, pool, **kwargs):
-        out[:, start : start + g.shape[0]] = (test_grads @ g.T).to(torch.float64)
+        out[:, start : start + g.shape[0]] = (test_grads @ g.T).to("cpu", torch.float64)
     return out
 
 

@@ -80,3 +80,48 @@ def load_json_object(text: str | None, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SimfluenceError(f"{what} {text!r}: expected a JSON object {{name: value}}")
     return value
+
+
+def add_execution_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--device``, ``--workers``, ``--threads`` and ``--ray [ADDRESS]`` for commands that
+    train (`what` says what the units of work are)."""
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train: auto (a GPU when there is one), cpu (default), cuda or cuda:K",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help=f"train {what} in N local processes at a time (default: one after another here)",
+    )
+    where.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=f"train {what} as Ray tasks: on a local Ray instance, or the cluster at ADDRESS "
+        "(needs pip install 'simfluence[ray]')",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per unit of work (default: 1 with --workers or --ray)",
+    )
+
+
+def backend_from_args(args: argparse.Namespace) -> Any:
+    """The `simfluence.backends` backend that ``--workers``/``--ray``/``--threads`` ask for."""
+    from simfluence.backends import SerialBackend, make_backend
+
+    gpus = 1 if str(args.device).startswith("cuda") else 0
+    if args.ray is not None:
+        spec = f"ray:{args.ray}" if args.ray else "ray"
+        return make_backend(spec, threads=args.threads or 1, gpus=gpus)
+    if args.workers is not None:
+        return make_backend(f"process:{args.workers}", threads=args.threads or 1)
+    return SerialBackend(args.threads)

@@ -142,15 +142,55 @@ def _add_simulator_options(p: argparse.ArgumentParser, unseen: str = "error") ->
         "its manifest no longer works (a built-in name, package.module:Class, "
         "path/to/file.py:Class or a plugin name; default: the stored one)",
     )
+    p.add_argument(
+        "--cv-tests",
+        type=positive_int,
+        default=None,
+        help="linear/additive: choose l2 on this many test examples drawn at random (default: "
+        "all; a few hundred rank l2 as well as thousands, for a fraction of the cost)",
+    )
+    p.add_argument(
+        "--shards",
+        type=positive_int,
+        default=None,
+        help="linear/additive: fit in this many shards of test examples (default: one per "
+        "worker with --workers or --ray)",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers", type=positive_int, default=None, help="fit the shards in N local processes"
+    )
+    where.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="fit the shards as Ray tasks, locally or on the cluster at ADDRESS",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="gradient methods: where gradients are computed (auto, cpu, cuda, cuda:K)",
+    )
 
 
 def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
+    backend = None
+    if args.ray is not None:
+        backend = f"ray:{args.ray}" if args.ray else "ray"
+    elif args.workers is not None:
+        backend = f"process:{args.workers}"
     return {
         "l2": args.l2,
         "loss_power": args.loss_power,
         "unseen": args.unseen,
         "path": str(Path(args.directory) / TRUTH_FILE),
         "task": args.task,
+        "cv_tests": args.cv_tests,
+        "test_shards": args.shards,
+        "backend": backend,
+        "device": args.device,
     }
 
 

@@ -7,7 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from simfluence.cli._args import TASK_HELP, add_task_option, load_json_object, positive_int
+from simfluence.cli._args import (
+    TASK_HELP,
+    add_execution_options,
+    add_task_option,
+    backend_from_args,
+    load_json_object,
+    positive_int,
+)
 from simfluence.errors import SimfluenceError
 
 _DEFAULT_TASK = "digits-mlp"
@@ -71,6 +78,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --reserve: runs with this index and above may draw the reserved examples "
         "(default: the last round(5 * runs / 32), the runs `evaluate` holds out by default)",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default=None,
+        help="the algorithm, over the parameters the task trains (default: the one DIRECTORY "
+        "was recorded with, else the task's own optimizer, plain SGD for the built-in ones); "
+        "stored in the run set's config",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="weight decay (default: 0 for SGD, 0.01 for AdamW)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        default=None,
+        help="learning-rate schedule after the warm-up (default: constant)",
+    )
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 0)")
+    p.add_argument(
+        "--adapter",
+        choices=["lora"],
+        default=None,
+        help="train LoRA adapters (PEFT) instead of the workload's top layers (smollm2-polarity)",
+    )
+    add_execution_options(p, "runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_record)
 
@@ -106,7 +141,14 @@ def cmd_record(args: argparse.Namespace) -> None:
         task_ref = (meta.get("task_spec") or {}).get("ref")
     else:
         task_ref = args.task or _DEFAULT_TASK
+        if args.adapter:
+            kwargs = {**kwargs, "adapter": args.adapter}
+            _check_accepts(task_ref, "adapter")
         task = resolve_task(task_ref, kwargs)
+    optimizer = _optimizer_spec(args)
+    if optimizer is None and meta.get("recorder") == RECORDER_NAME:  # resume as recorded
+        optimizer = _recorded_optimizer(meta, task)
+    backend = backend_from_args(args)
     options = {
         "runs": args.runs,
         "pool": args.pool,
@@ -127,6 +169,9 @@ def cmd_record(args: argparse.Namespace) -> None:
             task_ref=task_ref,
             reserve=args.reserve,
             reserve_from=args.reserve_from,
+            optimizer=optimizer,
+            device=args.device,
+            backend=backend,
             **options,
         )
     except KeyboardInterrupt:
@@ -144,5 +189,40 @@ def cmd_record(args: argparse.Namespace) -> None:
         f"(pool {config['pool']}, {config['tests']} test examples, "
         f"{config['optimizer']['name'] if 'optimizer' in config else 'SGD'} lr {config['lr']:g}"
         f"{f', checkpoints at steps {ckpt}' if ckpt else ', no checkpoints'}) in "
-        f"{seconds:.1f} s; wrote {args.directory}"
+        f"{seconds:.1f} s ({backend.name}); wrote {args.directory}"
     )
+
+
+def _optimizer_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The `OptimizerSpec` that --optimizer/--weight-decay/--schedule/--warmup ask for; None
+    when none is given (resuming keeps the recorded optimizer, else the task's own)."""
+    given = (args.optimizer, args.weight_decay, args.schedule, args.warmup)
+    if all(value is None for value in given):
+        return None
+    from simfluence.recording.optim import OptimizerSpec
+
+    return OptimizerSpec(
+        name=args.optimizer,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule or "constant",
+        warmup=0 if args.warmup is None else args.warmup,
+    )
+
+
+def _recorded_optimizer(meta: dict, task):  # type: ignore[no-untyped-def]
+    """The `OptimizerSpec` the resumed recording was made with (None: the task's own)."""
+    from simfluence.recording.optim import spec_from_config
+
+    config = meta.get("config") or {}
+    return spec_from_config(config, task, task.make_model(config.get("seed", 0)))
+
+
+def _check_accepts(task_ref: str, option: str) -> None:
+    """One-line error when the task's constructor has no `option` parameter."""
+    import inspect
+
+    from simfluence.recording.tasks import resolve_task_class
+
+    cls = resolve_task_class(task_ref)
+    if option not in inspect.signature(cls.__init__).parameters:
+        raise SimfluenceError(f"--{option}: task {task_ref!r} does not take this option")

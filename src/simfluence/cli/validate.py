@@ -12,7 +12,13 @@ import time
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic
-from simfluence.cli._args import add_task_option, comma_list, positive_int
+from simfluence.cli._args import (
+    add_execution_options,
+    add_task_option,
+    backend_from_args,
+    comma_list,
+    positive_int,
+)
 from simfluence.runlog import load_runset
 from simfluence.simulators import configure_simulator
 
@@ -79,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "machine's speed and load)",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    add_execution_options(p, "curricula")
     p.set_defaults(func=cmd_validate)
 
 
@@ -116,6 +123,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         search_seconds=args.search_seconds,
         max_examples=args.max_examples,
         groups=args.groups,
+        device=args.device,
+        backend=backend_from_args(args),
     )
     # the one non-deterministic key, last (the leave-one-out kinds' seconds are in it too)
     result["timing"] = {"seconds": time.perf_counter() - start, **result.pop("timing", {})}

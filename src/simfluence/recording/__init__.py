@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from simfluence.recording.devices import resolve_device
+from simfluence.recording.optim import OptimizerSpec, Schedule, optimizer_spec
 from simfluence.recording.recorder import Recorder, RecordingError
 from simfluence.recording.runner import (
     checkpoint_path,
     checkpoint_steps,
     load_checkpoint,
-    optimizer_spec,
     record_defaults,
     record_runs,
     run_id_for,
@@ -33,8 +34,10 @@ from simfluence.recording.tasks import (
 __all__ = [
     "Examples",
     "IdCollator",
+    "OptimizerSpec",
     "Recorder",
     "RecordingError",
+    "Schedule",
     "SimfluenceCallback",
     "Task",
     "TaskDefaults",
@@ -45,6 +48,7 @@ __all__ = [
     "prepare_for_runset",
     "record_defaults",
     "record_runs",
+    "resolve_device",
     "resolve_task",
     "resolve_task_class",
     "run_id_for",

@@ -75,8 +75,10 @@ class SimfluenceCallback(TrainerCallback):
 
     Args:
         collator: the `IdCollator` that the `Trainer` uses.
-        test_examples, loss_fn, test_ids, pool, directory, run_id, seed, metadata, chunk_size:
-            as for `Recorder` (``loss_fn(model, chunk) -> Tensor (n,)``).
+        test_examples, loss_fn, test_ids, pool, directory, run_id, seed, metadata, chunk_size,
+            device: as for `Recorder` (``loss_fn(model, chunk) -> Tensor (n,)``; by default
+            the test tensors go to the device the `Trainer` put the model on). A PEFT model
+            (LoRA adapters) is recorded like any other: ``loss_fn`` receives it.
 
     After training, `run` holds the recorded run (losses shape ``(T + 1, M)``), also written
     into `directory` when one was given. `recorder` gives the steps so far during training.
@@ -95,6 +97,7 @@ class SimfluenceCallback(TrainerCallback):
         seed: int | None = None,
         metadata: dict[str, Any] | None = None,
         chunk_size: int = 256,
+        device: str | None = None,
     ) -> None:
         if not isinstance(collator, IdCollator):
             raise SimfluenceError(
@@ -109,6 +112,7 @@ class SimfluenceCallback(TrainerCallback):
             "seed": seed,
             "metadata": metadata,
             "chunk_size": chunk_size,
+            "device": device,
         }
         self.test_examples = test_examples
         self.loss_fn = loss_fn

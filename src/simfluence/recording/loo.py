@@ -34,6 +34,7 @@ from simfluence import metrics
 from simfluence.counterfactual.attribution import removal_effects
 from simfluence.curricula import remove
 from simfluence.errors import SimfluenceError
+from simfluence.recording.optim import Schedule
 from simfluence.recording.runner import final_test_losses, torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
@@ -61,18 +62,31 @@ def actual_removal_effects(
     groups: Sequence[Sequence[str]],
     removal: str,
     progress: Progress | None = None,
+    config: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Retrain `run`'s curriculum once per group removed; ``(full (M,), effects (M, G))``.
 
     ``effects[:, g] = L_T(full) - L_T(without group g)`` from real training (seed and initial
-    model of the recording, so the full retrain reproduces the recorded run).
+    model of the recording, and its optimizer and schedule from the run set's `config`, so the
+    full retrain reproduces the recorded run).
     """
+    config = config or {}
+    schedule = Schedule.from_config(config.get("schedule"))
     wrap = progress or (lambda items, total: items)
     curriculum = run.curriculum
 
     def train(weights: list[list[float]] | None, batches: list[list[str]]) -> np.ndarray:
         return final_test_losses(
-            task, initial_model, pool, tests, batches, lr, run.seed, weights=weights
+            task,
+            initial_model,
+            pool,
+            tests,
+            batches,
+            lr,
+            run.seed,
+            weights=weights,
+            optimizer=config.get("optimizer"),
+            schedule=schedule,
         )
 
     with torch_threads(initial_model):
@@ -192,7 +206,16 @@ def validate_loo(
             all_groups = [[i] for i in singles] + lds_groups
             started = time.perf_counter()
             _, actual = actual_removal_effects(
-                task, initial_model, pool, tests, run, config["lr"], all_groups, removal, progress
+                task,
+                initial_model,
+                pool,
+                tests,
+                run,
+                config["lr"],
+                all_groups,
+                removal,
+                progress,
+                config,
             )
             truth_seconds += time.perf_counter() - started
             retrains += len(all_groups) + 1

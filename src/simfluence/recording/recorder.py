@@ -67,6 +67,7 @@ class Recorder:
         seed: int | None = None,
         metadata: dict[str, Any] | None = None,
         chunk_size: int = 256,
+        device: str | torch.device | None = None,
     ) -> None:
         """Check the inputs and score step 0 (the model before training).
 
@@ -85,6 +86,10 @@ class Recorder:
             seed: stored with the run (the seed that drew its curriculum, if any).
             metadata: stored with the run.
             chunk_size: test examples scored per forward pass.
+            device: where the test tensors go before ``loss_fn`` (an `Examples` or a dict of
+                tensors; other sequences are passed as they are). Default: the device of the
+                model's first parameter (the CPU for a model without parameters). Losses
+                always come back to the CPU as float64.
         """
         self.model = model
         self.loss_fn = loss_fn
@@ -94,6 +99,10 @@ class Recorder:
         if chunk_size < 1:
             raise RecordingError(f"chunk_size must be at least 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        if device is None:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
         self._examples = test_examples
         n_tests = _length(test_examples)
         if test_ids is None:
@@ -232,10 +241,12 @@ class Recorder:
     def _chunk(self, start: int, stop: int) -> Any:
         examples = self._examples
         if isinstance(examples, Examples):
-            return examples.take(range(start, stop))
-        if isinstance(examples, Mapping):
-            return {name: tensor[start:stop] for name, tensor in examples.items()}
-        return examples[start:stop]
+            rows = examples.take(range(start, stop))
+        elif isinstance(examples, Mapping):
+            rows = {name: tensor[start:stop] for name, tensor in examples.items()}
+        else:
+            return examples[start:stop]
+        return {name: tensor.to(self.device) for name, tensor in rows.items()}
 
     def _score(self, step: int) -> np.ndarray:
         """The loss of every test example now, float64, shape ``(M,)``."""

@@ -3,9 +3,16 @@
 Each run draws ``per_run`` training examples of the pool, then trains ``epochs`` epochs over them
 in freshly shuffled batches of ``batch`` (`simfluence.curricula.random_curriculum`), always from
 the same initial model ``task.make_model(seed)``, with the task's optimizer
-``task.make_optimizer(model, lr)`` (plain SGD unless the task overrides it) on the mean of
+``task.make_optimizer(model, lr)`` (plain SGD unless the task overrides it; or the algorithm and
+schedule of an `OptimizerSpec` around it, `simfluence.recording.optim`) on the mean of
 ``task.example_losses`` over the batch. Every test example is scored before training and after
 every step. Every protocol option defaults to the task's (`Task.defaults`).
+
+Runs are independent work units (`RunWork`): a backend (`simfluence.backends`) trains them one
+after another in this process (the default), in a pool of local processes, or as Ray tasks.
+A worker rebuilds the task from the manifest's task reference (``metadata["task_spec"]``,
+`simfluence.recording.tasks`), trains one run index and writes that run's files itself; only
+this process writes the manifest. The model trains on ``device``.
 
 Layout of the run-set directory (see `simfluence.runlog.store` for the run files)::
 
@@ -22,7 +29,9 @@ The manifest's ``metadata["task_spec"]`` is ``{"ref", "kwargs"}``
 Run ``r`` is called ``run-{r:04d}``. Its ``seed`` (stored in the run) is
 ``np.random.SeedSequence([seed, r]).generate_state(1)[0]``; ``np.random.default_rng(run.seed)``
 drew its curriculum and ``torch.manual_seed(run.seed)`` was set before it trained, so the same
-arguments give bit-identical losses on the same machine.
+arguments give bit-identical losses on the same machine with the same threads per run, whatever
+the backend (the backend is not part of the recording's configuration; the device is stored in
+every run's metadata).
 
 Files are written atomically and a run's checkpoints before its run file, so an interrupted
 recording (Ctrl-C, kill -9) is resumed by calling `record_runs` again with the same arguments
@@ -40,6 +49,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +58,19 @@ import torch
 from tqdm.auto import tqdm
 
 from simfluence._atomic import atomic_path
+from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
+from simfluence.recording.devices import device_label, resolve_device
+from simfluence.recording.optim import (
+    OptimizerSpec,
+    Schedule,
+    optimizer_config,
+    rebuild_optimizer,
+)
 from simfluence.recording.recorder import Recorder, RecordingError
 from simfluence.recording.task import Examples, Task
-from simfluence.recording.tasks import SPEC_KEY, task_label, task_reference
+from simfluence.recording.tasks import SPEC_KEY, resolve_task, task_label, task_reference
 from simfluence.runlog import Run, RunSet, load_runset, read_manifest, write_manifest, write_run
 from simfluence.runlog.store import MANIFEST, RUNS_DIR, run_path
 
@@ -129,6 +147,9 @@ def record_runs(
     task_ref: str | None = None,
     reserve: float | None = None,
     reserve_from: int | None = None,
+    optimizer: OptimizerSpec | None = None,
+    device: str | None = None,
+    backend: str | Backend | None = None,
 ) -> RunSet:
     """Record `runs` runs of `task` on random curricula into `directory`; returns them.
 
@@ -139,9 +160,18 @@ def record_runs(
     need; ``[]`` saves none). Every run has ``T = epochs * ceil(per_run / batch)`` steps; its
     losses have shape ``(T + 1, tests)``. Resumes an interrupted recording in `directory`
     (the same options are required; `runs` may grow). `num_threads` is the number of torch CPU
-    threads while training (default: 1 for models under a million parameters, else unchanged).
+    threads while training in this process (default: 1 for models under a million parameters,
+    else unchanged); worker processes use their backend's threads (default 1).
     `task_ref` is the reference the task was made from (`resolve_task`), stored in the
-    manifest so later commands rebuild the task; by default it is inferred from its class.
+    manifest so later commands (and worker processes) rebuild the task; by default it is
+    inferred from its class.
+
+    `optimizer`: algorithm and schedule around ``task.make_optimizer`` (default: the task's
+    own, constant rate); the optimizer built is stored as ``config["optimizer"]``, a schedule as
+    ``config["schedule"]``. `device`: ``auto``, ``cpu`` (default), ``cuda`` or ``cuda:K``.
+    `backend`: ``serial`` (default), ``process:N``, ``ray[:ADDRESS]`` or a
+    `simfluence.backends` object; other than serial, the task must be rebuildable from its
+    reference (a built-in workload, an importable class, a ``file.py:Class`` or a plugin).
 
     The never-seen protocol: with ``reserve = f > 0`` a share `f` of the pool (drawn by `seed`,
     listed in the manifest's ``metadata["reserved_ids"]``) is consumed only by the runs whose
@@ -152,6 +182,7 @@ def record_runs(
 
     Raises `SimfluenceError` on bad options, or when `directory` holds a different recording.
     """
+    spec = optimizer or OptimizerSpec()
     directory = Path(directory)
     options = _protocol(
         task,
@@ -175,6 +206,8 @@ def record_runs(
             reserve_from = recorded.get("reserve_from")
     config |= _check_reserve(reserve, reserve_from, runs, pool, options["per_run"])
     n_steps = config["steps"]
+    spec.schedule_.check_steps(n_steps)
+    resolve_device(device)  # an unavailable device fails before anything is written
     try:
         pool_examples, test_examples = task.prepare(pool, tests, seed)
     except ValueError as exc:
@@ -187,7 +220,7 @@ def record_runs(
             f"{len(pool_examples)} pool and {len(test_examples)} test examples"
         )
     initial = task.make_model(seed)
-    config["optimizer"] = optimizer_spec(task.make_optimizer(copy.deepcopy(initial), config["lr"]))
+    config.update(optimizer_config(spec, task, copy.deepcopy(initial), config["lr"]))
     metadata = {
         "recorder": RECORDER_NAME,
         "config": {k: v for k, v in config.items() if k != "runs"},
@@ -198,9 +231,18 @@ def record_runs(
 
     if "reserve" in config:
         metadata["reserved_ids"] = reserved_ids(pool_examples.ids, config["reserve"], seed)
+    # a backend that cannot start, or a task no worker can rebuild, fails before anything is
+    # written
+    runner = make_backend(backend)
+    serial = isinstance(runner, SerialBackend)
+    work = RunWork(
+        None if serial else worker_task_reference(task, metadata[SPEC_KEY], runner.name),
+        str(directory),
+        metadata["config"],
+        device,
+        runner.threads,
+    )
     _prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
-
-    row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
     todo = [r for r in range(runs) if not run_path(directory, run_id_for(r)).is_file()]
     bar = tqdm(
         total=len(todo) * n_steps,
@@ -209,12 +251,22 @@ def record_runs(
         desc=f"recording {task_label(task)}",
         dynamic_ncols=True,
     )
-    with bar, torch_threads(initial, num_threads):
-        for done, r in enumerate(todo):
-            bar.set_postfix_str(f"run {done + 1}/{len(todo)} ({run_id_for(r)})")
-            _record_one(
-                task, directory, initial, pool_examples, test_examples, row_of, config, r, bar
-            )
+    try:
+        if serial:
+            work.bind(task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1))
+            threads = num_threads if num_threads is not None else runner.threads
+            with bar, torch_threads(initial, threads):
+                for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
+                    bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
+        else:
+            with bar:
+                bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
+                for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
+                    bar.update(n_steps)
+                    bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
+    finally:
+        if runner is not backend:
+            close_backend(runner)
     return load_runset(directory).subset([run_id_for(r) for r in range(runs)])
 
 
@@ -248,20 +300,40 @@ def record_defaults(
     )
 
 
-def optimizer_spec(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``{"name": class name, hyper-parameter: value, ...}`` of a torch optimizer, from its
-    ``defaults`` (JSON-able values only: numbers, strings, booleans, None, lists of those)."""
-    spec: dict[str, Any] = {"name": type(optimizer).__name__}
-    for key, value in sorted(optimizer.defaults.items()):
-        if isinstance(value, tuple):
-            value = list(value)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
+def worker_task_reference(task: Task, spec: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """A task reference (``{"ref", "kwargs"}``) that worker processes rebuild `task` from,
+    checked to rebuild a task of the same class here.
+
+    `spec`: the reference stored in the run set's manifest (``metadata["task_spec"]``); None:
+    inferred from `task`'s class (`task_reference`). Raises `SimfluenceError` saying why
+    when the task cannot be rebuilt (a class defined inside a function or interactively).
+    """
+    label = task_label(task)
+    if spec is None:
         try:
-            spec[key] = json.loads(json.dumps(value))
-        except (TypeError, ValueError):
-            continue  # e.g. a callable: not a hyper-parameter worth recording
-    return spec
+            spec = task_reference(task)
+        except SimfluenceError as exc:
+            spec = {"ref": None, "reason": str(exc)}
+    if not spec.get("ref"):
+        reason = spec.get("reason", "no reference was stored")
+        raise SimfluenceError(
+            f"backend {where}: task {label!r} cannot be rebuilt in a worker process "
+            f"({reason}); or run without --workers/--ray"
+        )
+    try:
+        rebuilt = resolve_task(spec["ref"], spec.get("kwargs"))
+    except SimfluenceError as exc:
+        raise SimfluenceError(
+            f"backend {where}: task {label!r} cannot be rebuilt in a worker process from "
+            f"{spec['ref']!r} ({exc}); define it in an importable module or file, or run "
+            "without --workers/--ray"
+        ) from None
+    if type(rebuilt).__qualname__ != type(task).__qualname__:
+        raise SimfluenceError(
+            f"backend {where}: task reference {spec['ref']!r} rebuilds a "
+            f"{type(rebuilt).__name__}, not a {type(task).__name__}"
+        )
+    return {"ref": spec["ref"], "kwargs": spec.get("kwargs") or {}}
 
 
 def _spec(task: Task, ref: str | None) -> dict[str, Any]:
@@ -314,49 +386,124 @@ def _protocol(task: Task, directory: Path, **given: Any) -> dict[str, Any]:
     return out
 
 
-def _record_one(
-    task: Task,
-    directory: Path,
-    initial: torch.nn.Module,
-    pool_examples: Any,
-    test_examples: Any,
-    row_of: dict[str, int],
-    config: dict[str, Any],
-    index: int,
-    bar: tqdm,
-) -> None:
-    run_id = run_id_for(index)
-    seed = run_seed(config["seed"], index)
-    rng = np.random.default_rng(seed)
-    curriculum = random_curriculum(
-        drawable_ids(pool_examples.ids, config, index),
-        config["per_run"],
-        config["batch"],
-        config["epochs"],
-        rng,
-    )
-    ckpt_steps = set(config["checkpoints"])
+@dataclass
+class _Prepared:
+    """What every run of a recording shares: the task, its examples (on the device), the
+    initial model and the pool's row of every id."""
 
-    def on_step(step: int, model: torch.nn.Module) -> None:
-        if step in ckpt_steps:
-            _save_checkpoint(directory, run_id, step, model)
-        if step:
-            bar.update(1)
+    task: Task
+    pool: Examples
+    tests: Examples
+    initial: torch.nn.Module
+    row_of: dict[str, int]
+    device: torch.device
 
-    run = train_on_curriculum(
-        task,
-        initial,
-        pool_examples,
-        test_examples,
-        curriculum,
-        config["lr"],
-        seed,
-        run_id=run_id,
-        row_of=row_of,
-        on_step=on_step,
-        metadata={"run_index": index, "checkpoint_steps": sorted(ckpt_steps)},
-    )
-    write_run(directory, run, test_examples.ids)
+
+#: per worker process: the recording it prepared last (rebuilding a task can take seconds)
+_PREPARED: dict[str, _Prepared] = {}
+
+
+@dataclass
+class RunWork:
+    """The work unit of a recording: ``work(index)`` trains run `index` and writes its run
+    file (and checkpoints) into `directory` atomically; returns the index.
+
+    Picklable: a worker process rebuilds the task from `task_ref` (``{"ref", "kwargs"}``) and
+    prepares its examples once, then reuses them for every run it is given. In this process,
+    `bind` hands it the live task instead.
+    """
+
+    task_ref: dict[str, Any] | None
+    directory: str
+    config: dict[str, Any]
+    device: str | None = None
+    threads: int | None = None
+    _live: _Prepared | None = field(default=None, repr=False)
+    _on_step: Callable[[], None] | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": None, "_on_step": None}
+
+    def bind(
+        self,
+        task: Task,
+        pool: Examples,
+        tests: Examples,
+        initial: torch.nn.Module,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        """Use these live objects (this process) instead of rebuilding the task."""
+        device = resolve_device(self.device)
+        self._live = _prepare(task, pool, tests, initial, device)
+        self._on_step = on_step
+
+    def _prepared(self) -> _Prepared:
+        if self._live is not None:
+            return self._live
+        if self.task_ref is None:
+            raise SimfluenceError("RunWork: no task reference to rebuild the task from")
+        c = self.config
+        key = json.dumps([self.task_ref, c["pool"], c["tests"], c["seed"], self.device])
+        if key not in _PREPARED:
+            _PREPARED.clear()
+            task = resolve_task(self.task_ref["ref"], self.task_ref["kwargs"])
+            pool, tests = task.prepare(c["pool"], c["tests"], c["seed"])
+            initial = task.make_model(c["seed"])
+            _PREPARED[key] = _prepare(task, pool, tests, initial, resolve_device(self.device))
+        return _PREPARED[key]
+
+    def __call__(self, index: int) -> int:
+        prepared = self._prepared()
+        if self.threads is not None and self._live is None:
+            torch.set_num_threads(self.threads)
+        config = self.config
+        directory = Path(self.directory)
+        run_id = run_id_for(index)
+        seed = run_seed(config["seed"], index)
+        curriculum = random_curriculum(
+            drawable_ids(prepared.pool.ids, config, index),
+            config["per_run"],
+            config["batch"],
+            config["epochs"],
+            np.random.default_rng(seed),
+        )
+        ckpt_steps = set(config["checkpoints"])
+
+        def on_step(step: int, model: torch.nn.Module) -> None:
+            if step in ckpt_steps:
+                _save_checkpoint(directory, run_id, step, model)
+            if step and self._on_step is not None:
+                self._on_step()
+
+        run = train_on_curriculum(
+            prepared.task,
+            prepared.initial,
+            prepared.pool,
+            prepared.tests,
+            curriculum,
+            config["lr"],
+            seed,
+            run_id=run_id,
+            row_of=prepared.row_of,
+            on_step=on_step,
+            metadata={
+                "run_index": index,
+                "checkpoint_steps": sorted(ckpt_steps),
+                "device": device_label(prepared.device),
+            },
+            optimizer=config.get("optimizer"),
+            schedule=Schedule.from_config(config.get("schedule")),
+            device=prepared.device,
+        )
+        write_run(directory, run, prepared.tests.ids)
+        return index
+
+
+def _prepare(
+    task: Task, pool: Examples, tests: Examples, initial: torch.nn.Module, device: torch.device
+) -> _Prepared:
+    row_of = {train_id: row for row, train_id in enumerate(pool.ids)}
+    return _Prepared(task, pool.to(device), tests.to(device), initial.to(device), row_of, device)
 
 
 def reserved_ids(pool_ids: Sequence[str], fraction: float, seed: int) -> list[str]:
@@ -416,19 +563,30 @@ def train_on_curriculum(
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     metadata: dict[str, Any] | None = None,
     weights: Sequence[Sequence[float]] | None = None,
+    optimizer: dict[str, Any] | None = None,
+    schedule: Schedule | None = None,
+    device: str | torch.device | None = None,
 ) -> Run:
     """Train a fresh copy of `initial` on `curriculum` (``task.make_optimizer(model, lr)`` on
     the batch-mean loss, as the runner does) and score every test example before training and
     after every step.
 
+    `optimizer`: a recorded optimizer description (``config["optimizer"]``,
+    `simfluence.recording.optim.rebuild_optimizer`); None: the task's own. `schedule`: the
+    learning-rate schedule over this curriculum's steps (default: constant).
     `on_step(step, model)` is called at step 0 (before training) and after every step.
     `weights`: optional per-example loss weights, one list per batch (same lengths as the
     curriculum); the step then minimises ``sum_k w_k loss_k / |batch|`` (weight 0 keeps an
     example in its batch without effect: "zero-weight" removal). None: the plain batch mean.
-    Returns the `Run` (losses of shape ``(T + 1, M)``); nothing is written.
+    `device`: where to train (model and examples are moved there; default: the CPU).
+    Returns the `Run` (losses of shape ``(T + 1, M)``, on the CPU); nothing is written.
     """
     row_of = row_of or {train_id: row for row, train_id in enumerate(pool_examples.ids)}
-    model, optimizer = _start_training(task, initial, curriculum, lr, seed, weights)
+    device = resolve_device(device)
+    pool_examples, test_examples = pool_examples.to(device), test_examples.to(device)
+    model, opt, scheduler = _start_training(
+        task, initial, curriculum, lr, seed, weights, optimizer, schedule, device
+    )
     recorder = Recorder.from_task(
         task,
         model,
@@ -440,7 +598,9 @@ def train_on_curriculum(
     )
     if on_step:
         on_step(0, model)
-    steps = _train_steps(task, model, optimizer, pool_examples, row_of, curriculum, weights, run_id)
+    steps = _train_steps(
+        task, model, opt, scheduler, pool_examples, row_of, curriculum, weights, run_id
+    )
     for step, batch_ids, step_lr in steps:
         recorder.step(batch_ids, lr=step_lr)
         if on_step:
@@ -458,12 +618,19 @@ def final_test_losses(
     seed: int,
     *,
     weights: Sequence[Sequence[float]] | None = None,
+    optimizer: dict[str, Any] | None = None,
+    schedule: Schedule | None = None,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """The test losses, shape ``(M,)``, after training exactly as `train_on_curriculum` does
     (bit-identical), scoring only once at the end: for leave-one-out retraining."""
     row_of = {train_id: row for row, train_id in enumerate(pool_examples.ids)}
-    model, optimizer = _start_training(task, initial, curriculum, lr, seed, weights)
-    for _ in _train_steps(task, model, optimizer, pool_examples, row_of, curriculum, weights):
+    device = resolve_device(device)
+    pool_examples, test_examples = pool_examples.to(device), test_examples.to(device)
+    model, opt, scheduler = _start_training(
+        task, initial, curriculum, lr, seed, weights, optimizer, schedule, device
+    )
+    for _ in _train_steps(task, model, opt, scheduler, pool_examples, row_of, curriculum, weights):
         pass
     return Recorder.from_task(task, model, test_examples).losses[0]
 
@@ -475,33 +642,43 @@ def _start_training(
     lr: float,
     seed: int,
     weights: Sequence[Sequence[float]] | None,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A fresh copy of `initial` in training mode and its optimizer, after seeding torch (the
-    start of every run, recorded or retrained)."""
+    optimizer: dict[str, Any] | None = None,
+    schedule: Schedule | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """A fresh copy of `initial` (on `device`) in training mode, its optimizer (the recorded
+    `optimizer` description, `rebuild_optimizer`; None: the task's own) and the scheduler of
+    `schedule` (None for a constant rate), after seeding torch (the start of every run,
+    recorded or retrained)."""
     _check_weights(curriculum, weights)
     torch.manual_seed(seed)
-    model = copy.deepcopy(initial)
+    model = copy.deepcopy(initial).to(device or "cpu")
     model.train()
-    return model, task.make_optimizer(model, lr)
+    opt = rebuild_optimizer(task, model, lr, optimizer)
+    return model, opt, (schedule or Schedule()).scheduler(opt, len(curriculum))
 
 
 def _train_steps(
     task: Task,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    scheduler: Any,
     pool_examples: Examples,
     row_of: dict[str, int],
     curriculum: Sequence[Sequence[str]],
     weights: Sequence[Sequence[float]] | None,
     run_id: str = "run",
 ) -> Iterator[tuple[int, Sequence[str], float]]:
-    """Take the curriculum's optimizer steps; yield ``(step, batch ids, its lr)`` after each."""
+    """Take the curriculum's optimizer steps (stepping `scheduler`, when there is one, after
+    each); yield ``(step, batch ids, its lr)`` after each."""
     for step, batch_ids in enumerate(curriculum, start=1):
         step_lr = float(optimizer.param_groups[0]["lr"])
         batch_weights = None if weights is None else weights[step - 1]
         _train_step(
             task, model, optimizer, pool_examples, row_of, batch_ids, batch_weights, step, run_id
         )
+        if scheduler is not None:
+            scheduler.step()
         yield step, batch_ids, step_lr
 
 

@@ -9,6 +9,9 @@ Conventions
   one string id per row.
 * `example_losses(model, inputs)` returns one loss per row, shape ``(n,)``, no reduction. A
   training step minimises the *mean* over the batch; test scoring calls it under ``no_grad``.
+* Devices: the runner moves the model (``model.to(device)``) and the example tensors
+  (`Examples.to`); tensors a task creates inside ``example_losses`` or its model's ``forward``
+  must follow the inputs (``device=x.device``), so the same task runs on CPU and GPU.
 * `make_model(seed)` returns the *trainable* part only. Frozen lower layers are applied once in
   `prepare` and their outputs cached in the `Examples` tensors, which gives identical losses at a
   fraction of the cost.
@@ -59,6 +62,10 @@ class Examples:
         """A new `Examples` holding the given rows, in that order."""
         return Examples([self.ids[r] for r in rows], self.take(rows))
 
+    def to(self, device: torch.device | str) -> Examples:
+        """The same examples with every tensor on `device` (tensors already there are shared)."""
+        return Examples(self.ids, {name: t.to(device) for name, t in self.tensors.items()})
+
 
 @dataclass(frozen=True)
 class TaskDefaults:
@@ -103,7 +110,9 @@ class Task(ABC):
 
         The runner records its class name and hyper-parameters in the run set
         (``config["optimizer"]``); the gradient methods, whose formulas assume plain SGD, warn
-        when it is anything else.
+        when it is anything else. Its parameter groups decide what trains; ``record
+        --optimizer`` may swap the algorithm over the same groups and add a schedule
+        (`simfluence.recording.optim`).
         """
         return torch.optim.SGD(model.parameters(), lr=lr)
 

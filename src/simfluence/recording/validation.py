@@ -16,6 +16,11 @@ and every simulator (fitted on *all* recorded runs) predicts them from the recor
   time unless asked: the same call gives the same curricula; their *actual* mean final test
   loss is compared with the random curricula's.
 
+The retraining is the expensive part; each curriculum is an independent work unit
+(`RetrainWork`), so a backend (`simfluence.backends`: local processes, Ray) trains several at
+once, with the same losses as one after another (the seed of curriculum ``k`` of a kind is
+``seed + k`` whatever the backend).
+
 Per kind and method: all-steps MSE and final-step Spearman (as in `simfluence.metrics`), and the
 linear datamodeling score (LDS, as TRAK and dattri define it): for each test example, the
 Spearman correlation across the kind's curricula between predicted and actual final loss, then
@@ -27,20 +32,26 @@ command line keeps its wall-clock timing apart, under ``"timing"``).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from simfluence import evaluation, metrics
+from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.counterfactual.search import assess_curriculum, optimize_curriculum
 from simfluence.curricula import random_curriculum, remove, reorder, repeat
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import linear_datamodeling_score
+from simfluence.recording.devices import resolve_device
 from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
-from simfluence.recording.runner import torch_threads, train_on_curriculum
-from simfluence.recording.task import Task
-from simfluence.recording.tasks import prepare_for_runset
+from simfluence.recording.optim import Schedule
+from simfluence.recording.runner import torch_threads, train_on_curriculum, worker_task_reference
+from simfluence.recording.task import Examples, Task
+from simfluence.recording.tasks import prepare_for_runset, resolve_task
 from simfluence.runlog.runs import Curriculum, RunSet
 from simfluence.simulators.base import Simulator
 
@@ -156,6 +167,69 @@ def interval_scores(
     }
 
 
+#: per worker process: the task and examples it prepared last
+_PREPARED: dict[str, tuple[Task, Examples, Examples, torch.nn.Module]] = {}
+
+
+@dataclass
+class RetrainWork:
+    """The work unit of validation: ``work((k, curriculum))`` trains the run set's initial model
+    on `curriculum` with seed ``seed + k`` and returns its losses ``(T + 1, M)``.
+
+    Picklable: a worker rebuilds the task from `task_ref` once; `bind` gives it live objects.
+    """
+
+    task_ref: dict[str, Any] | None
+    config: dict[str, Any]
+    seed: int
+    device: str | None = None
+    threads: int | None = None
+    _live: tuple[Task, Examples, Examples, torch.nn.Module] | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": None}
+
+    def bind(self, task: Task, pool: Examples, tests: Examples, initial: torch.nn.Module) -> None:
+        """Use these live objects (this process) instead of rebuilding the task."""
+        self._live = (task, pool, tests, initial)
+
+    def _prepared(self) -> tuple[Task, Examples, Examples, torch.nn.Module]:
+        if self._live is not None:
+            return self._live
+        if self.task_ref is None:
+            raise SimfluenceError("RetrainWork: no task reference to rebuild the task from")
+        c = self.config
+        key = json.dumps([self.task_ref, c["pool"], c["tests"], c["seed"], self.device])
+        if key not in _PREPARED:
+            _PREPARED.clear()
+            task = resolve_task(self.task_ref["ref"], self.task_ref["kwargs"])
+            pool, tests = task.prepare(c["pool"], c["tests"], c["seed"])
+            device = resolve_device(self.device)
+            initial = task.make_model(c["seed"]).to(device)
+            _PREPARED[key] = (task, pool.to(device), tests.to(device), initial)
+        return _PREPARED[key]
+
+    def __call__(self, item: tuple[str, int, Curriculum]) -> np.ndarray:
+        kind, k, curriculum = item
+        task, pool, tests, initial = self._prepared()
+        if self.threads is not None and self._live is None:
+            torch.set_num_threads(self.threads)
+        run = train_on_curriculum(
+            task,
+            initial,
+            pool,
+            tests,
+            curriculum,
+            self.config["lr"],
+            self.seed + k,
+            run_id=f"{kind}-{k}",
+            optimizer=self.config.get("optimizer"),
+            schedule=Schedule.from_config(self.config.get("schedule")),
+            device=self.device,
+        )
+        return run.losses
+
+
 def validate(
     task: Task,
     runs: RunSet,
@@ -168,6 +242,8 @@ def validate(
     search_seconds: float | None = None,
     max_examples: int | None = None,
     groups: int = 20,
+    device: str | None = None,
+    backend: str | Backend | None = None,
 ) -> dict[str, Any]:
     """Train `task` on `count` new curricula of each kind and score every simulator.
 
@@ -181,7 +257,9 @@ def validate(
     of the result is deterministic.
 
     The simulators are fitted on all of `runs` here. ``optimized`` searches are bounded by
-    `search_evaluations` rollouts (and by `search_seconds` only when given). Returns the
+    `search_evaluations` rollouts (and by `search_seconds` only when given). The curricula are
+    trained on `device` (default: the CPU) by `backend` (default: one after another in this
+    process; see `simfluence.backends`), with the recorded optimizer and schedule. Returns the
     JSON-able dict::
 
         {"kinds": {KIND: {"curricula": C, "methods": {NAME: {"all_steps_mse",
@@ -220,48 +298,38 @@ def validate(
     if not kinds:
         return result
     pool, tests = prepare_for_runset(task, runs)
+    resolve_device(device)
     for simulator in simulators.values():
         simulator.fit(runs)
         with contextlib.suppress(SimfluenceError):  # e.g. one recorded run: no intervals
             simulator.calibrate(runs)
-    initial_model = task.make_model(config["seed"])
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
     wrap = progress or (lambda items, total: items)
     result["search_evaluations"] = search_evaluations
     result["warnings"] = {
         name: list(getattr(sim, "warnings_", None) or []) for name, sim in simulators.items()
     }
+    searcher = next(iter(simulators.values()))
+    curricula = {
+        kind: make_curricula(kind, count, runs, seed, searcher, search_evaluations, search_seconds)
+        for kind in kinds
+    }
+    trained = _retrain(task, pool, tests, config, seed, curricula, device, backend, wrap)
     actual_mean: dict[str, list[float]] = {}
     searched: list[float] = []
     for kind in kinds:
-        optimizer = next(iter(simulators.values()))
-        curricula = make_curricula(
-            kind, count, runs, seed, optimizer, search_evaluations, search_seconds
-        )
-        true = []
-        with torch_threads(initial_model):
-            for k, curriculum in enumerate(wrap(curricula, len(curricula))):
-                run = train_on_curriculum(
-                    task,
-                    initial_model,
-                    pool,
-                    tests,
-                    curriculum,
-                    config["lr"],
-                    seed + k,
-                    run_id=f"{kind}-{k}",
-                )
-                true.append(run.losses)
+        true = trained[kind]
         predicted = {
-            name: sim.simulate_many(curricula, initial_loss) for name, sim in simulators.items()
+            name: sim.simulate_many(curricula[kind], initial_loss)
+            for name, sim in simulators.items()
         }
         if kind == "optimized":
             searched = [float(p[-1].mean()) for p in predicted[next(iter(simulators))]]
             searched_in_region = [
-                assess_curriculum(optimizer, c, recorded=runs)[:2] for c in curricula
+                assess_curriculum(searcher, c, recorded=runs)[:2] for c in curricula[kind]
             ]
         result["kinds"][kind] = {
-            "curricula": len(curricula),
+            "curricula": len(curricula[kind]),
             "methods": _score_kind(true, predicted, simulators),
         }
         actual_mean[kind] = [float(t[-1].mean()) for t in true]
@@ -277,6 +345,48 @@ def validate(
         }
         result["optimized"] |= _optimized_intervals(searched_in_region, actual_mean["optimized"])
     return result
+
+
+def _retrain(
+    task: Task,
+    pool: Examples,
+    tests: Examples,
+    config: dict[str, Any],
+    seed: int,
+    curricula: dict[str, list[Curriculum]],
+    device: str | None,
+    backend: str | Backend | None,
+    wrap: Callable[[Iterable[Any], int], Iterable[Any]],
+) -> dict[str, list[np.ndarray]]:
+    """The actual losses ``(T + 1, M)`` of every curriculum of every kind, in order."""
+    runner = make_backend(backend)
+    items = [(kind, k, c) for kind, block in curricula.items() for k, c in enumerate(block)]
+    serial = isinstance(runner, SerialBackend)
+    work = RetrainWork(
+        None if serial else worker_task_reference(task, None, runner.name),
+        config,
+        seed,
+        device,
+        runner.threads,
+    )
+    losses: dict[int, np.ndarray] = {}
+    try:
+        if serial:
+            initial = task.make_model(config["seed"])
+            work.bind(task, pool, tests, initial)
+            with torch_threads(initial, runner.threads):
+                for position, loss in wrap(runner.map_unordered(work, items), len(items)):
+                    losses[position] = loss
+        else:
+            for position, loss in wrap(runner.map_unordered(work, items), len(items)):
+                losses[position] = loss
+    finally:
+        if runner is not backend:
+            close_backend(runner)
+    out: dict[str, list[np.ndarray]] = {kind: [] for kind in curricula}
+    for position, (kind, _, _) in enumerate(items):
+        out[kind].append(losses[position])
+    return out
 
 
 def _optimized_intervals(

@@ -180,6 +180,20 @@ class RunSet:
             self.train_ids, self.test_ids, runs, self.metadata, self.source, self.features
         )
 
+    def select_tests(self, columns: Sequence[int] | np.ndarray) -> RunSet:
+        """A run set with only the given test columns (in that order) of every run's losses.
+
+        Test examples are independent in every simulator of the Simfluence-Linear family, so
+        a fit can be split over them (`simfluence.simulators.sharded`).
+        """
+        cols = np.asarray(columns, dtype=np.int64)
+        runs = [
+            Run(r.run_id, r.curriculum, r.losses[:, cols], r.seed, r.lr, r.metadata)
+            for r in self.runs
+        ]
+        test_ids = [self.test_ids[c] for c in cols]
+        return RunSet(self.train_ids, test_ids, runs, self.metadata, self.source)
+
     def split(self, heldout: int | Sequence[str]) -> tuple[RunSet, RunSet]:
         """``(train, heldout)`` by whole runs.
 

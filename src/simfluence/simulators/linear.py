@@ -4,7 +4,12 @@ Both shrink toward "no effect" (``A_i -> 1/b``, ``B_i -> 0``) with strength ``l2
 observations: ``l2 = 1`` weighs the prior like one extra step that consumed the example). When
 ``l2`` is None it is chosen from ``l2_grid`` by K-fold cross-validation that holds out whole
 training runs and scores free-running rollouts of the held-out runs by all-steps MSE, the
-quantity the evaluation protocol reports.
+quantity the evaluation protocol reports (on all test examples, or on a seeded random subset of
+``cv_tests`` of them: ``l2`` is one number for all, and a few hundred test examples rank it
+as well as thousands at a fraction of the cost).
+
+Large fits split over test examples (``test_shards``) and run the shards on an execution
+backend (``backend``: ``serial``, ``process:N``, ``ray``...): see `simfluence.simulators.sharded`.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from simfluence.backends import make_backend
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import RunSet
-from simfluence.simulators.base import soft_floor
+from simfluence.simulators.base import floor_width, loss_floor, soft_floor
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.encoding import encode_runs
 from simfluence.simulators.intervals import run_folds
@@ -27,6 +33,7 @@ from simfluence.simulators.ridge import (
     LinearRidgeProblem,
     loss_weights,
 )
+from simfluence.simulators.sharded import fit_in_shards
 
 Params = tuple[np.ndarray | None, np.ndarray]
 DEFAULT_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -64,12 +71,18 @@ class _RidgeSimulator(DynamicsSimulator):
         patience: int = 2,
         unseen: str = "error",
         batch_weighting: str = "mean",
+        cv_tests: int | None = None,
+        test_shards: int | None = None,
+        backend: str = "serial",
     ) -> None:
         super().__init__(unseen=unseen, batch_weighting=batch_weighting)
         self.l2 = l2
         self.l2_grid = list(l2_grid)
         self.cv_folds = cv_folds
         self.patience = patience
+        self.cv_tests = cv_tests
+        self.test_shards = test_shards
+        self.backend = backend
 
     def _calibration_params(self) -> dict[str, Any]:
         # the copies fitted in calibration keep the l2 chosen here: no nested cross-validation
@@ -86,13 +99,33 @@ class _RidgeSimulator(DynamicsSimulator):
             )
         if self.cv_folds < 2:
             raise SimfluenceError(f"{self.name}: cv_folds must be at least 2")
+        for name in ("cv_tests", "test_shards"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
+            ):
+                raise SimfluenceError(f"{self.name}: {name} must be None or >= 1, got {value!r}")
         return grid
+
+    def _cv_runs(self, runs: RunSet) -> RunSet:
+        """The runs cross-validation scores: all test examples, or `cv_tests` of them drawn
+        at random (seed 0, sorted)."""
+        n_tests = len(runs.test_ids)
+        if self.cv_tests is None or self.cv_tests >= n_tests:
+            return runs
+        columns = np.sort(np.random.default_rng(0).choice(n_tests, self.cv_tests, replace=False))
+        return runs.select_tests(columns)
 
     def _fit_parameters(self, runs: RunSet) -> None:
         grid = self._validate_params(runs)
+        if self.test_shards is not None or self.backend != "serial":
+            make_backend(self.backend)  # a bad spec fails before any work
+            self.seen_ = Design.seen_of(encode_runs(runs, self.batch_size_, self.batch_weighting))
+            fit_in_shards(self, runs, self._cv_runs(runs), grid)
+            return
         self.cv_mse_ = None
         if len(grid) > 1:
-            self.cv_mse_ = self._cross_validate(runs, grid)
+            self.cv_mse_ = self._cross_validate(self._cv_runs(runs), grid)
             finite = [(mse, l2) for l2, mse in self.cv_mse_ if np.isfinite(mse)]
             grid = [min(finite)[1] if finite else grid[0]]
         design = self.design(runs)
@@ -109,13 +142,18 @@ class _RidgeSimulator(DynamicsSimulator):
         """
         folds = run_folds(runs, min(self.cv_folds, len(runs.runs)))
         paths = [self._path(self.design(train), grid, final=False) for train, _ in folds]
+        floor = (self.floor_, self.floor_width_)
+        if np.ndim(self.floor_) and np.shape(self.floor_)[0] != len(runs.test_ids):
+            # a `cv_tests` subset of the test examples: the floors of those columns (both are
+            # per test example, so this is the fitted floors restricted to them)
+            floor = (loss_floor(runs), floor_width(runs))
         curve: list[list[float]] = []
         best, rises = np.inf, 0
         for lam in grid:
             mse = float(
                 np.mean(
                     [
-                        self._validation_mse(valid, next(path))
+                        self._validation_mse(valid, next(path), floor)
                         for path, (_, valid) in zip(paths, folds, strict=True)
                     ]
                 )
@@ -132,9 +170,9 @@ class _RidgeSimulator(DynamicsSimulator):
         full precision (cross-validation needs less)."""
         raise NotImplementedError
 
-    def _validation_mse(self, runs: RunSet, params: Params) -> float:
-        """Rollout all-steps MSE of `runs` under one point of `_path`, floored as reported."""
-        floor = (self.floor_, self.floor_width_)
+    def _validation_mse(self, runs: RunSet, params: Params, floor: tuple[Any, Any]) -> float:
+        """Rollout all-steps MSE of `runs` under one point of `_path`, floored as reported
+        (`floor`: ``(level, width)`` of `soft_floor`)."""
         return rollout_mse(runs, *params, self.batch_size_, self.batch_weighting, floor)
 
 
@@ -179,8 +217,21 @@ class LinearSimulator(_RidgeSimulator):
         cv_tol: float = 1e-4,
         max_iter: int = 1000,
         loss_power: float = 0.0,
+        cv_tests: int | None = None,
+        test_shards: int | None = None,
+        backend: str = "serial",
     ) -> None:
-        super().__init__(l2, l2_grid, cv_folds, patience, unseen, batch_weighting)
+        super().__init__(
+            l2,
+            l2_grid,
+            cv_folds,
+            patience,
+            unseen,
+            batch_weighting,
+            cv_tests,
+            test_shards,
+            backend,
+        )
         self.tol = tol
         self.cv_tol = cv_tol
         self.max_iter = max_iter
@@ -212,7 +263,8 @@ class AdditiveSimulator(_RidgeSimulator):
     ``A_i = 1/b`` for batches of size ``b``), ``B`` learned by ridge regression toward 0.
 
     Parameters and learned attributes as `LinearSimulator`, without ``tol``/``max_iter``;
-    ``A_`` is None.
+    ``A_`` is None. (Its solve is one eigendecomposition shared by all test examples, so
+    sharding it over test examples repeats that work in every shard.)
     """
 
     name = "additive"

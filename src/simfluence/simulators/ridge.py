@@ -60,6 +60,11 @@ class Design:
         """``(P,)`` bool: consumed at least once."""
         return np.asarray(self.counts.sum(axis=0)).ravel() > 0
 
+    @staticmethod
+    def seen_of(counts: list[sparse.csr_matrix]) -> np.ndarray:
+        """``(P,)`` bool: consumed at least once in any of these ``(T_r, P)`` count matrices."""
+        return np.asarray(sum(np.asarray(c.sum(axis=0)).ravel() for c in counts)) > 0
+
 
 def loss_weights(prev: np.ndarray, power: float, floor: float = 0.1) -> np.ndarray:
     """Row weights ``(n, M)`` proportional to ``(|L_prev| + floor * median_t |L_prev|)^-power``

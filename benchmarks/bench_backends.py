@@ -1,0 +1,131 @@
+"""Benchmark: recording and validating on the execution backends (serial, processes, Ray).
+
+    python benchmarks/bench_backends.py OUT --workload newsgroups-minilm --runs 8 \
+        --record serial,workers:2 [--validate serial,workers:2 --curricula 4 --kinds random]
+
+Every variant runs the command line as a user would (``python -m simfluence record DIR ...``,
+one fresh process each, start-up included) into ``OUT/<variant>``, with one torch thread per
+training process (``--threads 1``; serial is ``--workers 1``), and the workload's default
+protocol otherwise. After the recordings, every run file is compared with the first variant's
+(losses, curricula, learning rates, checkpoints: bit for bit). ``--validate`` retrains
+``--curricula`` curricula of each of ``--kinds`` on the first variant's run set, once per
+backend, and compares the JSON (timings aside). Prints wall-clock seconds, the speed-up over
+the first variant and the 1-minute load average before and after each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simfluence.recording.runner import checkpoint_path
+from simfluence.runlog import load_runset
+
+
+def backend_flags(variant: str) -> list[str]:
+    """``serial`` -> --workers 1; ``workers:N`` -> --workers N; ``ray`` -> --ray."""
+    if variant == "serial":
+        return ["--workers", "1", "--threads", "1"]
+    if variant.startswith("workers:"):
+        return ["--workers", variant.split(":")[1], "--threads", "1"]
+    if variant == "ray":
+        return ["--ray", "--threads", "1"]
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def timed(argv: list[str]) -> dict[str, float]:
+    before = os.getloadavg()[0]
+    start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "simfluence", *argv], check=True, env=env)
+    return {
+        "seconds": time.perf_counter() - start,
+        "load_before": before,
+        "load_after": os.getloadavg()[0],
+    }
+
+
+def same_run_sets(a: Path, b: Path) -> bool:
+    x, y = load_runset(a), load_runset(b)
+    if x.run_ids != y.run_ids or x.metadata != y.metadata:
+        return False
+    for rx, ry in zip(x.runs, y.runs, strict=True):
+        if rx.curriculum != ry.curriculum or not np.array_equal(rx.losses, ry.losses):
+            return False
+        if not np.array_equal(rx.lr, ry.lr):
+            return False
+        for step in rx.metadata.get("checkpoint_steps", []):
+            sx = torch.load(checkpoint_path(a, rx.run_id, step), weights_only=True)
+            sy = torch.load(checkpoint_path(b, ry.run_id, step), weights_only=True)
+            if sx.keys() != sy.keys() or not all(torch.equal(sx[k], sy[k]) for k in sx):
+                return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--workload", default="digits-mlp")
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--record", default="serial,workers:2")
+    parser.add_argument("--extra", default="", help="more record options, e.g. '--warmup 5'")
+    parser.add_argument("--validate", default="")
+    parser.add_argument("--curricula", type=int, default=4)
+    parser.add_argument("--kinds", default="random")
+    parser.add_argument("--methods", default="linear,mean")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {
+        "workload": args.workload,
+        "runs": args.runs,
+        "cpus": os.cpu_count(),
+    }
+    variants = [v for v in args.record.split(",") if v]
+    record: dict[str, dict[str, object]] = {}
+    for variant in variants:
+        target = out / variant.replace(":", "-")
+        argv = ["record", str(target), "--workload", args.workload, "--no-progress"]
+        argv += ["--runs", str(args.runs)] if args.runs else []
+        argv += args.extra.split() + backend_flags(variant)
+        record[variant] = timed(argv)
+        base = record[variants[0]]["seconds"]
+        record[variant]["speedup"] = base / record[variant]["seconds"]
+        if variant != variants[0]:
+            first = out / variants[0].replace(":", "-")
+            record[variant]["identical_to_" + variants[0]] = same_run_sets(first, target)
+        print(f"record {variant}: {json.dumps(record[variant])}", flush=True)
+    results["record"] = record
+    validation: dict[str, dict[str, object]] = {}
+    checks = [v for v in args.validate.split(",") if v]
+    runs_dir = out / variants[0].replace(":", "-")
+    for variant in checks:
+        target = out / f"validation-{variant.replace(':', '-')}.json"
+        argv = ["validate", str(runs_dir), "--curricula", str(args.curricula)]
+        argv += ["--kinds", args.kinds, "--methods", args.methods, "--json", str(target)]
+        validation[variant] = timed(argv + backend_flags(variant))
+        validation[variant]["speedup"] = (
+            validation[checks[0]]["seconds"] / validation[variant]["seconds"]
+        )
+        if variant != checks[0]:
+            first = json.loads((out / f"validation-{checks[0].replace(':', '-')}.json").read_text())
+            mine = json.loads(target.read_text())
+            first.pop("timing", None), first.pop("seconds", None)
+            mine.pop("timing", None), mine.pop("seconds", None)
+            validation[variant]["identical_to_" + checks[0]] = first == mine
+        print(f"validate {variant}: {json.dumps(validation[variant])}", flush=True)
+    results["validate"] = validation
+    (out / "bench_backends.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out / 'bench_backends.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Execution backends: serial, a local process pool and Ray give the same recordings,
+validations and sharded fits, bit for bit; a parallel recording killed with -9 resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_module
+
+from simfluence.backends import (
+    BackendError,
+    ProcessBackend,
+    RayBackend,
+    SerialBackend,
+    make_backend,
+)
+from simfluence.cli.main import main
+from simfluence.errors import SimfluenceError
+from simfluence.recording import record_runs
+from simfluence.recording.runner import checkpoint_path
+from simfluence.recording.workloads import get_workload
+from simfluence.runlog import load_runset
+from simfluence.runlog.store import list_run_files
+from simfluence.simulators import LinearSimulator
+from simfluence.synth import SynthConfig, generate
+
+DIGITS = {"runs": 6, "pool": 40, "per_run": 16, "tests": 6, "batch": 4, "epochs": 2, "lr": 0.1}
+
+
+def _digits(directory: Path, backend: object = None, **overrides: object):
+    options = {**DIGITS, "seed": 0, "progress": False, "checkpoints": [0, 4], **overrides}
+    return record_runs(get_workload("digits-mlp"), directory, backend=backend, **options)
+
+
+def _assert_same_recordings(a: Path, b: Path) -> None:
+    """Run files and checkpoints of two run-set directories hold identical values (the
+    manifests may name the task differently: a subclass that only sleeps)."""
+    x, y = load_runset(a), load_runset(b)
+    assert x.run_ids == y.run_ids
+    assert {**x.metadata, "task_spec": None} == {**y.metadata, "task_spec": None}
+    for run_x, run_y in zip(x.runs, y.runs, strict=True):
+        assert run_x.curriculum == run_y.curriculum
+        assert np.array_equal(run_x.losses, run_y.losses)  # bit-identical
+        assert np.array_equal(run_x.lr, run_y.lr) and run_x.metadata == run_y.metadata
+        for step in run_x.metadata["checkpoint_steps"]:
+            sx = torch.load(checkpoint_path(a, run_x.run_id, step), weights_only=True)
+            sy = torch.load(checkpoint_path(b, run_y.run_id, step), weights_only=True)
+            assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
+
+
+# -- the backends themselves ------------------------------------------------------------------
+def _describe_worker(value: int) -> tuple[int, str | None, str | None]:
+    """Work unit of the pool tests (module level: workers import it by name)."""
+    return (
+        value * value,
+        os.environ.get("OMP_NUM_THREADS"),
+        os.environ.get("SIMFLUENCE_WORKER_SLOT"),
+    )
+
+
+def _die(value: int) -> int:
+    if value == 2:
+        os._exit(3)  # a worker killed mid-unit (out of memory, kill -9)
+    return value
+
+
+def _refuse(value: int) -> int:
+    raise SimfluenceError(f"unit {value}: refused")
+
+
+def test_make_backend_parses_specs() -> None:
+    assert isinstance(make_backend(None), SerialBackend)
+    assert isinstance(make_backend("serial"), SerialBackend)
+    assert make_backend("process:1", threads=2) == SerialBackend(2)
+    pool = make_backend("process:3", threads=2)
+    assert isinstance(pool, ProcessBackend) and (pool.workers, pool.threads) == (3, 2)
+    assert pool.name == "process:3" and pool.parallelism == 3
+    ray = make_backend("ray:auto", gpus=1)
+    assert isinstance(ray, RayBackend) and ray.address == "auto" and ray.gpus == 1
+    assert make_backend("ray").address is None
+    for bad in ("process", "process:0", "process:x", "threads:2", "serial:2"):
+        with pytest.raises(BackendError, match=r"backend|unknown"):
+            make_backend(bad)
+
+
+def test_ray_backend_without_ray_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(BackendError, match=r"pip install 'simfluence\[ray\]'"):
+        make_backend("ray")
+    options = "--runs 1 --pool 20 --per-run 8 --tests 5 --batch 4 --epochs 1 --no-progress"
+    assert main(["record", str(tmp_path / "d"), *options.split(), "--ray"]) == 2
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_serial_backend_keeps_order() -> None:
+    out = list(SerialBackend().map_unordered(lambda v: v + 1, [3, 1, 2]))
+    assert out == [(0, 4), (1, 2), (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def pool():  # type: ignore[no-untyped-def]
+    """Two warm worker processes shared by the tests of this module (starting one costs
+    seconds: a fresh interpreter imports torch)."""
+    with ProcessBackend(2, threads=1) as backend:
+        yield backend
+
+
+def test_process_backend_runs_units_in_other_processes(pool: ProcessBackend) -> None:
+    results = dict(pool.map_unordered(_describe_worker, list(range(6))))
+    assert sorted(results) == list(range(6))
+    assert [results[k][0] for k in range(6)] == [k * k for k in range(6)]
+    assert {r[1] for r in results.values()} == {"1"}  # one thread per worker
+    assert {r[2] for r in results.values()} <= {"0", "1"}  # slots 0..N-1
+    # errors of the user's input come back as they are
+    with pytest.raises(SimfluenceError, match="unit 0: refused"):
+        list(pool.map_unordered(_refuse, [0]))
+    with ProcessBackend(2) as backend, pytest.raises(BackendError, match="worker process died"):
+        list(backend.map_unordered(_die, [0, 1, 2, 3]))
+
+
+# -- recording ---------------------------------------------------------------------------------
+def test_parallel_recording_equals_serial(tmp_path: Path, pool: ProcessBackend) -> None:
+    serial = _digits(tmp_path / "serial")
+    parallel = _digits(tmp_path / "parallel", pool)
+    assert parallel.run_ids == serial.run_ids
+    _assert_same_recordings(tmp_path / "serial", tmp_path / "parallel")
+    # resuming with more runs on the same (warm) pool extends the recording identically
+    _digits(tmp_path / "parallel", pool, runs=8)
+    _digits(tmp_path / "serial", runs=8)
+    _assert_same_recordings(tmp_path / "serial", tmp_path / "parallel")
+    assert serial.runs[0].metadata["device"] == "cpu"
+
+
+def test_parallel_recording_needs_a_rebuildable_task(tmp_path: Path) -> None:
+    from test_recording import SMALL, TinyTask
+
+    class Local(TinyTask):  # defined in a function: no worker can import it
+        pass
+
+    with (
+        pytest.warns(UserWarning, match="defined inside a function"),
+        pytest.raises(SimfluenceError, match="cannot be rebuilt in a worker"),
+    ):
+        record_runs(Local(), tmp_path / "d", **SMALL, progress=False, backend="process:2")
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_parallel_recording_resumes_after_kill_9(tmp_path: Path) -> None:
+    """kill -9 of the whole process group (parent and workers) during a recording on 2
+    workers, then `record --workers 2` again: the same run set as a serial recording."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_backends import DIGITS, SlowDigits
+        from simfluence.recording import record_runs
+
+        record_runs(SlowDigits(), sys.argv[1], **{{**DIGITS, "runs": 8}}, seed=0,
+                    checkpoints=[0, 4], progress=False, backend="process:2")
+        """
+    )
+    target = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list_run_files(target)) < 2:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = len(list_run_files(target))
+    assert 2 <= done < 8, "the recording should have been killed mid-way"
+    options = "--runs 8 --pool 40 --per-run 16 --tests 6 --batch 4 --epochs 2 --checkpoints 0,4"
+    argv = [*options.split(), "--no-progress"]
+    assert main(["record", str(target), *argv, "--workers", "2"]) == 0
+    assert main(["record", str(tmp_path / "serial"), *argv]) == 0
+    _assert_same_recordings(tmp_path / "serial", target)
+    assert not list((target / "runs").glob(".*"))
+    assert len(list_run_files(target)) == 8
+
+
+class SlowDigits(type(get_workload("digits-mlp"))):  # type: ignore[misc]
+    """digits-mlp, 20 ms slower per loss call (so a recording can be killed mid-way)."""
+
+    def example_losses(self, model, inputs):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        return super().example_losses(model, inputs)
+
+
+# -- validation --------------------------------------------------------------------------------
+def test_validate_with_workers_equals_serial(tmp_path: Path, pool: ProcessBackend) -> None:
+    _digits(tmp_path / "runs", checkpoints=[])
+    from simfluence.recording.validation import validate
+
+    runs = load_runset(tmp_path / "runs")
+    task = get_workload("digits-mlp")
+    kinds = ["random", "reorder"]
+
+    def sims():  # type: ignore[no-untyped-def]
+        return {"linear": LinearSimulator(l2=1.0, unseen="prior")}
+
+    serial = validate(task, runs, sims(), kinds, count=3)
+    parallel = validate(task, runs, sims(), kinds, count=3, backend=pool)
+    assert json.dumps(serial, sort_keys=True) == json.dumps(parallel, sort_keys=True)
+    assert serial["kinds"]["random"]["curricula"] == 3
+
+
+# -- sharded fits ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic():  # type: ignore[no-untyped-def]
+    runs, _ = generate(SynthConfig(pool=80, tests=30, runs=10, per_run=40, batch=4, epochs=2))
+    return runs
+
+
+def test_sharded_fit_matches_the_whole_fit(synthetic) -> None:  # type: ignore[no-untyped-def]
+    whole = LinearSimulator().fit(synthetic)
+    shards = LinearSimulator(test_shards=4).fit(synthetic)
+    assert shards.l2_ == whole.l2_
+    # a shard stops walking the l2 grid by itself: the curves agree where both went
+    common = min(len(shards.cv_mse_), len(whole.cv_mse_))
+    assert common >= 3
+    np.testing.assert_allclose(
+        np.array(shards.cv_mse_[:common]), np.array(whole.cv_mse_[:common]), rtol=1e-4
+    )
+    np.testing.assert_allclose(shards.A_, whole.A_, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(shards.B_, whole.B_, rtol=0, atol=1e-7)
+    assert np.array_equal(shards.seen_, whole.seen_)
+    with pytest.raises(SimfluenceError, match="test_shards"):
+        LinearSimulator(test_shards=0).fit(synthetic)
+
+
+def test_sharded_fit_on_workers_is_bit_identical(synthetic) -> None:  # type: ignore[no-untyped-def]
+    from simfluence.simulators import AdditiveSimulator
+
+    for cls in (LinearSimulator, AdditiveSimulator):
+        here = cls(test_shards=3).fit(synthetic)
+        pool = cls(test_shards=3, backend="process:2").fit(synthetic)
+        assert here.l2_ == pool.l2_ and here.cv_mse_ == pool.cv_mse_
+        assert np.array_equal(here.B_, pool.B_)
+        assert (here.A_ is None and pool.A_ is None) or np.array_equal(here.A_, pool.A_)
+
+
+def test_cv_on_a_subset_of_tests(synthetic) -> None:  # type: ignore[no-untyped-def]
+
+    sub = LinearSimulator(cv_tests=10).fit(synthetic)
+    cols = np.sort(np.random.default_rng(0).choice(30, 10, replace=False))
+    expected = LinearSimulator().fit(synthetic.select_tests(cols))
+    assert sub.cv_mse_ == expected.cv_mse_ and sub.l2_ == expected.l2_
+    assert sub.A_.shape == (30, 80)  # the final solve covers every test example
+    fixed = LinearSimulator(l2=sub.l2_).fit(synthetic)
+    np.testing.assert_allclose(sub.A_, fixed.A_, rtol=0, atol=1e-9)
+
+
+def test_fit_cli_shards_and_workers(tmp_path: Path, synthetic) -> None:  # type: ignore[no-untyped-def]
+    from simfluence.runlog import save_runset
+    from simfluence.simulators.registry import load_simulator
+
+    save_runset(synthetic, tmp_path / "runs")
+    out = tmp_path / "linear.npz"
+    argv = ["fit", str(tmp_path / "runs"), "--method", "linear", "-o", str(out)]
+    assert main([*argv, "--shards", "3", "--workers", "2", "--cv-tests", "12"]) == 0
+    fitted = load_simulator(out)
+    assert fitted.test_shards == 3 and fitted.backend == "process:2" and fitted.cv_tests == 12
+    reference = LinearSimulator(cv_tests=12, test_shards=3).fit(synthetic)
+    assert np.array_equal(fitted.A_, reference.A_)
+
+
+# -- Ray -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_ray():  # type: ignore[no-untyped-def]
+    ray = require_module("ray", "pip install 'simfluence[ray]'")  # CI installs it: fails there
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_records_validates_and_fits_like_serial(tmp_path: Path, local_ray, synthetic) -> None:  # type: ignore[no-untyped-def]
+    _digits(tmp_path / "serial")
+    _digits(tmp_path / "ray", "ray")
+    _assert_same_recordings(tmp_path / "serial", tmp_path / "ray")
+
+    from simfluence.recording.validation import validate
+
+    runs = load_runset(tmp_path / "serial")
+    task = get_workload("digits-mlp")
+    serial = validate(
+        task, runs, {"linear": LinearSimulator(l2=1.0, unseen="prior")}, ["random"], 3
+    )
+    on_ray = validate(
+        task,
+        runs,
+        {"linear": LinearSimulator(l2=1.0, unseen="prior")},
+        ["random"],
+        3,
+        backend="ray",
+    )
+    assert json.dumps(serial, sort_keys=True) == json.dumps(on_ray, sort_keys=True)
+
+    here = LinearSimulator(test_shards=3).fit(synthetic)
+    there = LinearSimulator(test_shards=3, backend="ray").fit(synthetic)
+    assert here.l2_ == there.l2_ and np.array_equal(here.A_, there.A_)
+    assert np.array_equal(here.B_, there.B_)
