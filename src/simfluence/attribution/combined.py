@@ -70,6 +70,9 @@ class CombinedSimulator(LinearSimulator):
         cv_tol: float = 1e-4,
         max_iter: int = 1000,
         loss_power: float = 0.0,
+        cv_tests: int | None = None,
+        test_shards: int | None = None,
+        backend: str = "serial",
         workload: str | None = None,
         checkpoints_dir: str | None = None,
         task: str | None = None,
@@ -85,6 +88,9 @@ class CombinedSimulator(LinearSimulator):
             cv_tol,
             max_iter,
             loss_power,
+            cv_tests,
+            test_shards,
+            backend,
         )
         self.workload = workload
         self.checkpoints_dir = checkpoints_dir
