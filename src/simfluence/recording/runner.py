@@ -440,17 +440,7 @@ class RunWork:
     def _prepared(self) -> _Prepared:
         if self._live is not None:
             return self._live
-        if self.task_ref is None:
-            raise SimfluenceError("RunWork: no task reference to rebuild the task from")
-        c = self.config
-        key = json.dumps([self.task_ref, c["pool"], c["tests"], c["seed"], self.device])
-        if key not in _PREPARED:
-            _PREPARED.clear()
-            task = resolve_task(self.task_ref["ref"], self.task_ref["kwargs"])
-            pool, tests = task.prepare(c["pool"], c["tests"], c["seed"])
-            initial = task.make_model(c["seed"])
-            _PREPARED[key] = _prepare(task, pool, tests, initial, resolve_device(self.device))
-        return _PREPARED[key]
+        return prepared_in_worker(self.task_ref, self.config, self.device)
 
     def __call__(self, index: int) -> int:
         prepared = self._prepared()
@@ -497,6 +487,25 @@ class RunWork:
         )
         write_run(directory, run, prepared.tests.ids)
         return index
+
+
+def prepared_in_worker(
+    task_ref: dict[str, Any] | None, config: dict[str, Any], device: str | None
+) -> _Prepared:
+    """The task `task_ref` (``{"ref", "kwargs"}``) rebuilt in this (worker) process, with the
+    examples and initial model of the run set's `config` on `device`; kept for the next unit
+    of the same recording or validation (rebuilding a task can take seconds)."""
+    if task_ref is None:
+        raise SimfluenceError("no task reference to rebuild the task from in a worker process")
+    c = config
+    key = json.dumps([task_ref, c["pool"], c["tests"], c["seed"], device])
+    if key not in _PREPARED:
+        _PREPARED.clear()
+        task = resolve_task(task_ref["ref"], task_ref["kwargs"])
+        pool, tests = task.prepare(c["pool"], c["tests"], c["seed"])
+        initial = task.make_model(c["seed"])
+        _PREPARED[key] = _prepare(task, pool, tests, initial, resolve_device(device))
+    return _PREPARED[key]
 
 
 def _prepare(

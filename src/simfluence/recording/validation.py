@@ -32,7 +32,6 @@ command line keeps its wall-clock timing apart, under ``"timing"``).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,9 +48,14 @@ from simfluence.metrics import linear_datamodeling_score
 from simfluence.recording.devices import resolve_device
 from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
 from simfluence.recording.optim import Schedule
-from simfluence.recording.runner import torch_threads, train_on_curriculum, worker_task_reference
+from simfluence.recording.runner import (
+    prepared_in_worker,
+    torch_threads,
+    train_on_curriculum,
+    worker_task_reference,
+)
 from simfluence.recording.task import Examples, Task
-from simfluence.recording.tasks import prepare_for_runset, resolve_task
+from simfluence.recording.tasks import prepare_for_runset
 from simfluence.runlog.runs import Curriculum, RunSet
 from simfluence.simulators.base import Simulator
 
@@ -167,10 +171,6 @@ def interval_scores(
     }
 
 
-#: per worker process: the task and examples it prepared last
-_PREPARED: dict[str, tuple[Task, Examples, Examples, torch.nn.Module]] = {}
-
-
 @dataclass
 class RetrainWork:
     """The work unit of validation: ``work((k, curriculum))`` trains the run set's initial model
@@ -196,18 +196,8 @@ class RetrainWork:
     def _prepared(self) -> tuple[Task, Examples, Examples, torch.nn.Module]:
         if self._live is not None:
             return self._live
-        if self.task_ref is None:
-            raise SimfluenceError("RetrainWork: no task reference to rebuild the task from")
-        c = self.config
-        key = json.dumps([self.task_ref, c["pool"], c["tests"], c["seed"], self.device])
-        if key not in _PREPARED:
-            _PREPARED.clear()
-            task = resolve_task(self.task_ref["ref"], self.task_ref["kwargs"])
-            pool, tests = task.prepare(c["pool"], c["tests"], c["seed"])
-            device = resolve_device(self.device)
-            initial = task.make_model(c["seed"]).to(device)
-            _PREPARED[key] = (task, pool.to(device), tests.to(device), initial)
-        return _PREPARED[key]
+        p = prepared_in_worker(self.task_ref, self.config, self.device)
+        return p.task, p.pool, p.tests, p.initial
 
     def __call__(self, item: tuple[str, int, Curriculum]) -> np.ndarray:
         kind, k, curriculum = item
