@@ -873,7 +873,7 @@ class HybridSimulator(_FeatureEffects, LinearSimulator):
             self._slopes = (A1, B1)  # set at every step: the CV folds' paths interleave
             yield A0 + solution.delta_A.T, B0 + solution.delta_B.T
 
-    def _validation_mse(self, runs: RunSet, params: Params) -> float:
+    def _validation_mse(self, runs: RunSet, params: Params, floor: tuple[Any, Any]) -> float:
         A, B = params
         return self._rollout_mse(runs, (A, B, *self._slopes))
 
