@@ -117,6 +117,7 @@ def pool():  # type: ignore[no-untyped-def]
         yield backend
 
 
+@pytest.mark.workers
 def test_process_backend_runs_units_in_other_processes(pool: ProcessBackend) -> None:
     results = dict(pool.map_unordered(_describe_worker, list(range(6))))
     assert sorted(results) == list(range(6))
@@ -131,6 +132,7 @@ def test_process_backend_runs_units_in_other_processes(pool: ProcessBackend) -> 
 
 
 # -- recording ---------------------------------------------------------------------------------
+@pytest.mark.workers
 def test_parallel_recording_equals_serial(tmp_path: Path, pool: ProcessBackend) -> None:
     serial = _digits(tmp_path / "serial")
     parallel = _digits(tmp_path / "parallel", pool)
@@ -143,6 +145,7 @@ def test_parallel_recording_equals_serial(tmp_path: Path, pool: ProcessBackend) 
     assert serial.runs[0].metadata["device"] == "cpu"
 
 
+@pytest.mark.workers
 def test_parallel_recording_needs_a_rebuildable_task(tmp_path: Path) -> None:
     from test_recording import SMALL, TinyTask
 
@@ -157,6 +160,7 @@ def test_parallel_recording_needs_a_rebuildable_task(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
+@pytest.mark.workers
 def test_parallel_recording_resumes_after_kill_9(tmp_path: Path) -> None:
     """kill -9 of the whole process group (parent and workers) during a recording on 2
     workers, then `record --workers 2` again: the same run set as a serial recording."""
@@ -200,6 +204,7 @@ class SlowDigits(type(get_workload("digits-mlp"))):  # type: ignore[misc]
 
 
 # -- validation --------------------------------------------------------------------------------
+@pytest.mark.workers
 def test_validate_with_workers_equals_serial(tmp_path: Path, pool: ProcessBackend) -> None:
     _digits(tmp_path / "runs", checkpoints=[])
     from simfluence.recording.validation import validate
@@ -241,6 +246,7 @@ def test_sharded_fit_matches_the_whole_fit(synthetic) -> None:  # type: ignore[n
         LinearSimulator(test_shards=0).fit(synthetic)
 
 
+@pytest.mark.workers
 def test_sharded_fit_on_workers_is_bit_identical(synthetic) -> None:  # type: ignore[no-untyped-def]
     from simfluence.simulators import AdditiveSimulator
 
@@ -263,6 +269,7 @@ def test_cv_on_a_subset_of_tests(synthetic) -> None:  # type: ignore[no-untyped-
     np.testing.assert_allclose(sub.A_, fixed.A_, rtol=0, atol=1e-9)
 
 
+@pytest.mark.workers
 def test_fit_cli_shards_and_workers(tmp_path: Path, synthetic) -> None:  # type: ignore[no-untyped-def]
     from simfluence.runlog import save_runset
     from simfluence.simulators.registry import load_simulator
@@ -286,6 +293,7 @@ def local_ray():  # type: ignore[no-untyped-def]
     ray.shutdown()
 
 
+@pytest.mark.workers
 def test_ray_records_validates_and_fits_like_serial(tmp_path: Path, local_ray, synthetic) -> None:  # type: ignore[no-untyped-def]
     _digits(tmp_path / "serial")
     _digits(tmp_path / "ray", "ray")

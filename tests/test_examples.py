@@ -23,6 +23,9 @@ from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.recording.validation import make_curricula, validate
 from simfluence.runlog import load_runset
 
+# these tests record (or train) through the command line in a subprocess
+pytestmark = pytest.mark.workers
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK_REF = "examples/own_model/task.py:BreastCancerTask"  # relative, as a user types it
 SMALL = [

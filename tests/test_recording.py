@@ -342,6 +342,7 @@ def test_runner_resumes_after_a_crash(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.workers
 def test_runner_resumes_after_kill_9(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
