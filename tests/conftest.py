@@ -52,3 +52,46 @@ def _preload_torch_optimizers() -> None:
 
 if "MUTANT_UNDER_TEST" in os.environ:  # set by mutmut in the process it forks workers from
     _preload_torch_optimizers()
+
+
+_TEST_SECONDS: dict[str, float] | None = None
+
+
+def _recorded_test_seconds() -> dict[str, float]:
+    """mutmut's per-test durations (``mutmut-stats.json`` in its working copy), or {}."""
+    global _TEST_SECONDS
+    if _TEST_SECONDS is None:
+        import json
+        from pathlib import Path
+
+        stats = Path("mutmut-stats.json")
+        try:
+            _TEST_SECONDS = json.loads(stats.read_text())["duration_by_test"]
+        except (OSError, ValueError, KeyError):
+            return {}
+    return _TEST_SECONDS
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under mutmut, run a mutant's tests cheapest first, one test file at a time.
+
+    mutmut passes a mutant's tests in set order and stops at the first failure: most mutants
+    are killed by some quick test, so trying quick tests first ends most runs early, and
+    keeping each file's tests together sets up its module fixtures once."""
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    seconds = _recorded_test_seconds()
+    if not seconds:
+        return
+    cost = {item.nodeid: seconds.get(item.nodeid, 1.0) for item in items}
+    per_file: dict[str, float] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        per_file[path] = per_file.get(path, 0.0) + cost[item.nodeid]
+
+    def order(item: pytest.Item) -> tuple[float, str, float]:
+        path = item.nodeid.split("::")[0]
+        return per_file[path], path, cost[item.nodeid]
+
+    items.sort(key=order)
