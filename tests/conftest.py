@@ -42,11 +42,16 @@ def require_module(name: str, install: str) -> object:
 def _preload_torch_optimizers() -> None:
     """Creating the first torch optimizer imports ``torch._dynamo``: seconds. Done once at
     collection, it is shared by every process forked from this one (mutation testing forks one
-    per mutant), instead of being paid again in each."""
+    per mutant), instead of being paid again in each.
+
+    One thread per mutant, too: mutmut runs a mutant per core, and it stops a mutant's tests on
+    *CPU* seconds, which a multi-threaded torch spends several per second of the tests' time."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
     except ImportError:
         return
+    torch.set_num_threads(1)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
