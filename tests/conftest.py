@@ -77,13 +77,25 @@ def _recorded_test_seconds() -> dict[str, float]:
     return _TEST_SECONDS
 
 
+def _test_budget() -> float:
+    """``SIMFLUENCE_MUTANT_SECONDS``: the recorded test time one mutant may use (0: no limit)."""
+    try:
+        return max(float(os.environ.get("SIMFLUENCE_MUTANT_SECONDS", "0")), 0.0)
+    except ValueError:
+        return 0.0
+
+
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under mutmut, run a mutant's tests cheapest first, one test file at a time.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut, run a mutant's tests cheapest first, one test file at a time, and at most
+    ``SIMFLUENCE_MUTANT_SECONDS`` of them (by their recorded time; ``make mutate`` sets it).
 
     mutmut passes a mutant's tests in set order and stops at the first failure: most mutants
     are killed by some quick test, so trying quick tests first ends most runs early, and
-    keeping each file's tests together sets up its module fixtures once."""
+    keeping each file's tests together sets up its module fixtures once. The budget bounds what
+    a surviving mutant costs: a core function is reached by a hundred tests (20 s), most of
+    them end-to-end checks of something else; a mutant that the cheapest few seconds of them
+    do not notice counts as a survivor (the score can only be lower for it, never higher)."""
     if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
         return
     seconds = _recorded_test_seconds()
@@ -100,3 +112,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return per_file[path], path, cost[item.nodeid]
 
     items.sort(key=order)
+    budget = _test_budget()
+    if budget:
+        spent, keep = 0.0, 0
+        while keep < len(items) and (keep == 0 or spent + cost[items[keep].nodeid] <= budget):
+            spent += cost[items[keep].nodeid]
+            keep += 1
+        if keep < len(items):
+            config.hook.pytest_deselected(items=items[keep:])
+            del items[keep:]
