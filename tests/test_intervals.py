@@ -30,7 +30,9 @@ from simfluence.simulators import (
 )
 from simfluence.simulators.base import soft_floor
 from simfluence.simulators.intervals import (
+    Interval,
     NotCalibratedError,
+    bounds,
     conformal_quantile,
     residual_table,
     run_folds,
@@ -88,6 +90,30 @@ def test_scales_follow_steps_and_examples() -> None:
     assert np.all(np.diff(result[5:-5, 0]) > -0.2)  # grows with the step (noisy)
     assert result[20, 0] > 3 * result[5, 0]
     np.testing.assert_allclose(result[10:20, 1] / result[10:20, 0], 10.0, rtol=0.3)
+
+
+def test_bounds_of_one_rollout_by_hand() -> None:
+    """Seven runs, one step, one test example of residual scale 2: the normalized residuals
+    are -3..3; at level 0.5 the conformal ranks are floor(8 * 0.25) = 2 and ceil(8 * 0.75) = 6,
+    quantiles -2 and 2, so a rollout at 5 gets [5 - 2 * 2, 5 + 2 * 2]."""
+    residuals = np.zeros((7, 2, 1))
+    residuals[:, 1, 0] = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]
+    simulated = np.array([[1.0], [5.0]])
+    lower, upper = bounds(simulated, residuals, np.array([2.0]), 0.5, 0.0)
+    np.testing.assert_array_equal(lower, [[1.0], [1.0]])  # row 0 is the given initial loss
+    np.testing.assert_array_equal(upper, [[1.0], [9.0]])
+    # a wider level reaches further out (ranks 1 and 7: -3 and 3); the floor clips the lower
+    lower, upper = bounds(simulated, residuals, np.array([2.0]), 0.75, 2.0)
+    np.testing.assert_array_equal(lower, [[1.0], [2.0]])
+    np.testing.assert_array_equal(upper, [[1.0], [11.0]])
+
+
+def test_interval_contains_its_end_points() -> None:
+    interval = Interval(lower=np.array([[1.0, 1.0]]), upper=np.array([[2.0, 3.0]]), level=0.9)
+    losses = np.array([[[1.0, 3.0]], [[0.5, 2.0]], [[2.5, 3.5]]])
+    assert interval.contains(losses[0]).tolist() == [[True, True]]  # both ends are inside
+    assert interval.contains(losses[1]).tolist() == [[False, True]]
+    assert interval.contains(losses[2]).tolist() == [[False, False]]
 
 
 def test_run_folds_partition_whole_runs(synthetic: tuple) -> None:
