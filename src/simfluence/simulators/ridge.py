@@ -77,12 +77,12 @@ def loss_weights(prev: np.ndarray, power: float, floor: float = 0.1) -> np.ndarr
     every loss is 0, all rows weigh alike), so no weight is infinite.
     """
     magnitude = np.abs(prev)
-    scale = np.median(magnitude, axis=0, keepdims=True)
-    scale = np.where(scale > 0, scale, magnitude.mean(axis=0, keepdims=True))
+    scale = np.median(magnitude, axis=0)  # (M,), broadcast over the rows
+    scale = np.where(scale > 0, scale, magnitude.mean(axis=0))
     scale = np.where(scale > 0, scale, 1.0)
     # divided by `s` first: the same weights after normalizing, at most floor^-power apart
     weights = (magnitude / scale + floor) ** -power
-    return weights / weights.mean(axis=0, keepdims=True)
+    return weights / weights.mean(axis=0)
 
 
 @dataclass
