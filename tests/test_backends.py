@@ -32,7 +32,7 @@ from simfluence.recording.workloads import get_workload
 from simfluence.runlog import Run, RunSet, load_runset
 from simfluence.runlog.store import list_run_files
 from simfluence.simulators import AdditiveSimulator, LinearSimulator
-from simfluence.simulators.sharded import shard_columns
+from simfluence.simulators.sharded import combine_curves, shard_columns
 from simfluence.synth import SynthConfig, generate
 
 DIGITS = {"runs": 6, "pool": 40, "per_run": 16, "tests": 6, "batch": 4, "epochs": 2, "lr": 0.1}
@@ -255,6 +255,28 @@ def test_shard_columns_are_contiguous_nearly_equal_blocks() -> None:
     for bad in (0, -1, 2.5, True, "3"):
         with pytest.raises(SimfluenceError, match="test_shards"):
             shard_columns(10, bad)
+
+
+def test_combine_curves_weights_shards_by_their_test_examples() -> None:
+    """The full data's CV error is a mean over test examples: a shard of 3 counts 3 times
+    one of 1; only the l2 values every shard reached are compared."""
+    curves = [[[3.0, 1.0], [0.3, 0.5], [0.03, 0.7]], [[3.0, 2.0], [0.3, 4.5]]]
+    assert combine_curves(curves, [3, 1]) == [[3.0, 1.25], [0.3, 1.5]]
+    np.testing.assert_allclose(combine_curves(curves[:1], [3]), curves[0], rtol=1e-15)
+    with pytest.raises(ValueError):  # a weight per curve, or it is not the data's mean
+        combine_curves(curves, [3])
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the losses are made to overflow
+def test_fit_takes_the_smoothest_l2_when_every_cv_error_is_infinite() -> None:
+    """Losses near 1e160: every held-out squared error overflows, so no l2 is better than
+    another and the fit falls back on the first (strongest) l2 of the grid."""
+    runs, _ = generate(SynthConfig(pool=20, tests=6, runs=6, per_run=12, batch=4, epochs=1))
+    for run in runs.runs:
+        run.losses = run.losses * 1e160
+    for shards in (None, 2):
+        sim = LinearSimulator(l2_grid=[3.0, 0.3, 0.03], test_shards=shards).fit(runs)
+        assert sim.l2_ == 3.0 and sim.cv_mse_ and all(np.isinf(m) for _, m in sim.cv_mse_)
 
 
 def test_sharded_fit_reports_its_worst_shard(synthetic) -> None:  # type: ignore[no-untyped-def]
