@@ -18,6 +18,7 @@ from simfluence.counterfactual.search import (
     assess_curriculum,
     trust_region_rollouts,
 )
+from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate, format_table
 from simfluence.metrics import interval_coverage, interval_width
 from simfluence.runlog import save_runset
@@ -32,7 +33,10 @@ from simfluence.simulators.base import soft_floor
 from simfluence.simulators.intervals import (
     Interval,
     NotCalibratedError,
+    aggregate_bounds,
+    aggregate_offsets,
     bounds,
+    check_level,
     conformal_quantile,
     residual_table,
     run_folds,
@@ -114,6 +118,41 @@ def test_interval_contains_its_end_points() -> None:
     assert interval.contains(losses[0]).tolist() == [[True, True]]  # both ends are inside
     assert interval.contains(losses[1]).tolist() == [[False, True]]
     assert interval.contains(losses[2]).tolist() == [[False, False]]
+
+
+def test_aggregate_offsets_by_hand() -> None:
+    """The residual of the mean loss of the chosen test examples, per calibration run, at
+    `step` (a shorter run's own last step); then its conformal quantiles, widened to 0."""
+    residuals = np.zeros((5, 3, 3))
+    residuals[:, 2, :2] = [[2.0, 4.0], [-2.0, -6.0], [0.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]
+    residuals[2, 1, :2] = [0.5, 1.5]  # run 2 ends after step 1: its step-1 residual counts
+    residuals[2, 2] = np.nan
+    residuals[:, 2, 2] = 7.0  # a test example that is not averaged
+    columns = np.array([0, 1])
+    # means over columns 0, 1: [3, -4, 1, 0.5, -1]; sorted [-4, -1, 0.5, 1, 3]; with n = 5 and
+    # level 0.2 the ranks are floor(6 * 0.4) = 2 and ceil(6 * 0.6) = 4: -1 and 1
+    assert aggregate_offsets(residuals, columns, 2, 0.2) == (-1.0, 1.0)
+    # level 0.9 needs more runs (ranks 0 and 6): the extreme residuals stand in
+    assert aggregate_offsets(residuals, columns, 2, 0.9) == (-4.0, 3.0)
+    # every residual above 0 (column 2 at step 2, and 0 at step 1 for run 2): low is 0
+    low, high = aggregate_offsets(residuals, np.array([2]), 2, 0.2)
+    assert low == 0.0 and high == 7.0
+    assert aggregate_offsets(residuals, columns, 1, 0.2) == (0.0, 0.0)  # steps 1: 0, 0, 1, 0, 0
+    # one test example only: [2, -2, 0.5, 0, -1] sorted [-2, -1, 0, 0.5, 2]
+    assert aggregate_offsets(residuals[:, :, :1], np.array([0]), 2, 0.2) == (-1.0, 0.5)
+
+
+def test_aggregate_bounds_clip_at_the_floor() -> None:
+    assert aggregate_bounds(1.0, (-0.5, 0.5), 0.0) == (0.5, 1.5)
+    assert aggregate_bounds(1.0, (-2.0, 3.0), 0.0) == (0.0, 4.0)
+    assert aggregate_bounds(-5.0, (-1.0, 1.0), 0.0) == (0.0, 0.0)  # both at the floor
+
+
+def test_check_level_takes_numbers_strictly_between_0_and_1() -> None:
+    assert check_level("0.9") == 0.9 and check_level(np.float32(0.5)) == 0.5
+    for bad in (0, 1, 1.5, -0.1, "high", None):
+        with pytest.raises(SimfluenceError, match="interval level"):
+            check_level(bad)
 
 
 def test_run_folds_partition_whole_runs(synthetic: tuple) -> None:
