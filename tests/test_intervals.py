@@ -41,6 +41,7 @@ from simfluence.simulators.intervals import (
     residual_table,
     run_folds,
     scales,
+    step_quantiles,
 )
 from simfluence.simulators.intervals import test_scales as per_test_scales
 from simfluence.synth import SynthConfig, generate, write_synthetic
@@ -70,6 +71,47 @@ def test_conformal_quantile_is_the_finite_sample_rank() -> None:
     assert conformal_quantile(values, 0.9) == 18.0
     assert conformal_quantile(values[:5], 0.95) == np.inf  # too few values to promise 95%
     assert conformal_quantile(np.array([3.0, np.nan, 1.0, 2.0]), 0.5) == 2.0
+
+
+def test_step_quantiles_per_step_when_steps_hold_enough_values() -> None:
+    """200 values a step (`MIN_POOLED`): no pooling. Step 1 holds -100..99, step 2 twice
+    that; at level 0.9 the conformal ranks of n = 200 are floor(201 * 0.05) = 10 and
+    ceil(201 * 0.95) = 191."""
+    normalized = np.zeros((100, 3, 2))
+    values = (np.arange(200.0) - 100).reshape(100, 2)
+    normalized[:, 1], normalized[:, 2] = values, 2 * values
+    lower, upper = step_quantiles(normalized, 0.9)
+    np.testing.assert_array_equal(lower, [0.0, -91.0, -182.0])
+    np.testing.assert_array_equal(upper, [0.0, 90.0, 180.0])
+
+
+def test_step_quantiles_pool_neighbouring_steps_when_few_values() -> None:
+    """20 values a step: steps t - 5 .. t + 5 are pooled (ceil((200 / 20 - 1) / 2) = 5), cut
+    at step 1 and the last step. Step t holds the value t - 10 twenty times."""
+    normalized = np.broadcast_to((np.arange(20.0) - 10)[None, :, None], (10, 20, 2)).copy()
+    lower, upper = step_quantiles(normalized, 0.5)
+    # step 1 pools steps 1..6 (-9..-4, 120 values): ranks 30 and 91 -> -8 and -5, upper to 0
+    assert (lower[1], upper[1]) == (-8.0, 0.0)
+    # step 10 pools steps 5..15 (-5..5, 220 values): ranks 55 and 166 -> -3 and 3
+    assert (lower[10], upper[10]) == (-3.0, 3.0)
+    # step 19 pools steps 14..19 (4..9): ranks 30 and 91 -> 5 and 8, lower to 0
+    assert (lower[19], upper[19]) == (0.0, 8.0)
+    assert lower[0] == upper[0] == 0.0
+    # wider pooling must not change it: the upper quantile of step 1 on values t**2 is 5**2
+    _, upper = step_quantiles((normalized + 10) ** 2, 0.5)
+    assert upper[1] == 25.0
+
+
+def test_step_quantiles_of_very_few_values_and_steps() -> None:
+    # one value a step: pool up to 100 steps each side; step 1 of 120 pools steps 1..101 and
+    # at level 0.5 takes rank ceil(102 * 0.75) = 77 (values t)
+    _, upper = step_quantiles(np.arange(121.0)[None, :, None], 0.5)
+    assert upper[1] == 77.0
+    # one step: it is its own window; no step at all: nothing to do
+    lower, upper = step_quantiles(np.arange(-5.0, 5.0).reshape(5, 1, 2)[:, [0, 0], :], 0.5)
+    assert lower.tolist() == [0.0, -4.0] and upper.tolist() == [0.0, 3.0]
+    lower, upper = step_quantiles(np.zeros((3, 1, 2)), 0.9)
+    assert lower.tolist() == [0.0] and upper.tolist() == [0.0]
 
 
 def test_residual_table_and_scales() -> None:
