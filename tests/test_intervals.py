@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,23 @@ def test_residual_table_and_scales() -> None:
     np.testing.assert_allclose(scales, [2.0, 2.0])  # a never-wrong example gets the smallest
 
 
+def test_per_test_scales_by_hand() -> None:
+    """Mean |residual| over runs and steps 1..T, non-finite values left out; an example never
+    mispredicted, or never observed, takes the smallest positive scale; an overflowing one is
+    infinite. No numpy warnings on the way."""
+    residuals = np.full((2, 3, 5), np.nan)
+    residuals[:, 0] = 100.0  # step 0 is not scored
+    residuals[:, 1:, 0] = [[0.2, -0.4], [np.inf, 0.6]]  # mean of 0.2, 0.4, 0.6
+    residuals[:, 1:, 1] = 0.0  # never mispredicted
+    residuals[0, 1, 2] = -0.3  # a single value
+    residuals[:, 1:, 4] = 1e308  # their sum overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale = per_test_scales(residuals)
+    np.testing.assert_allclose(scale, [0.4, 0.3, 0.3, 0.3, np.inf], rtol=1e-12)
+    np.testing.assert_array_equal(per_test_scales(np.zeros((2, 3, 2))), [1.0, 1.0])  # none > 0
+
+
 def test_scales_follow_steps_and_examples() -> None:
     rng = np.random.default_rng(0)
     steps = np.arange(31.0)
@@ -152,6 +170,11 @@ def test_bounds_of_one_rollout_by_hand() -> None:
     lower, upper = bounds(simulated, residuals, np.array([2.0]), 0.75, 2.0)
     np.testing.assert_array_equal(lower, [[1.0], [2.0]])
     np.testing.assert_array_equal(upper, [[1.0], [11.0]])
+    # steps beyond the calibration runs' last step keep that step's quantiles and scale
+    longer = np.array([[1.0], [5.0], [5.0], [6.0]])
+    lower, upper = bounds(longer, residuals, np.array([2.0]), 0.5, 0.0)
+    np.testing.assert_array_equal(lower, [[1.0], [1.0], [1.0], [2.0]])
+    np.testing.assert_array_equal(upper, [[1.0], [9.0], [9.0], [10.0]])
 
 
 def test_interval_contains_its_end_points() -> None:
