@@ -29,9 +29,10 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording import record_runs
 from simfluence.recording.runner import checkpoint_path
 from simfluence.recording.workloads import get_workload
-from simfluence.runlog import load_runset
+from simfluence.runlog import Run, RunSet, load_runset
 from simfluence.runlog.store import list_run_files
-from simfluence.simulators import LinearSimulator
+from simfluence.simulators import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.sharded import combine_curves, shard_columns
 from simfluence.synth import SynthConfig, generate
 
 DIGITS = {"runs": 6, "pool": 40, "per_run": 16, "tests": 6, "batch": 4, "epochs": 2, "lr": 0.1}
@@ -244,6 +245,88 @@ def test_sharded_fit_matches_the_whole_fit(synthetic) -> None:  # type: ignore[n
     assert np.array_equal(shards.seen_, whole.seen_)
     with pytest.raises(SimfluenceError, match="test_shards"):
         LinearSimulator(test_shards=0).fit(synthetic)
+
+
+def test_shard_columns_are_contiguous_nearly_equal_blocks() -> None:
+    assert [b.tolist() for b in shard_columns(10, 3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [b.tolist() for b in shard_columns(4, 1)] == [[0, 1, 2, 3]]
+    assert [b.tolist() for b in shard_columns(2, 5)] == [[0], [1]]  # never an empty shard
+    assert len(shard_columns(10, np.int64(2))) == 2  # what the simulator's check accepts
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(SimfluenceError, match="test_shards"):
+            shard_columns(10, bad)
+
+
+def test_combine_curves_weights_shards_by_their_test_examples() -> None:
+    """The full data's CV error is a mean over test examples: a shard of 3 counts 3 times
+    one of 1; only the l2 values every shard reached are compared."""
+    curves = [[[3.0, 1.0], [0.3, 0.5], [0.03, 0.7]], [[3.0, 2.0], [0.3, 4.5]]]
+    assert combine_curves(curves, [3, 1]) == [[3.0, 1.25], [0.3, 1.5]]
+    np.testing.assert_allclose(combine_curves(curves[:1], [3]), curves[0], rtol=1e-15)
+    with pytest.raises(ValueError):  # a weight per curve, or it is not the data's mean
+        combine_curves(curves, [3])
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the losses are made to overflow
+def test_fit_takes_the_smoothest_l2_when_every_cv_error_is_infinite() -> None:
+    """Losses near 1e160: every held-out squared error overflows, so no l2 is better than
+    another and the fit falls back on the first (strongest) l2 of the grid."""
+    runs, _ = generate(SynthConfig(pool=20, tests=6, runs=6, per_run=12, batch=4, epochs=1))
+    for run in runs.runs:
+        run.losses = run.losses * 1e160
+    for shards in (None, 2):
+        sim = LinearSimulator(l2_grid=[3.0, 0.3, 0.03], test_shards=shards).fit(runs)
+        assert sim.l2_ == 3.0 and sim.cv_mse_ and all(np.isinf(m) for _, m in sim.cv_mse_)
+
+
+def test_sharded_fit_reports_its_worst_shard(synthetic) -> None:  # type: ignore[no-untyped-def]
+    """With ``l2`` given there is no cross-validation; each shard is solved like an unsharded
+    fit of its test examples, and the fit reports the most iterations and the largest
+    residual of any shard."""
+    sharded = LinearSimulator(l2=0.5, test_shards=np.int64(3)).fit(synthetic)
+    assert sharded.cv_mse_ is None and sharded.l2_ == 0.5
+    blocks = np.arange(30).reshape(3, 10)  # 30 test examples in 3 contiguous shards
+    alone = [LinearSimulator(l2=0.5).fit(synthetic.select_tests(c)) for c in blocks]
+    assert sharded.cg_iterations_ == max(s.cg_iterations_ for s in alone)
+    assert sharded.cg_residual_ == max(s.cg_residual_ for s in alone)
+    np.testing.assert_array_equal(sharded.A_, np.vstack([s.A_ for s in alone]))
+    np.testing.assert_array_equal(sharded.B_, np.vstack([s.B_ for s in alone]))
+
+
+def test_one_shard_and_a_two_value_grid_match_the_whole_fit() -> None:
+    runs, _ = generate(SynthConfig(pool=20, tests=6, runs=6, per_run=12, batch=4, epochs=1))
+    grid = [3.0, 0.3]
+    whole = LinearSimulator(l2_grid=grid).fit(runs)
+    assert len(whole.cv_mse_) == 2
+    for shards in (1, 2):
+        sharded = LinearSimulator(l2_grid=grid, test_shards=shards).fit(runs)
+        assert sharded.l2_ == whole.l2_
+        np.testing.assert_allclose(sharded.cv_mse_, whole.cv_mse_, rtol=1e-4)  # CV's own tol
+        np.testing.assert_allclose(sharded.A_, whole.A_, rtol=0, atol=1e-7)
+
+
+def test_sharded_additive_fit_matches_the_whole_fit() -> None:
+    """The additive model has no multiplicative part and no conjugate-gradient statistics."""
+    runs, _ = generate(SynthConfig(pool=20, tests=6, runs=4, per_run=12, batch=4, epochs=1))
+    whole = AdditiveSimulator(l2=0.5).fit(runs)
+    sharded = AdditiveSimulator(l2=0.5, test_shards=3).fit(runs)
+    assert sharded.A_ is None and not hasattr(sharded, "cg_iterations_")
+    np.testing.assert_allclose(sharded.B_, whole.B_, rtol=0, atol=1e-9)
+
+
+def test_sharded_fit_knows_which_examples_were_seen() -> None:
+    """``seen_``: consumed at least once (here "a" twice, "b" once, "c" never)."""
+    runs = RunSet(
+        ["a", "b", "c"],
+        ["t0", "t1"],
+        [
+            Run("r0", [["a"], ["b"]], [[2.0, 1.0], [1.5, 0.9], [1.2, 0.8]]),
+            Run("r1", [["a"]], [[2.0, 1.0], [1.6, 0.95]]),
+        ],
+    )
+    for shards in (None, 2):
+        sim = LinearSimulator(l2=1.0, test_shards=shards).fit(runs)
+        assert sim.seen_.tolist() == [True, True, False]
 
 
 @pytest.mark.workers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from simfluence.counterfactual.search import (
     assess_curriculum,
     trust_region_rollouts,
 )
+from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate, format_table
 from simfluence.metrics import interval_coverage, interval_width
 from simfluence.runlog import save_runset
@@ -30,11 +32,17 @@ from simfluence.simulators import (
 )
 from simfluence.simulators.base import soft_floor
 from simfluence.simulators.intervals import (
+    Interval,
     NotCalibratedError,
+    aggregate_bounds,
+    aggregate_offsets,
+    bounds,
+    check_level,
     conformal_quantile,
     residual_table,
     run_folds,
     scales,
+    step_quantiles,
 )
 from simfluence.simulators.intervals import test_scales as per_test_scales
 from simfluence.synth import SynthConfig, generate, write_synthetic
@@ -66,6 +74,47 @@ def test_conformal_quantile_is_the_finite_sample_rank() -> None:
     assert conformal_quantile(np.array([3.0, np.nan, 1.0, 2.0]), 0.5) == 2.0
 
 
+def test_step_quantiles_per_step_when_steps_hold_enough_values() -> None:
+    """200 values a step (`MIN_POOLED`): no pooling. Step 1 holds -100..99, step 2 twice
+    that; at level 0.9 the conformal ranks of n = 200 are floor(201 * 0.05) = 10 and
+    ceil(201 * 0.95) = 191."""
+    normalized = np.zeros((100, 3, 2))
+    values = (np.arange(200.0) - 100).reshape(100, 2)
+    normalized[:, 1], normalized[:, 2] = values, 2 * values
+    lower, upper = step_quantiles(normalized, 0.9)
+    np.testing.assert_array_equal(lower, [0.0, -91.0, -182.0])
+    np.testing.assert_array_equal(upper, [0.0, 90.0, 180.0])
+
+
+def test_step_quantiles_pool_neighbouring_steps_when_few_values() -> None:
+    """20 values a step: steps t - 5 .. t + 5 are pooled (ceil((200 / 20 - 1) / 2) = 5), cut
+    at step 1 and the last step. Step t holds the value t - 10 twenty times."""
+    normalized = np.broadcast_to((np.arange(20.0) - 10)[None, :, None], (10, 20, 2)).copy()
+    lower, upper = step_quantiles(normalized, 0.5)
+    # step 1 pools steps 1..6 (-9..-4, 120 values): ranks 30 and 91 -> -8 and -5, upper to 0
+    assert (lower[1], upper[1]) == (-8.0, 0.0)
+    # step 10 pools steps 5..15 (-5..5, 220 values): ranks 55 and 166 -> -3 and 3
+    assert (lower[10], upper[10]) == (-3.0, 3.0)
+    # step 19 pools steps 14..19 (4..9): ranks 30 and 91 -> 5 and 8, lower to 0
+    assert (lower[19], upper[19]) == (0.0, 8.0)
+    assert lower[0] == upper[0] == 0.0
+    # wider pooling must not change it: the upper quantile of step 1 on values t**2 is 5**2
+    _, upper = step_quantiles((normalized + 10) ** 2, 0.5)
+    assert upper[1] == 25.0
+
+
+def test_step_quantiles_of_very_few_values_and_steps() -> None:
+    # one value a step: pool up to 100 steps each side; step 1 of 120 pools steps 1..101 and
+    # at level 0.5 takes rank ceil(102 * 0.75) = 77 (values t)
+    _, upper = step_quantiles(np.arange(121.0)[None, :, None], 0.5)
+    assert upper[1] == 77.0
+    # one step: it is its own window; no step at all: nothing to do
+    lower, upper = step_quantiles(np.arange(-5.0, 5.0).reshape(5, 1, 2)[:, [0, 0], :], 0.5)
+    assert lower.tolist() == [0.0, -4.0] and upper.tolist() == [0.0, 3.0]
+    lower, upper = step_quantiles(np.zeros((3, 1, 2)), 0.9)
+    assert lower.tolist() == [0.0] and upper.tolist() == [0.0]
+
+
 def test_residual_table_and_scales() -> None:
     true = [np.ones((3, 2)), np.ones((2, 2))]
     pred = [np.zeros((3, 2)), np.full((2, 2), np.nan)]
@@ -75,6 +124,23 @@ def test_residual_table_and_scales() -> None:
     assert np.isinf(table[1, :2]).all()  # a non-finite rollout is an infinite residual
     scales = per_test_scales(np.array([[[0.0, 0.0], [1.0, 0.0], [-3.0, 0.0]]]))
     np.testing.assert_allclose(scales, [2.0, 2.0])  # a never-wrong example gets the smallest
+
+
+def test_per_test_scales_by_hand() -> None:
+    """Mean |residual| over runs and steps 1..T, non-finite values left out; an example never
+    mispredicted, or never observed, takes the smallest positive scale; an overflowing one is
+    infinite. No numpy warnings on the way."""
+    residuals = np.full((2, 3, 5), np.nan)
+    residuals[:, 0] = 100.0  # step 0 is not scored
+    residuals[:, 1:, 0] = [[0.2, -0.4], [np.inf, 0.6]]  # mean of 0.2, 0.4, 0.6
+    residuals[:, 1:, 1] = 0.0  # never mispredicted
+    residuals[0, 1, 2] = -0.3  # a single value
+    residuals[:, 1:, 4] = 1e308  # their sum overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale = per_test_scales(residuals)
+    np.testing.assert_allclose(scale, [0.4, 0.3, 0.3, 0.3, np.inf], rtol=1e-12)
+    np.testing.assert_array_equal(per_test_scales(np.zeros((2, 3, 2))), [1.0, 1.0])  # none > 0
 
 
 def test_scales_follow_steps_and_examples() -> None:
@@ -88,6 +154,70 @@ def test_scales_follow_steps_and_examples() -> None:
     assert np.all(np.diff(result[5:-5, 0]) > -0.2)  # grows with the step (noisy)
     assert result[20, 0] > 3 * result[5, 0]
     np.testing.assert_allclose(result[10:20, 1] / result[10:20, 0], 10.0, rtol=0.3)
+
+
+def test_bounds_of_one_rollout_by_hand() -> None:
+    """Seven runs, one step, one test example of residual scale 2: the normalized residuals
+    are -3..3; at level 0.5 the conformal ranks are floor(8 * 0.25) = 2 and ceil(8 * 0.75) = 6,
+    quantiles -2 and 2, so a rollout at 5 gets [5 - 2 * 2, 5 + 2 * 2]."""
+    residuals = np.zeros((7, 2, 1))
+    residuals[:, 1, 0] = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]
+    simulated = np.array([[1.0], [5.0]])
+    lower, upper = bounds(simulated, residuals, np.array([2.0]), 0.5, 0.0)
+    np.testing.assert_array_equal(lower, [[1.0], [1.0]])  # row 0 is the given initial loss
+    np.testing.assert_array_equal(upper, [[1.0], [9.0]])
+    # a wider level reaches further out (ranks 1 and 7: -3 and 3); the floor clips the lower
+    lower, upper = bounds(simulated, residuals, np.array([2.0]), 0.75, 2.0)
+    np.testing.assert_array_equal(lower, [[1.0], [2.0]])
+    np.testing.assert_array_equal(upper, [[1.0], [11.0]])
+    # steps beyond the calibration runs' last step keep that step's quantiles and scale
+    longer = np.array([[1.0], [5.0], [5.0], [6.0]])
+    lower, upper = bounds(longer, residuals, np.array([2.0]), 0.5, 0.0)
+    np.testing.assert_array_equal(lower, [[1.0], [1.0], [1.0], [2.0]])
+    np.testing.assert_array_equal(upper, [[1.0], [9.0], [9.0], [10.0]])
+
+
+def test_interval_contains_its_end_points() -> None:
+    interval = Interval(lower=np.array([[1.0, 1.0]]), upper=np.array([[2.0, 3.0]]), level=0.9)
+    losses = np.array([[[1.0, 3.0]], [[0.5, 2.0]], [[2.5, 3.5]]])
+    assert interval.contains(losses[0]).tolist() == [[True, True]]  # both ends are inside
+    assert interval.contains(losses[1]).tolist() == [[False, True]]
+    assert interval.contains(losses[2]).tolist() == [[False, False]]
+
+
+def test_aggregate_offsets_by_hand() -> None:
+    """The residual of the mean loss of the chosen test examples, per calibration run, at
+    `step` (a shorter run's own last step); then its conformal quantiles, widened to 0."""
+    residuals = np.zeros((5, 3, 3))
+    residuals[:, 2, :2] = [[2.0, 4.0], [-2.0, -6.0], [0.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]
+    residuals[2, 1, :2] = [0.5, 1.5]  # run 2 ends after step 1: its step-1 residual counts
+    residuals[2, 2] = np.nan
+    residuals[:, 2, 2] = 7.0  # a test example that is not averaged
+    columns = np.array([0, 1])
+    # means over columns 0, 1: [3, -4, 1, 0.5, -1]; sorted [-4, -1, 0.5, 1, 3]; with n = 5 and
+    # level 0.2 the ranks are floor(6 * 0.4) = 2 and ceil(6 * 0.6) = 4: -1 and 1
+    assert aggregate_offsets(residuals, columns, 2, 0.2) == (-1.0, 1.0)
+    # level 0.9 needs more runs (ranks 0 and 6): the extreme residuals stand in
+    assert aggregate_offsets(residuals, columns, 2, 0.9) == (-4.0, 3.0)
+    # every residual above 0 (column 2 at step 2, and 0 at step 1 for run 2): low is 0
+    low, high = aggregate_offsets(residuals, np.array([2]), 2, 0.2)
+    assert low == 0.0 and high == 7.0
+    assert aggregate_offsets(residuals, columns, 1, 0.2) == (0.0, 0.0)  # steps 1: 0, 0, 1, 0, 0
+    # one test example only: [2, -2, 0.5, 0, -1] sorted [-2, -1, 0, 0.5, 2]
+    assert aggregate_offsets(residuals[:, :, :1], np.array([0]), 2, 0.2) == (-1.0, 0.5)
+
+
+def test_aggregate_bounds_clip_at_the_floor() -> None:
+    assert aggregate_bounds(1.0, (-0.5, 0.5), 0.0) == (0.5, 1.5)
+    assert aggregate_bounds(1.0, (-2.0, 3.0), 0.0) == (0.0, 4.0)
+    assert aggregate_bounds(-5.0, (-1.0, 1.0), 0.0) == (0.0, 0.0)  # both at the floor
+
+
+def test_check_level_takes_numbers_strictly_between_0_and_1() -> None:
+    assert check_level("0.9") == 0.9 and check_level(np.float32(0.5)) == 0.5
+    for bad in (0, 1, 1.5, -0.1, "high", None):
+        with pytest.raises(SimfluenceError, match="interval level"):
+            check_level(bad)
 
 
 def test_run_folds_partition_whole_runs(synthetic: tuple) -> None:

@@ -179,3 +179,58 @@ def test_attribution_metrics_against_actual_effects() -> None:
     assert per_test_pearson(actual, np.zeros_like(actual)) == 0.0  # constant ranks nothing
     with pytest.raises(ValueError, match=r"must both be \(M, N\)"):
         per_test_spearman(actual, actual[:, :3])
+
+
+def test_effect_metrics_compute_in_float64_for_half_precision_effects() -> None:
+    """Effects of a half-precision model arrive as float16: squaring 300 in float16 overflows
+    (65504 is its largest value), so the ratio must be computed after converting to float64."""
+    actual = np.array([[-300.0, 200.0, -100.0, 300.0]], dtype=np.float16)
+    predicted = (2 * actual).astype(np.float16)
+    assert metrics.effect_size_ratio(actual, predicted) == pytest.approx(2.0, rel=1e-12)
+    assert metrics.effect_size_ratio(predicted, actual) == pytest.approx(0.5, rel=1e-12)
+
+
+def test_effect_size_ratio_without_any_actual_effect_is_infinite() -> None:
+    """No actual effect at all: any predicted effect is infinitely too large (not a crash)."""
+    assert metrics.effect_size_ratio(np.zeros((2, 3)), np.ones((2, 3))) == np.inf
+    assert metrics.effect_size_ratio(np.zeros((2, 3)), np.zeros((2, 3))) == np.inf
+
+
+def test_pearson_scores_a_test_example_without_actual_effects_zero() -> None:
+    """A test example whose actual effects are all equal ranks nothing: it scores 0 (not NaN,
+    which would poison the mean over test examples)."""
+    actual = np.array([[-3.0, -2.0, -1.0, 1.0, 2.0], [0.5, 0.5, 0.5, 0.5, 0.5]])
+    predicted = np.array([[-6.0, -4.0, -2.0, 2.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConstantInputWarning from scipy either
+        assert metrics.per_test_pearson(actual, predicted) == pytest.approx(0.5)
+        assert metrics.per_test_spearman(actual, predicted) == pytest.approx(0.5)
+
+
+def test_top_sign_agreement_defaults_to_the_top_ten() -> None:
+    # predicted order = index order; the ten most helpful predicted all helped, the next two hurt
+    actual = np.array([[-1.0] * 10 + [1.0, 1.0]])
+    predicted = np.arange(12.0)[None, :]
+    assert metrics.top_sign_agreement(actual, predicted) == 1.0
+    assert metrics.top_sign_agreement(actual, predicted, k=11) == pytest.approx(10 / 11)
+    assert metrics.top_sign_agreement(actual, predicted, k=50) == pytest.approx(10 / 12)
+
+
+def test_top_sign_agreement_counts_a_zero_effect_as_not_helpful() -> None:
+    """An example whose removal changed nothing (effect exactly 0) did not help."""
+    actual = np.array([[0.0, -1.0, 2.0]])
+    predicted = np.array([[-5.0, -4.0, 0.0]])
+    assert metrics.top_sign_agreement(actual, predicted, k=2) == 0.5
+
+
+def test_top_sign_agreement_breaks_ties_by_training_example_order() -> None:
+    """Tied predicted effects are taken in training-example order (earlier first), the same on
+    every platform: an unstable sort would pick an arbitrary subset of a tied group."""
+    rng = np.random.default_rng(0)
+    n = 40
+    predicted = rng.integers(0, 3, n).astype(float)[None, :]
+    actual = np.where(np.arange(n) < n // 2, -1.0, 1.0)[None, :]  # earlier examples helped
+    for k in (5, 10, 15, 20, 25):
+        top = sorted(range(n), key=lambda i: (predicted[0, i], i))[:k]  # stable by hand
+        expected = np.mean(actual[0, top] < 0)
+        assert metrics.top_sign_agreement(actual, predicted, k=k) == pytest.approx(expected)

@@ -65,6 +65,47 @@ def test_conjugate_gradients_match_the_direct_solve() -> None:
         np.testing.assert_allclose(solution.delta_B.T, B, rtol=1e-7, atol=1e-9)
 
 
+def test_loss_weights_by_hand_per_test_example() -> None:
+    """Weights ``(|L| + floor * median |L|)^-power`` per column (test example), mean 1 per
+    column: a test example whose losses are ten times larger gets the same weights, one whose
+    losses are all 0 gets equal weights, and one mostly at 0 finite ones (no division by 0)."""
+    prev = np.array([[0.1, -1.0, 0.0, 0.0], [0.2, 2.0, 0.0, 0.0], [0.4, 4.0, 0.0, 6.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = loss_weights(prev, 1.0, floor=0.5)
+        squared = loss_weights(prev, 2.0, floor=0.5)
+        default = loss_weights(prev, 1.0)
+    # column 0: median 0.2, so 1 / [0.1 + 0.1, 0.2 + 0.1, 0.4 + 0.1] ~ [15, 10, 6], mean 1
+    expected = np.array([45.0, 30.0, 18.0]) / 31
+    np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-12)
+    np.testing.assert_allclose(weights[:, 1], expected, rtol=1e-12)  # |L| 10x: same weights
+    np.testing.assert_allclose(weights[:, 2], 1.0, rtol=1e-12)
+    # column 3: median 0, so its mean |L| = 2 stands in: 1 / [1, 1, 7], scaled to mean 1
+    np.testing.assert_allclose(weights[:, 3], [1.4, 1.4, 0.2], rtol=1e-12)
+    np.testing.assert_allclose(squared[:, 0], np.array([225.0, 100.0, 36.0]) * 3 / 361)
+    # the default floor is a tenth of the median: 1 / [0.12, 0.22, 0.42] ~ [77, 42, 22] / 1.1
+    np.testing.assert_allclose(default[:, 0], np.array([77.0, 42.0, 22.0]) * 3 / 141)
+    np.testing.assert_allclose(loss_weights(prev, 0.0), 1.0)  # power 0: ordinary least squares
+
+
+def test_loss_power_fits_runs_where_a_test_example_is_learned_by_heart() -> None:
+    """A test example whose loss is exactly 0 from step 3 on (median 0) once gave NaN weights;
+    conjugate gradients then stopped at once and every test example kept the prior."""
+    runs, _ = generate(SMALL)
+    for run in runs.runs:
+        run.losses[3:, 0] = 0.0
+        run.losses[:3, 0] = [2.0, 1.0, 0.5]
+    design = Design.from_runs(runs, 4, "mean")
+    weights = loss_weights(design.prev, 1.0)
+    assert np.isfinite(weights).all() and (weights > 0).all()
+    sim = LinearSimulator(l2=0.5, loss_power=1.0, tol=1e-12).fit(runs)
+    A, B = direct_linear_ridge(design, 0.5, 0.25, weights)
+    np.testing.assert_allclose(sim.A_[:, sim.seen_], A[:, sim.seen_], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sim.B_[:, sim.seen_], B[:, sim.seen_], rtol=1e-6, atol=1e-9)
+    traj = sim.simulate(runs.runs[0].curriculum, runs.runs[0].initial_loss)
+    assert traj[5, 0] < 1.0  # learned: not the flat prior rollout at 2.0
+
+
 def test_weighted_conjugate_gradients_match_the_direct_solve() -> None:
     runs, _ = generate(SMALL)
     design = Design.from_runs(runs, 4, "mean")
@@ -510,6 +551,25 @@ def test_contract_attributes_and_encoded_rollouts() -> None:
         LinearSimulator().fit(RunSet(runs.train_ids, runs.test_ids, []))
     with pytest.raises(SimfluenceError, match="unseen='maybe'"):
         LinearSimulator(l2=1.0, unseen="maybe").fit(runs)
+
+
+def test_encoded_rollouts_are_floored_like_simulate_many_from_step_one() -> None:
+    """A simulator that promises losses below zero from the first step: the encoded path
+    bends every step from 1 on toward the floor exactly as `simulate_many` does."""
+    runs, _ = generate(SMALL)
+    sim = LinearSimulator(l2=0.5).fit(runs)
+    sim.A_ = np.full_like(sim.A_, 0.8 / sim.batch_size_)
+    sim.B_ = np.full_like(sim.B_, -10.0 / sim.batch_size_)  # L_1 = 0.8 L_0 - 10 < 0
+    assert (sim.floor_ == 0.0).all() and (sim.floor_width_ > 0).all()
+    curricula = [r.curriculum for r in runs.runs[:2]]
+    counts = sim.encode(curricula)
+    raw = sim.rollout_encoded(counts, np.broadcast_to(sim.initial_loss_, (2, 4)))
+    assert all((t[1] < 0).all() for t in raw)  # unfloored, the first step is already negative
+    encoded = sim.simulate_encoded(counts, sim.initial_loss_)
+    for a, b in zip(encoded, sim.simulate_many(curricula, sim.initial_loss_), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a[0], sim.initial_loss_)
+        assert (a[1:] > 0).all()  # the bend keeps them above the floor, and apart
 
 
 def test_many_curricula_in_chunks_and_threads_equal_one_by_one() -> None:

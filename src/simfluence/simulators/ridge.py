@@ -67,17 +67,22 @@ class Design:
 
 
 def loss_weights(prev: np.ndarray, power: float, floor: float = 0.1) -> np.ndarray:
-    """Row weights ``(n, M)`` proportional to ``(|L_prev| + floor * median_t |L_prev|)^-power``
-    per test example, scaled to mean 1 over its rows.
+    """Row weights ``(n, M)`` proportional to ``(|L_prev| + floor * s)^-power`` per test
+    example, ``s`` its median ``|L_prev|`` over rows, scaled to mean 1 over its rows.
 
     ``power = 0`` is ordinary least squares; ``1`` treats the noise variance of a step as
     proportional to the loss before it; ``2`` fits relative errors. The floor keeps a loss near
-    zero from taking all the weight.
+    zero from taking all the weight. A test example whose loss is exactly 0 at half of the
+    steps or more (learned by heart) has ``s = 0``: its mean ``|L_prev|`` stands in (and where
+    every loss is 0, all rows weigh alike), so no weight is infinite.
     """
     magnitude = np.abs(prev)
-    scale = np.median(magnitude, axis=0, keepdims=True)
-    weights = (magnitude + floor * np.maximum(scale, np.finfo(float).tiny)) ** -power
-    return weights / weights.mean(axis=0, keepdims=True)
+    scale = np.median(magnitude, axis=0)  # (M,), broadcast over the rows
+    scale = np.where(scale > 0, scale, magnitude.mean(axis=0))
+    scale = np.where(scale > 0, scale, 1.0)
+    # divided by `s` first: the same weights after normalizing, at most floor^-power apart
+    weights = (magnitude / scale + floor) ** -power
+    return weights / weights.mean(axis=0)
 
 
 @dataclass

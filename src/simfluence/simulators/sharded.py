@@ -66,9 +66,9 @@ class ShardWork:
 
 def shard_columns(n_tests: int, shards: int) -> list[np.ndarray]:
     """``shards`` contiguous, nearly equal blocks of ``range(n_tests)`` (none empty)."""
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+    if isinstance(shards, bool) or not isinstance(shards, int | np.integer) or shards < 1:
         raise SimfluenceError(f"test_shards must be a whole number >= 1, got {shards!r}")
-    return [c for c in np.array_split(np.arange(n_tests), min(shards, n_tests)) if c.size]
+    return [c for c in np.array_split(np.arange(n_tests), min(int(shards), n_tests)) if c.size]
 
 
 def combine_curves(curves: list[list[list[float]]], weights: list[int]) -> list[list[float]]:
