@@ -273,3 +273,21 @@ def test_ties_are_broken_by_order() -> None:
     loo = leave_one_out(sim, curriculum, None, "t0")
     pairs = pair_interactions(sim, curriculum, None, "t0", top=4, loo=loo)
     assert pairs.train_ids == loo.train_ids[:4]
+
+
+def test_attribution_views_give_90_percent_intervals_by_default() -> None:
+    """A calibrated simulator's views carry each effect's 90% interval unless asked otherwise:
+    the same as `leave_one_out` at level 0.9, and narrower at 0.5."""
+    from simfluence.synth import SynthConfig, generate
+
+    config = SynthConfig(pool=12, tests=3, runs=6, per_run=8, batch=4, epochs=2, seed=4)
+    runs = generate(config)[0]
+    sim = LinearSimulator(l2=1.0).calibrate(runs, n_folds=3)
+    run = runs.runs[0]
+    loo, _, _, payload = attribution_views(sim, run.curriculum, None, "test-1", pairs=0)
+    at_90 = leave_one_out(sim, run.curriculum, None, "test-1", level=0.9)
+    assert loo.level == 0.9 and payload["leave_one_out"]["interval_level"] == 0.9
+    np.testing.assert_array_equal(loo.lower, at_90.lower)
+    np.testing.assert_array_equal(loo.upper, at_90.upper)
+    at_50 = leave_one_out(sim, run.curriculum, None, "test-1", level=0.5)
+    assert np.all(at_50.upper - at_50.lower < loo.upper - loo.lower)
