@@ -266,13 +266,18 @@ def test_ties_are_broken_by_order() -> None:
     change = np.array([0.5, -1.0, 1.0, 0.5, -0.5, 1.0, -1.0, 0.5, 1.0, -0.5, 1.0, 0.5])
     steps = StepContributions(["t0"], np.r_[0.0, np.cumsum(change)], change, None)
     assert steps.top_steps(12) == [2, 3, 6, 7, 9, 11, 1, 4, 5, 8, 10, 12]
-    pool = 12
-    sim = known_simulator(additive=True, pool=pool)
-    sim.B_[:] = np.where(np.arange(pool) % 2, -0.1, 0.1)  # |effect| ties among all twelve
-    curriculum = [[f"x{k}", f"x{k + 1}"] for k in range(0, pool, 2)]
+    # one single-example step each: effect = 2 B (batch weight b / 1), so |effect| ties
+    B = [0.15, -0.15, -0.05, 0.05, -0.1, -0.1, -0.15, 0.1, 0.05, -0.15, 0.05, -0.05]
+    sim = known_simulator(additive=True, pool=len(B))
+    sim.B_[0] = B
+    curriculum = [[f"x{k}"] for k in range(len(B))]
     loo = leave_one_out(sim, curriculum, None, "t0")
-    pairs = pair_interactions(sim, curriculum, None, "t0", top=4, loo=loo)
-    assert pairs.train_ids == loo.train_ids[:4]
+    np.testing.assert_allclose(loo.effects, np.sort(2 * np.array(B)), atol=1e-12)
+    by_size = sorted(
+        loo.train_ids, key=lambda i: -round(abs(loo.effects[loo.train_ids.index(i)]), 9)
+    )
+    pairs = pair_interactions(sim, curriculum, None, "t0", top=5, loo=loo)
+    assert pairs.train_ids == by_size[:5]  # the three at 0.3, then the first two at 0.2
 
 
 def test_attribution_views_give_90_percent_intervals_by_default() -> None:
