@@ -60,20 +60,54 @@ if "MUTANT_UNDER_TEST" in os.environ:  # set by mutmut in the process it forks w
 
 
 _TEST_SECONDS: dict[str, float] | None = None
+_SECONDS_FILE = "mutmut-test-seconds.json"  # in mutmut's working copy (its cwd)
+_MEASURED: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """In mutmut's statistics run, add up each test's set-up, call and teardown seconds.
+
+    mutmut's own record counts the call only; a test whose function-scoped fixture runs
+    `validate` spends seconds in set-up, which the budget and the order below must see."""
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        _MEASURED[report.nodeid] = _MEASURED.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the seconds measured above (merged into earlier ones: mutmut may re-run only
+    the tests that changed), through a temporary file."""
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats" or not _MEASURED:
+        return
+    import json
+    from pathlib import Path
+
+    path = Path(_SECONDS_FILE)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known.update(_MEASURED)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(known, indent=0, sort_keys=True))
+    partial.replace(path)
 
 
 def _recorded_test_seconds() -> dict[str, float]:
-    """mutmut's per-test durations (``mutmut-stats.json`` in its working copy), or {}."""
+    """Each test's seconds as measured in mutmut's statistics run: set-up included when
+    `pytest_runtest_logreport` could measure it, else mutmut's call-only record; {} if none."""
     global _TEST_SECONDS
     if _TEST_SECONDS is None:
         import json
         from pathlib import Path
 
-        stats = Path("mutmut-stats.json")
         try:
-            _TEST_SECONDS = json.loads(stats.read_text())["duration_by_test"]
-        except (OSError, ValueError, KeyError):
-            return {}
+            _TEST_SECONDS = json.loads(Path(_SECONDS_FILE).read_text())
+        except (OSError, ValueError):
+            try:
+                stats = json.loads(Path("mutmut-stats.json").read_text())
+                _TEST_SECONDS = stats["duration_by_test"]
+            except (OSError, ValueError, KeyError):
+                return {}
     return _TEST_SECONDS
 
 
