@@ -205,7 +205,7 @@ def test_blend_weights_minimize_the_cross_validated_error_over_the_grid() -> Non
         for run in valid.runs:
             sides = [
                 on_loss.simulate(run.curriculum, run.initial_loss),
-                np.exp(on_log.simulate(run.curriculum, sim._log(run.initial_loss))),
+                np.exp(on_log.simulate(run.curriculum, np.log(run.initial_loss))),
                 mean.simulate(run.curriculum, run.initial_loss),
             ]
             for g, w in enumerate(grid):
