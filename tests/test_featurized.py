@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -612,8 +613,11 @@ def test_new_test_examples_get_the_typical_bend_of_the_floor() -> None:
     old.initial_loss_ = np.array([1.0, 0.0, 0.5, 0.3])  # rooms 2, 0, 0.5, 0.8
     old.floor_width_ = np.array([0.2, 0.0, 0.02, 0.04])  # ratios 0.1, 0, 0.04, 0.05
     del old.envelope_, old.new_test_scale_
-    grown = old.extend(test_ids=["a", "b"], test_features=runs.features.test[:2],
-                       test_initial_loss=[1.5, -0.5])  # fmt: skip
+    with warnings.catch_warnings():  # no division by a zero room, no uninitialized output
+        warnings.simplefilter("error")
+        grown = old.extend(
+            test_ids=["a", "b"], test_features=runs.features.test[:2], test_initial_loss=[1.5, -0.5]
+        )
     ratio = (0.04 + 0.05) / 2
     np.testing.assert_allclose(grown.floor_, [-1.0, 0.0, 0.0, -0.5, 0.0, -0.5])
     np.testing.assert_allclose(grown.floor_width_, [0.2, 0.0, 0.02, 0.04, ratio * 1.5, 0.0])
