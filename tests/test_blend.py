@@ -208,9 +208,8 @@ def test_blend_weights_minimize_the_cross_validated_error_over_the_grid() -> Non
                 np.exp(on_log.simulate(run.curriculum, np.log(run.initial_loss))),
                 mean.simulate(run.curriculum, run.initial_loss),
             ]
-            for g, w in enumerate(grid):
-                blend = sum(w[a] * sides[a][1:] for a in range(3))
-                error[:, g] += ((blend - run.losses[1:]) ** 2).sum(axis=0)
+            blends = np.einsum("ga,atm->gtm", grid, np.stack(sides)[:, 1:])  # every grid point
+            error += ((blends - run.losses[1:]) ** 2).sum(axis=1).T
     best = error.min(axis=1)
     chosen = [int(np.flatnonzero((grid == w).all(axis=1))[0]) for w in sim.weight_]
     np.testing.assert_allclose(error[np.arange(len(chosen)), chosen], best, rtol=1e-9)
