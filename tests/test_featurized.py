@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ from simfluence.cli.main import main
 from simfluence.counterfactual import leave_one_out, optimize_curriculum, step_contributions
 from simfluence.counterfactual.search import _Evaluator, _random_layouts, trust_region_rollouts
 from simfluence.curricula import random_curriculum
+from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate
 from simfluence.metrics import interval_coverage, interval_width
 from simfluence.runlog import Run, RunSet, load_runset, save_runset
@@ -540,3 +542,130 @@ def test_zero_weight_removal_with_drifting_effects_makes_the_consumptions_neutra
     with_it = sim.simulate(run.curriculum, run.initial_loss)[-1]
     without = neutral.simulate(run.curriculum, run.initial_loss)[-1]
     np.testing.assert_allclose(effect[0], with_it - without, atol=1e-9)
+
+
+# -- growing a fitted simulator (extend) --------------------------------------------------------
+def _calibrated(drift: bool = True, test_dim: int | None = None):  # type: ignore[no-untyped-def]
+    """A small calibrated featurized simulator (k and l2 given: no cross-validation), fitted
+    in the test that calls it (mutation testing attributes the code to that test)."""
+    runs, _ = featurized_runset(pool=20, tests=4, runs=8, per_run=12, drift=drift, noise=0.01)
+    if test_dim is not None:  # test features of their own kind (another dimension)
+        rng = np.random.default_rng(5)
+        runs.features = ExampleFeatures(runs.features.train, rng.standard_normal((4, test_dim)))
+    sim = make_simulator("featurized", n_components=3, l2=1e-3, time_varying=drift)
+    return sim.fit(runs).calibrate(runs, 3), runs
+
+
+_GROWN = (
+    "A_", "B_", "A_slope_", "B_slope_", "coef_A_", "coef_B_", "features_", "test_features_",
+    "fold_A_", "fold_B_", "fold_A_slope_", "fold_B_slope_", "fold_coef_A_", "fold_coef_B_",
+    "floor_", "floor_width_", "envelope_", "initial_loss_", "calibration_scale_",
+    "calibration_residuals_", "consumed_",
+)  # fmt: skip
+
+
+def test_extend_in_steps_equals_extend_at_once_and_keeps_what_was_there() -> None:
+    """New test examples, then a new training example, then another test example: the same
+    simulator as one `extend` with all of them, and the recorded part left exactly as it was
+    (effects, drifts, the fold copies' effects, floors, envelope, intervals)."""
+    sim, runs = _calibrated()
+    M, P = sim.A_.shape
+    x, y = runs.features.train[3:4], runs.features.test[[0, 2]]
+    once = sim.extend(["n"], x, ["t1", "t2"], y, [1.5, -0.5])
+    steps = (
+        sim.extend(test_ids=["t1"], test_features=y[:1], test_initial_loss=[1.5])
+        .extend(["n"], x)
+        .extend(test_ids=["t2"], test_features=y[1:], test_initial_loss=[-0.5])
+    )
+    for name in _GROWN:
+        np.testing.assert_allclose(getattr(steps, name), getattr(once, name), err_msg=name)
+    assert once.train_ids_ == steps.train_ids_ and once.test_ids_ == steps.test_ids_
+    for name in ("A_", "B_", "A_slope_", "B_slope_"):
+        np.testing.assert_array_equal(getattr(once, name)[:M, :P], getattr(sim, name))
+        folds = getattr(once, f"fold_{name}")
+        np.testing.assert_array_equal(folds[:, :M, :P], getattr(sim, f"fold_{name}"))
+        assert folds.dtype == np.float32  # stored as `calibrate` stores them
+    # the new training example has x3's features: x3's featurized effects, in every fold copy
+    np.testing.assert_allclose(once.A_slope_[:M, -1], sim.A_slope_[:, 3])
+    np.testing.assert_allclose(once.fold_A_[:, :M, -1], sim.fold_A_[:, :, 3], rtol=1e-6)
+    # a new test example with z0's features gets the coefficients the test map predicts for z0
+    predicted = sim.test_features_[0] @ sim.test_map_  # [coef_A, coef_B] of z0, from features
+    J = sim.coef_A_.shape[1]
+    np.testing.assert_allclose(once.coef_A_[M], predicted[:J])
+    np.testing.assert_allclose(once.coef_B_[M], predicted[J:])
+    # floors at min(0, initial), no envelope, intervals with the typical scale and no residuals
+    np.testing.assert_array_equal(once.floor_, np.r_[sim.floor_, 0.0, -0.5])
+    np.testing.assert_array_equal(once.floor_width_[:M], sim.floor_width_)
+    assert (once.envelope_[:, M:] == -np.inf).all()
+    assert np.isnan(once.calibration_residuals_[:, :, M:]).all()
+    assert once.calibration_residuals_.dtype == np.float32
+    np.testing.assert_array_equal(once.calibration_scale_[:, M], sim.new_test_scale_)
+
+
+def test_new_test_examples_get_the_typical_bend_of_the_floor() -> None:
+    """Worked by hand: the bend of a new test example's floor is the median over recorded test
+    examples of width / (initial loss - floor) (0 where there is no room), times its own room;
+    a simulator file from before the envelope and the new-example scale existed still grows
+    (no envelope; the median scale of the recorded test examples)."""
+    sim, runs = _calibrated(drift=False)
+    old = copy.copy(sim)
+    old.floor_ = np.array([-1.0, 0.0, 0.0, -0.5])
+    old.initial_loss_ = np.array([1.0, 0.0, 0.5, 0.3])  # rooms 2, 0, 0.5, 0.8
+    old.floor_width_ = np.array([0.2, 0.0, 0.02, 0.04])  # ratios 0.1, 0, 0.04, 0.05
+    del old.envelope_, old.new_test_scale_
+    with warnings.catch_warnings():  # no division by a zero room, no uninitialized output
+        warnings.simplefilter("error")
+        grown = old.extend(
+            test_ids=["a", "b"], test_features=runs.features.test[:2], test_initial_loss=[1.5, -0.5]
+        )
+    ratio = (0.04 + 0.05) / 2
+    np.testing.assert_allclose(grown.floor_, [-1.0, 0.0, 0.0, -0.5, 0.0, -0.5])
+    np.testing.assert_allclose(grown.floor_width_, [0.2, 0.0, 0.02, 0.04, ratio * 1.5, 0.0])
+    assert not hasattr(grown, "envelope_")
+    typical = np.median(sim.calibration_scale_, axis=1)
+    np.testing.assert_array_equal(grown.calibration_scale_[:, 4:], np.c_[typical, typical])
+    band = grown.simulate_interval([[["x1", "x2"]]], np.r_[old.initial_loss_, 1.5, -0.5])[0]
+    assert (band.lower[1:, 4:] >= grown.floor_[4:] - 1e-12).all()
+
+
+def test_extend_a_static_calibrated_simulator() -> None:
+    """Without drift there are no slopes to extend, in the model or in its fold copies."""
+    sim, runs = _calibrated(drift=False)
+    M = len(sim.test_ids_)
+    grown = sim.extend(["n"], runs.features.train[3:4], ["t"], runs.features.test[:1], [1.0])
+    assert grown.A_slope_ is None and grown.B_slope_ is None
+    assert not hasattr(grown, "fold_B_slope_")
+    np.testing.assert_allclose(grown.A_[:M, -1], sim.A_[:, 3])
+    np.testing.assert_allclose(grown.fold_A_[:, :M, -1], sim.fold_A_[:, :, 3], rtol=1e-6)
+    np.testing.assert_allclose(grown.fold_B_[:, :M, -1], sim.fold_B_[:, :, 3], rtol=1e-6)
+    np.testing.assert_array_equal(grown.fold_B_[:, :M, :-1], sim.fold_B_)
+
+
+def test_extend_errors_name_the_side_and_the_argument() -> None:
+    sim, runs = _calibrated(drift=False)
+    x, y = runs.features.train[:2], runs.features.test[:1]
+    with pytest.raises(SimfluenceError, match="training id 'n' is given twice"):
+        sim.extend(["n", "n"], x)
+    with pytest.raises(SimfluenceError, match="training id 'x1' is already known"):
+        sim.extend(["x1"], x[:1])
+    with pytest.raises(SimfluenceError, match="test id 'z0' is already known"):
+        sim.extend(test_ids=["z0"], test_features=y, test_initial_loss=[1.0])
+    with pytest.raises(SimfluenceError, match=r"train_features: shape \(2, 3\), expected \(1, 3"):
+        sim.extend(["n"], x)
+    with pytest.raises(SimfluenceError, match=r"test_features: shape \(1, 2\), expected \(1, 3"):
+        sim.extend(test_ids=["t"], test_features=y[:, :2], test_initial_loss=[1.0])
+    with pytest.raises(SimfluenceError, match="test_initial_loss: required for the 1 new ids"):
+        sim.extend(test_ids=["t"], test_features=y)
+
+
+def test_extend_projects_new_test_examples_with_the_test_features_own_basis() -> None:
+    """Test features of another dimension than the training features have their own basis: a
+    new test example with z1's vector is projected like z1 and gets z1's predicted effects."""
+    sim, runs = _calibrated(drift=False, test_dim=2)
+    assert sim.test_basis_mean_ is not None and sim.test_features_.shape[1] == 3
+    grown = sim.extend(test_ids=["t"], test_features=runs.features.test[1:2], test_initial_loss=[1])
+    np.testing.assert_allclose(grown.test_features_[-1], sim.test_features_[1], atol=1e-12)
+    J = sim.coef_A_.shape[1]
+    predicted = sim.test_features_[1] @ sim.test_map_
+    np.testing.assert_allclose(grown.coef_B_[-1], predicted[J:], atol=1e-12)
+    np.testing.assert_allclose(grown.B_[-1], predicted[J:] @ sim.features_.T, atol=1e-12)

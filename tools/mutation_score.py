@@ -90,7 +90,8 @@ def diff_of(mutant: str, source: str | None) -> str:
 
 
 def changed_lines(diff: str) -> tuple[str, str]:
-    """The removed and the added lines of a diff, whitespace-normalized, joined by newlines."""
+    """The removed and the added lines of a diff, whitespace-normalized, joined by spaces (as
+    `load_equivalents` normalizes an entry's lines: a mutant over several lines can match)."""
 
     def norm(line: str) -> str:
         return re.sub(r"\s+", " ", line[1:].strip())
@@ -98,7 +99,7 @@ def changed_lines(diff: str) -> tuple[str, str]:
     lines = diff.splitlines()
     removed = [norm(x) for x in lines if x.startswith("-") and not x.startswith("---")]
     added = [norm(x) for x in lines if x.startswith("+") and not x.startswith("+++")]
-    return "\n".join(removed), "\n".join(added)
+    return " ".join(removed), " ".join(added)
 
 
 def load_equivalents(path: Path) -> list[dict[str, str]]:
