@@ -110,10 +110,9 @@ def load_equivalents(path: Path) -> list[dict[str, str]]:
         for key in ("function", "original", "mutant", "reason"):
             if not str(entry.get(key, "")).strip() and key != "mutant":
                 raise SystemExit(f"{path}: an entry lacks {key!r}: {entry}")
-        # line by line, as `changed_lines` does: a mutation may span several lines
-        for key in ("original", "mutant"):
-            lines = str(entry.get(key, "")).strip().splitlines()
-            entry[key] = "\n".join(re.sub(r"\s+", " ", x.strip()) for x in lines)
+        # every run of whitespace (newlines too) becomes one space, as in `changed_lines`
+        entry["original"] = re.sub(r"\s+", " ", entry["original"].strip())
+        entry["mutant"] = re.sub(r"\s+", " ", entry.get("mutant", "").strip())
     return entries
 
 
