@@ -497,19 +497,22 @@ def _copy_with(runs: RunSet, directory: Path, **changes) -> RunSet:  # type: ign
 def test_scaled_effects_do_not_depend_on_the_learning_rates_unit(
     decaying: Path, exact_workload, tmp_path: Path
 ) -> None:
-    """The fitted scale absorbs any global factor on B: with every recorded learning rate
-    1000 times smaller (raw B 1000 times smaller, a squared rollout change far below 1), the
-    scaled B is the same and the scale 1000 times larger. Learning rates of zero (runs that
-    did not move) give B = 0: nothing to scale, s = 0, no division by zero."""
+    """The fitted scale absorbs any global factor on B: with every recorded learning rate 1000
+    times smaller or larger (raw B, and the rollout's change, 1000 times smaller or larger:
+    its squared sum from about 1e-6 to 1e6), the scaled B is the same and the scale 1000 times
+    larger or smaller. Learning rates of zero (runs that did not move) give B = 0: nothing to
+    scale, s = 0, no division by zero."""
     runs = load_runset(decaying)
     reference = configure_simulator("grad-dot-scaled").fit(runs)
-    small = _copy_with(runs, tmp_path / "small", lr=lambda r: r.lr * 1e-3)
-    raw = configure_simulator("grad-dot", checkpoints_dir=str(decaying)).fit(small)
-    np.testing.assert_allclose(raw.B_, configure_simulator("grad-dot").fit(runs).B_ * 1e-3)
-    assert np.abs(raw.B_).max() < 1e-3  # the rollout's squared change sums to far below 1
-    scaled = configure_simulator("grad-dot-scaled", checkpoints_dir=str(decaying)).fit(small)
-    assert scaled.scale_ == pytest.approx(1e3 * reference.scale_, rel=1e-9)
-    np.testing.assert_allclose(scaled.B_, reference.B_, rtol=1e-9)
+    raw_reference = configure_simulator("grad-dot").fit(runs).B_
+    assert reference.scale_ > 0
+    for factor in (1e-3, 1e3):
+        copy = _copy_with(runs, tmp_path / f"x{factor}", lr=lambda r, f=factor: r.lr * f)
+        raw = configure_simulator("grad-dot", checkpoints_dir=str(decaying)).fit(copy)
+        np.testing.assert_allclose(raw.B_, raw_reference * factor, rtol=1e-12)
+        scaled = configure_simulator("grad-dot-scaled", checkpoints_dir=str(decaying)).fit(copy)
+        assert scaled.scale_ == pytest.approx(reference.scale_ / factor, rel=1e-9)
+        np.testing.assert_allclose(scaled.B_, reference.B_, rtol=1e-9)
 
     still = _copy_with(runs, tmp_path / "still", lr=lambda r: np.zeros_like(r.lr))
     zero = configure_simulator("grad-dot-scaled", checkpoints_dir=str(decaying)).fit(still)
