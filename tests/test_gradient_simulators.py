@@ -487,9 +487,7 @@ def _copy_with(runs: RunSet, directory: Path, **changes) -> RunSet:  # type: ign
 
     from simfluence.runlog import save_runset
 
-    changed = [
-        dataclasses.replace(r, **{k: f(r) for k, f in changes.items()}) for r in runs.runs
-    ]
+    changed = [dataclasses.replace(r, **{k: f(r) for k, f in changes.items()}) for r in runs.runs]
     save_runset(dataclasses.replace(runs, runs=changed), directory)
     return load_runset(directory)
 
