@@ -455,12 +455,14 @@ def test_scale_is_the_least_squares_slope_clamped_at_zero(
 
 
 def test_influence_passes_every_option_on(decaying: Path, exact_workload) -> None:
-    from simfluence.attribution.simulators import InfluenceSimulator
+    from simfluence.attribution.simulators import InfluenceSimulator, TracInCPSimulator
 
     runs = load_runset(decaying)
     defaults = InfluenceSimulator().get_params()
     assert defaults["max_runs"] == 8 and defaults["projection_seed"] == 0
     assert defaults["damping"] == 0.1 and defaults["curvature"] == "fisher"
+    shared = TracInCPSimulator().get_params()  # the options all gradient methods share
+    assert {k: defaults[k] for k in shared} == shared
     options = dict(
         scaled=True,
         max_runs=1,
@@ -470,8 +472,162 @@ def test_influence_passes_every_option_on(decaying: Path, exact_workload) -> Non
         checkpoints_dir=str(decaying),
         batch_weighting="sum",
     )
-    sim = InfluenceSimulator(**options).fit(runs)
-    assert {k: sim.get_params()[k] for k in options} == options
+    sim = InfluenceSimulator(**options, task="exact-squared-loss", device="auto").fit(runs)
+    expected = {**options, "task": "exact-squared-loss", "device": "auto"}
+    assert {k: sim.get_params()[k] for k in expected} == expected
     assert sim.runs_used_ == 1 and sim.scale_ != 1.0
     exact = InfluenceSimulator(scaled=True, max_runs=1, batch_weighting="sum").fit(runs)
     assert not np.allclose(sim.B_, exact.B_)  # the projection reached the Fisher kernel
+
+
+def _copy_with(runs: RunSet, directory: Path, **changes) -> RunSet:  # type: ignore[no-untyped-def]
+    """`runs` saved again under `directory` with every run's fields replaced by
+    ``changes[field](run)`` (the checkpoints stay where they were)."""
+    import dataclasses
+
+    from simfluence.runlog import save_runset
+
+    changed = [dataclasses.replace(r, **{k: f(r) for k, f in changes.items()}) for r in runs.runs]
+    save_runset(dataclasses.replace(runs, runs=changed), directory)
+    return load_runset(directory)
+
+
+def test_scaled_effects_do_not_depend_on_the_learning_rates_unit(
+    decaying: Path, exact_workload, tmp_path: Path
+) -> None:
+    """The fitted scale absorbs any global factor on B: with every recorded learning rate 1000
+    times smaller or larger (raw B, and the rollout's change, 1000 times smaller or larger:
+    its squared sum from about 1e-6 to 1e6), the scaled B is the same and the scale 1000 times
+    larger or smaller. Learning rates of zero (runs that did not move) give B = 0: nothing to
+    scale, s = 0, no division by zero."""
+    runs = load_runset(decaying)
+    reference = configure_simulator("grad-dot-scaled").fit(runs)
+    raw_reference = configure_simulator("grad-dot").fit(runs).B_
+    assert reference.scale_ > 0
+    for factor in (1e-3, 1e3):
+        copy = _copy_with(runs, tmp_path / f"x{factor}", lr=lambda r, f=factor: r.lr * f)
+        raw = configure_simulator("grad-dot", checkpoints_dir=str(decaying)).fit(copy)
+        np.testing.assert_allclose(raw.B_, raw_reference * factor, rtol=1e-12)
+        scaled = configure_simulator("grad-dot-scaled", checkpoints_dir=str(decaying)).fit(copy)
+        assert scaled.scale_ == pytest.approx(reference.scale_ / factor, rel=1e-9)
+        np.testing.assert_allclose(scaled.B_, reference.B_, rtol=1e-9)
+
+    still = _copy_with(runs, tmp_path / "still", lr=lambda r: np.zeros_like(r.lr))
+    zero = configure_simulator("grad-dot-scaled", checkpoints_dir=str(decaying)).fit(still)
+    assert zero.scale_ == 0.0 and np.all(zero.B_ == 0.0)
+
+
+def test_max_runs_zero_or_none_averages_every_run(decaying: Path, exact_workload) -> None:
+    """``max_runs`` None or 0: no limit (all 3 runs), not an average over no run."""
+    runs = load_runset(decaying)
+    every = configure_simulator("grad-dot", max_runs=None).fit(runs)
+    unlimited = configure_simulator("grad-dot", max_runs=0).fit(runs)
+    assert every.runs_used_ == unlimited.runs_used_ == EXACT["runs"]
+    np.testing.assert_array_equal(unlimited.B_, every.B_)
+
+
+def test_gradient_methods_refuse_an_unknown_device(decaying: Path, exact_workload) -> None:
+    """A device that does not exist is an error, never a silent fall-back to the CPU."""
+    from simfluence.recording.devices import DeviceError
+
+    runs = load_runset(decaying)
+    for method in ("grad-dot", "influence"):
+        with pytest.raises(DeviceError, match="--device 'gpu'"):
+            configure_simulator(method, device="gpu").fit(runs)
+
+
+def test_gradient_calibration_is_in_sample(decaying: Path, exact_workload) -> None:
+    """Gradient methods learn nothing from the recorded losses, so `calibrate` keeps the
+    residuals of their rollouts of the recorded runs themselves, each from its own step-0
+    loss: ``L_t - simulate(curriculum, L_0)``."""
+    runs = load_runset(decaying)
+    sim = configure_simulator("tracin-cp").fit(runs).calibrate(runs)
+    expected = [r.losses - sim.simulate(r.curriculum, r.initial_loss) for r in runs.runs]
+    np.testing.assert_allclose(sim.calibration_residuals_, np.array(expected), rtol=1e-6)
+    assert np.abs(sim.calibration_residuals_[:, 0]).max() == 0.0  # each run's own start
+
+
+def test_influence_refuses_an_unknown_curvature(decaying: Path, exact_workload) -> None:
+    """A misspelt curvature is refused, never replaced by the exact Hessian."""
+    runs = load_runset(decaying)
+    with pytest.raises(ValueError, match="curvature must be 'hessian' or 'fisher'"):
+        configure_simulator("influence", curvature="gauss-newton").fit(runs)
+
+
+class _Payload:
+    """Pickles into a call of ``Path.touch(marker)``: code that runs when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_are_read_as_tensors_only(
+    decaying: Path, exact_workload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint file that holds code, not tensors, is refused before the code runs, even
+    where the environment tells torch to unpickle anything by default."""
+    import pickle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(decaying, copy)
+    marker = tmp_path / "code-ran"
+    torch.save({"weight": _Payload(marker)}, checkpoint_path(copy, "run-0000", EXACT_STEPS))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError):
+        configure_simulator("grad-dot").fit(load_runset(copy))
+    assert not marker.exists()
+
+
+def test_checkpoints_saved_on_a_gpu_are_read_on_the_cpu(
+    decaying: Path, exact_workload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints whose tensors were saved from a GPU (as a user's own training may write
+    them) are mapped to the CPU: the same scores as the CPU-saved ones."""
+    import torch.serialization
+
+    runs = load_runset(decaying)
+    expected = configure_simulator("tracin-cp").fit(runs).B_
+    copy = tmp_path / "copy"
+    shutil.copytree(decaying, copy)
+    with monkeypatch.context() as patch:  # tag every tensor as one of GPU 0's
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        for path in copy.glob("**/step-*.pt"):
+            torch.save(torch.load(path, weights_only=True), path)
+    got = configure_simulator("tracin-cp").fit(load_runset(copy)).B_
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_kernel_cache_tells_checkpoints_with_equal_times_apart(
+    decaying: Path, exact_workload, tmp_path: Path
+) -> None:
+    """Checkpoint files with the same modification time (as unpacked from an archive that
+    keeps whole seconds) are still different checkpoints: each is read."""
+    runs = load_runset(decaying)
+    expected = configure_simulator("tracin-cp").fit(runs).B_
+    copy = tmp_path / "unpacked"
+    shutil.copytree(decaying, copy)
+    for path in copy.glob("**/step-*.pt"):
+        os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    got = configure_simulator("tracin-cp").fit(load_runset(copy)).B_
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_kernel_cache_is_bounded_and_drops_the_oldest(
+    decaying: Path, exact_workload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-checkpoint kernel cache holds at most `_KERNEL_CACHE_SIZE` kernels, dropping
+    the oldest first; what is fitted does not change."""
+    import simfluence.attribution.simulators as gradient_simulators
+
+    runs = load_runset(decaying)
+    expected = configure_simulator("tracin-cp").fit(runs).B_
+    monkeypatch.setattr(gradient_simulators, "_KERNELS", {})
+    monkeypatch.setattr(gradient_simulators, "_KERNEL_CACHE_SIZE", 2)
+    got = configure_simulator("tracin-cp").fit(runs).B_  # 3 runs x 3 checkpoints
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    kept = [Path(key[0]) for key in gradient_simulators._KERNELS]
+    last = runs.runs[-1].run_id
+    assert kept == [checkpoint_path(decaying, last, s) for s in (2, EXACT_STEPS)]

@@ -455,3 +455,95 @@ def test_validate_refuses_one_curriculum_for_curriculum_kinds_before_retraining(
         validation.validate(
             LinearLossTask(), runs, {"linear": LinearSimulator()}, ["loo", "random"], 1
         )
+
+
+def _exact_effects(test_ids, train_ids) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """``-(lr / b) x_z . x_i`` of `LinearLossTask`: every consumption's exact effect."""
+    from exact_tasks import LinearLossTask, features
+
+    pool, tests = LinearLossTask().prepare(EXACT["pool"], EXACT["tests"], EXACT["seed"])
+    x_pool = features(pool)[[pool.ids.index(i) for i in train_ids]]
+    x_test = features(tests)[[tests.ids.index(t) for t in test_ids]]
+    return -(EXACT["lr"] / EXACT["batch"]) * x_test @ x_pool.T
+
+
+def test_unrolled_as_a_simulator_counts_its_runs_and_fits_its_scale(user_task_runs: Path) -> None:
+    """B of the ids the first run consumed is their exact effect per consumption (the others
+    are unseen, 0), A is None (additive); ``scaled=True`` multiplies B by the least-squares
+    slope of every run's observed change on the rollout's change (below 1 here: the unseen
+    ids' effects are missing from the other runs' rollouts); max_runs None or 0 uses every
+    run."""
+    from simfluence.simulators.dynamics import rollout
+    from simfluence.simulators.encoding import encode_runs
+
+    runs = load_runset(user_task_runs)
+    raw = UnrolledSimulator(max_runs=1).fit(runs)
+    assert raw.runs_used_ == 1 and raw.A_ is None and raw.scale_ == 1.0
+    seen = sorted({i for b in runs.runs[0].curriculum for i in b})
+    columns = [runs.train_ids.index(i) for i in seen]
+    np.testing.assert_allclose(
+        raw.B_[:, columns], _exact_effects(runs.test_ids, seen), rtol=1e-10, atol=1e-14
+    )
+    assert len(seen) < len(runs.train_ids) and np.all(np.delete(raw.B_, columns, 1) == 0)
+
+    scaled = UnrolledSimulator(max_runs=1, scaled=True).fit(runs)
+    zeros = np.zeros((len(runs.runs), len(runs.test_ids)))
+    change = rollout(encode_runs(runs, raw.batch_size_, "mean"), None, raw.B_, zeros)
+    observed = [r.losses - r.losses[0] for r in runs.runs]
+    slope = sum(float((c * o).sum()) for c, o in zip(change, observed, strict=True)) / sum(
+        float((c * c).sum()) for c in change
+    )
+    assert 0.0 < slope < 0.999
+    assert scaled.runs_used_ == 1 and scaled.A_ is None
+    assert scaled.scale_ == pytest.approx(slope, rel=1e-9)
+    np.testing.assert_allclose(scaled.B_, raw.B_ * slope, rtol=1e-12)
+
+    every = UnrolledSimulator(max_runs=None).fit(runs)
+    unlimited = UnrolledSimulator(max_runs=0).fit(runs)
+    assert every.runs_used_ == unlimited.runs_used_ == EXACT["runs"]
+    np.testing.assert_array_equal(unlimited.B_, every.B_)
+
+
+def test_run_answers_for_some_test_examples_are_those_rows(user_task_runs: Path) -> None:
+    """Metagradients asked for some test examples (in the order asked) are those examples'
+    rows, whether or not the whole answer was computed before."""
+    runs = load_runset(user_task_runs)
+    sim = UnrolledSimulator()
+    wanted = [runs.test_ids[2], runs.test_ids[0]]
+    some = sim.metagradients(runs, "run-0001", test_ids=wanted)
+    full = sim.metagradients(runs, "run-0001")
+    again = sim.metagradients(runs, "run-0001", test_ids=wanted)
+    assert some.test_ids == again.test_ids == wanted and full.test_ids == runs.test_ids
+    exact = _exact_effects(runs.test_ids, full.train_ids)
+    np.testing.assert_allclose(full.grads, exact, rtol=1e-10, atol=1e-14)
+    for answer in (some, again):
+        np.testing.assert_allclose(answer.grads, exact[[2, 0]], rtol=1e-10, atol=1e-14)
+
+
+def test_run_answer_cache_is_bounded_and_keyed_on_the_task(
+    user_task_runs: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The run-answer cache holds at most `RUN_CACHE_SIZE` answers, dropping the oldest; an
+    answer computed with the manifest's task is not served to a simulator told to use another
+    task of that name (which replays the run itself, and finds it is not that task's run)."""
+    import simfluence.attribution.simulators as gradient_simulators
+    from simfluence.attribution.replay import ReplayError
+
+    runs = load_runset(user_task_runs)
+    monkeypatch.setattr(gradient_simulators, "_RUN_ANSWERS", {})
+    monkeypatch.setattr(gradient_simulators, "RUN_CACHE_SIZE", 1)
+    sim = UnrolledSimulator()
+    for run in runs.runs[:2]:
+        mg = sim.metagradients(runs, run.run_id)
+        exact = _exact_effects(runs.test_ids, mg.train_ids)
+        np.testing.assert_allclose(mg.grads, exact, rtol=1e-10, atol=1e-14)
+    assert [key[1] for key in gradient_simulators._RUN_ANSWERS] == [runs.runs[1].run_id]
+    (tmp_path / "twice.py").write_text(
+        "from exact_tasks import LinearLossTask\n\n\n"
+        "class TwiceTheLoss(LinearLossTask):\n"
+        "    def example_losses(self, model, inputs):\n"
+        "        return 2 * super().example_losses(model, inputs)\n"
+    )
+    other = UnrolledSimulator(task=f"{tmp_path / 'twice.py'}:TwiceTheLoss")
+    with pytest.raises(ReplayError):
+        other.metagradients(runs, runs.runs[1].run_id)

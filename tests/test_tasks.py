@@ -250,3 +250,27 @@ def test_gradient_methods_warn_once_about_an_adam_recording(
     assert "trained with Adam" in warning and "assumes plain SGD" in warning
     assert adam_table.count("warning: tracin-cp-scaled: the runs were trained with Adam") == 1
     assert np.isfinite(adam["methods"]["tracin-cp-scaled"]["all_steps_mse"])
+
+
+def test_only_sgd_without_momentum_counts_as_plain_sgd() -> None:
+    """The gradient formulas model plain SGD: SGD with momentum (Nesterov or not) and Adam are
+    not, and the warning names the optimizer and its non-zero settings."""
+    import torch
+
+    from simfluence.attribution.simulators import is_plain_sgd, optimizer_warnings
+    from simfluence.recording.optim import optimizer_spec
+
+    params = [torch.zeros(2, requires_grad=True)]
+    plain = optimizer_spec(torch.optim.SGD(params, lr=0.1))
+    momentum = optimizer_spec(torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    nesterov = optimizer_spec(torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True))
+    adam = optimizer_spec(torch.optim.Adam(params, lr=0.1))
+    assert [is_plain_sgd(o) for o in (plain, momentum, nesterov, adam)] == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert optimizer_warnings("grad-dot", plain) == optimizer_warnings("grad-dot", None) == []
+    (warning,) = optimizer_warnings("grad-dot", momentum)
+    assert warning.startswith("grad-dot: the runs were trained with SGD (lr 0.1, momentum 0.9),")

@@ -23,7 +23,7 @@ from exact_tasks import LinearLossTask, exact_parameters, linear_loss_trajectory
 from simfluence.errors import SimfluenceError
 from simfluence.recording.runner import record_runs, train_on_curriculum
 from simfluence.recording.task import Examples
-from simfluence.recording.validation import make_curricula, validate
+from simfluence.recording.validation import _optimized_intervals, make_curricula, validate
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import PersistenceSimulator
 from simfluence.simulators.truth import TruthSimulator
@@ -339,3 +339,32 @@ def test_validate_defaults_and_checks_kinds_before_training(recorded) -> None:  
     with pytest.raises(SimfluenceError, match="unknown kind 'sideways'"):
         validate(LinearLossTask(), runs, sims, kinds=("random", "sideways"), progress=progress)
     assert trained == []
+
+
+def test_optimized_intervals_say_whether_each_actual_loss_fell_inside() -> None:
+    """The first search's own prediction and 90% interval are reported; an actual loss on either
+    end of an interval counts as inside (closed interval); a search without an interval is never
+    inside; without an interval for the first search (an uncalibrated searcher) there is nothing
+    to check. Values worked out by hand."""
+    predictions = [
+        (0.5, (0.4, 0.6)),  # actual 0.4: on the lower end, inside
+        (0.7, (0.65, 0.8)),  # actual 0.8: on the upper end, inside
+        (0.3, None),  # no interval: not inside
+        (0.2, (0.1, 0.3)),  # actual 0.35: above
+        (0.9, (0.8, 1.0)),  # actual 0.79: below
+    ]
+    out = _optimized_intervals(predictions, [0.4, 0.8, 0.3, 0.35, 0.79])
+    assert out == {
+        "predicted_mean_test_loss_in_trust_region": 0.5,
+        "predicted_interval_90": [0.4, 0.6],
+        "actual_in_interval": True,
+        "actual_in_interval_per_search": [True, True, False, False, False],
+    }
+    upper = _optimized_intervals([(0.5, (0.4, 0.6)), (0.5, (0.4, 0.6))], [0.6, 0.61])
+    assert upper["actual_in_interval"] is True
+    assert upper["actual_in_interval_per_search"] == [True, False]
+    outside = _optimized_intervals([(0.5, (0.4, 0.6))], [0.39])
+    assert outside["actual_in_interval"] is False
+    assert outside["actual_in_interval_per_search"] == [False]
+    uncalibrated = _optimized_intervals([(0.3, None), (0.2, (0.1, 0.3))], [0.3, 0.2])
+    assert uncalibrated == {"predicted_mean_test_loss_in_trust_region": 0.3}
