@@ -26,7 +26,8 @@ test: setup
 # mutation testing of the core math (mutmut; docs/mutation-testing.md; MUTATE_JOBS workers)
 mutate: setup
 	rm -rf mutants
-	SIMFLUENCE_MUTANT_SECONDS=$(or $(MUTATE_SECONDS),1.5) $(VENV)/bin/mutmut run --max-children $(or $(MUTATE_JOBS),2) > mutants.log 2>&1 || (tail -n 40 mutants.log; exit 1)
+	SIMFLUENCE_MUTANT_SECONDS=$(or $(MUTATE_SECONDS),1.0) $(VENV)/bin/mutmut run --max-children $(or $(MUTATE_JOBS),2) > mutants.log 2>&1 || (tail -n 40 mutants.log; exit 1)
+	$(PY) tools/mutation_history.py  # each test's kill record, for the next run's test order
 	$(PY) tools/mutation_score.py
 
 lint: setup

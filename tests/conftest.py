@@ -15,6 +15,7 @@ import pytest
 # mutation testing's hooks (test order, budget, timing), found here by name: their own module
 from mutation_plugin import (
     pytest_collection_modifyitems,
+    pytest_configure,
     pytest_runtest_logreport,
     pytest_sessionfinish,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "in_ci",
     "missing_component",
     "pytest_collection_modifyitems",
+    "pytest_configure",
     "pytest_runtest_logreport",
     "pytest_sessionfinish",
     "require_module",

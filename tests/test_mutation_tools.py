@@ -1,0 +1,170 @@
+"""The mutation-testing tools order and record tests correctly (tests/mutation_plugin.py,
+tools/mutation_history.py). A wrong order does not change which mutants count as killed
+without a budget, but under ``make mutate``'s budget it decides which tests a mutant gets."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import mutation_plugin as plugin
+import numpy as np
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _history_tool():
+    spec = importlib.util.spec_from_file_location("mutation_history", TOOLS / "mutation_history.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _expected_seconds(order: list[str], cost: dict[str, float], chance: dict[str, float]) -> float:
+    """Expected seconds until the first failing test, tests failing independently."""
+    total, alive = 0.0, 1.0
+    for test in order:
+        total += alive * cost[test]
+        alive *= 1.0 - chance[test]
+    return total
+
+
+def _costs(seconds: dict[str, tuple[float, float]]) -> plugin.Costs:
+    return plugin.Costs(seconds)
+
+
+def test_without_fixtures_the_plan_minimizes_expected_seconds_to_the_first_kill() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        tests = [f"tests/test_{i}.py::t" for i in range(5)]  # one per file: no grouping
+        cost = dict(zip(tests, rng.uniform(0.01, 2.0, 5), strict=True))
+        chance = dict(zip(tests, rng.uniform(0.01, 0.9, 5), strict=True))
+        planned = plugin.plan(tests, _costs({t: (0.0, c) for t, c in cost.items()}), chance)
+        best = min(_expected_seconds(list(p), cost, chance) for p in itertools.permutations(tests))
+        assert sorted(planned) == sorted(tests)
+        assert _expected_seconds(planned, cost, chance) == pytest.approx(best)
+
+
+def test_a_file_overhead_is_paid_once_and_files_stay_together() -> None:
+    # a.py's first test sets up a 2 s module fixture (set-up 2.1 s against a median of 0.1 s)
+    seconds = {
+        "a.py::first": (2.1, 0.1),
+        "a.py::second": (0.1, 0.1),
+        "a.py::third": (0.1, 0.1),
+        "b.py::one": (0.0, 0.5),
+        "b.py::two": (0.0, 0.05),
+    }
+    costs = _costs(seconds)
+    assert costs.overhead == {"a.py": pytest.approx(2.0), "b.py": 0.0}
+    assert costs.test["a.py::first"] == pytest.approx(0.2)
+    assert costs.of("a.py::second", opened=set()) == pytest.approx(2.2)
+    assert costs.of("a.py::second", opened={"a.py"}) == pytest.approx(0.2)
+    chance = {"a.py::first": 0.5, "a.py::second": 0.5, "a.py::third": 0.01, "b.py::one": 0.5}
+    chance["b.py::two"] = 0.02
+    # b.py::one 0.5/0.5 = 1.0 first; then a.py's overhead 2.2/0.5 = 4.4 vs b.py::two 0.05/0.02
+    # = 2.5: two; then a.py::first (4.4), then a.py::second (0.4), a.py::third (20)
+    order = plugin.plan(list(seconds), costs, chance)
+    assert order == ["b.py::one", "b.py::two", "a.py::first", "a.py::second", "a.py::third"]
+    # within 2.9 s: b.py's two (0.55 s), a.py's first (2.2 s); its second (0.2 s) would overflow
+    assert plugin.plan(list(seconds), costs, chance, budget=2.9) == [
+        "b.py::one",
+        "b.py::two",
+        "a.py::first",
+    ]
+
+
+def test_the_budget_keeps_the_first_test_even_if_it_overflows() -> None:
+    costs = _costs({"a.py::big": (0.0, 5.0), "a.py::small": (0.0, 0.1)})
+    chance = {"a.py::big": 0.9, "a.py::small": 0.001}  # big: 5.6 s per kill, small: 100
+    assert plugin.plan(["a.py::small", "a.py::big"], costs, chance, budget=1.0) == ["a.py::big"]
+
+
+def test_chosen_tests_run_grouped_by_file_in_the_order_files_were_first_chosen() -> None:
+    costs = _costs({"a.py::x": (0.0, 0.1), "b.py::y": (0.0, 0.2), "a.py::z": (0.0, 0.3)})
+    chance = {"a.py::x": 0.5, "b.py::y": 0.5, "a.py::z": 0.5}
+    # chosen x (0.2), y (0.4), z (0.6); run a.py's two together
+    assert plugin.plan(list(chance), costs, chance) == ["a.py::x", "a.py::z", "b.py::y"]
+
+
+def test_unknown_tests_cost_the_default_and_have_even_chances() -> None:
+    costs = _costs({"y.py::known": (0.0, 0.6)})
+    assert plugin.plan(["x.py::new", "y.py::known"], costs, {}) == ["y.py::known", "x.py::new"]
+
+
+def test_costs_fall_back_to_mutmuts_call_seconds(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {"a.py::t": 0.3}}))
+    assert plugin._read_costs().test == {"a.py::t": pytest.approx(0.3)}
+    (tmp_path / "mutmut-test-seconds.json").write_text(json.dumps({"a.py::t": [0.5, 0.25]}))
+    assert plugin._read_costs().test == {"a.py::t": pytest.approx(0.75)}
+
+
+def test_breadth_counts_functions_per_test() -> None:
+    stats = {"m.f": ["t1", "t2"], "m.g": ["t2"], "m.h": []}
+    assert plugin.breadths(stats) == {"t1": 1, "t2": 2}
+
+
+def test_kill_chance_prior_grows_with_breadth_and_history_pulls_it_to_the_record() -> None:
+    chances = plugin.kill_chances({"narrow": 2, "broad": 80}, 100, {})
+    assert chances["narrow"] == pytest.approx(0.02 / 0.42)
+    assert chances["broad"] == pytest.approx(0.8 / 1.2)
+    recorded = plugin.kill_chances({"narrow": 2}, 100, {"narrow": (98.0, 49.0)})
+    assert recorded["narrow"] == pytest.approx((49 + 2 * 0.02 / 0.42) / 100)
+    never = plugin.kill_chances({}, 100, {"gone": (10.0, 0.0)})
+    assert 0.0 < never["gone"] <= 1e-3 * 1.0001  # kept off 0: cost / chance stays finite
+
+
+def test_a_mutant_run_logs_what_ran_and_the_first_failure(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "pkg.mod.x_f__mutmut_3")
+    monkeypatch.setattr(plugin, "_ran", [])
+    monkeypatch.setattr(plugin, "_killer", [])
+
+    def report(nodeid: str, when: str, outcome: str) -> pytest.TestReport:
+        return pytest.TestReport(nodeid, ("f.py", 0, nodeid), {}, outcome, None, when)
+
+    for when in ("setup", "call", "teardown"):
+        plugin.pytest_runtest_logreport(report("t.py::ok", when, "passed"))
+    plugin.pytest_runtest_logreport(report("t.py::bad", "call", "failed"))
+    plugin.pytest_runtest_logreport(report("t.py::bad", "teardown", "failed"))
+    plugin.pytest_sessionfinish(None)
+    lines = (tmp_path / "mutmut-test-kills.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"mutant": "pkg.mod.x_f__mutmut_3", "ran": ["t.py::ok"], "killer": "t.py::bad"}
+    ]
+
+
+def test_history_counts_runs_and_kills_and_decays_the_old_record() -> None:
+    tool = _history_tool()
+    log = [
+        json.dumps({"mutant": "m1", "ran": ["a", "b"], "killer": "c"}),
+        "",
+        json.dumps({"mutant": "m2", "ran": ["a"], "killer": None}),
+    ]
+    counts = tool.run_counts(log)
+    assert counts == {"a": [2.0, 0.0], "b": [1.0, 0.0], "c": [1.0, 1.0]}
+    old = {"a": [4.0, 2.0], "gone": [9.0, 9.0]}
+    assert tool.merged(old, counts, {"a", "b", "c"}) == {
+        "a": [4.0, 1.0],
+        "b": [1.0, 0.0],
+        "c": [1.0, 1.0],
+    }
+
+
+def test_history_names_the_bad_line(tmp_path) -> None:
+    tool = _history_tool()
+    with pytest.raises(ValueError, match="line 2"):
+        tool.run_counts(['{"mutant": "m", "ran": [], "killer": null}', '{"mutant": "m"}'])
+    kills = tmp_path / "kills.jsonl"
+    kills.write_text('{"mutant": "m", "ran": ["a"], "killer": "b"}\n')
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"duration_by_test": {"a": 0.1, "b": 0.2}}))
+    history = tmp_path / "history.json"
+    args = ["--kills", str(kills), "--stats", str(stats), "--history", str(history)]
+    assert tool.main(args) == 0
+    assert json.loads(history.read_text())["tests"] == {"a": [1.0, 0.0], "b": [1.0, 1.0]}
+    assert tool.main([*args[:4], "--history", str(history)]) == 0
+    assert json.loads(history.read_text())["tests"] == {"a": [1.5, 0.0], "b": [1.5, 1.5]}
