@@ -1,28 +1,38 @@
-"""The ridge problems behind Simfluence-Linear, called directly on tiny hand-made run sets.
+"""The ridge problems behind Simfluence-Linear and the ridge simulators' choice of ``l2``, on
+tiny hand-made run sets, in milliseconds.
 
-The stacked design by hand, and the conjugate-gradient solver's contract: the answer of a dense
-solve, the iteration count and relative residual it reports, its tolerance, iteration cap and
-warm starts, and test examples whose loss never moves. Each test calls `Design` and
-`LinearRidgeProblem` and nothing else of the library, in milliseconds.
+* The stacked design by hand, and the conjugate-gradient solver's contract: the answer of a
+  dense solve, the iteration count and relative residual it reports, its tolerance, iteration
+  cap and warm starts, and test examples whose loss never moves (`Design` and
+  `LinearRidgeProblem` called directly).
+* The cross-validation of ``l2`` with scripted held-out errors (`ScriptedCV`): its walk down
+  the grid, its stopping rule, its choice and fallbacks, the folds and test examples it scores,
+  and the parameter checks, apart from any solve.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
+from simfluence.errors import SimfluenceError
 from simfluence.runlog import Run, RunSet
+from simfluence.simulators import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.base import floor_width, loss_floor
+from simfluence.simulators.linear import DEFAULT_L2_GRID
 from simfluence.simulators.ridge import Design, LinearRidgeProblem, LinearSolution
 
 POOL = [f"e{i}" for i in range(6)]
 
 
-def tiny_runs(batch: int, tests: int = 3, seed: int = 0) -> RunSet:
-    """3 runs of 8 steps over a pool of 6, batches of `batch` distinct ids, losses that fall
-    by a random factor each step (so no two steps or test examples look alike)."""
+def tiny_runs(batch: int, tests: int = 3, seed: int = 0, n_runs: int = 3) -> RunSet:
+    """`n_runs` runs of 8 steps over a pool of 6, batches of `batch` distinct ids, losses that
+    fall by a random factor each step (so no two steps or test examples look alike)."""
     rng = np.random.default_rng(seed)
     runs = []
-    for r in range(3):
+    for r in range(n_runs):
         curriculum = [list(rng.choice(POOL, batch, replace=False)) for _ in range(8)]
         factors = rng.uniform(0.8, 1.0, size=(8, tests))
         start = rng.uniform(1.0, 2.0, size=(1, tests))
@@ -181,3 +191,171 @@ def test_a_test_example_whose_loss_never_moves_keeps_the_prior() -> None:
     qA, qB = flat_problem.matvec(start.delta_A, start.delta_B, 0.3)
     stopped = flat_problem.solve(0.3, start=start, max_iter=0)
     assert stopped.max_relative_residual == pytest.approx(np.sqrt((qA**2).sum() + (qB**2).sum()))
+
+
+# -- choosing l2 by cross-validation, with scripted held-out errors ----------------------------
+class ScriptedCV(AdditiveSimulator):
+    """Simfluence-Additive whose held-out error at each ``l2`` is `script[l2]` on every fold,
+    and whose parameters at ``l2`` all equal ``l2`` (so ``B_`` shows which ``l2`` the final
+    fit used). `scored` records each validation: ``(l2, run ids, test ids, floor)``."""
+
+    script: dict[float, float]
+
+    def _path(self, design: Design, grid: list[float], final: bool):  # type: ignore[no-untyped-def]
+        for lam in grid:
+            yield None, np.full((design.prev.shape[1], design.counts.shape[1]), lam)
+
+    def _validation_mse(self, runs: RunSet, params: Any, floor: Any) -> float:
+        lam = float(params[1].flat[0])
+        self.scored.append((lam, runs.run_ids, runs.test_ids, floor))
+        return self.script[lam]
+
+
+def scripted(script: dict[float, float], **params: Any) -> ScriptedCV:
+    sim = ScriptedCV(**{"l2_grid": list(script), **params})
+    sim.script, sim.scored = script, []
+    return sim
+
+
+GRID_SCRIPT = {100.0: np.inf, 30.0: 5.0, 10.0: 4.0, 3.0: 4.0, 1.0: 6.0, 0.3: 3.0, 0.1: 7.0}
+
+
+@pytest.mark.parametrize(
+    ("patience", "walked", "chosen"),
+    [(None, 5, 3.0), (1, 1, 100.0), (3, 7, 0.3)],  # None: the default patience, 2
+)
+def test_cross_validation_walks_down_the_grid_until_patience_rises(
+    patience: int | None, walked: int, chosen: float
+) -> None:
+    """The grid is walked from the largest ``l2`` down; an error that is not below the best so
+    far (an infinite one, a tie) is a rise; the walk stops after `patience` rises in a row
+    (default 2) and keeps the finite least error (the smaller ``l2`` of a tie), or the largest
+    ``l2`` when none is finite. The final fit uses the choice."""
+    runs = tiny_runs(batch=2, n_runs=5)
+    sim = scripted(GRID_SCRIPT, **({} if patience is None else {"patience": patience}))
+    sim.fit(runs)
+    expected = [[lam, mse] for lam, mse in list(GRID_SCRIPT.items())[:walked]]
+    assert sim.cv_mse_ == expected
+    assert sim.l2_ == chosen and np.all(chosen == sim.B_) and sim.B_.shape == (3, 6)
+    # default 4 folds of whole runs: run k by id validates in fold k % 4, at every l2
+    folds = [["r0", "r4"], ["r1"], ["r2"], ["r3"]]
+    assert [(lam, ids) for lam, ids, _, _ in sim.scored] == [
+        (lam, ids) for lam, _ in expected for ids in folds
+    ]
+
+
+def test_cross_validation_choice_and_its_fallbacks() -> None:
+    """Two grid values are already a choice; an ``l2`` given is used as is, with no
+    cross-validation (``cv_mse_`` None); non-finite errors are never chosen, and when no error
+    is finite the smoothest ``l2`` is kept."""
+    runs = tiny_runs(batch=2)
+    two = scripted({1.0: 2.0, 0.1: 1.0}).fit(runs)
+    assert two.cv_mse_ == [[1.0, 2.0], [0.1, 1.0]] and two.l2_ == 0.1
+    given = scripted({0.5: 1.0}, l2=0.5).fit(runs)
+    assert given.cv_mse_ is None and given.l2_ == 0.5 and not given.scored
+    assert np.all(given.B_ == 0.5)
+    broken = scripted({100.0: np.inf, 30.0: np.nan, 10.0: 1.0, 3.0: 0.5}).fit(runs)
+    assert broken.l2_ == 100.0 and len(broken.cv_mse_) == 2  # inf, NaN: two rises
+    skipped = scripted({100.0: 2.0, 30.0: np.nan, 10.0: 1.0}, patience=3).fit(runs)
+    assert skipped.l2_ == 10.0
+
+
+def test_cross_validation_scores_a_seeded_subset_of_test_examples() -> None:
+    """`cv_tests` of the test examples, drawn with seed 0 and sorted, are scored, with the
+    floors of those columns; the final fit still covers every test example. `cv_tests` at
+    or above the number of test examples scores them all."""
+    runs = tiny_runs(batch=2, tests=5)
+    sub = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=3).fit(runs)
+    columns = np.sort(np.random.default_rng(0).choice(5, 3, replace=False))
+    subset = runs.select_tests(columns)
+    assert len(set(columns)) == 3 and sub.B_.shape == (5, 6)
+    for _, _, test_ids, (level, width) in sub.scored:
+        assert test_ids == subset.test_ids
+        np.testing.assert_array_equal(level, loss_floor(subset))
+        np.testing.assert_array_equal(width, floor_width(subset))
+    again = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=3).fit(runs)
+    assert [t for _, _, t, _ in again.scored] == [t for _, _, t, _ in sub.scored]
+    every = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=5).fit(runs)
+    for _, _, test_ids, (level, width) in every.scored:
+        assert test_ids == runs.test_ids
+        np.testing.assert_array_equal(level, loss_floor(runs))
+        np.testing.assert_array_equal(width, floor_width(runs))
+
+
+def test_ridge_parameter_checks() -> None:
+    """Every bad setting is refused before any work, with its name; the edge values allowed
+    (``cv_folds`` 2, ``cv_tests``/``test_shards`` 1, ``loss_power`` 4, one grid value on one
+    run) fit."""
+    runs = tiny_runs(batch=2)
+    one_run = runs.subset(["r0"])
+    refused = [
+        ({"l2": 0.0}, runs, "l2 values must be positive"),
+        ({"l2_grid": []}, runs, "l2 values must be positive"),
+        ({"l2_grid": [1.0, -1.0]}, runs, "l2 values must be positive"),
+        ({}, one_run, "at least 2 training runs"),
+        ({"l2_grid": list(DEFAULT_L2_GRID)}, one_run, "at least 2 training runs"),
+        ({"cv_folds": 1}, runs, "cv_folds must be at least 2"),
+        ({"cv_tests": 0}, runs, "cv_tests must be None or >= 1, got 0"),
+        ({"cv_tests": True}, runs, "cv_tests must be None or >= 1, got True"),
+        ({"cv_tests": 1.5}, runs, "cv_tests must be None or >= 1, got 1.5"),
+        ({"test_shards": 0}, runs, "test_shards must be None or >= 1, got 0"),
+    ]
+    for params, data, message in refused:
+        with pytest.raises(SimfluenceError, match=message):
+            scripted({1.0: 1.0, 0.1: 1.0}, **params).fit(data)
+    with pytest.raises(SimfluenceError, match=r"loss_power must be between 0 and 4, got 4\.5"):
+        LinearSimulator(l2=1.0, loss_power=4.5).fit(runs)
+    assert scripted({1.0: 1.0, 0.1: 2.0}, cv_folds=2, cv_tests=1).fit(runs).l2_ == 1.0
+    assert scripted({0.5: 1.0}).fit(one_run).l2_ == 0.5  # one value: nothing to validate
+    assert LinearSimulator(l2=1.0, loss_power=4.0).fit(runs).cg_residual_ <= 1e-8
+
+
+def test_documented_defaults_and_parameters_kept() -> None:
+    """The defaults the docstrings state, and every parameter given kept as given (they are
+    what a saved simulator is rebuilt from)."""
+    ridge = {
+        "l2": None,
+        "l2_grid": list(DEFAULT_L2_GRID),
+        "cv_folds": 4,
+        "patience": 2,
+        "unseen": "error",
+        "batch_weighting": "mean",
+        "cv_tests": None,
+        "test_shards": None,
+        "backend": "serial",
+    }
+    solver = {"tol": 1e-8, "cv_tol": 1e-4, "max_iter": 1000, "loss_power": 0.0}
+    assert AdditiveSimulator().get_params() == ridge
+    assert LinearSimulator().get_params() == {**ridge, **solver}
+    given = {
+        "l2": 0.5,
+        "l2_grid": [2.0, 1.0],
+        "cv_folds": 3,
+        "patience": 5,
+        "unseen": "prior",
+        "batch_weighting": "sum",
+        "cv_tests": 7,
+        "test_shards": 2,
+        "backend": "process:2",
+    }
+    assert AdditiveSimulator(**given).get_params() == given
+    solver = {"tol": 1e-6, "cv_tol": 1e-2, "max_iter": 50, "loss_power": 1.0}
+    assert LinearSimulator(**given, **solver).get_params() == {**given, **solver}
+
+
+def test_linear_fit_is_the_ridge_solution_around_its_prior() -> None:
+    """A fixed ``l2``: ``A_ = 1/b + delta_A``, ``B_ = delta_B`` of the dense solve (``b`` the
+    median batch size), solved to `tol` within `max_iter`, with the solver's statistics."""
+    runs = tiny_runs(batch=2)
+    sim = LinearSimulator(l2=0.3).fit(runs)
+    design = Design.from_runs(runs, 2, "mean")
+    delta_A, delta_B = dense_solution(design, 0.3, 0.5)
+    np.testing.assert_allclose(sim.A_, 0.5 + delta_A.T, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(sim.B_, delta_B.T, rtol=1e-7, atol=1e-9)
+    reference = LinearRidgeProblem(design, 0.5).solve(0.3)
+    assert sim.cg_iterations_ == reference.iterations
+    assert sim.cg_residual_ == reference.max_relative_residual <= 1e-8
+    loose = LinearSimulator(l2=0.3, tol=1e-3, cv_tol=1e-12).fit(runs)
+    assert 1e-8 < loose.cg_residual_ <= 1e-3
+    capped = LinearSimulator(l2=0.3, max_iter=2).fit(runs)
+    assert capped.cg_iterations_ == 2 and capped.cg_residual_ > 1e-3
