@@ -20,9 +20,9 @@ import pytest
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import AdditiveSimulator, LinearSimulator
-from simfluence.simulators.base import floor_width, loss_floor
-from simfluence.simulators.linear import DEFAULT_L2_GRID
-from simfluence.simulators.ridge import Design, LinearRidgeProblem, LinearSolution
+from simfluence.simulators.base import floor_width, loss_floor, soft_floor
+from simfluence.simulators.linear import DEFAULT_L2_GRID, rollout_mse
+from simfluence.simulators.ridge import Design, LinearRidgeProblem, LinearSolution, loss_weights
 
 POOL = [f"e{i}" for i in range(6)]
 
@@ -41,23 +41,30 @@ def tiny_runs(batch: int, tests: int = 3, seed: int = 0, n_runs: int = 3) -> Run
     return RunSet(POOL, [f"t{j}" for j in range(tests)], runs)
 
 
-def dense_systems(design: Design, lam: float, prior_a: float) -> list[tuple[np.ndarray, ...]]:
-    """Per test example, the normal equations of the departure from the prior, densely:
-    ``(X^T X + lam I, X^T (L_next - X theta_0))`` with ``X = [diag(L_prev) N, N]``."""
+def dense_systems(
+    design: Design, lam: float, prior_a: float, weights: np.ndarray | None = None
+) -> list[tuple[np.ndarray, ...]]:
+    """Per test example, the (row-weighted) normal equations of the departure from the prior,
+    densely: ``(X^T W X + lam I, X^T W (L_next - X theta_0))``, ``X = [diag(L_prev) N, N]``."""
     N = design.counts.toarray()
     P = N.shape[1]
     theta0 = np.concatenate([np.full(P, prior_a), np.zeros(P)])
     out = []
     for j in range(design.prev.shape[1]):
         X = np.hstack([design.prev[:, [j]] * N, N])
-        out.append((X.T @ X + lam * np.eye(2 * P), X.T @ (design.next[:, j] - X @ theta0)))
+        w = np.ones(len(X)) if weights is None else weights[:, j]
+        gram = X.T @ (w[:, None] * X) + lam * np.eye(2 * P)
+        out.append((gram, X.T @ (w * (design.next[:, j] - X @ theta0))))
     return out
 
 
-def dense_solution(design: Design, lam: float, prior_a: float) -> tuple[np.ndarray, np.ndarray]:
+def dense_solution(
+    design: Design, lam: float, prior_a: float, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(delta_A, delta_B)``, each ``(P, M)``, by numpy's dense solve."""
     P = design.counts.shape[1]
-    delta = np.column_stack([np.linalg.solve(G, b) for G, b in dense_systems(design, lam, prior_a)])
+    systems = dense_systems(design, lam, prior_a, weights)
+    delta = np.column_stack([np.linalg.solve(G, b) for G, b in systems])
     return delta[:P], delta[P:]
 
 
@@ -261,21 +268,21 @@ def test_cross_validation_choice_and_its_fallbacks() -> None:
 
 
 def test_cross_validation_scores_a_seeded_subset_of_test_examples() -> None:
-    """`cv_tests` of the test examples, drawn with seed 0 and sorted, are scored, with the
+    """`cv_tests` distinct test examples, drawn with seed 0 and sorted, are scored, with the
     floors of those columns; the final fit still covers every test example. `cv_tests` at
     or above the number of test examples scores them all."""
-    runs = tiny_runs(batch=2, tests=5)
+    runs = tiny_runs(batch=2, tests=6)
     sub = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=3).fit(runs)
-    columns = np.sort(np.random.default_rng(0).choice(5, 3, replace=False))
+    columns = np.sort(np.random.default_rng(0).choice(6, 3, replace=False))
     subset = runs.select_tests(columns)
-    assert len(set(columns)) == 3 and sub.B_.shape == (5, 6)
+    assert sub.B_.shape == (6, 6)
     for _, _, test_ids, (level, width) in sub.scored:
-        assert test_ids == subset.test_ids
+        assert test_ids == subset.test_ids and len(set(test_ids)) == 3
         np.testing.assert_array_equal(level, loss_floor(subset))
         np.testing.assert_array_equal(width, floor_width(subset))
     again = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=3).fit(runs)
     assert [t for _, _, t, _ in again.scored] == [t for _, _, t, _ in sub.scored]
-    every = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=5).fit(runs)
+    every = scripted({1.0: 2.0, 0.1: 1.0}, cv_tests=6).fit(runs)
     for _, _, test_ids, (level, width) in every.scored:
         assert test_ids == runs.test_ids
         np.testing.assert_array_equal(level, loss_floor(runs))
@@ -359,3 +366,118 @@ def test_linear_fit_is_the_ridge_solution_around_its_prior() -> None:
     assert 1e-8 < loose.cg_residual_ <= 1e-3
     capped = LinearSimulator(l2=0.3, max_iter=2).fit(runs)
     assert capped.cg_iterations_ == 2 and capped.cg_residual_ > 1e-3
+    # loss_power: each step's squared error weighted by `loss_weights` of its loss before
+    weighted = LinearSimulator(l2=0.3, loss_power=1.5).fit(runs)
+    delta_A, delta_B = dense_solution(design, 0.3, 0.5, loss_weights(design.prev, 1.5))
+    np.testing.assert_allclose(weighted.A_, 0.5 + delta_A.T, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(weighted.B_, delta_B.T, rtol=1e-7, atol=1e-9)
+    assert np.abs(weighted.B_ - sim.B_).max() > 1e-3
+
+
+def test_cross_validation_solves_to_its_own_tolerance() -> None:
+    """`cv_tol` governs the cross-validation's solves only: a loose one moves the CV errors
+    (not the final fit, solved to `tol`)."""
+    runs = tiny_runs(batch=2, n_runs=4)
+    params = {"l2_grid": [1.0, 0.01], "cv_folds": 2}
+    exact = LinearSimulator(**params, cv_tol=1e-12).fit(runs)
+    loose = LinearSimulator(**params, cv_tol=0.5).fit(runs)
+    assert abs(loose.cv_mse_[1][1] - exact.cv_mse_[1][1]) > 1e-6 * exact.cv_mse_[1][1]
+    assert loose.cg_residual_ <= 1e-8 and exact.cg_residual_ <= 1e-8
+
+
+# -- the cross-validation error: floored rollouts of held-out runs ------------------------------
+def plain_rollout_mse(
+    runs: RunSet,
+    A: np.ndarray | None,
+    B: np.ndarray,
+    b: float,
+    weighting: str,
+    floor: tuple[np.ndarray, np.ndarray] | None,
+) -> float:
+    """The reference: each run rolled out step by step (``L <- alpha L + beta``, the batch
+    sums scaled by ``b / |batch|`` under "mean"), floored from step 1 on, and the squared
+    error averaged over steps 1..T, then over (run, test example) pairs."""
+    index = {t: i for i, t in enumerate(runs.train_ids)}
+    errors = []
+    for run in runs.runs:
+        L = run.losses[0].astype(float)
+        path = [L]
+        for batch in run.curriculum:
+            cols = [index[i] for i in batch]
+            scale = b / len(batch) if weighting == "mean" else 1.0
+            alpha = 1.0 if A is None else scale * A[:, cols].sum(1)
+            L = alpha * L + scale * B[:, cols].sum(1)
+            path.append(L)
+        traj = np.array(path)
+        if floor is not None:
+            soft_floor(traj[1:], *floor)
+        errors.append(((traj[1:] - run.losses[1:]) ** 2).mean(axis=0))
+    return float(np.mean(errors))
+
+
+def uneven_runs() -> RunSet:
+    """Batches of 1 and 2 (weighting matters), losses that fall to 0.1 (a floor can bind)."""
+    curricula = [[["a", "b"], ["c"], ["a"]], [["c"], ["a", "b"], ["b", "c"]], [["b"], ["c", "a"]]]
+    runs = []
+    for k, curriculum in enumerate(curricula):
+        steps = len(curriculum) + 1
+        losses = np.column_stack([np.geomspace(2.0 + k, 0.1, steps), np.linspace(1.0, 0.3, steps)])
+        runs.append(Run(f"r{k}", curriculum, losses))
+    return RunSet(["a", "b", "c"], ["t0", "t1"], runs)
+
+
+def test_rollout_mse_is_the_floored_all_steps_error_of_a_plain_loop() -> None:
+    runs = uneven_runs()
+    rng = np.random.default_rng(1)
+    A = rng.uniform(0.1, 0.5, size=(2, 3))
+    B = rng.uniform(-1.5, -0.5, size=(2, 3))  # the loss falls below 0 from the first step
+    floor = (loss_floor(runs), floor_width(runs))
+    for weighting in ("mean", "sum"):
+        for params in ((A, B), (None, B)):
+            expected = plain_rollout_mse(runs, *params, 2.0, weighting, floor)
+            assert rollout_mse(runs, *params, 2.0, weighting, floor) == pytest.approx(expected)
+    # the floor binds at step 1 already: unfloored (the default), the errors are others
+    unfloored = plain_rollout_mse(runs, A, B, 2.0, "mean", None)
+    assert rollout_mse(runs, A, B, 2.0, "mean") == pytest.approx(unfloored)
+    first_floored = plain_rollout_mse(runs.subset(["r2"]), A, B, 2.0, "mean", floor)
+    first_raw = plain_rollout_mse(runs.subset(["r2"]), A, B, 2.0, "mean", None)
+    assert abs(first_floored - first_raw) > 0.1
+
+
+class FixedPath(AdditiveSimulator):
+    """Simfluence-Additive whose parameters at ``l2`` are ``B = -l2`` for every pair, whatever
+    the training runs: the held-out errors of cross-validation are then known in closed form
+    (`plain_rollout_mse`) without any solve."""
+
+    def _path(self, design: Design, grid: list[float], final: bool):  # type: ignore[no-untyped-def]
+        for lam in grid:
+            yield None, np.full((design.prev.shape[1], design.counts.shape[1]), -lam)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "sum"])
+def test_cross_validation_errors_are_floored_rollouts_of_the_held_out_runs(
+    weighting: str,
+) -> None:
+    """Each CV error is the mean over folds of the held-out runs' rollout MSE, weighted like
+    the fit and floored with the fitted floor (the rollouts here go below 0)."""
+    runs = uneven_runs()
+    grid = [1.0, 0.5, 0.1]
+    sim = FixedPath(l2_grid=grid, cv_folds=3, patience=3, batch_weighting=weighting).fit(runs)
+    floor = (loss_floor(runs), floor_width(runs))
+    b = 1.5  # the median batch size (four of 1, four of 2)
+    assert sim.batch_size_ == b
+    expected = [
+        [
+            lam,
+            np.mean(
+                [
+                    plain_rollout_mse(
+                        runs.subset([r]), None, np.full((2, 3), -lam), b, weighting, floor
+                    )
+                    for r in sorted(runs.run_ids)
+                ]
+            ),
+        ]
+        for lam in grid
+    ]
+    np.testing.assert_allclose(sim.cv_mse_, expected, rtol=1e-12)
