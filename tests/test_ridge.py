@@ -481,3 +481,14 @@ def test_cross_validation_errors_are_floored_rollouts_of_the_held_out_runs(
         for lam in grid
     ]
     np.testing.assert_allclose(sim.cv_mse_, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "sum"])
+def test_linear_fit_weighs_batches_as_asked(weighting: str) -> None:
+    """Batches of 1 and 2 (``b = 1.5``): the fit is the dense ridge solution of the design
+    weighted as asked (``b / |batch|`` under "mean", 1 under "sum")."""
+    runs = uneven_runs()
+    sim = LinearSimulator(l2=0.3, batch_weighting=weighting).fit(runs)
+    delta_A, delta_B = dense_solution(Design.from_runs(runs, 1.5, weighting), 0.3, 1 / 1.5)
+    np.testing.assert_allclose(sim.A_, 1 / 1.5 + delta_A.T, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(sim.B_, delta_B.T, rtol=1e-7, atol=1e-9)
