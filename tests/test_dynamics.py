@@ -104,7 +104,7 @@ def test_dynamics_defaults_refuse_unseen_ids_and_weigh_batch_means() -> None:
     assert sim.batch_size_ == 1.5  # sizes 2, 1, 2, 1, 2, 2, 1, 1
     good = [["a"], ["b"]]
     with pytest.raises(CurriculumError, match=r"curriculum #1: step 3: training id 'c' never"):
-        sim.simulate_many([good, [["a"], ["d", "b"], ["c", "c"]]], sim.initial_loss_)
+        sim.simulate_many([good, [["a"], ["d", "b"], ["c"]]], sim.initial_loss_)
     with pytest.raises(CurriculumError, match=r"curriculum #1: step 2: .*'nope'"):
         sim.simulate_many([good, [["a"], ["nope"]]], sim.initial_loss_)
     out = sim.simulate([["a", "b"]], np.array([1.0, 1.0]))
