@@ -10,6 +10,7 @@ import pytest
 
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.evaluation import evaluate
+from simfluence.metrics import all_steps_mse
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import (
     AdditiveSimulator,
@@ -165,9 +166,13 @@ def test_blend_mixes_its_sides_per_test_example() -> None:
     np.testing.assert_allclose(traj[1:], expected[1:])
     np.testing.assert_array_equal(traj[0], run.initial_loss)
     # never much worse than Simfluence-Linear on held-out runs: the weights were chosen on CV
-    result = evaluate(runs, {"linear": LinearSimulator(unseen="prior"), "blend": sim}, 3)
-    blend, linear = result.methods["blend"].scores, result.methods["linear"].scores
-    assert blend["all_steps_mse"] < 1.1 * linear["all_steps_mse"]
+    # (here 0.0115 against 0.0127)
+    linear = LinearSimulator(unseen="prior").fit(train)
+    curricula = [r.curriculum for r in held.runs]
+    initial = np.stack([r.initial_loss for r in held.runs])
+    true = [r.losses for r in held.runs]
+    blend_mse = all_steps_mse(true, sim.simulate_many(curricula, initial)).mean
+    assert blend_mse < 1.1 * all_steps_mse(true, linear.simulate_many(curricula, initial)).mean
     with pytest.raises(SimfluenceError, match="at least 2 training runs"):
         BlendSimulator().fit(runs.subset(runs.run_ids[:1]))
 
