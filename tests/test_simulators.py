@@ -618,17 +618,11 @@ def test_truth_needs_its_file_and_matching_shapes(tmp_path: Path) -> None:
     assert sim.seen_.all() and np.array_equal(sim.A_, truth.A)
 
 
-def test_solver_and_search_defaults() -> None:
-    """At most 1000 CG iterations by default (a tolerance of 0 is never met); the CV stops
-    after 2 rises by default; raw-sum batch weighting reaches the CV rollouts too."""
+def test_raw_sum_batch_weighting_reaches_the_cross_validation_rollouts() -> None:
+    """With ``batch_weighting="sum"`` the CV errors are those of held-out rollouts weighted
+    the same way. (The solver's and the search's defaults are pinned, without fits of a
+    thousand iterations, in tests/test_ridge.py.)"""
     runs, _ = generate(SMALL)
-    problem = LinearRidgeProblem(Design.from_runs(runs, 4, "mean"), 0.25)
-    assert problem.solve(1.0, tol=0.0).iterations == 1000
-    assert LinearSimulator(l2=1.0, tol=0.0).fit(runs).cg_iterations_ == 1000
-    assert LinearSimulator(l2=1.0, tol=0.0, max_iter=7).fit(runs).cg_iterations_ == 7
-    grid = [100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01]
-    two = LinearSimulator(l2_grid=grid, patience=2).fit(runs).cv_mse_
-    assert LinearSimulator(l2_grid=grid).fit(runs).cv_mse_ == two
     summed = LinearSimulator(l2_grid=[3.0, 1.0], batch_weighting="sum", cv_folds=3).fit(runs)
     expected = 0.0
     ordered = sorted(runs.run_ids)
