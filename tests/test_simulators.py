@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_ridge import dense_solution, relative_residual
 
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.evaluation import evaluate
@@ -39,21 +40,9 @@ SMALL = SynthConfig(pool=30, tests=4, runs=12, per_run=22, batch=4, epochs=2, se
 def direct_linear_ridge(
     design: Design, lam: float, prior_a: float, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per test example, the dense (weighted) normal equations solved by numpy: the reference."""
-    N = design.counts.toarray()
-    P = N.shape[1]
-    A, B = [], []
-    for j in range(design.prev.shape[1]):
-        X = np.hstack([design.prev[:, [j]] * N, N])
-        w = np.ones(len(X)) if weights is None else weights[:, j]
-        theta0 = np.concatenate([np.full(P, prior_a), np.zeros(P)])
-        theta = np.linalg.solve(
-            X.T @ (w[:, None] * X) + lam * np.eye(2 * P),
-            X.T @ (w * design.next[:, j]) + lam * theta0,
-        )
-        A.append(theta[:P])
-        B.append(theta[P:])
-    return np.array(A), np.array(B)
+    """``(A, B)``, each ``(M, P)``: the dense reference of tests/test_ridge.py around the prior."""
+    delta_A, delta_B = dense_solution(design, lam, prior_a, weights)
+    return prior_a + delta_A.T, delta_B.T
 
 
 def test_conjugate_gradients_match_the_direct_solve() -> None:
@@ -430,23 +419,6 @@ def test_run_folds_hold_every_run_out_exactly_once() -> None:
 
 
 # -- the conjugate-gradient solver's contract -------------------------------------------------
-def _normal_equation_residual(design: Design, lam: float, prior_a: float, sol) -> float:
-    """max over test examples of ||(X^T X + lam I) delta - X^T r|| / ||X^T r||, densely."""
-    N = design.counts.toarray()
-    worst = 0.0
-    for j in range(design.prev.shape[1]):
-        X = np.hstack([design.prev[:, [j]] * N, N])
-        r = design.next[:, j] - X @ np.concatenate([np.full(N.shape[1], prior_a), 0 * N[0]])
-        delta = np.concatenate([sol.delta_A[:, j], sol.delta_B[:, j]])
-        rhs = X.T @ r
-        worst = max(
-            worst,
-            np.linalg.norm((X.T @ X + lam * np.eye(X.shape[1])) @ delta - rhs)
-            / np.linalg.norm(rhs),
-        )
-    return worst
-
-
 def test_conjugate_gradients_converge_fast_and_report_it() -> None:
     """Default tolerance 1e-8 met and reported truthfully; the block-Jacobi preconditioned CG
     needs a few dozen iterations here (plain steepest descent or a wrong preconditioner needs
@@ -459,9 +431,7 @@ def test_conjugate_gradients_converge_fast_and_report_it() -> None:
         assert 0 < solution.iterations <= 60
         assert solution.max_relative_residual <= 1e-8
         reported = solution.max_relative_residual
-        assert _normal_equation_residual(design, lam, 0.25, solution) == pytest.approx(
-            reported, rel=1e-3
-        )
+        assert relative_residual(design, lam, 0.25, solution) == pytest.approx(reported, rel=1e-3)
         A, B = direct_linear_ridge(design, lam, 0.25)
         np.testing.assert_allclose(0.25 + solution.delta_A.T, A, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(solution.delta_B.T, B, rtol=1e-6, atol=1e-7)
@@ -471,7 +441,7 @@ def test_conjugate_gradients_converge_fast_and_report_it() -> None:
     capped = problem.solve(1.0, max_iter=3)
     assert capped.iterations == 3 and capped.max_relative_residual > 1e-3
     assert capped.max_relative_residual == pytest.approx(
-        _normal_equation_residual(design, 1.0, 0.25, capped), rel=1e-6
+        relative_residual(design, 1.0, 0.25, capped), rel=1e-6
     )
     sim = LinearSimulator(l2=1.0).fit(runs)
     assert sim.cg_iterations_ == problem.solve(1.0).iterations
