@@ -329,6 +329,92 @@ def test_sharded_fit_knows_which_examples_were_seen() -> None:
         assert sim.seen_.tolist() == [True, True, False]
 
 
+class RecordingBackend(SerialBackend):
+    """The serial backend, keeping every unit it ran: ``(phase, grid, test ids)``, and
+    claiming `parallelism` units at a time."""
+
+    def __init__(self, parallelism: int = 1) -> None:
+        super().__init__()
+        self.parallelism = parallelism
+        self.units: list[tuple[str, list[float], list[str]]] = []
+
+    def map_unordered(self, work, items):  # type: ignore[no-untyped-def]
+        self.units += [(phase, grid, runs.test_ids) for phase, grid, runs in items]
+        return super().map_unordered(work, items)
+
+
+def test_sharded_fit_runs_its_units_on_the_backend_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The simulator's backend spec picks the backend; cross-validation runs on the
+    `cv_tests` subset, then the solve at the chosen l2, each in `test_shards` contiguous
+    blocks of test examples (else one per unit the backend runs at once); the result is the
+    unsharded fit's, ``seen_`` included (id "f" is never consumed)."""
+    import simfluence.simulators.sharded as sharded_module
+
+    asked: list[str] = []
+    backends: list[RecordingBackend] = []
+
+    def recording_backend(spec: str, threads: int = 1) -> RecordingBackend:
+        asked.append(spec)
+        backends.append(RecordingBackend(parallelism=3))
+        return backends[-1]
+
+    monkeypatch.setattr(sharded_module, "shared_backend", recording_backend)
+    batches = [["ab", "c", "de"], ["cd", "a", "eb"], ["e", "ba", "dc"]]
+    runs = RunSet(
+        list("abcdef"),
+        [f"t{j}" for j in range(5)],
+        [
+            Run(
+                f"r{k}",
+                [list(b) for b in steps],
+                np.linspace(2.0 + k, 1.5, 4)[:, None] * [1.0, 0.8, 1.2, 0.9, 1.1],
+            )
+            for k, steps in enumerate(batches)
+        ],
+    )
+    params = {"l2_grid": [1.0, 0.1], "cv_folds": 3, "cv_tests": 4}
+    whole = AdditiveSimulator(**params).fit(runs)
+    assert not asked  # serial and unsharded: no backend
+    sharded = AdditiveSimulator(**params, test_shards=2).fit(runs)
+    cv_ids = whole._cv_runs(runs).test_ids
+    assert asked == ["serial"] and backends[0].units == [
+        ("cv", [1.0, 0.1], cv_ids[:2]),
+        ("cv", [1.0, 0.1], cv_ids[2:]),
+        ("solve", [whole.l2_], ["t0", "t1", "t2"]),
+        ("solve", [whole.l2_], ["t3", "t4"]),
+    ]
+    np.testing.assert_allclose(sharded.cv_mse_, whole.cv_mse_, rtol=1e-10)
+    assert sharded.l2_ == whole.l2_ and sharded.seen_.tolist() == [True] * 5 + [False]
+    np.testing.assert_allclose(sharded.B_, whole.B_, rtol=0, atol=1e-12)
+    AdditiveSimulator(l2=0.5, backend="process:3").fit(runs)
+    assert asked[1] == "process:3"
+    assert [ids for _, _, ids in backends[1].units] == [["t0", "t1"], ["t2", "t3"], ["t4"]]
+
+
+def test_sharded_cross_validation_scores_with_the_fitted_floors() -> None:
+    """Each shard's CV rollouts are floored like the whole fit's: a loss that can be negative
+    keeps its lowest recorded value as floor. (The shards once scored with the class default,
+    a hard clip at 0: on these runs their CV errors were 8 times the whole fit's.)"""
+    runs = RunSet(
+        ["a", "b", "c"],
+        ["t0", "t1"],
+        [
+            Run(
+                f"r{k}",
+                [["a", "b"], ["c"], ["b", "c"]],
+                [[1.0, -0.5], [0.8, -0.9], [0.7, -1.4], [0.5, -2.0 - k]],
+            )
+            for k in range(3)
+        ],
+    )
+    params = {"l2_grid": [1.0, 0.1], "cv_folds": 3}
+    whole = AdditiveSimulator(**params).fit(runs)
+    sharded = AdditiveSimulator(**params, test_shards=2).fit(runs)
+    np.testing.assert_allclose(sharded.cv_mse_, whole.cv_mse_, rtol=1e-10)
+
+
 @pytest.mark.workers
 def test_sharded_fit_on_workers_is_bit_identical(synthetic) -> None:  # type: ignore[no-untyped-def]
     from simfluence.simulators import AdditiveSimulator

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_ridge import dense_solution, relative_residual
 
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.evaluation import evaluate
+from simfluence.metrics import all_steps_mse
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import (
     AdditiveSimulator,
@@ -38,21 +40,9 @@ SMALL = SynthConfig(pool=30, tests=4, runs=12, per_run=22, batch=4, epochs=2, se
 def direct_linear_ridge(
     design: Design, lam: float, prior_a: float, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per test example, the dense (weighted) normal equations solved by numpy: the reference."""
-    N = design.counts.toarray()
-    P = N.shape[1]
-    A, B = [], []
-    for j in range(design.prev.shape[1]):
-        X = np.hstack([design.prev[:, [j]] * N, N])
-        w = np.ones(len(X)) if weights is None else weights[:, j]
-        theta0 = np.concatenate([np.full(P, prior_a), np.zeros(P)])
-        theta = np.linalg.solve(
-            X.T @ (w[:, None] * X) + lam * np.eye(2 * P),
-            X.T @ (w * design.next[:, j]) + lam * theta0,
-        )
-        A.append(theta[:P])
-        B.append(theta[P:])
-    return np.array(A), np.array(B)
+    """``(A, B)``, each ``(M, P)``: the dense reference of tests/test_ridge.py around the prior."""
+    delta_A, delta_B = dense_solution(design, lam, prior_a, weights)
+    return prior_a + delta_A.T, delta_B.T
 
 
 def test_conjugate_gradients_match_the_direct_solve() -> None:
@@ -165,9 +155,13 @@ def test_blend_mixes_its_sides_per_test_example() -> None:
     np.testing.assert_allclose(traj[1:], expected[1:])
     np.testing.assert_array_equal(traj[0], run.initial_loss)
     # never much worse than Simfluence-Linear on held-out runs: the weights were chosen on CV
-    result = evaluate(runs, {"linear": LinearSimulator(unseen="prior"), "blend": sim}, 3)
-    blend, linear = result.methods["blend"].scores, result.methods["linear"].scores
-    assert blend["all_steps_mse"] < 1.1 * linear["all_steps_mse"]
+    # (here 0.0115 against 0.0127)
+    linear = LinearSimulator(unseen="prior").fit(train)
+    curricula = [r.curriculum for r in held.runs]
+    initial = np.stack([r.initial_loss for r in held.runs])
+    true = [r.losses for r in held.runs]
+    blend_mse = all_steps_mse(true, sim.simulate_many(curricula, initial)).mean
+    assert blend_mse < 1.1 * all_steps_mse(true, linear.simulate_many(curricula, initial)).mean
     with pytest.raises(SimfluenceError, match="at least 2 training runs"):
         BlendSimulator().fit(runs.subset(runs.run_ids[:1]))
 
@@ -425,23 +419,6 @@ def test_run_folds_hold_every_run_out_exactly_once() -> None:
 
 
 # -- the conjugate-gradient solver's contract -------------------------------------------------
-def _normal_equation_residual(design: Design, lam: float, prior_a: float, sol) -> float:
-    """max over test examples of ||(X^T X + lam I) delta - X^T r|| / ||X^T r||, densely."""
-    N = design.counts.toarray()
-    worst = 0.0
-    for j in range(design.prev.shape[1]):
-        X = np.hstack([design.prev[:, [j]] * N, N])
-        r = design.next[:, j] - X @ np.concatenate([np.full(N.shape[1], prior_a), 0 * N[0]])
-        delta = np.concatenate([sol.delta_A[:, j], sol.delta_B[:, j]])
-        rhs = X.T @ r
-        worst = max(
-            worst,
-            np.linalg.norm((X.T @ X + lam * np.eye(X.shape[1])) @ delta - rhs)
-            / np.linalg.norm(rhs),
-        )
-    return worst
-
-
 def test_conjugate_gradients_converge_fast_and_report_it() -> None:
     """Default tolerance 1e-8 met and reported truthfully; the block-Jacobi preconditioned CG
     needs a few dozen iterations here (plain steepest descent or a wrong preconditioner needs
@@ -454,9 +431,7 @@ def test_conjugate_gradients_converge_fast_and_report_it() -> None:
         assert 0 < solution.iterations <= 60
         assert solution.max_relative_residual <= 1e-8
         reported = solution.max_relative_residual
-        assert _normal_equation_residual(design, lam, 0.25, solution) == pytest.approx(
-            reported, rel=1e-3
-        )
+        assert relative_residual(design, lam, 0.25, solution) == pytest.approx(reported, rel=1e-3)
         A, B = direct_linear_ridge(design, lam, 0.25)
         np.testing.assert_allclose(0.25 + solution.delta_A.T, A, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(solution.delta_B.T, B, rtol=1e-6, atol=1e-7)
@@ -466,7 +441,7 @@ def test_conjugate_gradients_converge_fast_and_report_it() -> None:
     capped = problem.solve(1.0, max_iter=3)
     assert capped.iterations == 3 and capped.max_relative_residual > 1e-3
     assert capped.max_relative_residual == pytest.approx(
-        _normal_equation_residual(design, 1.0, 0.25, capped), rel=1e-6
+        relative_residual(design, 1.0, 0.25, capped), rel=1e-6
     )
     sim = LinearSimulator(l2=1.0).fit(runs)
     assert sim.cg_iterations_ == problem.solve(1.0).iterations
@@ -613,17 +588,11 @@ def test_truth_needs_its_file_and_matching_shapes(tmp_path: Path) -> None:
     assert sim.seen_.all() and np.array_equal(sim.A_, truth.A)
 
 
-def test_solver_and_search_defaults() -> None:
-    """At most 1000 CG iterations by default (a tolerance of 0 is never met); the CV stops
-    after 2 rises by default; raw-sum batch weighting reaches the CV rollouts too."""
+def test_raw_sum_batch_weighting_reaches_the_cross_validation_rollouts() -> None:
+    """With ``batch_weighting="sum"`` the CV errors are those of held-out rollouts weighted
+    the same way. (The solver's and the search's defaults are pinned, without fits of a
+    thousand iterations, in tests/test_ridge.py.)"""
     runs, _ = generate(SMALL)
-    problem = LinearRidgeProblem(Design.from_runs(runs, 4, "mean"), 0.25)
-    assert problem.solve(1.0, tol=0.0).iterations == 1000
-    assert LinearSimulator(l2=1.0, tol=0.0).fit(runs).cg_iterations_ == 1000
-    assert LinearSimulator(l2=1.0, tol=0.0, max_iter=7).fit(runs).cg_iterations_ == 7
-    grid = [100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01]
-    two = LinearSimulator(l2_grid=grid, patience=2).fit(runs).cv_mse_
-    assert LinearSimulator(l2_grid=grid).fit(runs).cv_mse_ == two
     summed = LinearSimulator(l2_grid=[3.0, 1.0], batch_weighting="sum", cv_folds=3).fit(runs)
     expected = 0.0
     ordered = sorted(runs.run_ids)

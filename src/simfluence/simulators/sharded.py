@@ -29,6 +29,7 @@ import numpy as np
 from simfluence.backends import shared_backend
 from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
+from simfluence.simulators.base import floor_width, loss_floor
 
 
 @dataclass
@@ -54,6 +55,9 @@ class ShardWork:
         phase, grid, runs = job
         simulator = self._simulator()
         if phase == "cv":
+            # cross-validation scores floored rollouts: the full fit's floors, restricted to
+            # this shard's test examples (the floor of a column depends on that column only)
+            simulator.floor_, simulator.floor_width_ = loss_floor(runs), floor_width(runs)
             return simulator._cross_validate(runs, grid)
         A, B = next(simulator._path(simulator.design(runs), grid, final=True))
         return (
