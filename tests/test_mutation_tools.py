@@ -89,9 +89,12 @@ def test_chosen_tests_run_grouped_by_file_in_the_order_files_were_first_chosen()
     assert plugin.plan(list(chance), costs, chance) == ["a.py::x", "a.py::z", "b.py::y"]
 
 
-def test_unknown_tests_cost_the_default_and_have_even_chances() -> None:
-    costs = _costs({"y.py::known": (0.0, 0.6)})
-    assert plugin.plan(["x.py::new", "y.py::known"], costs, {}) == ["y.py::known", "x.py::new"]
+def test_unknown_tests_cost_the_default_and_have_the_prior_chance() -> None:
+    costs = _costs({"y.py::known": (0.0, 1.5)})
+    # x.py::new: 1.0 s / PRIOR_CHANCE beats 1.5 s / PRIOR_CHANCE, and loses to a record of 0.9
+    assert plugin.plan(["x.py::new", "y.py::known"], costs, {}) == ["x.py::new", "y.py::known"]
+    chance = {"y.py::known": 0.9}
+    assert plugin.plan(["x.py::new", "y.py::known"], costs, chance) == ["y.py::known", "x.py::new"]
 
 
 def test_costs_fall_back_to_mutmuts_call_seconds(tmp_path, monkeypatch) -> None:
@@ -102,19 +105,13 @@ def test_costs_fall_back_to_mutmuts_call_seconds(tmp_path, monkeypatch) -> None:
     assert plugin._read_costs().test == {"a.py::t": pytest.approx(0.75)}
 
 
-def test_breadth_counts_functions_per_test() -> None:
-    stats = {"m.f": ["t1", "t2"], "m.g": ["t2"], "m.h": []}
-    assert plugin.breadths(stats) == {"t1": 1, "t2": 2}
-
-
-def test_kill_chance_prior_grows_with_breadth_and_history_pulls_it_to_the_record() -> None:
-    chances = plugin.kill_chances({"narrow": 2, "broad": 80}, 100, {})
-    assert chances["narrow"] == pytest.approx(0.02 / 0.42)
-    assert chances["broad"] == pytest.approx(0.8 / 1.2)
-    recorded = plugin.kill_chances({"narrow": 2}, 100, {"narrow": (98.0, 49.0)})
-    assert recorded["narrow"] == pytest.approx((49 + 2 * 0.02 / 0.42) / 100)
-    never = plugin.kill_chances({}, 100, {"gone": (10.0, 0.0)})
-    assert 0.0 < never["gone"] <= 1e-3 * 1.0001  # kept off 0: cost / chance stays finite
+def test_kill_chance_starts_at_the_prior_and_moves_to_the_record() -> None:
+    prior = plugin.PRIOR_CHANCE
+    chances = plugin.kill_chances({"often": (98.0, 49.0), "never": (1000.0, 0.0), "new": (0, 0)})
+    assert chances["often"] == pytest.approx((49 + 2 * prior) / 100)
+    assert chances["new"] == pytest.approx(prior)
+    # (0 + 2 * 0.3) / 1002 = 6e-4, kept at 1e-3: off 0, so cost / chance stays finite
+    assert chances["never"] == pytest.approx(1e-3)
 
 
 def test_a_mutant_run_logs_what_ran_and_the_first_failure(tmp_path, monkeypatch) -> None:
