@@ -16,7 +16,9 @@ import pytest
 from mutation_plugin import (
     pytest_collection_modifyitems,
     pytest_configure,
+    pytest_fixture_setup,
     pytest_runtest_logreport,
+    pytest_runtest_logstart,
     pytest_sessionfinish,
 )
 
@@ -52,7 +54,9 @@ __all__ = [
     "missing_component",
     "pytest_collection_modifyitems",
     "pytest_configure",
+    "pytest_fixture_setup",
     "pytest_runtest_logreport",
+    "pytest_runtest_logstart",
     "pytest_sessionfinish",
     "require_module",
 ]

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
+import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,10 @@ BUDGET_VARIABLE = "SIMFLUENCE_MUTANT_SECONDS"
 DEFAULT_SECONDS = 1.0  # a test the statistics run did not time
 PRIOR_CHANCE = 0.3  # a test's chance of killing a mutant it reaches, before it has a record
 PRIOR_WEIGHT = 2.0  # runs' worth of weight the prior carries against a test's record
-_measured: dict[str, list[float]] = {}  # test -> [set-up, call + teardown] seconds, run order
+_measured: dict[str, list[float]] = {}  # test -> [own set-up, call + teardown] seconds
+_shared_fixtures: dict[str, list[str]] = {}  # test -> the wider-scoped fixtures it uses
+_fixture_seconds: dict[str, float] = {}  # wider-scoped fixture -> its set-up seconds
+_current_test: list[str] = []
 _ran: list[str] = []
 _killer: list[str] = []
 _plan: tuple[Costs, dict[str, float]] | None = None
@@ -79,6 +83,38 @@ if "MUTANT_UNDER_TEST" in os.environ:  # set by mutmut in the process it forks w
     _preload_torch()
 
 
+def _shared_key(fixturedef: pytest.FixtureDef) -> str | None:
+    """A fixture set up once for many tests (module, class, package or session scope), named
+    by where it is defined; None for a function-scoped one."""
+    if fixturedef.scope == "function":
+        return None
+    return f"{fixturedef.baseid}::{fixturedef.argname}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    """Statistics run: time each set-up of a fixture shared by many tests, and take it out of
+    the set-up seconds of the test that happened to set it up."""
+    key = _shared_key(fixturedef) if _phase() == "stats" else None
+    if key is None:
+        return (yield)
+    start = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        seconds = time.perf_counter() - start
+        _fixture_seconds[key] = _fixture_seconds.get(key, 0.0) + seconds
+        if _current_test:
+            test = _measured.setdefault(_current_test[0], [0.0, 0.0])
+            test[0] -= seconds  # the test's set-up report adds the whole set-up back
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """Statistics run: the test whose set-up is running (shared fixtures are set up in it)."""
+    if _phase() == "stats":
+        _current_test[:] = [nodeid]
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Statistics run: add up each test's set-up, call and teardown seconds. A mutant's run:
     note the tests that passed and the first that failed (at set-up or call)."""
@@ -90,6 +126,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             _killer.append(report.nodeid)
         elif report.when == "call" and report.passed:
             _ran.append(report.nodeid)
+
+
+def _note_shared_fixtures(items: Sequence[pytest.Item]) -> None:
+    """Statistics run: which shared fixtures each test uses (pytest's own fixture closure)."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = getattr(info, "name2fixturedefs", {}) or {}
+        keys = [_shared_key(defs[-1]) for defs in definitions.values() if defs]
+        _shared_fixtures[item.nodeid] = sorted(k for k in keys if k)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -107,15 +152,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def _write_seconds() -> None:
-    try:
-        known = json.loads(SECONDS_FILE.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict) or not all(isinstance(v, list) for v in known.values()):
-        known = {}
-    known.update(_measured)
+    """``mutmut-test-seconds.json``: per test ``[own set-up, call + teardown, shared fixtures]``
+    and per shared fixture its set-up seconds, merged into an earlier record (mutmut may
+    re-run only some tests), through a temporary file."""
+    known = _read_json(SECONDS_FILE)
+    if not (isinstance(known, dict) and "tests" in known and "fixtures" in known):
+        known = {"tests": {}, "fixtures": {}}
+    for test, (setup, rest) in _measured.items():
+        known["tests"][test] = [max(setup, 0.0), rest, _shared_fixtures.get(test, [])]
+    known["fixtures"].update(_fixture_seconds)
     partial = SECONDS_FILE.with_suffix(".tmp")
-    partial.write_text(json.dumps(known, indent=0))  # keeps run order: a file's first test
+    partial.write_text(json.dumps(known, indent=0))
     partial.replace(SECONDS_FILE)
 
 
@@ -127,34 +174,30 @@ def _read_json(path: Path) -> object:
 
 
 class Costs:
-    """What running a mutant's tests costs, from the statistics run's set-up and other seconds.
+    """What running a mutant's tests costs, from the statistics run.
 
-    A module-scoped fixture is set up once per file, inside the set-up of the file's first
-    test (the statistics run goes file by file): that extra is the file's *overhead*, paid
-    once by whichever of its tests a mutant runs first. A test's own cost is its call and
-    teardown plus its set-up, counting the file's first test's set-up as the file's median."""
+    A test costs its own set-up, call and teardown seconds, plus the set-up of each shared
+    fixture it uses (module, class, package or session scope) that no earlier test of the
+    same mutant has set up."""
 
-    def __init__(self, phases: Mapping[str, Sequence[float]]) -> None:
-        by_file: dict[str, list[str]] = {}
-        for test in phases:  # in run order
-            by_file.setdefault(_file(test), []).append(test)
-        self.test: dict[str, float] = {}
-        self.overhead: dict[str, float] = {}
-        for name, tests in by_file.items():
-            median = statistics.median(phases[t][0] for t in tests)
-            first_setup = phases[tests[0]][0]
-            self.overhead[name] = max(first_setup - median, 0.0)
-            for test in tests:
-                setup = median if test == tests[0] else phases[test][0]
-                self.test[test] = setup + phases[test][1]
+    def __init__(
+        self,
+        tests: Mapping[str, Sequence[Any]],
+        fixtures: Mapping[str, float] | None = None,
+    ) -> None:
+        self.test = {test: float(entry[0]) + float(entry[1]) for test, entry in tests.items()}
+        self.needs = {
+            test: list(entry[2]) if len(entry) > 2 else [] for test, entry in tests.items()
+        }
+        self.fixture = dict(fixtures or {})
 
     def __bool__(self) -> bool:
         return bool(self.test)
 
-    def of(self, test: str, opened: Collection[str]) -> float:
-        """Seconds to run `test` after the files in `opened` have had their first test."""
-        own = self.test.get(test, DEFAULT_SECONDS)
-        return own if _file(test) in opened else own + self.overhead.get(_file(test), 0.0)
+    def of(self, test: str, ready: Collection[str]) -> float:
+        """Seconds to run `test` once the shared fixtures in `ready` are set up."""
+        extra = sum(self.fixture.get(f, 0.0) for f in self.needs.get(test, []) if f not in ready)
+        return self.test.get(test, DEFAULT_SECONDS) + extra
 
 
 def _file(test: str) -> str:
@@ -165,9 +208,9 @@ def _file(test: str) -> str:
 def _read_costs() -> Costs:
     """`Costs` from the seconds written above; from mutmut's call-only record (no set-up
     known) when they are missing; empty when neither is."""
-    phases = _read_json(SECONDS_FILE)
-    if isinstance(phases, dict) and phases:
-        return Costs(phases)
+    known = _read_json(SECONDS_FILE)
+    if isinstance(known, dict) and known.get("tests"):
+        return Costs(known["tests"], known.get("fixtures", {}))
     stats = _read_json(STATS_FILE)
     calls = stats.get("duration_by_test", {}) if isinstance(stats, dict) else {}
     return Costs({test: (0.0, seconds) for test, seconds in calls.items()})
@@ -191,24 +234,25 @@ def plan(
     """Which of `tests` to run for a mutant, in order.
 
     Greedy by expected seconds per kill: next is the test with the least ``cost / chance``,
-    its cost counting its file's overhead while no test of that file has run; the first test
-    always, then while the recorded seconds stay within `budget` (0: no limit). For tests that
-    fail independently and cost what they cost alone, ``cost / chance`` ascending is the order
-    with the least expected seconds to the first failure. The chosen tests then run grouped by
-    file, files in the order first chosen, so each module fixture is set up once. Unknown tests
-    cost ``DEFAULT_SECONDS`` and have chance ``PRIOR_CHANCE``."""
+    its cost counting the set-up of the shared fixtures it needs that are not set up yet; the
+    first test always, then while the recorded seconds stay within `budget` (0: no limit).
+    For tests that fail independently and cost what they cost alone, ``cost / chance``
+    ascending is the order with the least expected seconds to the first failure. The chosen
+    tests then run grouped by file, files in the order first chosen, so each module fixture
+    is set up once (pytest tears a module's fixtures down when it moves to another file).
+    Unknown tests cost ``DEFAULT_SECONDS`` and have chance ``PRIOR_CHANCE``."""
     left = list(dict.fromkeys(tests))
     chosen: list[str] = []
-    opened: set[str] = set()
+    ready: set[str] = set()
     spent = 0.0
     while left:
-        best = min(left, key=lambda t: (costs.of(t, opened) / chance.get(t, PRIOR_CHANCE), t))
-        cost = costs.of(best, opened)
+        best = min(left, key=lambda t: (costs.of(t, ready) / chance.get(t, PRIOR_CHANCE), t))
+        cost = costs.of(best, ready)
         if budget and chosen and spent + cost > budget:
             break
         chosen.append(best)
         left.remove(best)
-        opened.add(_file(best))
+        ready.update(costs.needs.get(best, []))
         spent += cost
     rank = {name: i for i, name in enumerate(dict.fromkeys(_file(t) for t in chosen))}
     return sorted(chosen, key=lambda t: rank[_file(t)])  # stable: within a file, as chosen
@@ -263,7 +307,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """For a mutant, run the collected tests in planned order (pytest collects the node ids
-    `pytest_configure` kept file by file, which can interleave)."""
+    `pytest_configure` kept file by file, which can interleave). In the statistics run, note
+    each test's shared fixtures."""
+    if _phase() == "stats":
+        _note_shared_fixtures(items)
     if not _in_mutant():
         return
     planned = _planned([item.nodeid for item in items])

@@ -33,6 +33,7 @@ def _expected_seconds(order: list[str], cost: dict[str, float], chance: dict[str
 
 
 def _costs(seconds: dict[str, tuple[float, float]]) -> plugin.Costs:
+    """Costs of tests that use no shared fixture: ``{test: (set-up, call + teardown)}``."""
     return plugin.Costs(seconds)
 
 
@@ -48,28 +49,27 @@ def test_without_fixtures_the_plan_minimizes_expected_seconds_to_the_first_kill(
         assert _expected_seconds(planned, cost, chance) == pytest.approx(best)
 
 
-def test_a_file_overhead_is_paid_once_and_files_stay_together() -> None:
-    # a.py's first test sets up a 2 s module fixture (set-up 2.1 s against a median of 0.1 s)
-    seconds = {
-        "a.py::first": (2.1, 0.1),
-        "a.py::second": (0.1, 0.1),
-        "a.py::third": (0.1, 0.1),
-        "b.py::one": (0.0, 0.5),
-        "b.py::two": (0.0, 0.05),
+def test_a_shared_fixture_is_paid_once_and_files_stay_together() -> None:
+    # a.py's first and second tests use a 2 s module fixture; third does not
+    tests = {
+        "a.py::first": (0.1, 0.1, ["a.py::data"]),
+        "a.py::second": (0.1, 0.1, ["a.py::data"]),
+        "a.py::third": (0.1, 0.1, []),
+        "b.py::one": (0.0, 0.5, []),
+        "b.py::two": (0.0, 0.05, []),
     }
-    costs = _costs(seconds)
-    assert costs.overhead == {"a.py": pytest.approx(2.0), "b.py": 0.0}
-    assert costs.test["a.py::first"] == pytest.approx(0.2)
-    assert costs.of("a.py::second", opened=set()) == pytest.approx(2.2)
-    assert costs.of("a.py::second", opened={"a.py"}) == pytest.approx(0.2)
+    costs = plugin.Costs(tests, {"a.py::data": 2.0})
+    assert costs.of("a.py::second", ready=set()) == pytest.approx(2.2)
+    assert costs.of("a.py::second", ready={"a.py::data"}) == pytest.approx(0.2)
+    assert costs.of("a.py::third", ready=set()) == pytest.approx(0.2)
     chance = {"a.py::first": 0.5, "a.py::second": 0.5, "a.py::third": 0.01, "b.py::one": 0.5}
     chance["b.py::two"] = 0.02
-    # b.py::one 0.5/0.5 = 1.0 first; then a.py's overhead 2.2/0.5 = 4.4 vs b.py::two 0.05/0.02
-    # = 2.5: two; then a.py::first (4.4), then a.py::second (0.4), a.py::third (20)
-    order = plugin.plan(list(seconds), costs, chance)
+    # by cost / chance: b.py::one 1.0; b.py::two 2.5; a.py::first 4.4 (with the fixture);
+    # then a.py::second 0.4 (fixture ready); a.py::third 20
+    order = plugin.plan(list(tests), costs, chance)
     assert order == ["b.py::one", "b.py::two", "a.py::first", "a.py::second", "a.py::third"]
     # within 2.9 s: b.py's two (0.55 s), a.py's first (2.2 s); its second (0.2 s) would overflow
-    assert plugin.plan(list(seconds), costs, chance, budget=2.9) == [
+    assert plugin.plan(list(tests), costs, chance, budget=2.9) == [
         "b.py::one",
         "b.py::two",
         "a.py::first",
@@ -101,8 +101,11 @@ def test_costs_fall_back_to_mutmuts_call_seconds(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {"a.py::t": 0.3}}))
     assert plugin._read_costs().test == {"a.py::t": pytest.approx(0.3)}
-    (tmp_path / "mutmut-test-seconds.json").write_text(json.dumps({"a.py::t": [0.5, 0.25]}))
-    assert plugin._read_costs().test == {"a.py::t": pytest.approx(0.75)}
+    recorded = {"tests": {"a.py::t": [0.5, 0.25, ["a.py::f"]]}, "fixtures": {"a.py::f": 1.0}}
+    (tmp_path / "mutmut-test-seconds.json").write_text(json.dumps(recorded))
+    costs = plugin._read_costs()
+    assert costs.test == {"a.py::t": pytest.approx(0.75)}
+    assert costs.of("a.py::t", ready=set()) == pytest.approx(1.75)
 
 
 def test_kill_chance_starts_at_the_prior_and_moves_to_the_record() -> None:
