@@ -1,15 +1,20 @@
 """NormalEquations.of against a dense, row-by-row reference (independent of its chunking)."""
 
 import numpy as np
+import pytest
 from scipy import sparse
 
+from simfluence.simulators import featurized
 from simfluence.simulators.featurized import NormalEquations
 from simfluence.simulators.ridge import Design
 
 
-def test_normal_equations_match_dense_row_sums():
-    """G and rhs are sums over rows of x x^T and x r, x = [prev * F, F], r = next - a*mass*prev:
-    catches a wrong block, a missing square, a transposed block or a wrong residual."""
+@pytest.mark.parametrize("chunk", [512, 2])
+def test_normal_equations_match_dense_row_sums(chunk, monkeypatch):
+    """Also with rows summed in chunks of 2 (as on long designs).
+    G and rhs are sums over rows of x x^T and x r, x = [prev * F, F], r = next - a*mass*prev:
+        catches a wrong block, a missing square, a transposed block or a wrong residual."""
+    monkeypatch.setattr(featurized, "_ROW_CHUNK", chunk)
     rng = np.random.default_rng(0)
     n, P, M, J = 5, 3, 2, 2
     counts = sparse.csr_matrix(rng.integers(0, 3, size=(n, P)).astype(float))
@@ -29,3 +34,23 @@ def test_normal_equations_match_dense_row_sums():
             rhs[m] += x * r
     np.testing.assert_allclose(eq.G, G, rtol=1e-12)
     np.testing.assert_allclose(eq.rhs, rhs, rtol=1e-12)
+
+
+def test_normal_equations_of_disjoint_designs_add_and_subtract():
+    """Sums over disjoint designs add: of(A) + of(B) == of(A u B), and (A u B) - B == A."""
+    rng = np.random.default_rng(1)
+    n, P, M, J = 6, 3, 2, 2
+    counts = rng.integers(0, 3, size=(n, P)).astype(float)
+    prev = rng.uniform(0.5, 2.0, size=(n, M))
+    nxt = rng.uniform(0.5, 2.0, size=(n, M))
+    F = rng.normal(size=(n, J))
+
+    def of(rows):
+        d = Design(sparse.csr_matrix(counts[rows]), prev[rows], nxt[rows])
+        return NormalEquations.of(d, F[rows], 0.3)
+
+    a, b, ab = of(slice(0, 3)), of(slice(3, 6)), of(slice(0, 6))
+    np.testing.assert_allclose((a + b).G, ab.G, rtol=1e-12)
+    np.testing.assert_allclose((a + b).rhs, ab.rhs, rtol=1e-12)
+    np.testing.assert_allclose((ab - b).G, a.G, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose((ab - b).rhs, a.rhs, rtol=1e-9, atol=1e-12)
