@@ -54,3 +54,23 @@ def test_normal_equations_of_disjoint_designs_add_and_subtract():
     np.testing.assert_allclose((a + b).rhs, ab.rhs, rtol=1e-12)
     np.testing.assert_allclose((ab - b).G, a.G, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose((ab - b).rhs, a.rhs, rtol=1e-9, atol=1e-12)
+
+
+def test_restrict_and_solve_match_dense_ridge():
+    """restrict keeps regressors' A and B rows/columns; solve is (G + lam I)^-1 rhs, split A|B."""
+    rng = np.random.default_rng(2)
+    M, J = 2, 3
+    X = rng.normal(size=(M, 8, 2 * J))
+    G = np.einsum("mni,mnj->mij", X, X)
+    rhs = rng.normal(size=(M, 2 * J))
+    eq = NormalEquations(G, rhs)
+    sub = eq.restrict(np.array([0, 2]))
+    keep = [0, 2, 3, 5]
+    np.testing.assert_array_equal(sub.G, G[:, keep][:, :, keep])
+    np.testing.assert_array_equal(sub.rhs, rhs[:, keep])
+    lam = 0.7
+    coef_a, coef_b = eq.solve(lam)
+    for m in range(M):
+        want = np.linalg.inv(G[m] + lam * np.eye(2 * J)) @ rhs[m]
+        np.testing.assert_allclose(coef_a[m], want[:J], rtol=1e-9)
+        np.testing.assert_allclose(coef_b[m], want[J:], rtol=1e-9)
