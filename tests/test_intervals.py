@@ -74,6 +74,43 @@ def test_conformal_quantile_is_the_finite_sample_rank() -> None:
     assert conformal_quantile(np.array([3.0, np.nan, 1.0, 2.0]), 0.5) == 2.0
 
 
+def _conformal_rank_by_hand(values: np.ndarray, prob: float) -> float:
+    """The documented rule on one 1-D slice: NaN dropped, the ceil((n + 1) p)-th smallest for an
+    upper quantile (inf past n), the floor((n + 1) p)-th for a lower one (-inf below 1)."""
+    kept = np.sort(values[~np.isnan(values)])
+    n = len(kept)
+    if prob > 0.5:
+        rank = int(np.ceil((n + 1) * prob))
+        return np.inf if rank > n else float(kept[rank - 1])
+    rank = int(np.floor((n + 1) * prob))
+    return -np.inf if rank < 1 else float(kept[rank - 1])
+
+
+@pytest.mark.parametrize("prob", [0.05, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_conformal_quantile_works_slice_by_slice_along_any_axis(axis: int, prob: float) -> None:
+    """Each slice along `axis` on its own (its own count of non-NaN values); prob 0.5 is a
+    lower quantile (floor), which differs from the upper rule at an even count."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(4, 7))
+    values[0, :3] = np.nan  # slices with 4, 6 and 7 values
+    values[1:3, 5] = np.nan
+    got = conformal_quantile(values, prob, axis=axis)
+    slices = np.moveaxis(values, axis, -1)
+    expected = np.array([_conformal_rank_by_hand(row, prob) for row in slices])
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_conformal_quantile_keeps_other_axes_and_has_no_rank_in_an_empty_slice() -> None:
+    one_row = np.array([[4.0, 1.0, 3.0, 2.0, 5.0]])  # (1, 5): the result keeps the row axis
+    assert conformal_quantile(one_row, 0.5, axis=1).shape == (1,)
+    assert conformal_quantile(one_row, 0.5, axis=1)[0] == 3.0  # floor(6 * 0.5) = 3rd
+    empty = np.full((2, 3), np.nan)  # no value: no rank to promise anything
+    np.testing.assert_array_equal(conformal_quantile(empty, 0.5), [-np.inf, -np.inf])
+    np.testing.assert_array_equal(conformal_quantile(empty, 0.95), [np.inf, np.inf])
+
+
 def test_step_quantiles_per_step_when_steps_hold_enough_values() -> None:
     """200 values a step (`MIN_POOLED`): no pooling. Step 1 holds -100..99, step 2 twice
     that; at level 0.9 the conformal ranks of n = 200 are floor(201 * 0.05) = 10 and
