@@ -111,6 +111,35 @@ def test_conformal_quantile_keeps_other_axes_and_has_no_rank_in_an_empty_slice()
     np.testing.assert_array_equal(conformal_quantile(empty, 0.95), [np.inf, np.inf])
 
 
+def _scales_by_hand(residuals: np.ndarray) -> np.ndarray:
+    """`scales` as documented: mean |residual| over runs and over steps t - h .. t + h (cut
+    at the ends; non-finite values ignored; 0 where none), h = max(1, ceil((200 / R - 1) / 2)),
+    floored at 5% of each example's overall scale."""
+    runs, steps, _ = residuals.shape
+    half = max(1, int(np.ceil((200 / runs - 1) / 2)))
+    values = np.where(np.isfinite(residuals), np.abs(residuals), np.nan)
+    out = np.zeros(residuals.shape[1:])
+    for t in range(steps):
+        window = values[:, max(0, t - half) : t + half + 1]
+        for m in range(residuals.shape[2]):
+            kept = window[:, :, m][~np.isnan(window[:, :, m])]
+            out[t, m] = kept.mean() if kept.size else 0.0
+    return np.maximum(out, 0.05 * per_test_scales(residuals)[None, :])
+
+
+@pytest.mark.parametrize("runs", [1, 25, 100])  # windows of 100, 4 and 1 steps each side
+def test_scales_average_a_window_of_steps_and_keep_a_floor(runs: int) -> None:
+    rng = np.random.default_rng(runs)
+    residuals = rng.normal(size=(runs, 12, 4))
+    residuals[:, 4:, 1] = 0.0  # learned after step 3: the 5% floor binds late in the rollout
+    residuals[:, :, 2] = np.nan  # example 2: one finite value, at run 0 and step 6
+    residuals[0, 6, 2] = 3.0
+    residuals[:, 9, 3] = np.inf  # a diverged step counts as missing
+    expected = _scales_by_hand(residuals)
+    np.testing.assert_allclose(scales(residuals), expected, rtol=1e-12)
+    assert np.isfinite(expected).all()
+
+
 def test_step_quantiles_per_step_when_steps_hold_enough_values() -> None:
     """200 values a step (`MIN_POOLED`): no pooling. Step 1 holds -100..99, step 2 twice
     that; at level 0.9 the conformal ranks of n = 200 are floor(201 * 0.05) = 10 and
