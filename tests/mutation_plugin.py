@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,10 @@ BUDGET_VARIABLE = "SIMFLUENCE_MUTANT_SECONDS"
 DEFAULT_SECONDS = 1.0  # a test the statistics run did not time
 PRIOR_CHANCE = 0.3  # a test's chance of killing a mutant it reaches, before it has a record
 PRIOR_WEIGHT = 2.0  # runs' worth of weight the prior carries against a test's record
+# a mutant whose chosen tests are still running after max(2.5 s, 2.5 x budget) of wall clock is
+# stopped and counted as a survivor (see `_cap_wall_clock`)
+WALL_CAP_FACTOR = 2.5
+WALL_CAP_MIN_SECONDS = 2.5
 _measured: dict[str, list[float]] = {}  # test -> [own set-up, call + teardown] seconds
 _shared_fixtures: dict[str, list[str]] = {}  # test -> the wider-scoped fixtures it uses
 _fixture_seconds: dict[str, float] = {}  # wider-scoped fixture -> its set-up seconds
@@ -79,8 +84,33 @@ def _preload_torch() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
+# imported lazily by the library (progress bars, run-log datasets, bundled data sets): the first
+# mutant whose tests need one would pay 0.3 s importing it, and every later one again
+LAZY_IMPORTS = (
+    "pyarrow.dataset",
+    "pyarrow.compute",
+    "rich.progress",
+    "sklearn.datasets",
+    "sklearn.preprocessing",
+    "sklearn.feature_extraction",
+    "scipy.io",
+)
+
+
+def _preload_lazy_imports() -> None:
+    """Import `LAZY_IMPORTS` once in the process mutants are forked from (absent ones skipped)."""
+    import importlib
+
+    for name in LAZY_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+
+
 if "MUTANT_UNDER_TEST" in os.environ:  # set by mutmut in the process it forks workers from
     _preload_torch()
+    _preload_lazy_imports()
 
 
 def _shared_key(fixturedef: pytest.FixtureDef) -> str | None:
@@ -143,12 +173,39 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if _phase() == "stats" and _measured:
         _write_seconds()
     elif _in_mutant() and (_ran or _killer):
-        line = json.dumps({"mutant": _phase(), "ran": _ran, "killer": next(iter(_killer), None)})
-        descriptor = os.open(KILLS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, (line + "\n").encode())
-        finally:
-            os.close(descriptor)
+        _log_mutant()
+
+
+def _log_mutant(**extra: object) -> None:
+    """One line of the kills log for this mutant: the tests that passed, the one that failed."""
+    entry = {"mutant": _phase(), "ran": _ran, "killer": next(iter(_killer), None), **extra}
+    descriptor = os.open(KILLS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(descriptor)
+
+
+def wall_cap(budget: float) -> float:
+    """Wall-clock seconds a mutant's tests may run (0: no cap, when the budget is unlimited)."""
+    return max(WALL_CAP_MIN_SECONDS, WALL_CAP_FACTOR * budget) if budget else 0.0
+
+
+def _cap_wall_clock(seconds: float) -> None:
+    """Stop this mutant's process after `seconds`, exiting 0: mutmut counts it *survived*.
+
+    A few mutants make a search loop run 20-30 s instead of under one (mutmut's own limit is
+    minutes); their tests then fail only through a guard far along. Counting them survivors
+    (never detected: the score can only be lower for it) bounds what one mutant costs."""
+    if not seconds:
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        _log_mutant(capped=seconds)
+        os._exit(0)
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
 def _write_seconds() -> None:
@@ -302,6 +359,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if all("::" in arg for arg in config.args):  # node ids, not paths or directories
         config.args[:] = _planned(list(config.args))
+    _cap_wall_clock(wall_cap(_test_budget()))
 
 
 @pytest.hookimpl(trylast=True)

@@ -7,6 +7,11 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
 from pathlib import Path
 
 import mutation_plugin as plugin
@@ -168,3 +173,58 @@ def test_history_names_the_bad_line(tmp_path) -> None:
     assert json.loads(history.read_text())["tests"] == {"a": [1.0, 0.0], "b": [1.0, 1.0]}
     assert tool.main([*args[:4], "--history", str(history)]) == 0
     assert json.loads(history.read_text())["tests"] == {"a": [1.5, 0.0], "b": [1.5, 1.5]}
+
+
+def test_the_wall_clock_cap_grows_with_the_budget_and_is_off_without_one() -> None:
+    assert plugin.wall_cap(0.0) == 0.0
+    assert plugin.wall_cap(0.4) == pytest.approx(2.5)
+    assert plugin.wall_cap(1.0) == pytest.approx(2.5)
+    assert plugin.wall_cap(2.0) == pytest.approx(5.0)
+
+
+def test_a_mutant_past_its_wall_clock_cap_exits_as_a_survivor_and_says_so(tmp_path) -> None:
+    """The capped process exits 0 (mutmut: survived) long before its tests would end, and its
+    kills-log line names the tests that passed, no killer, and the cap."""
+    pid = os.fork()
+    if pid == 0:  # a mutant's process: one test passed, the next one hangs
+        try:
+            os.chdir(tmp_path)
+            os.environ["MUTANT_UNDER_TEST"] = "pkg.x_f__mutmut_1"
+            plugin._ran[:], plugin._killer[:] = ["t::passed"], []
+            plugin._cap_wall_clock(0.2)
+            time.sleep(10)
+        finally:
+            os._exit(3)  # only if the cap did not fire
+    start = time.perf_counter()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert time.perf_counter() - start < 5
+    line = json.loads((tmp_path / plugin.KILLS_FILE).read_text())
+    expected = {"mutant": "pkg.x_f__mutmut_1", "ran": ["t::passed"], "killer": None}
+    assert line == {**expected, "capped": 0.2}
+
+
+def test_preloading_skips_a_lazy_import_that_is_not_installed(monkeypatch) -> None:
+    monkeypatch.setattr(plugin, "LAZY_IMPORTS", ("simfluence_no_such_module", "json.tool"))
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
+    plugin._preload_lazy_imports()
+    assert "json.tool" in sys.modules and "simfluence_no_such_module" not in sys.modules
+
+
+@pytest.mark.slow
+def test_pytest_accepts_the_options_mutation_testing_runs_with() -> None:
+    """A typo in pyproject's ``pytest_add_cli_args`` would stop ``make mutate`` at its first
+    step; here pytest runs one test with exactly those options."""
+    root = Path(__file__).resolve().parents[1]
+    options = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]
+    one_test = test_the_wall_clock_cap_grows_with_the_budget_and_is_off_without_one
+    test = f"tests/test_mutation_tools.py::{one_test.__name__}"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", *options["pytest_add_cli_args"], test],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
