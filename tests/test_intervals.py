@@ -435,6 +435,29 @@ def test_soft_floor_bends_without_ties() -> None:
     np.testing.assert_array_equal(y[:, 1], np.maximum(x[:, 1], 0.0))  # width 0: a hard clip
 
 
+def test_soft_floor_on_many_curricula_bends_each_test_example_by_its_own_floor() -> None:
+    """Values ``(curricula, steps, M)``: floors and widths run along the last axis only; each
+    value below its knee is ``floor + width**2 / (floor + 2 width - value)`` by hand."""
+    floor, width = np.array([0.0, 1.0, 2.0]), np.array([0.5, 0.25, 0.0])
+    values = np.array([[[0.2, 0.9, 1.0], [3.0, 1.5, 2.5]], [[-1.0, 1.25, 2.0], [0.5, 0.0, 5.0]]])
+    by_hand = values.copy()
+    for index in np.ndindex(values.shape):
+        f, w, v = floor[index[-1]], width[index[-1]], values[index]
+        if v < f + w:
+            by_hand[index] = f + w * w / (f + 2 * w - v) if w > 0 else f
+    np.testing.assert_allclose(soft_floor(values.copy(), floor, width), by_hand, rtol=1e-15)
+
+
+def test_soft_floor_computes_in_float64_whatever_the_floors_dtype() -> None:
+    """Floors and widths given in float32 (from a float32 run log) are used at their exact
+    value, in float64 arithmetic: the same result as the same numbers given in float64."""
+    floor32, width32 = np.array([0.1, 0.3], np.float32), np.array([0.7, 0.2], np.float32)
+    values = np.array([[0.15, 0.31], [-2.0, 0.45]])
+    expected = soft_floor(values.copy(), floor32.astype(np.float64), width32.astype(np.float64))
+    np.testing.assert_array_equal(soft_floor(values.copy(), floor32, width32), expected)
+    assert soft_floor(values.copy(), floor32, width32).dtype == np.float64
+
+
 def test_floor_keeps_order_of_counterfactuals(synthetic: tuple) -> None:
     """Two curricula the unfloored rollout ranks keep their order (a clip would tie them)."""
     _, train, held, _ = synthetic
