@@ -1,0 +1,152 @@
+"""`optimize_curriculum`'s contract, field by field, on a tiny calibrated simulator (tens of
+milliseconds a search): the reported numbers against the library's own rollouts, intervals and
+offsets computed by hand; the stopping rules (patience, evaluation budget, deadline, an
+exhaustive neighbourhood); defaults; the fallback to a recorded curriculum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simfluence.counterfactual.search import (
+    TRUST_REGION,
+    optimize_curriculum,
+    trust_region_rollouts,
+)
+from simfluence.errors import SimfluenceError
+from simfluence.simulators import AdditiveSimulator
+from simfluence.synth import SynthConfig, generate
+
+SMALL = dict(n_random=8, proposals=24, max_evaluations=400)  # a search of tens of ms
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple:
+    runs, _ = generate(SynthConfig(pool=10, tests=3, runs=10, per_run=6, batch=2, epochs=1, seed=4))
+    plain = AdditiveSimulator(unseen="prior").fit(runs)
+    calibrated = AdditiveSimulator(unseen="prior").fit(runs).calibrate(runs)
+    return runs, plain, calibrated
+
+
+def test_a_calibrated_search_reports_its_numbers_consistently(fitted) -> None:  # type: ignore[no-untyped-def]
+    _, _, sim = fitted
+    result = optimize_curriculum(sim, 6, 2, level=0.8, **SMALL)
+    assert result.source == "search" and result.trust_region == TRUST_REGION
+    assert result.level == 0.8 and len(result.curriculum) == 3
+    columns = np.arange(3)
+    low, high = sim.objective_offsets(columns, 3, 0.8)
+    confined = trust_region_rollouts(sim, [result.curriculum])[0]
+    assert result.predicted == pytest.approx(confined[-1].mean(), abs=1e-12)
+    assert result.objective == pytest.approx(result.predicted + high, abs=1e-12)
+    np.testing.assert_allclose(result.random_predicted, result.random_objectives - high)
+    unconstrained = sim.simulate(result.curriculum, sim.initial_loss_)[-1].mean()
+    assert result.unconstrained == pytest.approx(unconstrained, abs=1e-12)
+    assert result.interval == sim.mean_loss_interval(result.predicted, columns, 3, 0.8)
+    assert result.gain_established == bool(result.interval[1] < result.random_predicted.mean())
+    assert result.interval[0] == pytest.approx(result.predicted + low, abs=1e-12)
+
+
+def test_without_the_trust_region_the_plain_rollout_is_searched(fitted) -> None:  # type: ignore[no-untyped-def]
+    _, plain, _ = fitted
+    result = optimize_curriculum(plain, 6, 2, trust_region=False, **SMALL)
+    assert result.trust_region == "none" and result.interval is None
+    assert result.gain_established is None and result.level == 0.9
+    assert result.objective == pytest.approx(result.unconstrained, abs=1e-12)
+    assert result.predicted == result.objective
+    np.testing.assert_array_equal(result.random_predicted, result.random_objectives)
+
+
+def test_an_uncalibrated_search_in_the_trust_region_credits_only_the_envelope(fitted) -> None:  # type: ignore[no-untyped-def]
+    _, plain, _ = fitted
+    result = optimize_curriculum(plain, 6, 2, **SMALL)
+    assert result.trust_region == TRUST_REGION and result.interval is None
+    confined = trust_region_rollouts(plain, [result.curriculum])[0]
+    assert result.objective == pytest.approx(confined[-1].mean(), abs=1e-12)
+    assert result.objective >= result.unconstrained - 1e-12
+
+
+def test_an_initial_loss_of_ones_own_is_rolled_out_from(fitted) -> None:  # type: ignore[no-untyped-def]
+    _, plain, _ = fitted
+    initial = plain.initial_loss_ + 0.5
+    result = optimize_curriculum(plain, 6, 2, initial_loss=initial, trust_region=False, **SMALL)
+    expected = plain.simulate(result.curriculum, initial)[-1].mean()
+    assert result.unconstrained == pytest.approx(expected, abs=1e-12)
+
+
+def test_search_defaults(fitted) -> None:  # type: ignore[no-untyped-def]
+    """One epoch, seed 0, the candidates the simulator saw, the greedy start, level 0.9."""
+    _, plain, _ = fitted
+    default = optimize_curriculum(plain, 4, 2, n_random=8, max_evaluations=300)
+    explicit = optimize_curriculum(
+        plain, 4, 2, epochs=1, seed=0, n_random=8, max_evaluations=300, include_unseen=False
+    )
+    assert default.curriculum == explicit.curriculum and len(default.curriculum) == 2
+    np.testing.assert_array_equal(default.random_objectives, explicit.random_objectives)
+    assert default.greedy_objective is not None and default.level == 0.9
+    no_greedy = optimize_curriculum(plain, 4, 2, greedy=False, n_random=1, max_evaluations=50)
+    assert no_greedy.greedy_objective is None and len(no_greedy.random_objectives) == 1
+
+
+def test_search_stays_within_the_candidates_given(fitted) -> None:  # type: ignore[no-untyped-def]
+    runs, plain, _ = fitted
+    allowed = runs.train_ids[:5]
+    result = optimize_curriculum(plain, 4, 2, candidates=allowed, **SMALL)
+    assert {i for b in result.curriculum for i in b} <= set(allowed)
+
+
+def test_unseen_examples_are_candidates_only_when_asked(fitted) -> None:  # type: ignore[no-untyped-def]
+    runs = fitted[0]
+    sim = AdditiveSimulator(unseen="prior").fit(
+        type(runs)([*runs.train_ids, "never-consumed"], runs.test_ids, runs.runs, runs.metadata)
+    )
+    seen = len(runs.train_ids)
+    with pytest.raises(SimfluenceError, match=f"the {seen} candidate"):
+        optimize_curriculum(sim, seen + 1, 2, **SMALL)
+    result = optimize_curriculum(sim, seen + 1, 2, include_unseen=True, **SMALL)
+    assert "never-consumed" in {i for b in result.curriculum for i in b}
+
+
+def test_stopping_rules(fitted) -> None:  # type: ignore[no-untyped-def]
+    _, plain, _ = fitted
+    base = dict(n_random=8, greedy=False, proposals=24)
+    # the evaluation budget is spent by the random starts: no round
+    spent = optimize_curriculum(plain, 6, 2, max_evaluations=8, **base)
+    assert spent.evaluations == 8 and spent.history == []
+    # a deadline already past: no round; a far one: rounds until patience runs out
+    assert optimize_curriculum(plain, 6, 2, max_seconds=0.0, **base).history == []
+    far = optimize_curriculum(plain, 6, 2, max_seconds=1000.0, **base)
+    assert len(far.history) >= 1
+    # patience 1: the first round without improvement is the last
+    once = optimize_curriculum(plain, 6, 2, patience=1, **base)
+    assert once.history and once.history[-1]["accepted"] == 0
+    assert all(h["accepted"] for h in once.history[:-1])
+    assert [h["round"] for h in once.history] == list(range(1, len(once.history) + 1))
+    assert once.history[-1]["evaluations"] == once.evaluations
+
+
+def test_an_exhaustive_neighbourhood_stops_at_its_first_idle_round(fitted) -> None:  # type: ignore[no-untyped-def]
+    """One batch per epoch and every swap-in proposed: a round that improves nothing proves
+    a local optimum, so the search ends there even with patience left."""
+    _, plain, _ = fitted
+    result = optimize_curriculum(plain, 2, 2, patience=5, proposals=512, n_random=4)
+    idle = [h for h in result.history if not h["accepted"]]
+    assert len(idle) == 1 and result.history[-1] is idle[0]
+
+
+def test_a_better_recorded_curriculum_is_returned_with_its_own_numbers(fitted) -> None:  # type: ignore[no-untyped-def]
+    """A recorded run of the same layout whose actual final loss is below the search's
+    pessimistic objective is returned: its curriculum, its recorded loss as `predicted`, the
+    interval around that as `objective`'s upper end."""
+    runs, _, sim = fitted
+    result = optimize_curriculum(sim, 6, 2, recorded=runs, n_random=2, max_evaluations=2)
+    assert result.source.startswith("recorded ")
+    run = runs.run(result.source.split(" ", 1)[1])
+    assert result.curriculum == [list(b) for b in run.curriculum]
+    assert result.predicted == pytest.approx(run.losses[-1].mean(), abs=1e-12)
+    columns = np.arange(3)
+    assert result.interval == sim.mean_loss_interval(result.predicted, columns, 3, 0.9)
+    assert result.objective == result.interval[1]
+    best = min(r.losses[-1].mean() for r in runs.runs)
+    assert result.predicted == pytest.approx(best, abs=1e-12)
+    expected = sim.simulate(run.curriculum, run.initial_loss)[-1].mean()
+    assert result.unconstrained == pytest.approx(expected, abs=1e-12)
