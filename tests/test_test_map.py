@@ -11,6 +11,7 @@ import pytest
 from simfluence.simulators.featurized import (
     TEST_MAP_DIMS,
     TEST_MAP_GRID,
+    Basis,
     fit_test_map,
     leave_one_out_coefficients,
     map_directions,
@@ -107,3 +108,38 @@ def test_leave_one_out_coefficients_refit_without_each_test_example() -> None:
         others = np.arange(5) != j
         expected = psi[j] @ ridge_map(psi[others], coef[others], weights, 2, 0.5)
         np.testing.assert_allclose(out[j], expected, rtol=1e-12)
+
+
+# -- the feature basis ------------------------------------------------------------------------
+def test_basis_standardizes_then_keeps_the_principal_directions() -> None:
+    """``phi = [1, (x - mean) / std @ W]``: projected columns centred and uncorrelated, the
+    first with unit standard deviation and the others in decreasing proportion (the singular
+    values), unchanged by rescaling a feature; a constant feature is kept unscaled (std 1)."""
+    rng = np.random.default_rng(1)
+    X = np.column_stack([rng.normal(size=(8, 3)) @ rng.normal(size=(3, 3)), np.full(8, 4.0)])
+    basis = Basis.fit(X, 2)
+    np.testing.assert_allclose(basis.mean, X.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(basis.scale, [*X[:, :3].std(axis=0), 1.0], rtol=1e-12)
+    phi = basis(X)
+    assert phi.shape == (8, 3) and (phi[:, 0] == 1).all()
+    Z = (X - X.mean(axis=0)) / basis.scale
+    singular = np.linalg.svd(Z, compute_uv=False)
+    covariance = phi[:, 1:].T @ phi[:, 1:] / 8
+    expected = np.diag((singular[:2] / singular[0]) ** 2)
+    np.testing.assert_allclose(covariance, expected, atol=1e-12)
+    np.testing.assert_allclose(phi[:, 1:].mean(axis=0), 0.0, atol=1e-12)
+    rescaled = X * np.array([10.0, 1.0, 0.1, 3.0])
+    np.testing.assert_allclose(np.abs(Basis.fit(rescaled, 2)(rescaled)), np.abs(phi), atol=1e-10)
+    tiny = X * 1e-14  # features in tiny units are not mistaken for constants
+    np.testing.assert_allclose(np.abs(Basis.fit(tiny, 2)(tiny)), np.abs(phi), atol=1e-8)
+
+
+def test_basis_keeps_no_more_directions_than_the_features_have() -> None:
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(6, 2)) @ np.array([[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]])  # rank 2
+    assert Basis.fit(X, 5).components.shape == (3, 2)
+    assert Basis.fit(X, 1).components.shape == (3, 1)
+    none = Basis.fit(X, 0)
+    assert none.components.shape == (3, 0) and none(X).shape == (6, 1)
+    flat = Basis.fit(np.ones((4, 3)), 3)
+    assert flat.components.shape == (3, 0) and (flat.scale == 1.0).all()
