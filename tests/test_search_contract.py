@@ -150,3 +150,111 @@ def test_a_better_recorded_curriculum_is_returned_with_its_own_numbers(fitted) -
     assert result.predicted == pytest.approx(best, abs=1e-12)
     expected = sim.simulate(run.curriculum, run.initial_loss)[-1].mean()
     assert result.unconstrained == pytest.approx(expected, abs=1e-12)
+
+
+# -- the vectorized evaluator -----------------------------------------------------------------
+def _layouts(pool_size: int, n: int, epochs: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([
+        np.stack([rng.permutation(pool_size)[:size] for _ in range(epochs)]) for _ in range(n)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("trust_region", [True, False])
+def test_the_evaluator_equals_the_rollouts_of_a_time_varying_simulator(trust_region: bool) -> None:
+    """The search's direct rollout of a dynamics simulator (time-varying effects, a ragged last
+    batch, a subset of test examples, with and without the envelope) gives what the library's
+    rollouts report, floor included."""
+    from simfluence.counterfactual.search import _Evaluator
+    from simfluence.simulators.featurized import FeaturizedSimulator
+
+    runs, _ = generate(SynthConfig(pool=10, tests=4, runs=8, per_run=5, batch=2, epochs=1, seed=6))
+    sim = FeaturizedSimulator(time_varying=True, n_components=2, l2=1.0).fit(runs)
+    assert sim.A_slope_ is not None and sim.B_slope_ is not None
+    columns = np.array([1, 3])
+    initial = sim.initial_loss_ - 0.3  # low enough for the floor and the envelope to bind
+    envelope = np.asarray(sim.envelope_, dtype=np.float64) if trust_region else None
+    evaluate = _Evaluator(sim, columns, initial, 2, envelope, offset=0.25)
+    layouts = _layouts(10, 6, 2, 5, seed=1)
+    curricula = [evaluate.curriculum(layout) for layout in layouts]
+    if trust_region:
+        rollouts = trust_region_rollouts(sim, curricula, initial)
+    else:
+        rollouts = sim.simulate_many(curricula, initial)
+    expected = np.array([r[-1, columns].mean() for r in rollouts])
+    np.testing.assert_allclose(evaluate.predict(layouts), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(evaluate(layouts), expected + 0.25, rtol=1e-10, atol=1e-12)
+    assert evaluate.count == 12
+
+
+@pytest.mark.parametrize("trust_region", [True, False])
+def test_the_evaluator_of_other_simulators_goes_through_their_rollouts(
+    fitted, trust_region: bool
+) -> None:  # type: ignore[no-untyped-def]
+    from simfluence.counterfactual.search import _Evaluator
+    from simfluence.simulators import MeanTrajectorySimulator
+
+    runs = fitted[0]
+    sim = MeanTrajectorySimulator().fit(runs)
+    initial = sim.initial_loss_ - 0.5
+    envelope = np.asarray(sim.envelope_) if trust_region else None
+    evaluate = _Evaluator(sim, np.array([0, 2]), initial, 2, envelope)
+    layouts = _layouts(10, 3, 1, 6, seed=2)
+    curricula = [evaluate.curriculum(layout) for layout in layouts]
+    rollouts = (trust_region_rollouts if trust_region else _plain)(sim, curricula, initial)
+    expected = [r[-1, [0, 2]].mean() for r in rollouts]
+    np.testing.assert_allclose(evaluate(layouts), expected, rtol=1e-12)
+
+
+def _plain(sim, curricula, initial):  # type: ignore[no-untyped-def]
+    return sim.simulate_many(curricula, initial)
+
+
+# -- the statement ----------------------------------------------------------------------------
+def _result(**fields):  # type: ignore[no-untyped-def]
+    from simfluence.counterfactual.search import SearchResult
+
+    defaults = dict(predicted=1.0, random_predicted=np.array([1.5, 2.5]), level=0.8)
+    return SearchResult([["a"]], 1.2, np.array([2.0]), None, **(defaults | fields))
+
+
+@pytest.mark.parametrize(
+    ("fields", "sentence"),
+    [
+        (
+            dict(),
+            "predicted 1 against 2 for random curricula of the same size; the simulator is not "
+            "calibrated, so the uncertainty of this gain is unknown (calibrate it: `simfluence "
+            "fit` does by default)",
+        ),
+        (
+            dict(interval=(0.8, 1.2), gain_established=True),
+            "predicted 1 (80% interval 0.8 to 1.2) against 2 for random curricula of the same "
+            "size: a gain of 1, larger than the uncertainty",
+        ),
+        (
+            dict(interval=(0.5, 2.25), gain_established=False, predicted=1.25),
+            "the predicted gain over random curricula of the same size (0.75: 1.25 against 2) is "
+            "within the uncertainty (80% interval 0.5 to 2.25): no curriculum is predicted to be "
+            "reliably better than a random one",
+        ),
+        (
+            dict(interval=(0.8, 1.2), gain_established=True, source="recorded r7"),
+            "no searched curriculum is predicted, pessimistically, to beat the best recorded one: "
+            "returning the curriculum of r7, whose recorded final loss was 1 (80% interval 0.8 to "
+            "1.2) against 2 predicted for random curricula of the same size: a gain larger than "
+            "the uncertainty",
+        ),
+        (
+            dict(interval=(0.5, 2.25), gain_established=False, source="recorded r7", level=0.95),
+            "no searched curriculum is predicted, pessimistically, to beat the best recorded one: "
+            "returning the curriculum of r7, whose recorded final loss was 1 (95% interval 0.5 to "
+            "2.25) against 2 predicted for random curricula of the same size: a gain within the "
+            "uncertainty",
+        ),
+    ],
+)
+def test_the_statement_says_the_gain_and_its_uncertainty(fields: dict, sentence: str) -> None:
+    from simfluence.counterfactual.search import _statement
+
+    assert _statement(_result(**fields)) == sentence
