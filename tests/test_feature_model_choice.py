@@ -85,3 +85,18 @@ def test_given_values_and_bad_ones(runs) -> None:  # type: ignore[no-untyped-def
     assert FeaturizedSimulator(n_components=2, time_varying=False, cv_folds=2).fit(two).cv_mse_
     with pytest.raises(SimfluenceError, match="cv_folds must be at least 2"):
         FeaturizedSimulator(n_components=2, time_varying=False, cv_folds=1).fit(runs)
+
+
+def test_hybrid_keeps_its_parameters_and_documented_defaults() -> None:
+    from simfluence.simulators.featurized import HybridSimulator
+
+    given = dict(
+        l2=0.5, l2_grid=[3.0, 1.0], n_components=2, component_grid=[1, 2], time_varying=False,
+        feature_l2=0.25, feature_l2_grid=[2.0], cv_folds=3, patience=4, unseen="prior",
+        batch_weighting="sum", tol=1e-7, cv_tol=1e-3, max_iter=50,
+    )  # fmt: skip
+    assert HybridSimulator(**given).get_params() == given
+    defaults = HybridSimulator().get_params()
+    assert (defaults["cv_folds"], defaults["patience"]) == (4, 2)
+    assert (defaults["tol"], defaults["cv_tol"], defaults["max_iter"]) == (1e-8, 1e-4, 1000)
+    assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
