@@ -1,0 +1,137 @@
+"""The local search's moves on layouts, without a simulator: which neighbours `_propose` makes,
+how `_combine` merges disjoint improvements, what one `_round` returns, and the argument checks.
+A stub objective (the sum of fixed per-example values over the first epoch's set) makes every
+expected answer computable by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simfluence.counterfactual.search import (
+    _check_sizes,
+    _combine,
+    _is_exhaustive,
+    _propose,
+    _round,
+)
+from simfluence.errors import SimfluenceError
+
+
+class _SetValue:
+    """Objective of layouts ``(N, E, K)``: the sum of `values` over each layout's first epoch."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = np.asarray(values, dtype=float)
+        self.count = 0
+
+    def __call__(self, layouts: np.ndarray) -> np.ndarray:
+        self.count += len(layouts)
+        return self.values[layouts[:, 0]].sum(axis=1)
+
+
+def _members(layout: np.ndarray) -> frozenset[int]:
+    return frozenset(int(i) for i in layout[0])
+
+
+def test_all_swap_ins_when_they_fit_the_share_then_cross_batch_position_swaps() -> None:
+    layout = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    pool = np.arange(8)
+    neighbours, touched = _propose(layout, pool, 60, 2, np.random.default_rng(0))
+    assert len(neighbours) <= 60 and len(neighbours) == len(touched)
+    swap_ins, swaps = [], []
+    for n, t in zip(neighbours, touched, strict=True):
+        if _members(n) != _members(layout):
+            swap_ins.append(n)
+            (out_,) = _members(layout) - _members(n)
+            (in_,) = _members(n) - _members(layout)
+            assert t == {out_, in_}
+            np.testing.assert_array_equal(n == in_, layout == out_)  # at all its positions
+        else:
+            swaps.append((n, t))
+    expected = {(a, b) for a in range(4) for b in range(4, 8)}
+    found = {(min(t), max(t)) for t in touched if max(t) >= 4}
+    assert found == expected and len(swap_ins) == 16  # every swap-in, once
+    assert swaps  # and position swaps for the rest of the count
+    for n, t in swaps:
+        epochs, cells = np.nonzero(n != layout)
+        assert len(cells) == 2 and epochs[0] == epochs[1]
+        assert cells[0] // 2 != cells[1] // 2  # across two batches
+        e = epochs[0]
+        assert n[e, cells[0]] == layout[e, cells[1]] and n[e, cells[1]] == layout[e, cells[0]]
+        assert t == {int(layout[e, cells[0]]), int(layout[e, cells[1]])}
+
+
+def test_swap_ins_are_sampled_without_repeats_when_there_are_more_than_their_share() -> None:
+    layout = np.array([[0, 1, 2, 3]])
+    neighbours, touched = _propose(layout, np.arange(10), 12, 2, np.random.default_rng(1))
+    swap_ins = [t for n, t in zip(neighbours, touched, strict=True) if _members(n) != {0, 1, 2, 3}]
+    assert len(swap_ins) == 6 and len(set(swap_ins)) == 6  # half of 12, all different
+
+
+def test_a_single_batch_proposes_only_swap_ins_up_to_the_whole_count() -> None:
+    layout = np.array([[0, 1]])
+    neighbours, touched = _propose(layout, np.arange(8), 16, 2, np.random.default_rng(2))
+    assert len(neighbours) == 12 and len(set(touched)) == 12  # 2 x 6, all of them
+    assert _is_exhaustive(layout, np.arange(8), 12, 2)
+    assert not _is_exhaustive(layout, np.arange(8), 11, 2)
+    assert not _is_exhaustive(np.array([[0, 1, 2]]), np.arange(4), 99, 2)
+
+
+def test_combine_applies_disjoint_proposals_in_order() -> None:
+    layout = np.array([[0, 1, 2, 3]])
+    proposals = np.array([[[4, 1, 2, 3]], [[5, 1, 2, 3]], [[0, 1, 3, 2]], [[0, 6, 2, 3]]])
+    touched = [frozenset({0, 4}), frozenset({0, 5}), frozenset({2, 3}), frozenset({1, 6})]
+    combined, taken = _combine(layout, proposals, touched, np.array([0, 1, 2, 3]))
+    np.testing.assert_array_equal(combined, [[4, 6, 3, 2]])  # the second conflicts with the first
+    assert taken == 3
+    combined, taken = _combine(layout, proposals, touched, np.array([1, 0]))
+    np.testing.assert_array_equal(combined, [[5, 1, 2, 3]])
+    assert taken == 1
+
+
+def test_a_round_takes_the_best_disjoint_improvements_together() -> None:
+    values = [5.0, 4.0, 0.0, 1.0, 2.0, 3.0]
+    layout, pool = np.array([[0, 1]]), np.arange(6)
+    evaluate = _SetValue(values)
+    new, value, taken, exhaustive = _round(
+        evaluate, layout, 9.0, pool, 512, 2, 8, np.random.default_rng(0)
+    )
+    assert _members(new) == {2, 3} and value == 1.0 and taken == 2 and exhaustive
+    assert evaluate.count == 8 + 1  # every swap-in, then the combination
+    # at most two improvements considered: the second conflicts, so the best single one
+    new, value, taken, _ = _round(evaluate, layout, 9.0, pool, 512, 2, 2, np.random.default_rng(0))
+    assert _members(new) == {2, 1} and value == 4.0 and taken == 1
+
+
+def test_a_round_without_improvement_or_neighbours_keeps_the_layout() -> None:
+    values = [0.0, 0.0, 1.0, 2.0]
+    layout = np.array([[0, 1]])
+    for pool, exhaustive in [(np.arange(4), True), (np.arange(2), True)]:
+        new, value, taken, done = _round(
+            _SetValue(values), layout, 0.0, pool, 512, 2, 8, np.random.default_rng(0)
+        )
+        assert new is layout and value == 0.0 and taken == 0 and done is exhaustive
+
+
+@pytest.mark.parametrize(
+    ("best", "gain", "improves"),
+    [(100.0, 5e-11, False), (100.0, 2e-10, True), (0.5, 1.5e-12, True), (0.5, 0.5e-12, False)],
+)
+def test_an_improvement_must_beat_a_relative_tolerance(best: float, gain: float, improves: bool):  # type: ignore[no-untyped-def]
+    """Gains under ``1e-12 * max(1, |best|)`` are rounding, not improvements."""
+    values = [best / 2, best / 2, best / 2 - gain]
+    _, value, taken, _ = _round(
+        _SetValue(values), np.array([[0, 1]]), best, np.arange(3), 512, 2, 8,
+        np.random.default_rng(0),
+    )  # fmt: skip
+    assert (taken > 0) is improves
+    assert value == (best - gain if improves else best)
+
+
+def test_sizes_are_checked() -> None:
+    _check_sizes(1, 1, 1, 1)  # the smallest search there is
+    _check_sizes(5, 1, 3, 5)
+    for args in [(2, 0, 1, 5), (2, 2, 0, 5), (0, 1, 1, 5), (6, 1, 1, 5)]:
+        with pytest.raises(SimfluenceError):
+            _check_sizes(*args)
