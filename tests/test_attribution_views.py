@@ -296,3 +296,30 @@ def test_attribution_views_give_90_percent_intervals_by_default() -> None:
     np.testing.assert_array_equal(loo.upper, at_90.upper)
     at_50 = leave_one_out(sim, run.curriculum, None, "test-1", level=0.5)
     assert np.all(at_50.upper - at_50.lower < loo.upper - loo.lower)
+
+
+def test_attribution_views_are_the_three_views_of_the_same_question() -> None:
+    """`attribution_views` passes the initial loss, the level and the removal rule to each view
+    and defaults to the top 10 steps, 10 pairs and 90% intervals."""
+    sim = known_simulator(pool=11, seed=3)
+    extra = [[f"x{k}", f"x{k + 1}"] for k in range(3, 10, 2)]  # x3..x10
+    curriculum = [*CURRICULUM, *extra, ["x0"], ["x2", "x1"], ["x1"]]  # 14 steps, 11 examples
+    sim.calibration_residuals_ = np.random.default_rng(0).normal(0, 0.05, (30, 15, 2))
+    sim.calibration_scale_ = np.ones((15, 2))
+    initial = np.array([1.8, 1.2])
+    loo, _, _, payload = attribution_views(
+        sim, curriculum, initial, "t1", level=0.8, removal="zero-weight"
+    )
+    expected = leave_one_out(sim, curriculum, initial, "t1", 0.8, "zero-weight")
+    assert payload["leave_one_out"] == expected.to_json() == loo.to_json()
+    assert payload["steps"] == step_contributions(sim, curriculum, initial, "t1").to_json(10)
+    assert (
+        payload["pairs"]
+        == pair_interactions(sim, curriculum, initial, "t1", 10, expected, "zero-weight").to_json()
+    )
+    default = attribution_views(sim, curriculum, initial, "t1")[3]
+    assert default["leave_one_out"] == leave_one_out(sim, curriculum, initial, "t1").to_json()
+    assert default["steps"] == step_contributions(sim, curriculum, initial, "t1").to_json(10)
+    assert len(default["pairs"]["pairs"]) == 45  # the pairs of the top 10 examples of 11
+    assert attribution_views(sim, curriculum, initial, "t1", pairs=2)[2] is not None
+    assert attribution_views(sim, curriculum, initial, "t1", pairs=1)[2] is None
