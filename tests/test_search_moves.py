@@ -135,3 +135,21 @@ def test_sizes_are_checked() -> None:
     for args in [(2, 0, 1, 5), (2, 2, 0, 5), (0, 1, 1, 5), (6, 1, 1, 5)]:
         with pytest.raises(SimfluenceError):
             _check_sizes(*args)
+
+
+def test_candidates_are_the_consumed_examples_unless_asked_otherwise() -> None:
+    from types import SimpleNamespace
+
+    from simfluence.counterfactual.search import _candidates
+
+    ids = ["a", "b", "c", "d"]
+    featurized = SimpleNamespace(
+        train_ids_=ids, consumed_=[True, False, True, False], seen_=[True] * 4
+    )
+    np.testing.assert_array_equal(_candidates(featurized, None, False), [0, 2])
+    np.testing.assert_array_equal(_candidates(featurized, None, True), [0, 1, 2, 3])
+    linear = SimpleNamespace(train_ids_=ids, seen_=[False, True, True, True])
+    np.testing.assert_array_equal(_candidates(linear, None, False), [1, 2, 3])
+    np.testing.assert_array_equal(_candidates(linear, ["d", "b", "d"], False), [1, 3])
+    with pytest.raises(SimfluenceError, match="unknown training id 'z'"):
+        _candidates(linear, ["b", "z"], False)
