@@ -100,3 +100,31 @@ def test_hybrid_keeps_its_parameters_and_documented_defaults() -> None:
     assert (defaults["cv_folds"], defaults["patience"]) == (4, 2)
     assert (defaults["tol"], defaults["cv_tol"], defaults["max_iter"]) == (1e-8, 1e-4, 1000)
     assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
+
+
+def _one_step_sse(sim, runs) -> float:  # type: ignore[no-untyped-def]
+    """Teacher-forced one-step squared error on `runs`: ``L_t`` against
+    ``w_t sum_i n_ti (A_i L_{t-1} + B_i)`` (``w_t = b / |c_t|``), the model the fit minimizes."""
+    index = {t: k for k, t in enumerate(runs.train_ids)}
+    total = 0.0
+    for run in runs.runs:
+        for t, batch in enumerate(run.curriculum, start=1):
+            prev, weight = run.losses[t - 1], sim.batch_size_ / len(batch)
+            step = sum(sim.A_[:, index[i]] * prev + sim.B_[:, index[i]] for i in batch)
+            total += float(((run.losses[t] - weight * step) ** 2).sum())
+    return total
+
+
+def test_hybrid_departs_from_the_featurized_prior_only_to_fit_better(runs) -> None:  # type: ignore[no-untyped-def]
+    """The hybrid's effects are the featurized prior plus a ridge departure: a huge pull keeps
+    the prior; any pull fits the training steps at least as well as the prior (the departure
+    0 is always available), and a weaker pull fits better."""
+    from simfluence.simulators.featurized import HybridSimulator
+
+    common = dict(n_components=2, feature_l2=1.0, time_varying=False)
+    prior = FeaturizedSimulator(n_components=2, l2=1.0, time_varying=False).fit(runs)
+    held = HybridSimulator(l2=1e12, **common).fit(runs)
+    np.testing.assert_allclose(held.A_, prior.A_, atol=1e-8)
+    np.testing.assert_allclose(held.B_, prior.B_, atol=1e-8)
+    sse = [_one_step_sse(HybridSimulator(l2=lam, **common).fit(runs), runs) for lam in (10, 0.1)]
+    assert sse[1] < sse[0] < _one_step_sse(prior, runs)
