@@ -128,3 +128,43 @@ def test_hybrid_departs_from_the_featurized_prior_only_to_fit_better(runs) -> No
     np.testing.assert_allclose(held.B_, prior.B_, atol=1e-8)
     sse = [_one_step_sse(HybridSimulator(l2=lam, **common).fit(runs), runs) for lam in (10, 0.1)]
     assert sse[1] < sse[0] < _one_step_sse(prior, runs)
+
+
+def test_cross_validation_scores_rollouts_as_the_simulator_reports_them(runs) -> None:  # type: ignore[no-untyped-def]
+    """`_rollout_mse` (what cross-validation minimizes) is the all-steps MSE of the rollouts
+    `simulate_many` reports: drifting effects, batch weighting and the floor included."""
+    from simfluence.metrics import all_steps_mse
+
+    for weighting in ("mean", "sum"):
+        sim = FeaturizedSimulator(
+            n_components=2, l2=1.0, time_varying=True, batch_weighting=weighting
+        ).fit(runs)
+        assert sim.B_slope_ is not None and sim.A_slope_ is not None
+        middle = np.median(np.concatenate([r.losses[1:] for r in runs.runs]), axis=0)
+        sim.floor_, sim.floor_width_ = middle, 0.1 * np.abs(middle)  # a floor that binds
+        rollouts = sim.simulate_many(
+            [r.curriculum for r in runs.runs], np.stack([r.initial_loss for r in runs.runs])
+        )
+        expected = all_steps_mse([r.losses for r in runs.runs], rollouts).mean
+        effects = (sim.A_, sim.B_, sim.A_slope_, sim.B_slope_)
+        assert sim._rollout_mse(runs, effects) == pytest.approx(expected, rel=1e-12)
+
+
+def test_consumed_examples_and_the_component_grid(runs) -> None:  # type: ignore[no-untyped-def]
+    from simfluence.simulators.featurized import _consumed
+
+    subset = runs.subset(runs.run_ids[:2])
+    used = {i for r in subset.runs for b in r.curriculum for i in b}
+    mask = _consumed(subset)
+    assert mask.dtype == bool
+    assert [runs.train_ids[k] for k in np.flatnonzero(mask)] == sorted(
+        used, key=runs.train_ids.index
+    )
+    assert not mask.all()  # two runs leave some of the pool unconsumed
+    one = FeaturizedSimulator(n_components=1, component_grid=(5,), l2=1.0, time_varying=False)
+    assert one.fit(runs).n_components_ == 1  # given: the grid is not searched
+    zero = FeaturizedSimulator(component_grid=(0, 1), l2=1.0, time_varying=False).fit(runs)
+    assert zero.n_components_ in (0, 1)  # no directions at all is a candidate
+    for grid in [(), (-1, 2)]:
+        with pytest.raises(SimfluenceError, match="n_components must be >= 0"):
+            FeaturizedSimulator(component_grid=grid, l2=1.0).fit(runs)
