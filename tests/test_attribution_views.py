@@ -323,3 +323,21 @@ def test_attribution_views_are_the_three_views_of_the_same_question() -> None:
     assert len(default["pairs"]["pairs"]) == 45  # the pairs of the top 10 examples of 11
     assert attribution_views(sim, curriculum, initial, "t1", pairs=2)[2] is not None
     assert attribution_views(sim, curriculum, initial, "t1", pairs=1)[2] is None
+
+
+@pytest.mark.parametrize("removal", ["renormalize", "zero-weight"])
+def test_leave_one_out_effects_are_the_removal_effects_of_each_example(removal: str) -> None:
+    """Per example, the mean over the chosen test examples of ``L_T(with) - L_T(without)``
+    under the chosen removal rule (and the two rules differ here)."""
+    sim = known_simulator(pool=4, seed=5)
+    curriculum = [*CURRICULUM, ["x3", "x1"]]
+    loo = leave_one_out(sim, curriculum, None, ["t0", "t1"], None, removal)
+    groups = [[i] for i in loo.train_ids]
+    expected = removal_effects(
+        sim, curriculum, sim.initial_loss_, np.array([0, 1]), groups, removal
+    ).mean(axis=1)
+    np.testing.assert_allclose(loo.effects, expected, rtol=1e-12)
+    other = "zero-weight" if removal == "renormalize" else "renormalize"
+    assert not np.allclose(
+        loo.effects, leave_one_out(sim, curriculum, None, ["t0", "t1"], None, other).effects
+    )
