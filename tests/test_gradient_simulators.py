@@ -631,3 +631,44 @@ def test_kernel_cache_is_bounded_and_drops_the_oldest(
     kept = [Path(key[0]) for key in gradient_simulators._KERNELS]
     last = runs.runs[-1].run_id
     assert kept == [checkpoint_path(decaying, last, s) for s in (2, EXACT_STEPS)]
+
+
+def test_gradient_methods_warn_when_the_runs_were_not_plain_sgd(
+    decaying: Path, exact_workload, tmp_path: Path
+) -> None:
+    """Fitted on AdamW runs, a gradient method says once, by name, that its formula assumes
+    plain SGD (what `evaluate` prints under its table). An optimizer it does not know (the
+    decaying runs' `DecayingSGD`, an SGD subclass) gets the same warning: a subclass may
+    change the step."""
+    from exact_tasks import SquaredLossTask
+
+    from simfluence.attribution.simulators import optimizer_warnings
+    from simfluence.recording.optim import OptimizerSpec
+
+    (unknown,) = configure_simulator("grad-dot").fit(load_runset(decaying)).warnings_
+    assert unknown.startswith("grad-dot: the runs were trained with DecayingSGD (lr 0.3)")
+
+    adamw = tmp_path / "adamw"
+    record_runs(
+        SquaredLossTask(), adamw, checkpoints=[0, 4], progress=False,
+        optimizer=OptimizerSpec(name="adamw"), **{**EXACT, "runs": 2},
+    )  # fmt: skip
+    runs = load_runset(adamw)
+    recorded = runs.metadata["config"]["optimizer"]
+    for method in ("grad-dot", "tracin-cp"):
+        (warning,) = configure_simulator(method).fit(runs).warnings_
+        assert warning == optimizer_warnings(method, recorded)[0]
+        assert warning.startswith(f"{method}: the runs were trained with AdamW (betas [0.9, 0.999]")
+        assert "lr 0.3, weight_decay 0.01), but its formula assumes plain SGD" in warning
+
+
+def test_gradient_methods_keep_their_unseen_rule(decaying: Path, exact_workload) -> None:
+    """``unseen`` reaches the simulator: gradients exist for every pool example, so even with
+    the default rule ('error') an example no run consumed is simulated; the rule is kept as
+    given and saved with the model."""
+    runs = load_runset(decaying)
+    for rule in ("error", "prior"):
+        sim = configure_simulator("grad-dot", unseen=rule).fit(runs)
+        assert sim.unseen == rule and sim.get_params()["unseen"] == rule
+    with pytest.raises(SimfluenceError, match="unseen='sometimes'"):
+        configure_simulator("tracin-cp", unseen="sometimes").fit(runs)

@@ -258,3 +258,21 @@ def test_the_statement_says_the_gain_and_its_uncertainty(fields: dict, sentence:
     from simfluence.counterfactual.search import _statement
 
     assert _statement(_result(**fields)) == sentence
+
+
+def test_a_binding_envelope_is_what_the_search_is_credited_with(fitted) -> None:  # type: ignore[no-untyped-def]
+    """Where the recorded envelope binds (here: as if no recorded run had ever gone below its
+    initial losses), the search is credited with the confined rollout only: its objective is
+    the trust-region rollout's mean final loss, strictly above the unconstrained prediction."""
+    import copy
+
+    _, plain, _ = fitted
+    confined_sim = copy.deepcopy(plain)
+    floor = plain.initial_loss_  # (M,)
+    confined_sim.envelope_ = np.broadcast_to(floor, plain.envelope_.shape).copy()
+    result = optimize_curriculum(confined_sim, 6, 2, **SMALL)
+    confined = trust_region_rollouts(confined_sim, [result.curriculum])[0]
+    assert result.objective == pytest.approx(confined[-1].mean(), abs=1e-12)
+    assert result.objective >= floor.mean() - 1e-12
+    assert result.objective > result.unconstrained + 0.01
+    assert result.random_objectives.min() >= floor.mean() - 1e-12  # the random starts too

@@ -90,3 +90,24 @@ def test_each_kind_makes_count_curricula_and_unknown_kinds_are_refused() -> None
         make_curricula("sideways", 1, runs, 1)
     with pytest.raises(SimfluenceError, match="optimized curricula need a fitted simulator"):
         make_curricula("optimized", 1, runs, 1)
+
+
+def test_optimized_curricula_are_searches_seeded_apart_within_the_budget(monkeypatch) -> None:
+    """``optimized``: search k runs with seed ``seed * 1000 + k`` in the recording protocol
+    (per_run, batch, epochs), at most the given rollouts and seconds, inside the recorded
+    runs' trust region; its curriculum is the search's."""
+    from simfluence.recording import validation
+
+    runs = _runs(per_run=8, batch=2, epochs=3)
+    calls: list[tuple] = []
+
+    def search(simulator, per_run, batch, epochs, **options):  # type: ignore[no-untyped-def]
+        calls.append((simulator, per_run, batch, epochs, options))
+        return SimpleNamespace(curriculum=[[f"found-{options['seed']}"]])
+
+    monkeypatch.setattr(validation, "optimize_curriculum", search)
+    found = make_curricula("optimized", 3, runs, 7, "SEARCHER", 25, 1.5)
+    assert found == [[["found-7000"]], [["found-7001"]], [["found-7002"]]]
+    for k, (simulator, per_run, batch, epochs, options) in enumerate(calls):
+        assert (simulator, per_run, batch, epochs) == ("SEARCHER", 8, 2, 3)
+        assert options == dict(seed=7000 + k, max_evaluations=25, max_seconds=1.5, recorded=runs)

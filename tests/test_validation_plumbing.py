@@ -417,3 +417,43 @@ def test_a_pickled_work_unit_leaves_its_live_objects_behind() -> None:
     copy = pickle.loads(pickle.dumps(work))
     assert copy._live is None and work._live == ("TASK", "POOL", "TESTS", "MODEL")
     assert (copy.task_ref, copy.config, copy.seed) == (work.task_ref, work.config, 3)
+
+
+def test_the_optimized_block_reports_the_first_search_against_strictly_worse_randoms(
+    stubbed, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The first search's curriculum is the one reported (its actual and its predicted mean
+    final loss); a random curriculum counts as beaten only when its loss is strictly higher (a
+    tie is not); the search budget (rollouts and seconds) reaches every kind's curricula."""
+    runs, initial = stubbed.runs, stubbed.initial
+    recorded = [r.curriculum for r in runs.runs]
+    asked: list[tuple] = []
+
+    def curricula(kind, count, runs_, seed, searcher, evaluations, seconds):  # type: ignore[no-untyped-def]
+        asked.append((kind, count, runs_ is runs, seed, evaluations, seconds))
+        return recorded[:count] if kind == "optimized" else recorded[-count:]
+
+    finals = {"optimized": [0.5, 0.125, 0.875, 0.25], "random": [0.5, 0.625, 0.375, 0.75]}
+
+    def retrain(task, pool, tests, config, seed, made, device, backend, wrap):  # type: ignore[no-untyped-def]
+        width = len(runs.test_ids)
+        return {
+            kind: [np.full((len(c) + 1, width), v) for c, v in zip(b, finals[kind], strict=True)]
+            for kind, b in made.items()
+        }
+
+    monkeypatch.setattr(validation, "make_curricula", curricula)
+    monkeypatch.setattr(validation, "_retrain", retrain)
+    sims = _simulators()
+    result = validate(
+        "TASK", runs, sims, ["random", "optimized"], count=4, seed=SEED,
+        search_evaluations=7, search_seconds=2.5,
+    )  # fmt: skip
+    assert asked == [("random", 4, True, SEED, 7, 2.5), ("optimized", 4, True, SEED, 7, 2.5)]
+    block = result["optimized"]
+    assert block["actual_mean_test_loss"] == 0.5
+    assert block["actual_mean_test_losses_per_search"] == finals["optimized"]
+    assert block["fraction_of_random_beaten"] == 0.5  # 0.625, 0.75; not the tie, nor 0.375
+    predicted = [float(p[-1].mean()) for p in sims["additive"].simulate_many(recorded[:4], initial)]
+    assert len(set(predicted)) == 4  # so reading another search's prediction would show
+    assert block["predicted_mean_test_loss"] == predicted[0]
