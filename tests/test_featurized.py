@@ -424,6 +424,51 @@ def test_safe_search_keeps_to_consumed_examples(noisy: tuple, method: str) -> No
     assert reserved <= {i for b in wide.curriculum for i in b}
 
 
+@pytest.mark.parametrize("floored", [False, True], ids=["as-fitted", "binding-floor"])
+@pytest.mark.parametrize("method", METHODS)
+def test_new_test_scale_is_that_of_recorded_tests_simulated_as_if_never_recorded(
+    noisy: tuple, method: str, floored: bool
+) -> None:
+    """``new_test_scale_`` by its documented rule, through the simulator's public rollouts:
+    in each calibration fold, every recorded test example takes the coefficients its fold
+    copy's test map predicts from the *other* test examples; the fold's held-out runs are
+    simulated with them (`simulate`: drift and floor as reported) and the per-step scale of
+    the residuals (`intervals.scales`) is the median over test examples. With a floor that
+    binds (raised to each test example's median recorded loss), the rollouts are floored too."""
+    from simfluence.simulators.featurized import leave_one_out_coefficients, map_directions
+    from simfluence.simulators.intervals import residual_table, run_folds, scales
+
+    _, train, _, fitted = noisy
+    sim = fitted[method]
+    if floored:
+        sim = copy.copy(sim)
+        sim.floor_ = np.median(np.concatenate([r.losses for r in train.runs]), axis=0)
+        sim.new_test_scale_ = sim._new_test_scale(train, 5)
+        assert not np.allclose(sim.new_test_scale_, fitted[method].new_test_scale_)
+    J = sim.coef_A_.shape[1]
+    folds = run_folds(train, 5)
+    true, simulated = [], []
+    for k, (_, held) in enumerate(folds):
+        coef = leave_one_out_coefficients(
+            sim.test_features_,
+            np.hstack([sim.fold_coef_A_[k], sim.fold_coef_B_[k]]),
+            sim._test_map_weights(),
+            map_directions(sim.test_map_),
+            sim.test_map_l2_,
+        )
+        as_new = copy.copy(sim)
+        as_new._set_effects(sim._effects(coef[:, :J], coef[:, J:], sim.features_))
+        assert as_new.B_slope_ is not None  # the drift is part of what is simulated
+        for run in held.runs:
+            simulated.append(as_new.simulate(run.curriculum, run.initial_loss))
+            true.append(run.losses)
+    expected = np.median(scales(residual_table(true, simulated)), axis=1)
+    np.testing.assert_allclose(sim.new_test_scale_, expected, rtol=1e-10, atol=1e-12)
+    if not floored:
+        own = np.median(sim.calibration_scale_, axis=1)  # as if never recorded: less is known
+        assert (sim.new_test_scale_[1:] > own[1:]).mean() > 0.5
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_save_load_and_extend_with_intervals(noisy: tuple, method: str, tmp_path) -> None:
     runs, _, held, fitted = noisy
