@@ -129,6 +129,57 @@ def test_an_improvement_must_beat_a_relative_tolerance(best: float, gain: float,
     assert value == (best - gain if improves else best)
 
 
+class _TableValue:
+    """Objective of layouts ``(N, 1, K)``: a value per set of members (`table`), else 1e9."""
+
+    def __init__(self, table: dict[frozenset[int], float]) -> None:
+        self.table = table
+        self.count = 0
+
+    def __call__(self, layouts: np.ndarray) -> np.ndarray:
+        self.count += len(layouts)
+        return np.array([self.table.get(_members(n), 1e9) for n in layouts])
+
+
+@pytest.mark.parametrize(
+    ("together", "members", "value", "taken"),
+    [(6.0, {2, 3}, 6.0, 2), (9.0, {0, 3}, 7.0, 1), (7.0, {0, 3}, 7.0, 1)],
+    ids=["better", "worse", "tie"],
+)
+def test_two_disjoint_improvements_are_combined_only_when_strictly_better(
+    together: float, members: set[int], value: float, taken: int
+) -> None:
+    """Exactly two improving swap-ins (0 -> 2 and 1 -> 3, disjoint): their combination is
+    evaluated and taken only when it beats the best single move; a tie keeps the single move.
+    The objective need not be additive (here it is a table), so a combination can be worse."""
+    table = {frozenset({2, 1}): 8.0, frozenset({0, 3}): 7.0, frozenset({2, 3}): together}
+    evaluate = _TableValue(table)
+    new, got, accepted, _ = _round(
+        evaluate, np.array([[0, 1]]), 10.0, np.arange(4), 512, 2, 8, np.random.default_rng(0)
+    )
+    assert _members(new) == members and got == value and accepted == taken
+    assert evaluate.count == 4 + 1  # the four swap-ins, then their combination
+
+
+def test_max_accept_one_takes_the_best_single_move_without_a_combination() -> None:
+    evaluate = _SetValue([5.0, 4.0, 0.0, 1.0, 2.0, 3.0])
+    new, value, taken, _ = _round(
+        evaluate, np.array([[0, 1]]), 9.0, np.arange(6), 512, 2, 1, np.random.default_rng(0)
+    )
+    assert _members(new) == {2, 1} and value == 4.0 and taken == 1
+    assert evaluate.count == 8  # the swap-ins only: one move cannot be combined
+
+
+def test_a_gain_of_exactly_the_tolerance_is_not_an_improvement() -> None:
+    best = 100.0
+    at_tolerance = best - 1e-12 * best
+    evaluate = _TableValue({frozenset({2, 1}): at_tolerance})
+    new, value, taken, _ = _round(
+        evaluate, np.array([[0, 1]]), best, np.arange(3), 512, 2, 8, np.random.default_rng(0)
+    )
+    assert taken == 0 and value == best and _members(new) == {0, 1}
+
+
 def test_sizes_are_checked() -> None:
     _check_sizes(1, 1, 1, 1)  # the smallest search there is
     _check_sizes(5, 1, 3, 5)
