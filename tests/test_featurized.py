@@ -425,28 +425,42 @@ def test_safe_search_keeps_to_consumed_examples(noisy: tuple, method: str) -> No
     assert reserved <= {i for b in wide.curriculum for i in b}
 
 
-@pytest.mark.parametrize("floored", [False, True], ids=["as-fitted", "binding-floor"])
+@pytest.mark.parametrize("variant", ["as-fitted", "binding-floor", "informative-map"])
 @pytest.mark.parametrize("method", METHODS)
 def test_new_test_scale_is_that_of_recorded_tests_simulated_as_if_never_recorded(
-    noisy: tuple, method: str, floored: bool
+    noisy: tuple, method: str, variant: str
 ) -> None:
     """``new_test_scale_`` by its documented rule, through the simulator's public rollouts:
     in each calibration fold, every recorded test example takes the coefficients its fold
     copy's test map predicts from the *other* test examples; the fold's held-out runs are
     simulated with them (`simulate`: drift and floor as reported) and the per-step scale of
-    the residuals (`intervals.scales`) is the median over test examples. With a floor that
-    binds (raised to each test example's median recorded loss), the rollouts are floored too."""
-    from simfluence.simulators.featurized import leave_one_out_coefficients, map_directions
+    the residuals (`intervals.scales`) is the median over test examples.
+
+    Variants: as fitted (here the test features do not predict the coefficients, so the map
+    uses no direction: every test example gets the others' average); a floor that binds
+    (each test example's median recorded loss); a map that uses two feature directions with
+    ridge strength 1 (its weights, directions and strength then matter)."""
+    from simfluence.simulators.featurized import (
+        leave_one_out_coefficients,
+        map_directions,
+        ridge_map,
+    )
     from simfluence.simulators.intervals import residual_table, run_folds, scales
 
     _, train, _, fitted = noisy
     sim = fitted[method]
-    if floored:
+    J = sim.coef_A_.shape[1]
+    if variant != "as-fitted":
         sim = copy.copy(sim)
-        sim.floor_ = np.median(np.concatenate([r.losses for r in train.runs]), axis=0)
+        if variant == "binding-floor":
+            sim.floor_ = np.median(np.concatenate([r.losses for r in train.runs]), axis=0)
+        else:
+            coef = np.hstack([sim.coef_A_, sim.coef_B_])
+            sim.test_map_ = ridge_map(sim.test_features_, coef, sim._test_map_weights(), 2, 1.0)
+            sim.test_map_l2_ = 1.0
+            assert map_directions(sim.test_map_) == 2
         sim.new_test_scale_ = sim._new_test_scale(train, 5)
         assert not np.allclose(sim.new_test_scale_, fitted[method].new_test_scale_)
-    J = sim.coef_A_.shape[1]
     folds = run_folds(train, 5)
     true, simulated = [], []
     for k, (_, held) in enumerate(folds):
@@ -465,7 +479,7 @@ def test_new_test_scale_is_that_of_recorded_tests_simulated_as_if_never_recorded
             true.append(run.losses)
     expected = np.median(scales(residual_table(true, simulated)), axis=1)
     np.testing.assert_allclose(sim.new_test_scale_, expected, rtol=1e-10, atol=1e-12)
-    if not floored:
+    if variant == "as-fitted":
         own = np.median(sim.calibration_scale_, axis=1)  # as if never recorded: less is known
         assert (sim.new_test_scale_[1:] > own[1:]).mean() > 0.5
 
