@@ -663,9 +663,8 @@ def test_gradient_methods_warn_when_the_runs_were_not_plain_sgd(
 
 
 def test_gradient_methods_keep_their_unseen_rule(decaying: Path, exact_workload) -> None:
-    """``unseen`` reaches the simulator: gradients exist for every pool example, so even with
-    the default rule ('error') an example no run consumed is simulated; the rule is kept as
-    given and saved with the model."""
+    """``unseen`` reaches the base simulator: the rule is kept as given (and in the parameters
+    saved with the model), and a rule that does not exist is refused at fit."""
     runs = load_runset(decaying)
     for rule in ("error", "prior"):
         sim = configure_simulator("grad-dot", unseen=rule).fit(runs)

@@ -5,6 +5,8 @@ exhaustive neighbourhood); defaults; the fallback to a recorded curriculum."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -264,8 +266,6 @@ def test_a_binding_envelope_is_what_the_search_is_credited_with(fitted) -> None:
     """Where the recorded envelope binds (here: as if no recorded run had ever gone below its
     initial losses), the search is credited with the confined rollout only: its objective is
     the trust-region rollout's mean final loss, strictly above the unconstrained prediction."""
-    import copy
-
     _, plain, _ = fitted
     confined_sim = copy.deepcopy(plain)
     floor = plain.initial_loss_  # (M,)
