@@ -22,7 +22,7 @@ from scipy import sparse
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, normalize_curriculum
 from simfluence.simulators.base import Simulator, soft_floor
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout_drifting, step_times
+from simfluence.simulators.dynamics import DynamicsSimulator, step_times
 
 SIGN_CONVENTION = (
     "effect = L_T(with) - L_T(without): negative = consuming it lowered the final loss (helpful)"
@@ -183,7 +183,7 @@ def _zero_weight_effects(
             np.hstack([simulator.B_slope_[columns], zero]),
         )
     start = np.ascontiguousarray(np.broadcast_to(initial[columns], (len(edited), len(columns))))
-    trajectories = rollout_drifting(edited, A, B, slopes, simulator.time_scale_, start)
+    trajectories = simulator.rollout_params(edited, A, B, slopes, start)
     finals = np.stack([t[-1] for t in trajectories])
     return finals[0] - finals[1:]
 
@@ -461,7 +461,7 @@ def _decompose(
     W.sum_duplicates()
     rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
     cols, w = W.indices, W.data
-    size = np.asarray(W.sum(axis=1)).ravel()  # w_t |c_t|, so n_ti / |c_t| = W_ti / size_t
+    size = simulator.row_mass(W)  # w_t |c_t|, so n_ti / |c_t| = W_ti / size_t
     prev = traj[rows]  # (nnz, m): L_{t-1} of the step each entry belongs to
     B = simulator.B_[columns][:, cols].T
     tau = None

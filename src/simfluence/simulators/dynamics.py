@@ -299,4 +299,24 @@ class DynamicsSimulator(Simulator):
             B = B[columns]
             if slopes is not None:
                 slopes = (None if slopes[0] is None else slopes[0][columns], slopes[1][columns])
+        return self.rollout_params(counts, A, B, slopes, initial, envelope)
+
+    def rollout_params(
+        self,
+        counts: Sequence[sparse.csr_matrix],
+        A: np.ndarray | None,
+        B: np.ndarray,
+        slopes: tuple[np.ndarray | None, np.ndarray] | None,
+        initial: np.ndarray,
+        envelope: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """`rollout_drifting` of encoded count matrices (possibly edited, possibly with extra
+        neutral columns) under parameters ``A``, ``B`` of this simulator's shape. Members whose
+        rows carry a neutral rest (learning-rate-scaled memory kernels, `simulators.memory`)
+        add it here."""
         return rollout_drifting(counts, A, B, slopes, self.time_scale_, initial, envelope)
+
+    def row_mass(self, counts: sparse.csr_matrix) -> np.ndarray:
+        """``(T,)``: the batch mass of each row of an encoded count matrix, neutral rest
+        included (``b`` for every row under "mean" weighting)."""
+        return np.asarray(counts.sum(axis=1)).ravel()

@@ -27,6 +27,7 @@ from simfluence.simulators.base import floor_width, loss_floor, soft_floor
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.encoding import encode_runs
 from simfluence.simulators.intervals import run_folds
+from simfluence.simulators.memory import MemoryInputs
 from simfluence.simulators.ridge import (
     AdditiveRidgeProblem,
     Design,
@@ -176,7 +177,7 @@ class _RidgeSimulator(DynamicsSimulator):
         return rollout_mse(runs, *params, self.batch_size_, self.batch_weighting, floor)
 
 
-class LinearSimulator(_RidgeSimulator):
+class LinearSimulator(MemoryInputs, _RidgeSimulator):
     """Simfluence-Linear: per training example, a multiplicative ``A_i(z)`` and additive ``B_i(z)``.
 
     Parameters:
@@ -196,11 +197,16 @@ class LinearSimulator(_RidgeSimulator):
 
         cv_tol: the same during cross-validation, where ranking ``l2`` values needs less.
         patience: cross-validation stops after this many rises of the error past its minimum.
+        memory: optimizer memory (`simulators.memory`): ``"none"`` (default, the paper's
+            model), ``"adam"`` (the recorded optimizer's first-moment decay), ``"lr"`` (effects
+            scaled by the recorded learning rate of each step), ``"adam+lr"``, a decay ``b``,
+            ``"<b>+lr"``, or ``"auto"``: chosen with ``l2`` by the same cross-validation.
 
     Learned attributes: ``A_``, ``B_`` (M, P), ``seen_`` (P,), ``l2_``, ``cv_mse_`` (``[l2, mse]``
     pairs in descending ``l2`` as far as the search went, or None when `l2` was given),
     ``batch_size_`` (``b``, the median batch size of the training runs),
-    ``cg_iterations_`` and ``cg_residual_`` of the final solve.
+    ``cg_iterations_`` and ``cg_residual_`` of the final solve; ``memory_``,
+    ``memory_scale_``, ``memory_cv_`` (the kernel, see `memory.MemoryInputs`).
     """
 
     name = "linear"
@@ -220,6 +226,7 @@ class LinearSimulator(_RidgeSimulator):
         cv_tests: int | None = None,
         test_shards: int | None = None,
         backend: str = "serial",
+        memory: str | float = "none",
     ) -> None:
         super().__init__(
             l2,
@@ -236,6 +243,7 @@ class LinearSimulator(_RidgeSimulator):
         self.cv_tol = cv_tol
         self.max_iter = max_iter
         self.loss_power = loss_power
+        self.memory = memory
 
     def _validate_params(self, runs: RunSet) -> list[float]:
         if not 0 <= self.loss_power <= 4:

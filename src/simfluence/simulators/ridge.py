@@ -39,12 +39,16 @@ class Design:
         next: ``(n, M)`` observed loss after each step.
         step: ``(n,)`` the step of each row within its run, 0-based (step ``t`` is row
             ``t - 1`` of its run).
+        rest: ``(n,)`` mass of a neutral pseudo-example (``A = 1/b``, ``B = 0``) in each row,
+            part of the prior (an optimizer-memory kernel with learning-rate scaling, see
+            `simulators.memory`); None: none.
     """
 
     counts: sparse.csr_matrix
     prev: np.ndarray
     next: np.ndarray
     step: np.ndarray | None = None
+    rest: np.ndarray | None = None
 
     @classmethod
     def from_runs(cls, runs: RunSet, batch_size: float, weighting: str) -> Design:
@@ -119,7 +123,10 @@ class LinearRidgeProblem:
         w = 1.0 if weights is None else weights
         # residual of the prior: L_next - (sum_{i in batch} w_t / b) * L_prev, or its own
         if prior_prediction is None:
-            prior_prediction = prior_a * np.asarray(self.N.sum(axis=1)) * design.prev
+            mass = np.asarray(self.N.sum(axis=1))
+            if design.rest is not None:  # the neutral rest of a memory kernel
+                mass = mass + design.rest[:, None]
+            prior_prediction = prior_a * mass * design.prev
         resid = design.next - prior_prediction
         self.rhs_A = self.NT @ (w * self.prev * resid)
         self.rhs_B = self.NT @ (w * resid)
