@@ -303,9 +303,7 @@ class MemoryInputs:
         if self.memory_kernel().scale is None or A is None:
             return super().rollout_params(counts, A, B, slopes, initial, envelope)  # type: ignore[misc]
         # the rest as one more column: A = 1/b, B = 0 (and no drift)
-        counts = [
-            sparse.hstack([c, self._rest(c)[:, None]], format="csr") for c in counts
-        ]
+        counts = [sparse.hstack([c, self._rest(c)[:, None]], format="csr") for c in counts]
         m = B.shape[0]
         A = np.hstack([A, np.full((m, 1), 1.0 / self.batch_size_)])  # type: ignore[attr-defined]
         B = np.hstack([B, np.zeros((m, 1))])

@@ -11,6 +11,7 @@ import numpy as np
 
 from simfluence._resolve import load_reference
 from simfluence.errors import SimfluenceError
+from simfluence.simulators.auto import AutoSimulator
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.blend import BlendSimulator
@@ -29,6 +30,7 @@ _CORE: dict[str, type[Simulator]] = {
         PersistenceSimulator,
         MeanTrajectorySimulator,
         TruthSimulator,
+        AutoSimulator,
     )
 }
 #: name -> "module:Class" for simulators that live outside the core (they import torch)

@@ -1,0 +1,158 @@
+"""``auto``: choose the simulator of a run set by run-wise cross-validation, then delegate to it.
+
+Candidates (`AUTO_CANDIDATES`): Simfluence-Linear with its optimizer memory chosen too
+(``memory="auto"``, `simulators.memory`), Simfluence-Additive, the curriculum-blind ``mean``,
+and ``hybrid`` when the run set has example features. Each is fitted on all training runs (its
+own cross-validation picks its hyperparameters), then refitted with those hyperparameters
+pinned on all folds of whole runs but one and rolled out on the held-out fold (exactly the
+refits of `Simulator.calibrate`); the candidate with the lowest all-steps MSE over every
+held-out run wins. Hyperparameters are chosen on all training runs before the folds, which
+favours the candidates that have them a little; it avoids a nested cross-validation that would
+multiply the cost by the number of folds.
+
+The chosen simulator, fitted on all training runs, answers every `simulate`; its name is
+``chosen_`` and `describe` says what it is and what the others scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from simfluence.errors import SimfluenceError
+from simfluence.metrics import all_steps_mse
+from simfluence.runlog.runs import AnyCurriculum, RunSet
+from simfluence.simulators.base import Simulator
+
+AUTO_CANDIDATES: tuple[str, ...] = ("linear", "additive", "mean", "hybrid")
+#: learned attributes of the chosen simulator are saved under this prefix
+_PREFIX = "delegate__"
+
+
+class AutoSimulator(Simulator):
+    """The best of several simulators on the training runs, by run-wise cross-validation.
+
+    Parameters:
+        candidates: method names to choose among; ``hybrid`` is skipped when the run set has
+            no example features (and any candidate whose fit fails is skipped and reported).
+        cv_folds: folds of whole training runs scoring the candidates.
+        memory: the ``memory`` of the ``linear`` candidate (default ``"auto"``).
+        unseen: passed to the candidates that take it.
+
+    Learned attributes: ``chosen_`` (the method name), ``chosen_params_`` (its constructor
+    arguments), ``cv_scores_`` (method -> held-out all-steps MSE; NaN for failed fits),
+    ``skipped_`` (method -> why), and the chosen simulator's own (saved with a prefix).
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        candidates: Sequence[str] = AUTO_CANDIDATES,
+        cv_folds: int = 5,
+        memory: str | float = "auto",
+        unseen: str = "error",
+    ) -> None:
+        self.candidates = list(candidates)
+        self.cv_folds = cv_folds
+        self.memory = memory
+        self.unseen = unseen
+
+    # -- fitting -----------------------------------------------------------------------------
+    def _fit(self, runs: RunSet) -> None:
+        from simfluence.simulators.registry import configure_simulator
+
+        if not self.candidates or "auto" in self.candidates:
+            raise SimfluenceError(f"auto: candidates must be other methods, got {self.candidates}")
+        if len(runs.runs) < 2 or self.cv_folds < 2:
+            raise SimfluenceError(
+                f"auto: choosing by cross-validation needs at least 2 training runs and 2 folds "
+                f"(got {len(runs.runs)} runs, cv_folds={self.cv_folds})"
+            )
+        scores: dict[str, float] = {}
+        skipped: dict[str, str] = {}
+        fitted: dict[str, Simulator] = {}
+        for name in self.candidates:
+            if name == "hybrid" and runs.features is None:
+                skipped[name] = "no example features"
+                continue
+            try:
+                simulator = configure_simulator(name, memory=self.memory, unseen=self.unseen)
+                simulator.fit(runs)
+                true, simulated, _ = simulator._calibration_rollouts(runs, self.cv_folds)
+            except SimfluenceError as exc:
+                skipped[name] = str(exc)
+                continue
+            scores[name] = float(all_steps_mse(true, simulated).mean)
+            fitted[name] = simulator
+        finite = {k: v for k, v in scores.items() if np.isfinite(v)}
+        if not finite:
+            raise SimfluenceError(f"auto: no candidate could be fitted ({skipped})")
+        chosen = min(finite, key=lambda k: (finite[k], self.candidates.index(k)))
+        self.chosen_ = chosen
+        self.cv_scores_ = scores
+        self.skipped_ = skipped
+        self._delegate = fitted[chosen]
+        self.chosen_params_ = self._delegate.get_params()
+        warnings = getattr(self._delegate, "warnings_", None)
+        if warnings:
+            self.warnings_ = list(warnings)
+
+    @property
+    def chosen_simulator(self) -> Simulator:
+        """The fitted simulator chosen (rebuilt from its saved state after `load_simulator`)."""
+        self._check_fitted()
+        delegate = getattr(self, "_delegate", None)
+        if delegate is None:
+            from simfluence.simulators.registry import simulator_class
+
+            delegate = simulator_class(self.chosen_)(**self.chosen_params_)
+            for key, value in vars(self).items():
+                if key.startswith(_PREFIX):
+                    setattr(delegate, key[len(_PREFIX) :], value)
+            self._delegate = delegate
+        return delegate
+
+    def describe(self) -> str:
+        """One line: what was chosen, and every candidate's cross-validated all-steps MSE."""
+        self._check_fitted()
+        detail = ""
+        delegate = self.chosen_simulator
+        if hasattr(delegate, "memory_") and getattr(delegate, "memory_", None) is not None:
+            detail = f" (memory {delegate.describe_memory()}, l2 {delegate.l2_:g})"  # type: ignore[attr-defined]
+        elif hasattr(delegate, "l2_"):
+            detail = f" (l2 {delegate.l2_:g})"  # type: ignore[attr-defined]
+        scored = ", ".join(
+            f"{k} {v:.4g}" for k, v in sorted(self.cv_scores_.items(), key=lambda kv: kv[1])
+        )
+        skipped = "".join(f"; {k} skipped: {v}" for k, v in self.skipped_.items())
+        return (
+            f"auto chose {self.chosen_}{detail} by {self.cv_folds}-fold run-wise CV "
+            f"(all-steps MSE: {scored}){skipped}"
+        )
+
+    # -- simulating and intervals: the chosen simulator's --------------------------------------
+    def _simulate_many(
+        self, curricula: Sequence[AnyCurriculum], initial: np.ndarray
+    ) -> list[np.ndarray]:
+        return self.chosen_simulator._simulate_many(curricula, initial)
+
+    def calibrate(self, runs: RunSet, n_folds: int = 5) -> AutoSimulator:
+        if not hasattr(self, "test_ids_"):
+            self.fit(runs)
+        delegate = self.chosen_simulator
+        delegate.calibrate(runs, n_folds)
+        self.calibration_scale_ = delegate.calibration_scale_
+        self.calibration_residuals_ = delegate.calibration_residuals_
+        return self
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _learned(self) -> dict[str, Any]:
+        own = {k: v for k, v in super()._learned().items() if not k.startswith(_PREFIX)}
+        theirs = {_PREFIX + k: v for k, v in self.chosen_simulator._learned().items()}
+        return {**own, **theirs}
+
+
+__all__ = ["AUTO_CANDIDATES", "AutoSimulator"]
