@@ -25,8 +25,16 @@ from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import AnyCurriculum, RunSet
 from simfluence.simulators.base import Simulator
+from simfluence.simulators.baselines import MeanTrajectorySimulator
+from simfluence.simulators.featurized import HybridSimulator
+from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 
 AUTO_CANDIDATES: tuple[str, ...] = ("linear", "additive", "mean", "hybrid")
+#: the methods `auto` can choose among (core methods: no torch)
+_CLASSES: dict[str, type[Simulator]] = {
+    cls.name: cls
+    for cls in (LinearSimulator, AdditiveSimulator, MeanTrajectorySimulator, HybridSimulator)
+}
 #: learned attributes of the chosen simulator are saved under this prefix
 _PREFIX = "delegate__"
 
@@ -62,10 +70,11 @@ class AutoSimulator(Simulator):
 
     # -- fitting -----------------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
-        from simfluence.simulators.registry import configure_simulator
-
-        if not self.candidates or "auto" in self.candidates:
-            raise SimfluenceError(f"auto: candidates must be other methods, got {self.candidates}")
+        unknown = [c for c in self.candidates if c not in _CLASSES]
+        if not self.candidates or unknown:
+            raise SimfluenceError(
+                f"auto: candidates must be among {', '.join(_CLASSES)}, got {self.candidates}"
+            )
         if len(runs.runs) < 2 or self.cv_folds < 2:
             raise SimfluenceError(
                 f"auto: choosing by cross-validation needs at least 2 training runs and 2 folds "
@@ -79,7 +88,10 @@ class AutoSimulator(Simulator):
                 skipped[name] = "no example features"
                 continue
             try:
-                simulator = configure_simulator(name, memory=self.memory, unseen=self.unseen)
+                cls = _CLASSES[name]
+                options = {"memory": self.memory, "unseen": self.unseen}
+                taken = set(cls._param_names())
+                simulator = cls(**{k: v for k, v in options.items() if k in taken})
                 simulator.fit(runs)
                 true, simulated, _ = simulator._calibration_rollouts(runs, self.cv_folds)
             except SimfluenceError as exc:
@@ -106,9 +118,7 @@ class AutoSimulator(Simulator):
         self._check_fitted()
         delegate = getattr(self, "_delegate", None)
         if delegate is None:
-            from simfluence.simulators.registry import simulator_class
-
-            delegate = simulator_class(self.chosen_)(**self.chosen_params_)
+            delegate = _CLASSES[self.chosen_](**self.chosen_params_)
             for key, value in vars(self).items():
                 if key.startswith(_PREFIX):
                     setattr(delegate, key[len(_PREFIX) :], value)
