@@ -80,15 +80,14 @@ class MemoryKernel:
         """``(T, T)`` lower-triangular ``diag(s) W``: row ``t`` holds the bias-corrected weights
         ``w_{t,k}`` at column ``t - k`` (times ``s_t`` when scaled)."""
         b = float(self.decay)
-        t = np.arange(1, n_steps + 1, dtype=np.float64)
         if b == 0.0:
             lag = sparse.identity(n_steps, format="csr")
         else:
             width = min(n_steps, int(np.ceil(np.log(KERNEL_CUTOFF) / np.log(b))) + 1)
-            normalizer = 1.0 - b**t  # (T,), per row
-            diagonals = [(1.0 - b) * b**k / normalizer[k:] for k in range(width)]
+            diagonals = [np.full(n_steps - k, (1.0 - b) * b**k) for k in range(width)]
             lag = sparse.diags(diagonals, [-k for k in range(width)], format="csr")
-            # rows truncated by the cutoff: renormalize so every row's weights sum to 1
+            # bias correction: row t's weights sum to 1 - b^t (Adam divides by that); rows
+            # truncated by the cutoff are renormalized alike, so every row sums to 1
             lag = sparse.diags(1.0 / np.asarray(lag.sum(axis=1)).ravel()) @ lag
         return (sparse.diags(self.step_scale(n_steps)) @ lag).tocsr()
 
