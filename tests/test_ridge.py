@@ -331,7 +331,7 @@ def test_documented_defaults_and_parameters_kept() -> None:
         "test_shards": None,
         "backend": "serial",
     }
-    solver = {"tol": 1e-8, "cv_tol": 1e-4, "max_iter": 1000, "loss_power": 0.0}
+    solver = {"tol": 1e-8, "cv_tol": 1e-4, "max_iter": 1000, "loss_power": 0.0, "memory": "none"}
     assert AdditiveSimulator().get_params() == ridge
     assert LinearSimulator().get_params() == {**ridge, **solver}
     given = {
@@ -346,7 +346,7 @@ def test_documented_defaults_and_parameters_kept() -> None:
         "backend": "process:2",
     }
     assert AdditiveSimulator(**given).get_params() == given
-    solver = {"tol": 1e-6, "cv_tol": 1e-2, "max_iter": 50, "loss_power": 1.0}
+    solver = {"tol": 1e-6, "cv_tol": 1e-2, "max_iter": 50, "loss_power": 1.0, "memory": "0.8+lr"}
     assert LinearSimulator(**given, **solver).get_params() == {**given, **solver}
 
 
