@@ -14,7 +14,9 @@ from scipy import sparse
 
 from simfluence.cli.main import main
 from simfluence.counterfactual import leave_one_out, optimize_curriculum, step_contributions
-from simfluence.counterfactual.search import _Evaluator, _random_layouts, trust_region_rollouts
+from simfluence.counterfactual.search import trust_region_rollouts
+from simfluence.counterfactual.search.evaluator import _Evaluator
+from simfluence.counterfactual.search.starts import _random_layouts
 from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate
