@@ -59,8 +59,8 @@ def load(name: str) -> dict:
 
 
 def source(name: str) -> str:
-    """The relative link from docs/results.md to a result file."""
-    return f"[`benchmarks/results/{name}`](../benchmarks/results/{name})"
+    """A result file, named by its path in the repository (the site does not hold it)."""
+    return f"`benchmarks/results/{name}`"
 
 
 def eval_rows(methods: dict, extra: tuple[tuple[str, str], ...] = ()) -> list[list[str]]:
