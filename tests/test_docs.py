@@ -127,23 +127,40 @@ def simfluence_commands(block: Block, code: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with a small synthetic run set at runs/ and demo-out/runs/."""
+    """A directory with a small synthetic run set at runs/ and demo-out/runs/, and examples/."""
     base = tmp_path_factory.mktemp("docs-fixture")
     from simfluence.cli import main
 
     status = main(
-        ["synth", str(base / "runs"), "--pool", "40", "--tests", "10", "--runs", "16",
-         "--per-run", "32", "--batch", "4", "--epochs", "1", "--seed", "0"]
+        [
+            "synth",
+            str(base / "runs"),
+            "--pool",
+            "40",
+            "--tests",
+            "10",
+            "--runs",
+            "16",
+            "--per-run",
+            "32",
+            "--batch",
+            "4",
+            "--epochs",
+            "1",
+            "--seed",
+            "0",
+        ]
     )
     assert status == 0
     (base / "demo-out").mkdir()
     shutil.copytree(base / "runs", base / "demo-out" / "runs")
+    (base / "examples").symlink_to(ROOT / "examples")  # pages name examples/ by that path
     return base
 
 
 def fresh_copy(workdir: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix="docs-block-"))
-    shutil.copytree(workdir, target, dirs_exist_ok=True)
+    shutil.copytree(workdir, target, symlinks=True, dirs_exist_ok=True)
     return target
 
 

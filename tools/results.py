@@ -51,7 +51,7 @@ def rho(x: float | None) -> str:
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
-    return out + [""]
+    return [*out, ""]
 
 
 def load(name: str) -> dict:
@@ -68,10 +68,7 @@ def eval_rows(methods: dict, extra: tuple[tuple[str, str], ...] = ()) -> list[li
     for name, m in methods.items():
         cells = [f"`{name}`"]
         for key, _ in EVAL_COLUMNS:
-            if key == "final_step_spearman":
-                cell = rho(m.get(key))
-            else:
-                cell = num(m.get(key))
+            cell = rho(m.get(key)) if key == "final_step_spearman" else num(m.get(key))
             if m.get(key + "_std") is not None:
                 cell += " ± " + num(m[key + "_std"], 2)
             cells.append(cell)
@@ -97,7 +94,7 @@ def provenance(d: dict, name: str) -> list[str]:
     out = [f"Source: {source(name)}" + (f" ({line})." if line else ".")]
     if d.get("command"):
         out += ["", f"`{d['command']}`"]
-    return out + [""]
+    return [*out, ""]
 
 
 # --- sections: each returns (markdown lines, the files it claims) ------------------------------
@@ -185,7 +182,10 @@ def optimizers() -> tuple[list[str], list[str]]:
         d = load(name)["methods"]
         rows.append(
             [f"{label} ({source(name)})"]
-            + [f"{num(d[m]['all_steps_mse'])} / {rho(d[m]['final_step_spearman'])}" for m in methods]
+            + [
+                f"{num(d[m]['all_steps_mse'])} / {rho(d[m]['final_step_spearman'])}"
+                for m in methods
+            ]
         )
     out += table(["recording", *[f"`{m}`" for m in methods]], rows)
     out += ["AdamW with warm-up and linear decay, every method:", ""]
@@ -202,7 +202,7 @@ FEATURIZED = {
     "featurized-newsgroups-minilm.json": "newsgroups-minilm, 30 runs (default)",
     "featurized-newsgroups-minilm-reserve.json": "newsgroups-minilm, held-out 20% of the pool",
     "featurized-smollm2-polarity.json": "smollm2-polarity, 32 runs (default)",
-    "featurized-smollm2-polarity-reserve.json": "smollm2-polarity, 20 runs, held-out 20% of the pool",
+    "featurized-smollm2-polarity-reserve.json": "smollm2-polarity, 20 runs, held-out 20% of pool",
     "featurized-synthetic.json": "synthetic, seed 0",
     "featurized-synthetic-seed1.json": "synthetic, seed 1",
     "featurized-synthetic-seed2.json": "synthetic, seed 2",
@@ -279,7 +279,9 @@ def featurized() -> tuple[list[str], list[str]]:
                     rho(r.get("coverage_90")),
                 ]
             )
-    out += table(["run set", "method", "all-steps MSE", "final-step Spearman", "coverage 90%"], rows)
+    out += table(
+        ["run set", "method", "all-steps MSE", "final-step Spearman", "coverage 90%"], rows
+    )
     return out, list(FEATURIZED)
 
 
@@ -318,8 +320,14 @@ def loo() -> tuple[list[str], list[str]]:
             rows.append([f"`{m}`"] + [f"{rho(ra.get(k))} / {rho(rb.get(k))}" for k in keys])
         if "additive_ceiling_lds" in a:
             rows.append(
-                ["sum of the actual single removals (additive ceiling)", "", "", "",
-                 f"{rho(a['additive_ceiling_lds'])} / {rho(b.get('additive_ceiling_lds'))}", ""]
+                [
+                    "sum of the actual single removals (additive ceiling)",
+                    "",
+                    "",
+                    "",
+                    f"{rho(a['additive_ceiling_lds'])} / {rho(b.get('additive_ceiling_lds'))}",
+                    "",
+                ]
             )
         out += table(["method", "Spearman", "Pearson", "top-10 sign", "LDS", "size ratio"], rows)
     return out, list(LOO)
@@ -332,18 +340,17 @@ def gptfluence() -> tuple[list[str], list[str]]:
     out += provenance(d, name)
     rows = []
     for seed, r in d["gptfluence"].items():
-        rows.append([f"GPTfluence's Simfluence (seed {seed})", num(r["fit_seconds"])]
-                    + eval_cells(r))
+        rows.append(
+            [f"GPTfluence's Simfluence (seed {seed})", num(r["fit_seconds"]), *eval_cells(r)]
+        )
     for m, r in d["simfluence"].items():
-        rows.append([f"simfluence `{m}`", num(r["fit_seconds"])] + eval_cells(r))
+        rows.append([f"simfluence `{m}`", num(r["fit_seconds"]), *eval_cells(r)])
     out += table(["method", "fit s"] + [h for _, h in EVAL_COLUMNS], rows)
     return out, [name]
 
 
 def eval_cells(r: dict) -> list[str]:
-    return [
-        rho(r.get(k)) if k == "final_step_spearman" else num(r.get(k)) for k, _ in EVAL_COLUMNS
-    ]
+    return [rho(r.get(k)) if k == "final_step_spearman" else num(r.get(k)) for k, _ in EVAL_COLUMNS]
 
 
 def ranking() -> tuple[list[str], list[str]]:
@@ -362,8 +369,10 @@ def ranking() -> tuple[list[str], list[str]]:
     for rs, r in d["results"].items():
         rows.append(
             [rs]
-            + [f"{num(r[v]['all_steps_mse'])} / {rho(r[v]['final_step_spearman'])}"
-               for v in variants]
+            + [
+                f"{num(r[v]['all_steps_mse'])} / {rho(r[v]['final_step_spearman'])}"
+                for v in variants
+            ]
         )
     out += table(["run set", *[f"`{v}`" for v in variants]], rows)
     return out, [name]
