@@ -14,7 +14,8 @@ from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.blend import BlendSimulator
-from simfluence.simulators.featurized import FeaturizedSimulator, HybridSimulator
+from simfluence.simulators.featurized.hybrid import HybridSimulator
+from simfluence.simulators.featurized.simulator import FeaturizedSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.truth import TruthSimulator
 
