@@ -16,7 +16,15 @@ from conftest import missing_component
 
 from simfluence import metrics
 from simfluence.cli.main import main
-from simfluence.evaluation import MetricSpec, evaluate, format_table, specs
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import (
+    MetricSpec,
+    evaluate,
+    format_table,
+    format_validation,
+    read_validation,
+    specs,
+)
 from simfluence.report import build_payload, render_report, write_report
 from simfluence.runlog import save_runset
 from simfluence.simulators import configure_simulator
@@ -219,6 +227,21 @@ def test_metric_specs_drive_the_text_the_json_and_the_report(
     heads = re.findall(r"<th>([^<]*)</th>", table.group(0))
     assert heads == ["method", *(spec.label for spec in specs.METRICS)]
     assert "<b>worst-step error</b> (lower is better): the largest absolute error" in page
+
+
+def test_validation_json_is_read_in_one_place() -> None:
+    """`read_validation` knows the layout of `simfluence validate --json`; the text tables and
+    the report read it through it (labels from the metric specs)."""
+    validation = read_validation({**VALIDATION, "timing": {"seconds": 1.0}})
+    assert [kind.name for kind in validation.kinds] == ["random"]
+    assert not validation.kinds[0].is_loo and validation.kinds[0].methods["linear"]["lds"] == 0.7
+    assert validation.optimized == VALIDATION["optimized"]
+    assert validation.rest == {"timing": {"seconds": 1.0}}
+    block = {"curricula": 3, **VALIDATION["kinds"]["random"]}
+    text = format_validation({"kinds": {"random": block}})
+    assert "random (3 curricula)" in text and "final-step Spearman" in text and "LDS" in text
+    with pytest.raises(SimfluenceError, match="expected a JSON object"):
+        read_validation([1, 2])  # type: ignore[arg-type]
 
 
 # -- in a real browser ---------------------------------------------------------------------------
