@@ -112,3 +112,27 @@ def test_library_never_imports_the_command_line(name: str) -> None:
     if name == "simfluence.__main__":
         return  # `python -m simfluence` is the command line's own door
     assert not {d for d in import_graph()[name] if d.startswith("simfluence.cli")}
+
+
+def _is_command(name: str) -> bool:
+    """A command module of the CLI (``simfluence.cli.<command>``); shared helper modules start
+    with ``_``."""
+    prefix = "simfluence.cli."
+    return name.startswith(prefix) and not name.removeprefix(prefix).startswith("_")
+
+
+COMMANDS = sorted(n for n in MODULES if _is_command(n) and n != "simfluence.cli.main")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_modules_never_import_each_other(name: str) -> None:
+    """What two commands share lives in the library or a ``cli/_*`` helper (``main`` only
+    gathers the commands)."""
+    assert not {d for d in import_graph()[name] if _is_command(d)}
+
+
+def test_command_check_catches_a_command_importing_another() -> None:
+    graph = {"simfluence.cli.report": {"simfluence.cli.core", "simfluence.cli._args"}}
+    assert {d for d in graph["simfluence.cli.report"] if _is_command(d)} == {"simfluence.cli.core"}
+    assert COMMANDS and "simfluence.cli.report" in COMMANDS
+    assert "simfluence.cli._args" not in COMMANDS and "simfluence.cli" not in COMMANDS

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.cli._args import (
-    CommandFailedError,
     add_task_option,
     comma_list,
     level,
@@ -28,14 +27,8 @@ from simfluence.cli._curricula import (
     load_curriculum,
     with_new_examples,
 )
-from simfluence.errors import SimfluenceError
-from simfluence.evaluation import (
-    EvaluationResult,
-    evaluate,
-    failure_message,
-    format_table,
-    format_unseen_table,
-)
+from simfluence.cli._failures import raise_failures
+from simfluence.evaluation import default_holdout, evaluate, format_table, format_unseen_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
     export_gptfluence,
@@ -44,7 +37,6 @@ from simfluence.runlog import (
     save_runset,
 )
 from simfluence.runlog.gptfluence import IDS_FILE
-from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator, available_simulators, load_simulator
 from simfluence.simulators.intervals import Interval
 from simfluence.simulators.registry import configure_simulator
@@ -361,11 +353,6 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def default_holdout(runs: RunSet) -> int:
-    """The GPTfluence protocol holds out 5 of 32 runs: about 1 in 6, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
     heldout = args.heldout_runs or args.holdout or default_holdout(runs)
@@ -406,21 +393,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             plot_trajectories(run.losses, simulated, runs.test_ids, columns, title, args.plot)
         print(f"wrote {args.plot}")
     raise_failures(result)
-
-
-def raise_failures(result: EvaluationResult) -> None:
-    """After the results of the others are out: `CommandFailedError` naming the methods that
-    failed (status 2 when every failure was a user mistake, else 1)."""
-    if not result.failed:
-        return
-    names = ", ".join(result.failed)
-    first_name, first = next(iter(result.failed.items()))
-    mistakes = all(isinstance(exc, SimfluenceError) for exc in result.failed.values())
-    raise CommandFailedError(
-        f"{len(result.failed)} of {len(result.failed) + len(result.methods)} methods failed "
-        f"({names}); {first_name}: {failure_message(first, first_name)}",
-        status=2 if mistakes else 1,
-    )
 
 
 # -- GPTfluence interop -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic
 from simfluence.cli._args import TASK_HELP, add_task_option, comma_list
-from simfluence.cli.core import raise_failures
+from simfluence.cli._failures import raise_failures
 from simfluence.evaluation import evaluate, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.simulators import configure_simulator

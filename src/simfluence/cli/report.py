@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from simfluence.cli._args import add_task_option, comma_list, positive_int, read_json
-from simfluence.cli.core import raise_failures
+from simfluence.cli._failures import raise_failures
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import (
     EvaluationResult,
-    MethodResult,
+    default_holdout,
     evaluate,
     failure_message,
-    interval_scores,
-    score,
+    score_fitted,
 )
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.report.html import write_report
@@ -78,33 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _default_holdout(runs: RunSet) -> int:
-    """As `simfluence evaluate`: about 5 in 32 runs, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
-
-
-def prefitted_result(simulator: Simulator, heldout: RunSet, where: str) -> MethodResult:
-    """Roll out a pre-fitted simulator on the held-out runs (no refit) and score it."""
-    if list(simulator.test_ids_) != list(heldout.test_ids):
-        raise SimfluenceError(
-            f"{where}: its test examples ({len(simulator.test_ids_)}) are not the run set's "
-            f"({len(heldout.test_ids)}) in the same order"
-        )
-    start = time.perf_counter()
-    simulated = simulator.simulate_many(
-        [r.curriculum for r in heldout.runs], np.stack([r.initial_loss for r in heldout.runs])
-    )
-    seconds = time.perf_counter() - start
-    scores = score([r.losses for r in heldout.runs], simulated)
-    scores |= {"fit_seconds": math.nan, "simulate_seconds": seconds}
-    result = MethodResult(scores, simulated, simulator)
-    if simulator.is_calibrated:  # calibrated when it was fitted: show its own intervals
-        true = [r.losses for r in heldout.runs]
-        result.intervals, interval_metrics = interval_scores(simulator, true, simulated)
-        scores |= interval_metrics
-    return result
-
-
 def _model_name(path: Path, simulator: Simulator, taken: set[str]) -> str:
     base = f"{path.stem} ({simulator.name})" if path.stem != simulator.name else path.stem
     name, k = base, 2
@@ -131,7 +100,10 @@ def build_evaluation(
             path = Path(model)
             simulator = load_simulator(path)
             name = _model_name(path, simulator, set(result.methods))
-            result.methods[name] = prefitted_result(simulator, held, f"--model {model}")
+            # calibrated when it was fitted: show its own intervals
+            result.methods[name] = score_fitted(
+                simulator, held, intervals=True, where=f"--model {model}"
+            )
             notes.append(
                 f"{name}: pre-fitted simulator {path.name}, not refitted here; its scores are "
                 "fair only if it was fitted without the held-out runs."
@@ -141,7 +113,7 @@ def build_evaluation(
 
 def cmd_report(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
-    heldout = args.heldout_runs or args.holdout or _default_holdout(runs)
+    heldout = args.heldout_runs or args.holdout or default_holdout(runs)
     attribution = read_json(args.attribution, "attribution") if args.attribution else None
     validation = read_json(args.validation, "validation") if args.validation else None
     for what, value in (("attribution", attribution), ("validation", validation)):

@@ -19,6 +19,7 @@ from simfluence.cli._args import (
     comma_list,
     positive_int,
 )
+from simfluence.evaluation.text import format_validation
 from simfluence.runlog import load_runset
 from simfluence.simulators import configure_simulator
 
@@ -132,74 +133,3 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.json:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
-
-
-def format_validation(result: dict) -> str:  # type: ignore[type-arg]
-    """Plain-text tables: per kind, methods x (all-steps MSE, final-step Spearman, LDS)."""
-    lines = []
-    for kind, block in result["kinds"].items():
-        if "removal" in block:
-            lines.extend(_format_loo(kind, block, result.get("timing", {})))
-            continue
-        lines.append(f"{kind} ({block['curricula']} curricula)")
-        lines.append(
-            f"  {'method':<18} {'all-steps MSE':>14} {'final Spearman':>15} {'LDS':>7} "
-            f"{'coverage 90%':>13} {'mean final in 90%':>18}"
-        )
-        for name, s in block["methods"].items():
-            inside = s.get("mean_final_in_interval")
-            lines.append(
-                f"  {name:<18} {s['all_steps_mse']:>14.4g} {s['final_step_spearman']:>15.3f} "
-                f"{s['lds']:>7.3f} "
-                + (f"{s['coverage_90']:>13.3f} " if "coverage_90" in s else f"{'-':>13} ")
-                + (f"{sum(inside):>11} of {len(inside):<3}" if inside else f"{'-':>18}")
-            )
-    if "optimized" in result:
-        o = result["optimized"]
-        lines.append(
-            f"optimized curriculum: actual mean test loss {o['actual_mean_test_loss']:.4f} "
-            f"(predicted {o['predicted_mean_test_loss']:.4f}); random curricula: mean "
-            f"{sum(o['random_mean_test_losses']) / len(o['random_mean_test_losses']):.4f}, "
-            f"min {min(o['random_mean_test_losses']):.4f}; beats "
-            f"{100 * o['fraction_of_random_beaten']:.0f}% of them"
-        )
-        if "predicted_interval_90" in o:
-            low, high = o["predicted_interval_90"]
-            where = "inside" if o["actual_in_interval"] else "OUTSIDE"
-            lines.append(
-                f"the search's own prediction (trust region): "
-                f"{o['predicted_mean_test_loss_in_trust_region']:.4f}, 90% interval {low:.4f} to "
-                f"{high:.4f}: the actual loss is {where}"
-                f" ({sum(o['actual_in_interval_per_search'])} of "
-                f"{len(o['actual_in_interval_per_search'])} searches inside)"
-            )
-    lines += [f"warning: {w}" for ws in result.get("warnings", {}).values() for w in ws]
-    return "\n".join(lines)
-
-
-def _format_loo(kind: str, block: dict, timing: dict) -> list[str]:  # type: ignore[type-arg]
-    seconds = timing.get(kind, {})
-    methods_seconds = seconds.get("methods", {})
-    lines = [
-        f"{kind} (removal: {block['removal']}; runs {', '.join(block['runs'])}; "
-        f"{block['examples']} examples, {block['groups']} group removals; "
-        f"{block['retrains']} retrains in {seconds.get('truth_seconds', float('nan')):.1f} s)",
-        f"  {'method':<18} {'Spearman':>9} {'Pearson':>8} {'top-10 sign':>12} {'LDS':>7} "
-        f"{'size ratio':>11} {'fit s':>7} {'answer s':>9}",
-    ]
-    for name, s in block["methods"].items():
-        t = methods_seconds.get(name, {})
-        if "error" in s:
-            lines.append(f"  {name:<18} {s['error']}")
-            continue
-        lines.append(
-            f"  {name:<18} {s['loo_spearman']:>9.3f} {s['loo_pearson']:>8.3f} "
-            f"{s['top10_sign_agreement']:>12.2f} {s.get('lds', float('nan')):>7.3f} "
-            f"{s['effect_size_ratio']:>11.3g} {t.get('fit_seconds', 0.0):>7.1f} "
-            f"{t.get('seconds', float('nan')):>9.1f}"
-        )
-    if "additive_ceiling_lds" in block:
-        lines.append(
-            f"  (sum of the actual single removals: LDS {block['additive_ceiling_lds']:.3f})"
-        )
-    return lines
