@@ -60,7 +60,7 @@ VALIDATION = {
 @pytest.fixture(scope="module")
 def setup():
     runs, _ = generate(SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2))
-    sims = {name: configure_simulator(name, l2=None, unseen="prior") for name in METHODS}
+    sims = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in METHODS}
     return runs, evaluate(runs, sims, 2)
 
 
