@@ -72,7 +72,9 @@ def main() -> None:
     )
     record_s = time.perf_counter() - start
     methods = ["linear", "additive", "mean"]
-    result = evaluate(runs, {m: configure_simulator(m, unseen="prior") for m in methods}, 5)
+    result = evaluate(
+        runs, {m: configure_simulator(m, defaults={"unseen": "prior"}) for m in methods}, 5
+    )
     print(
         f"digits-mlp with Adam (lr {args.lr}), {len(runs.runs)} runs recorded in {record_s:.0f} s"
     )
@@ -84,7 +86,7 @@ def main() -> None:
         "validation": {},
     }
     for seed in [int(s) for s in args.seeds.split(",")]:
-        sims = {m: configure_simulator(m, unseen="prior") for m in ("linear", "mean")}
+        sims = {m: configure_simulator(m, defaults={"unseen": "prior"}) for m in ("linear", "mean")}
         validation = validate(task, runs, sims, ["random", "optimized"], args.validate, seed)
         optimized = validation["optimized"]
         # the search's own verdict, as `simfluence optimize` prints it (same seed as the first

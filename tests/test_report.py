@@ -69,7 +69,7 @@ VALIDATION = {
 @pytest.fixture(scope="module")
 def setup():
     runs, _ = generate(SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2))
-    sims = {name: configure_simulator(name, l2=None, unseen="prior") for name in METHODS}
+    sims = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in METHODS}
     return runs, evaluate(runs, sims, 2)
 
 
@@ -209,7 +209,7 @@ def test_metric_specs_drive_the_text_the_json_and_the_report(
         worst_step_error,
     )
     monkeypatch.setattr(specs, "METRICS", (*specs.METRICS, added))
-    sims = {name: configure_simulator(name, l2=None, unseen="prior") for name in METHODS}
+    sims = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in METHODS}
     result = evaluate(runs, sims, 2)
     written = result.to_json()["methods"]
     for name in METHODS:

@@ -82,20 +82,29 @@ def load_json_object(text: str | None, what: str) -> dict[str, Any]:
     return value
 
 
-def add_execution_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--device``, ``--workers``, ``--threads`` and ``--ray [ADDRESS]`` for commands that
-    train (`what` says what the units of work are)."""
-    p.add_argument(
+def add_execution_options(
+    p: argparse.ArgumentParser,
+    what: str,
+    *,
+    verb: str = "train",
+    device: str = "where to train",
+    threads: bool = True,
+) -> None:
+    """``--device``, ``--workers``, ``--ray [ADDRESS]`` (and ``--threads`` unless `threads` is
+    False) for commands that train or fit (`what` says what the units of work are, `verb` what
+    is done to them, `device` what ``--device`` chooses)."""
+    group = p.add_argument_group("execution options")
+    group.add_argument(
         "--device",
         default="cpu",
-        help="where to train: auto (a GPU when there is one), cpu (default), cuda or cuda:K",
+        help=f"{device}: auto (a GPU when there is one), cpu (default), cuda or cuda:K",
     )
-    where = p.add_mutually_exclusive_group()
+    where = group.add_mutually_exclusive_group()
     where.add_argument(
         "--workers",
         type=positive_int,
         default=None,
-        help=f"train {what} in N local processes at a time (default: one after another here)",
+        help=f"{verb} {what} in N local processes at a time (default: one after another here)",
     )
     where.add_argument(
         "--ray",
@@ -103,14 +112,27 @@ def add_execution_options(p: argparse.ArgumentParser, what: str) -> None:
         const="",
         default=None,
         metavar="ADDRESS",
-        help=f"train {what} as Ray tasks: on a local Ray instance, or the cluster at ADDRESS "
+        help=f"{verb} {what} as Ray tasks: on a local Ray instance, or the cluster at ADDRESS "
         "(needs pip install 'simfluence[ray]')",
     )
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="torch threads per unit of work (default: 1 with --workers or --ray)",
+    if threads:
+        group.add_argument(
+            "--threads",
+            type=positive_int,
+            default=None,
+            help="torch threads per unit of work (default: 1 with --workers or --ray)",
+        )
+
+
+def add_fit_execution_options(p: argparse.ArgumentParser) -> None:
+    """`add_execution_options` for commands that fit simulators: the units of work are the
+    shards of the linear/additive fits, ``--device`` is where gradient methods compute."""
+    add_execution_options(
+        p,
+        "the shards of the linear/additive fits",
+        verb="fit",
+        device="gradient methods: where gradients are computed",
+        threads=False,
     )
 
 

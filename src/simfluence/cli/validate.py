@@ -19,11 +19,10 @@ from simfluence.cli._args import (
     comma_list,
     positive_int,
 )
+from simfluence.cli._options import add_simulator_options, build_simulators, with_features
 from simfluence.evaluation.text import format_validation
 from simfluence.runlog import load_runset
-from simfluence.simulators import configure_simulator
-
-DEFAULT_METHODS = ["linear", "additive", "tracin-cp-scaled", "mean"]
+from simfluence.simulators.methods import DEFAULT_VALIDATE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,9 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=comma_list,
-        default=DEFAULT_METHODS,
+        default=list(DEFAULT_VALIDATE_METHODS),
         help="comma-separated methods; the first one searches the optimized curricula "
-        f"(default: {','.join(DEFAULT_METHODS)})",
+        f"(default: {','.join(DEFAULT_VALIDATE_METHODS)})",
     )
     p.add_argument(
         "--max-examples",
@@ -86,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "machine's speed and load)",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    # new curricula may consume examples no recorded run did: by default they get "no effect"
+    add_simulator_options(p, unseen="prior", task=False)
     add_execution_options(p, "curricula")
     p.set_defaults(func=cmd_validate)
 
@@ -94,17 +95,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from simfluence.recording.tasks import task_for_runset
     from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 
+    # --workers/--ray train the curricula here: the linear fits stay serial
+    simulators = build_simulators(args, args.methods, backend=None)
     runs = load_runset(args.directory)
     task = task_for_runset(runs, args.task)
-    if runs.features is None:
-        from simfluence.recording.features import ensure_features
-
-        runs = ensure_features(args.directory, runs, args.methods, task)
-        if runs.features is not None:
-            print(f"computed example features for {', '.join(args.methods)} into {args.directory}")
-    # new curricula may consume examples no recorded run did: they get "no effect"
-    options = {"unseen": "prior", "task": args.task}
-    simulators = {name: configure_simulator(name, **options) for name in args.methods}
+    runs = with_features(args.directory, runs, args.methods, task)
     start = time.perf_counter()
 
     def progress(items, total):  # type: ignore[no-untyped-def]

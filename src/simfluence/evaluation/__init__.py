@@ -11,7 +11,6 @@
 from simfluence.evaluation.heldout import (
     EvaluationResult,
     MethodResult,
-    default_holdout,
     evaluate,
     evaluate_simulator,
     interval_scores,
@@ -48,7 +47,6 @@ __all__ = [
     "MetricSpec",
     "Validation",
     "ValidationKind",
-    "default_holdout",
     "evaluate",
     "evaluate_simulator",
     "failure_message",

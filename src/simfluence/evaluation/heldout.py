@@ -113,11 +113,6 @@ def score(true: Sequence[np.ndarray], simulated: Sequence[np.ndarray]) -> dict[s
     return out
 
 
-def default_holdout(runs: RunSet) -> int:
-    """The GPTfluence protocol holds out 5 of 32 runs: about 1 in 6, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
-
-
 def unseen_fraction(train: RunSet, heldout: RunSet) -> float:
     """Share of the held-out consumptions of ids that no training run consumed (such ids get
     "no effect" under ``unseen="prior"``, or stop the evaluation under ``"error"``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +71,34 @@ def make_simulator(name: str, **params: object) -> Simulator:
     return simulator_class(name)(**params)
 
 
-def configure_simulator(name: str, **options: object) -> Simulator:
-    """A fresh simulator of method `name`, given those of `options` that it takes.
+def simulator_params(name: str) -> tuple[str, ...]:
+    """The constructor parameters that method `name` takes."""
+    return tuple(simulator_class(name)._param_names())
 
-    Lets a caller (the command line) pass one set of options to many methods: ``l2`` reaches
-    the ridge methods, ``path`` the truth oracle, and each ignores the rest. Options whose value
-    is None are left at the method's default.
+
+def configure_simulator(
+    name: str, /, *, defaults: Mapping[str, object] | None = None, **options: object
+) -> Simulator:
+    """A fresh simulator of method `name` with `options` (None leaves a parameter at the
+    method's default).
+
+    Raises `SimfluenceError` naming the method, the parameters it does not take and the ones it
+    does (as scikit-learn's ``set_params``): an option is never dropped without a word.
+    `defaults` are the caller's own defaults for many methods at once (e.g. ``{"unseen":
+    "prior"}`` for an evaluation of several methods): each reaches only the methods that take
+    it, and `options` win over them.
     """
-    cls = simulator_class(name)
-    taken = set(cls._param_names())
-    return cls(**{k: v for k, v in options.items() if k in taken and v is not None})
+    taken = simulator_params(name)
+    invalid = sorted(set(options) - set(taken))
+    if invalid:
+        s = "s" if len(invalid) > 1 else ""
+        raise SimfluenceError(
+            f"invalid parameter{s} {', '.join(map(repr, invalid))} for method {name!r}; valid "
+            f"parameters are: {', '.join(taken) if taken else 'none'}"
+        )
+    chosen = {k: v for k, v in (defaults or {}).items() if k in taken and v is not None}
+    chosen |= {k: v for k, v in options.items() if v is not None}
+    return simulator_class(name)(**chosen)
 
 
 def load_simulator(path: str | os.PathLike[str]) -> Simulator:
