@@ -23,6 +23,14 @@ from mutation_plugin import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Tests never read or write the user's configuration (the task allow-list,
+    `simfluence.trust`): each test gets an empty one."""
+    monkeypatch.setenv("SIMFLUENCE_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.delenv("SIMFLUENCE_TRUST_TASK", raising=False)
+
+
 def in_ci() -> bool:
     """True when the environment says it is a CI run (``CI`` set to true/1/yes)."""
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")

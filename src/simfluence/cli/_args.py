@@ -64,9 +64,24 @@ TASK_HELP = (
 )
 
 
-def add_task_option(p: argparse.ArgumentParser, help: str) -> None:
-    """``--task REF`` (``--workload`` is its older name)."""
+def add_task_option(p: argparse.ArgumentParser, help: str, trust: bool = True) -> None:
+    """``--task REF`` (``--workload`` is its older name), and ``--trust-task`` unless `trust`
+    is False (a command that never imports a run set's task)."""
     p.add_argument("--task", "--workload", dest="task", default=None, metavar="REF", help=help)
+    if trust:
+        add_trust_option(p)
+
+
+def add_trust_option(p: argparse.ArgumentParser) -> None:
+    """``--trust-task``: import the task code a run set's manifest names even when it is not a
+    built-in, an installed plugin or on the user's allow-list (`simfluence.trust`)."""
+    p.add_argument(
+        "--trust-task",
+        action="store_true",
+        help="run the task code (a file or module) that the run set's manifest names, though "
+        "it was not recorded on this machine (only for run sets you trust: see "
+        "docs/security.md; or set SIMFLUENCE_TRUST_TASK=1)",
+    )
 
 
 def load_json_object(text: str | None, what: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="record a workload, fit and evaluate every simulator, write a report",
         description=__doc__,
     )
-    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)")
+    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)", trust=False)
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument(
         "--methods", type=comma_list, default=ALL_METHODS, help="comma-separated methods"
@@ -57,10 +57,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from simfluence.recording.features import ensure_features
     from simfluence.recording.runner import record_runs, steps_per_run
     from simfluence.recording.tasks import resolve_task, task_label
+    from simfluence.trust import remember_trusted
 
     out = Path(args.out)
     ref = args.task or "digits-mlp"
     task = resolve_task(ref)
+    remember_trusted(ref)  # the user's own task code: later commands may import it
     d = task.defaults
     runs_count = args.runs or d.runs
     steps = steps_per_run(d.per_run, d.batch, d.epochs)
