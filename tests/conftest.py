@@ -9,6 +9,7 @@ skips with the install command as the reason; in CI (``CI=true``, which CI runne
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,12 +24,20 @@ from mutation_plugin import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _private_config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
-    """Tests never read or write the user's configuration (the task allow-list,
-    `simfluence.trust`): each test gets an empty one."""
-    monkeypatch.setenv("SIMFLUENCE_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
-    monkeypatch.delenv("SIMFLUENCE_TRUST_TASK", raising=False)
+@pytest.fixture(scope="session", autouse=True)
+def _private_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests (and the commands they run in subprocesses) never read or write the user's
+    configuration, e.g. the task allow-list of `simfluence.trust`: the session gets its own
+    (session-scoped so that module-scoped fixtures get it too)."""
+    saved = {k: os.environ.get(k) for k in ("SIMFLUENCE_CONFIG_DIR", "SIMFLUENCE_TRUST_TASK")}
+    os.environ["SIMFLUENCE_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
+    os.environ.pop("SIMFLUENCE_TRUST_TASK", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def in_ci() -> bool:
