@@ -19,16 +19,16 @@ import pytest
 
 pytest.importorskip("torch")
 
-from exact_tasks import LinearLossTask  # noqa: E402
+from exact_tasks import LinearLossTask
 
-from simfluence._resolve import file_module_name  # noqa: E402
-from simfluence.cli.main import main  # noqa: E402
-from simfluence.errors import SimfluenceError  # noqa: E402
-from simfluence.recording.runner import record_runs  # noqa: E402
-from simfluence.recording.tasks import task_for_runset  # noqa: E402
-from simfluence.runlog import load_runset, read_manifest  # noqa: E402
-from simfluence.runlog.store import write_manifest  # noqa: E402
-from simfluence.trust import (  # noqa: E402
+from simfluence._resolve import file_module_name
+from simfluence.cli.main import main
+from simfluence.errors import SimfluenceError
+from simfluence.recording.runner import record_runs
+from simfluence.recording.tasks import task_for_runset
+from simfluence.runlog import load_runset, read_manifest
+from simfluence.runlog.store import write_manifest
+from simfluence.trust import (
     allow_list_path,
     check_task_trusted,
     needs_consent,
@@ -207,7 +207,7 @@ def test_the_rules(tmp_path: Path, config: Path) -> None:
     task_file.write_text("# changed\n")
     check_task_trusted(ref, "manifest")
     allow_list_path().write_text("{not json")
-    with pytest.raises(SimfluenceError, match="allow-list .*trusted.json: not readable JSON"):
+    with pytest.raises(SimfluenceError, match=r"allow-list .*trusted\.json: not readable JSON"):
         check_task_trusted(ref, "manifest")
     assert not remember_trusted(ref)  # a malformed allow-list is left alone
     assert allow_list_path().read_text() == "{not json"
