@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 # mutation testing's hooks (test order, budget, timing), found here by name: their own module
 from mutation_plugin import (
@@ -22,6 +23,12 @@ from mutation_plugin import (
     pytest_runtest_logstart,
     pytest_sessionfinish,
 )
+
+# generated hostile input (tests/test_hostile_input.py): a few dozen examples per reader in the
+# normal suite; `make fuzz` (SIMFLUENCE_FUZZ=1, or --hypothesis-profile=fuzz) runs 10,000
+settings.register_profile("default", max_examples=40, deadline=None)
+settings.register_profile("fuzz", max_examples=10_000, deadline=None)
+settings.load_profile("fuzz" if os.environ.get("SIMFLUENCE_FUZZ") else "default")
 
 
 @pytest.fixture(scope="session", autouse=True)

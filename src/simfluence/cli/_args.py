@@ -43,10 +43,9 @@ def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SimfluenceError(f"{what} {path}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SimfluenceError(f"{what} {path}: not valid JSON ({exc})") from None
+    from simfluence._safe_io import loads_json
+
+    return loads_json(path.read_bytes(), f"{what} {path}")
 
 
 class CommandFailedError(Exception):
