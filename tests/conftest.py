@@ -26,7 +26,7 @@ from mutation_plugin import (
 
 # generated hostile input (tests/test_hostile_input.py): a few dozen examples per reader in the
 # normal suite; `make fuzz` (SIMFLUENCE_FUZZ=1, or --hypothesis-profile=fuzz) runs 10,000
-settings.register_profile("default", max_examples=40, deadline=None)
+settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("fuzz", max_examples=10_000, deadline=None)
 settings.load_profile("fuzz" if os.environ.get("SIMFLUENCE_FUZZ") else "default")
 
