@@ -177,7 +177,7 @@ def _restore_run(run: Run, saved: dict[str, Any], run_dir: Path) -> None:
 
 def _read_ids(path: Path) -> dict[str, Any]:
     try:
-        ids = loads_json(path.read_bytes(), str(path), RunLogError)
+        ids = loads_json(path.read_bytes(), f"{path}: cannot read", RunLogError)
     except OSError as exc:
         raise RunLogError(f"{path}: cannot read ({exc})") from None
     if not isinstance(ids, dict) or ids.get("format") != IDS_FORMAT:
