@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench mutate docs results clean
+.PHONY: setup demo test fuzz lint bench mutate docs results clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 # with line coverage of src/simfluence (pytest-cov; settings in pyproject.toml)
 test: setup
 	$(PY) -m pytest -q --cov --cov-report=term-missing:skip-covered
+
+# generated hostile input: every reader, 10,000 examples each (tests/test_hostile_input.py)
+fuzz: setup
+	SIMFLUENCE_FUZZ=1 $(PY) -m pytest -q tests/test_hostile_input.py
 
 # mutation testing of the core math (mutmut; docs/mutation-testing.md; MUTATE_JOBS workers)
 mutate: setup

@@ -43,10 +43,9 @@ def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SimfluenceError(f"{what} {path}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SimfluenceError(f"{what} {path}: not valid JSON ({exc})") from None
+    from simfluence._safe_io import loads_json
+
+    return loads_json(path.read_bytes(), f"{what} {path}")
 
 
 class CommandFailedError(Exception):
@@ -64,9 +63,24 @@ TASK_HELP = (
 )
 
 
-def add_task_option(p: argparse.ArgumentParser, help: str) -> None:
-    """``--task REF`` (``--workload`` is its older name)."""
+def add_task_option(p: argparse.ArgumentParser, help: str, trust: bool = True) -> None:
+    """``--task REF`` (``--workload`` is its older name), and ``--trust-task`` unless `trust`
+    is False (a command that never imports a run set's task)."""
     p.add_argument("--task", "--workload", dest="task", default=None, metavar="REF", help=help)
+    if trust:
+        add_trust_option(p)
+
+
+def add_trust_option(p: argparse.ArgumentParser) -> None:
+    """``--trust-task``: import the task code a run set's manifest names even when it is not a
+    built-in, an installed plugin or on the user's allow-list (`simfluence.trust`)."""
+    p.add_argument(
+        "--trust-task",
+        action="store_true",
+        help="run the task code (a file or module) that the run set's manifest names, though "
+        "it was not recorded on this machine (only for run sets you trust: see "
+        "docs/security.md; or set SIMFLUENCE_TRUST_TASK=1)",
+    )
 
 
 def load_json_object(text: str | None, what: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="record a workload, fit and evaluate every simulator, write a report",
         description=__doc__,
     )
-    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)")
+    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)", trust=False)
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument(
         "--methods",
@@ -46,10 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from simfluence.recording.runner import record_runs, steps_per_run
     from simfluence.recording.tasks import resolve_task, task_label
+    from simfluence.trust import remember_trusted
 
     out = Path(args.out)
     ref = args.task or "digits-mlp"
     task = resolve_task(ref)
+    remember_trusted(ref)  # the user's own task code: later commands may import it
     simulators = build_simulators(args, args.methods, task=None)  # the stored task
     d = task.defaults
     runs_count = args.runs or d.runs

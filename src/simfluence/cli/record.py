@@ -130,6 +130,7 @@ def cmd_record(args: argparse.Namespace) -> None:
     from simfluence.recording.tasks import resolve_task, task_from_metadata, task_label
     from simfluence.runlog import read_manifest
     from simfluence.runlog.store import MANIFEST
+    from simfluence.trust import remember_trusted
 
     steps = parse_checkpoints(args.checkpoints)
     kwargs = load_json_object(args.task_kwargs, "--task-kwargs")
@@ -145,6 +146,7 @@ def cmd_record(args: argparse.Namespace) -> None:
             kwargs = {**kwargs, "adapter": args.adapter}
             _check_accepts(task_ref, "adapter")
         task = resolve_task(task_ref, kwargs)
+        remember_trusted(task_ref)  # the user's own task code: later commands may import it
     optimizer = _optimizer_spec(args)
     if optimizer is None and meta.get("recorder") == RECORDER_NAME:  # resume as recorded
         optimizer = _recorded_optimizer(meta, task)

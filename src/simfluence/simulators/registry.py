@@ -3,14 +3,12 @@ Methods that need PyTorch are imported only when asked for, so the core never im
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
 from simfluence._resolve import load_reference
+from simfluence._safe_io import loads_json, read_npz, refuse_malformed
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
@@ -106,18 +104,24 @@ def load_simulator(path: str | os.PathLike[str]) -> Simulator:
     path = Path(path)
     if not path.is_file():
         raise SimfluenceError(f"{path}: no such simulator file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError) as exc:
-        raise SimfluenceError(f"{path}: not a simfluence simulator file ({exc})") from None
+    data = read_npz(path)
+    if "__meta__" not in data:
+        raise SimfluenceError(f"{path}: not a simfluence simulator file (no '__meta__')")
+    meta = loads_json(str(data.pop("__meta__")), str(path))
+    if not isinstance(meta, dict):
+        raise SimfluenceError(f"{path}: not a simfluence simulator file (its header is no object)")
+    arrays = data
     if meta.get("format") != MODEL_FORMAT or meta.get("schema_version") != MODEL_SCHEMA_VERSION:
         raise SimfluenceError(
             f"{path}: unsupported simulator file (format {meta.get('format')!r}, "
             f"schema_version {meta.get('schema_version')!r})"
         )
-    simulator = simulator_class(meta["method"])(**meta["params"])
-    for key, value in {**meta["learned"], **arrays}.items():
-        setattr(simulator, key, value)
+    with refuse_malformed(path):
+        try:
+            cls = simulator_class(meta["method"])
+        except SimfluenceError as exc:
+            raise SimfluenceError(f"{path}: {exc}") from None
+        simulator = cls(**meta["params"])
+        for key, value in {**meta["learned"], **arrays}.items():
+            setattr(simulator, key, value)
     return simulator

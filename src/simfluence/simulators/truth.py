@@ -34,7 +34,7 @@ class TruthSimulator(DynamicsSimulator):
             raise SimfluenceError(
                 f"truth: {self.path or '(no path)'} not found; only synthetic run sets have one"
             )
-        with np.load(self.path) as data:
+        with np.load(self.path, allow_pickle=False) as data:
             self.A_, self.B_ = data["A"], data["B"]
         if self.A_.shape != (len(runs.test_ids), len(runs.train_ids)):
             raise SimfluenceError(f"truth: {self.path} does not match this run set's pool/tests")
