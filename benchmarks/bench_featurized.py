@@ -38,11 +38,12 @@ import numpy as np
 from simfluence import metrics
 from simfluence._atomic import write_json_atomic
 from simfluence.evaluation import evaluate, format_table, format_unseen_table
+from simfluence.protocol import default_holdout
 from simfluence.runlog import load_runset
 from simfluence.runlog.features import ExampleFeatures
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.runlog.runs import Run, RunSet
 from simfluence.simulators import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
 
 #: suffix of a method name that asks for its static variant (``time_varying=False``)
 STATIC = "-static"
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     runs = load_runset(args.directory)
-    holdout = args.holdout or max(1, round(len(runs.runs) * 5 / 32))
+    holdout = args.holdout or default_holdout(len(runs.runs))
     if runs.features is None:
         from simfluence.recording.features import write_features
 

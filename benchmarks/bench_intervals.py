@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simfluence.protocol import default_holdout
 from simfluence.runlog import load_runset
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import LinearSimulator
@@ -57,7 +58,7 @@ from simfluence.simulators.intervals import (
 
 def _held_out_splits(runs: RunSet, splits: int) -> list[list[str]]:
     ids = sorted(runs.run_ids)
-    size = max(1, round(len(ids) * 5 / 32))
+    size = default_holdout(len(ids))
     stride = len(ids) // size
     return [[ids[(k + j * stride) % len(ids)] for j in range(size)] for k in range(splits)]
 

@@ -30,7 +30,8 @@ from simfluence.recording import (
 )
 from simfluence.recording.recorder import RecordingError
 from simfluence.runlog import load_runset
-from simfluence.runlog.store import list_run_files, run_path
+from simfluence.runlog.layout import run_path
+from simfluence.runlog.store import list_run_files
 
 N_FEATURES = 5
 

@@ -37,6 +37,7 @@ from simfluence.evaluation import (
     format_unseen_table,
 )
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
+from simfluence.protocol import default_holdout
 from simfluence.runlog import (
     export_gptfluence,
     import_gptfluence,
@@ -44,11 +45,11 @@ from simfluence.runlog import (
     save_runset,
 )
 from simfluence.runlog.gptfluence import IDS_FILE
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator, available_simulators, load_simulator
 from simfluence.simulators.intervals import Interval
 from simfluence.simulators.registry import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
 from simfluence.synth import SynthConfig, write_synthetic
 
 
@@ -361,14 +362,9 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def default_holdout(runs: RunSet) -> int:
-    """The GPTfluence protocol holds out 5 of 32 runs: about 1 in 6, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
-    heldout = args.heldout_runs or args.holdout or default_holdout(runs)
+    heldout = args.heldout_runs or args.holdout or default_holdout(len(runs.runs))
     options = _simulator_options(args)
     simulators = {name: configure_simulator(name, **options) for name in args.methods}
     result = evaluate(

@@ -7,7 +7,8 @@ import argparse
 from simfluence.cli._args import add_task_option, positive_int
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset
-from simfluence.runlog.features import FEATURES_FILE, align, read_feature_table, save_features
+from simfluence.runlog.features import align, read_feature_table, save_features
+from simfluence.runlog.layout import FEATURES_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

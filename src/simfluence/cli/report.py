@@ -24,12 +24,13 @@ from simfluence.evaluation import (
     score,
 )
 from simfluence.plots import pick_test_examples, plot_method_grid
+from simfluence.protocol import default_holdout
 from simfluence.report.html import write_report
 from simfluence.runlog import load_runset
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator, load_simulator
 from simfluence.simulators.registry import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
 
 DEFAULT_METHODS = ["linear", "additive", "mean", "persistence"]
 
@@ -76,11 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.set_defaults(func=cmd_report)
-
-
-def _default_holdout(runs: RunSet) -> int:
-    """As `simfluence evaluate`: about 5 in 32 runs, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
 
 
 def prefitted_result(simulator: Simulator, heldout: RunSet, where: str) -> MethodResult:
@@ -141,7 +137,7 @@ def build_evaluation(
 
 def cmd_report(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
-    heldout = args.heldout_runs or args.holdout or _default_holdout(runs)
+    heldout = args.heldout_runs or args.holdout or default_holdout(len(runs.runs))
     attribution = read_json(args.attribution, "attribution") if args.attribution else None
     validation = read_json(args.validation, "validation") if args.validation else None
     for what, value in (("attribution", attribution), ("validation", validation)):

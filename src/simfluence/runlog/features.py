@@ -31,8 +31,8 @@ import numpy as np
 
 from simfluence._atomic import save_npz_atomic
 from simfluence.errors import RunLogError
+from simfluence.runlog.layout import FEATURES_FILE, features_path
 
-FEATURES_FILE = "features.npz"
 FORMAT = "simfluence.features"
 SCHEMA_VERSION = 1
 
@@ -187,7 +187,7 @@ def save_features(
     """Check and write ``DIR/features.npz`` atomically; returns its path."""
     features.check(len(train_ids), len(test_ids))
     meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **features.metadata}
-    path = Path(directory) / FEATURES_FILE
+    path = features_path(directory)
     save_npz_atomic(
         path,
         train=features.train,
@@ -206,7 +206,7 @@ def load_features(
 
     Raises `FeatureError` naming the file when it is unreadable or does not match the ids.
     """
-    path = Path(directory) / FEATURES_FILE
+    path = features_path(directory)
     if not path.is_file():
         return None
     try:
