@@ -46,7 +46,6 @@ from simfluence.runlog import (
 )
 from simfluence.runlog.gptfluence import IDS_FILE
 from simfluence.runlog.layout import TRUTH_FILE
-from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator, available_simulators, load_simulator
 from simfluence.simulators.intervals import Interval
 from simfluence.simulators.registry import configure_simulator
