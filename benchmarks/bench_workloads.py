@@ -27,7 +27,8 @@ from simfluence.cli.demo import ALL_METHODS
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.recording.features import ensure_features
-from simfluence.recording.runner import record_defaults, steps_per_run
+from simfluence.recording.protocol import steps_per_run
+from simfluence.recording.record import record_defaults
 from simfluence.recording.tasks import resolve_task, task_label
 from simfluence.simulators import configure_simulator
 

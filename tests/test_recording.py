@@ -22,6 +22,7 @@ from simfluence.errors import CurriculumError, RunLogError, SimfluenceError
 from simfluence.recording import (
     Examples,
     Recorder,
+    RecordingProtocol,
     Task,
     TaskDefaults,
     load_checkpoint,
@@ -79,8 +80,8 @@ STEPS = 8  # 2 epochs x 8 / 2
 
 
 def _record(directory: Path, task: Task | None = None, **overrides: object):
-    options = {**SMALL, "seed": 0, "progress": False, **overrides}
-    return record_runs(task or TinyTask(), directory, **options)
+    protocol = RecordingProtocol(**{**SMALL, "seed": 0, **overrides})
+    return record_runs(task or TinyTask(), directory, protocol, progress=False)
 
 
 def _hand_loop(task: Task, curriculum, lr: float, seed: int = 0):
@@ -350,15 +351,15 @@ def test_runner_resumes_after_kill_9(tmp_path: Path) -> None:
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_recording import TinyTask, SMALL
-        from simfluence.recording import record_runs
+        from simfluence.recording import RecordingProtocol, record_runs
 
         class Slow(TinyTask):
             def example_losses(self, model, inputs):
                 time.sleep(0.01)
                 return super().example_losses(model, inputs)
 
-        record_runs(Slow(), sys.argv[1], **{{**SMALL, "runs": 6}}, seed=0, progress=False,
-                    checkpoints=[0, 4])
+        protocol = RecordingProtocol(**{{**SMALL, "runs": 6}}, seed=0, checkpoints=[0, 4])
+        record_runs(Slow(), sys.argv[1], protocol, progress=False)
         """
     )
     target = tmp_path / "killed"
@@ -409,10 +410,10 @@ def test_checkpoints(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"per_run": 13}, "--per-run 13: must not exceed the pool size 12"),
-        ({"checkpoints": [9]}, r"step 9 is outside 0\.\.8"),
-        ({"runs": 0}, "--runs 0"),
-        ({"lr": float("nan")}, "--lr nan"),
+        ({"per_run": 13}, "^per_run 13: must not exceed the pool size 12"),
+        ({"checkpoints": [9]}, r"^checkpoints \[9\]: step 9 is outside 0\.\.8"),
+        ({"runs": 0}, "^runs 0: must be a whole number of at least 1"),
+        ({"lr": float("nan")}, "^lr nan: must be a positive number"),
         ({"pool": 10_000}, "tiny-test|pool"),
     ],
 )

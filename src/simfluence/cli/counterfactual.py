@@ -27,6 +27,7 @@ from simfluence.counterfactual import (
 from simfluence.counterfactual.attribution import REMOVALS, attribution_views
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset
+from simfluence.runlog.layout import checkpoint_path
 from simfluence.simulators import load_simulator
 
 
@@ -113,8 +114,7 @@ def _attribute_method(args: argparse.Namespace) -> str:
 
 
 def _has_step0_checkpoint(directory: str, run_id: str) -> bool:
-    # the runner's layout (recording.runner.checkpoint_path), without importing torch here
-    return os.path.isfile(os.path.join(directory, "checkpoints", run_id, "step-0.pt"))
+    return checkpoint_path(directory, run_id, 0).is_file()
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
