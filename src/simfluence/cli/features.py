@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "features",
         help="compute or import one feature vector per example (for featurized/hybrid)",
-        description="Write DIR/features.npz: from the run set's workload (nothing is trained: "
+        description=f"Write DIR/{FEATURES_FILE}: from the run set's workload (nothing is trained: "
         "the features come from the initial model), or from a file of id -> vector.",
     )
     p.add_argument("directory", help="run-set directory")

@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from simfluence._atomic import TEMPORARY_GLOB
+
 MANIFEST = "manifest.json"
 FEATURES_FILE = "features.npz"
 TRUTH_FILE = "truth.npz"
@@ -31,8 +33,6 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_SUFFIX = ".parquet"
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_SUFFIX = ".pt"
-#: the temporary files of `simfluence._atomic` (``.NAME.XXXX.tmp``)
-TEMPORARY_GLOB = ".*.tmp"
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
