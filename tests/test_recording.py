@@ -19,6 +19,7 @@ from torch import nn
 from simfluence.cli.main import main
 from simfluence.curricula import random_curriculum
 from simfluence.errors import CurriculumError, RunLogError, SimfluenceError
+from simfluence.protocol import default_holdout
 from simfluence.recording import (
     Examples,
     Recorder,
@@ -29,6 +30,7 @@ from simfluence.recording import (
     record_runs,
     run_seed,
 )
+from simfluence.recording.protocol import ProtocolError, checkpoint_steps
 from simfluence.recording.recorder import RecordingError
 from simfluence.runlog import load_runset
 from simfluence.runlog.layout import run_path
@@ -429,6 +431,34 @@ def test_runner_validates_options(tmp_path: Path, overrides: dict, message: str)
     assert not list_run_files(tmp_path / "x")
 
 
+def test_protocol_names_the_field_and_fills_what_was_left_out() -> None:
+    with pytest.raises(ProtocolError, match=r"^batch 9: must not exceed per_run 8") as info:
+        RecordingProtocol(per_run=8, batch=9)
+    assert info.value.field == "batch" and info.value.value == 9
+    assert info.value.with_name("--batch") == "--batch 9: must not exceed per_run 8"
+    with pytest.raises(ProtocolError, match=r"^seed -1: must be a whole number >= 0"):
+        RecordingProtocol(seed=-1)
+    with pytest.raises(ProtocolError, match=r"^reserve 1\.0: must be a share of the pool"):
+        RecordingProtocol(reserve=1)
+    with pytest.raises(ProtocolError, match=r"^checkpoints \[0, 'x'\]: 'x' is not a step"):
+        RecordingProtocol(checkpoints=[0, "x"])
+    task = TinyTask()
+    d = task.defaults
+    filled = RecordingProtocol(runs=5).resolve(task)
+    assert (filled.runs, filled.pool, filled.per_run, filled.lr) == (5, d.pool, d.per_run, d.lr)
+    assert filled.seed == 0 and filled.checkpoints == tuple(checkpoint_steps(STEPS))
+    assert filled.reserve == 0 and filled.reserve_from is None
+    # resuming: what was left out is what the directory was recorded with
+    recorded = {**filled.to_config(task), "runs": 5}
+    assert RecordingProtocol().resolve(task, recorded).to_config(task) == recorded
+    assert RecordingProtocol(runs=7).resolve(task, recorded).runs == 7
+    # the never-seen protocol: by default the runs `evaluate` holds out draw the reserve
+    reserved = RecordingProtocol(runs=32, pool=12, per_run=4, reserve=0.25).resolve(task)
+    assert reserved.reserve_from == 32 - default_holdout(32) == 27
+    with pytest.raises(ProtocolError, match=r"^reserve_from 2: needs a reserve above 0"):
+        RecordingProtocol(reserve_from=2).resolve(task)
+
+
 def test_runner_refuses_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(SimfluenceError, match="not empty"):
@@ -466,7 +496,7 @@ def test_record_cli_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert load_checkpoint(tmp_path / "d", "run-0001", 2)
     assert main(argv) == 0  # nothing left to do: resumes, records nothing
     assert main([*argv[:-3], "--checkpoints", "0,99", "--no-progress"]) == 2
-    assert "step 99 is outside" in capsys.readouterr().err
+    assert "--checkpoints [0, 99]: step 99 is outside 0..4" in capsys.readouterr().err
     assert main(["record", str(tmp_path / "e"), "--workload", "nope"]) == 2  # the older name
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main([*argv[:2], *options.split(), "--lr", "0.5", "--no-progress"]) == 2

@@ -272,7 +272,10 @@ class RecordingProtocol:
         }
         if self.reserve:
             config["reserve"] = self.reserve
-            config["reserve_from"] = int(self.reserve_from)
+            first = self.reserve_from
+            config["reserve_from"] = int(
+                self.runs - default_holdout(self.runs) if first is None else first
+            )
         return config
 
 
