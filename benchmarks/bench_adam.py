@@ -28,7 +28,8 @@ from torch import nn
 
 from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.evaluation import evaluate, format_table
-from simfluence.recording.runner import record_runs
+from simfluence.recording.protocol import RecordingProtocol
+from simfluence.recording.record import record_runs
 from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask
 from simfluence.simulators import configure_simulator
@@ -61,13 +62,9 @@ def main() -> None:
     runs = record_runs(
         task,
         args.dir,
-        runs=args.runs,
-        pool=200,
-        per_run=128,
-        tests=50,
-        batch=4,
-        epochs=3,
-        lr=args.lr,
+        RecordingProtocol(
+            runs=args.runs, pool=200, per_run=128, tests=50, batch=4, epochs=3, lr=args.lr
+        ),
         progress=False,
     )
     record_s = time.perf_counter() - start

@@ -40,9 +40,9 @@ from simfluence._atomic import write_json_atomic
 from simfluence.evaluation import evaluate, format_table, format_unseen_table
 from simfluence.runlog import load_runset
 from simfluence.runlog.features import ExampleFeatures
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.runlog.runs import Run, RunSet, default_holdout
 from simfluence.simulators import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
 
 #: suffix of a method name that asks for its static variant (``time_varying=False``)
 STATIC = "-static"

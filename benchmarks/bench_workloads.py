@@ -26,7 +26,8 @@ from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.recording.features import ensure_features
-from simfluence.recording.runner import record_defaults, steps_per_run
+from simfluence.recording.protocol import steps_per_run
+from simfluence.recording.record import record_defaults
 from simfluence.recording.tasks import resolve_task, task_label
 from simfluence.simulators import configure_simulator
 from simfluence.simulators.methods import DEMO_METHODS

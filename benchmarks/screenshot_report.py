@@ -17,9 +17,9 @@ from pathlib import Path
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.report import write_report
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.simulators import configure_simulator
 from simfluence.simulators.methods import DEFAULT_EVALUATE_METHODS
-from simfluence.simulators.truth import TRUTH_FILE
 from simfluence.synth import SynthConfig, write_synthetic
 
 METHODS = [*DEFAULT_EVALUATE_METHODS, "truth"]

@@ -24,7 +24,8 @@ from exact_tasks import LinearLossTask
 from simfluence._resolve import file_module_name
 from simfluence.cli.main import main
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import record_runs
+from simfluence.recording.protocol import RecordingProtocol
+from simfluence.recording.record import record_runs
 from simfluence.recording.tasks import task_for_runset
 from simfluence.runlog import load_runset, read_manifest
 from simfluence.runlog.store import write_manifest
@@ -36,7 +37,7 @@ from simfluence.trust import (
     trusting_tasks,
 )
 
-SMALL = dict(runs=3, pool=8, per_run=4, tests=3, batch=2, epochs=1, progress=False)
+SMALL = dict(runs=3, pool=8, per_run=4, tests=3, batch=2, epochs=1)
 MARKER = "imported.marker"
 HOSTILE = f"""\
 from pathlib import Path
@@ -54,7 +55,9 @@ class Evil(LinearLossTask):
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("trust") / "runs"
-    record_runs(LinearLossTask(), directory, **SMALL, checkpoints=[0, 2])
+    record_runs(
+        LinearLossTask(), directory, RecordingProtocol(**SMALL, checkpoints=[0, 2]), progress=False
+    )
     return directory
 
 

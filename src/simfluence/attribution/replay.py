@@ -4,7 +4,7 @@
 `load_recorded_run` rebuilds everything a replay needs from a run set: the workload (`Task`),
 its pool and test examples, the run's curriculum and learning rates, the step-0 checkpoint and
 every other saved checkpoint (to check the replay against). `replay_parameters` then repeats the
-run's SGD updates exactly as `simfluence.recording.runner` computed them (the batch-mean loss,
+run's SGD updates exactly as `simfluence.recording.loop` computed them (the batch-mean loss,
 then ``p.add_(grad, alpha=-lr)`` per parameter, as `torch.optim.SGD` does), so the replayed
 parameters equal the saved checkpoints to the last bit on the machine that recorded them.
 Parameters are a dict ``name -> tensor`` of the model's trainable parameters; the model instance
@@ -299,7 +299,7 @@ def load_recorded_run(
 ) -> RecordedRun:
     """Rebuild run `run_id` of `runs` for replaying; `SimfluenceError` naming what is missing
     (no step-0 checkpoint: record with ``--checkpoints 0,...``)."""
-    from simfluence.recording.runner import load_checkpoint
+    from simfluence.recording.checkpoints import load_checkpoint
 
     run = runs.run(run_id)
     if task is None:

@@ -38,11 +38,11 @@ from simfluence.runlog import (
     save_runset,
 )
 from simfluence.runlog.gptfluence import IDS_FILE
+from simfluence.runlog.layout import TRUTH_FILE, truth_path
 from simfluence.runlog.runs import default_holdout
 from simfluence.simulators import Simulator, available_simulators, load_simulator
 from simfluence.simulators.intervals import Interval
 from simfluence.simulators.methods import DEFAULT_EVALUATE_METHODS
-from simfluence.simulators.truth import TRUTH_FILE
 from simfluence.synth import SynthConfig, write_synthetic
 
 
@@ -129,7 +129,8 @@ def _register_fit(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_fit(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
-    (simulator,) = build_simulators(args, [args.method], path=_truth_path(args)).values()
+    truth = str(truth_path(args.directory))
+    (simulator,) = build_simulators(args, [args.method], path=truth).values()
     runs = with_features(args.directory, runs, [args.method], args.task)
     if args.holdout:
         runs, held = runs.split(args.holdout)
@@ -274,15 +275,10 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _truth_path(args: argparse.Namespace) -> str:
-    """The truth oracle's parameters: ``truth.npz`` of a synthetic run set."""
-    return str(Path(args.directory) / TRUTH_FILE)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
     heldout = args.heldout_runs or args.holdout or default_holdout(len(runs.runs))
-    simulators = build_simulators(args, args.methods, path=_truth_path(args))
+    simulators = build_simulators(args, args.methods, path=str(truth_path(args.directory)))
     runs = with_features(args.directory, runs, args.methods, args.task)
     result = evaluate(
         runs,

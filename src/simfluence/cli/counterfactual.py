@@ -4,7 +4,6 @@ curriculum a simulator predicts is best)."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from simfluence._atomic import write_json_atomic
 from simfluence.cli._args import add_task_option, level, positive_int
@@ -20,6 +19,7 @@ from simfluence.counterfactual.attribution import REMOVALS, attribution_views
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation.text import format_attribution
 from simfluence.runlog import load_runset
+from simfluence.runlog.layout import checkpoint_path
 from simfluence.simulators import load_simulator
 
 
@@ -106,8 +106,7 @@ def _attribute_method(args: argparse.Namespace) -> str:
 
 
 def _has_step0_checkpoint(directory: str, run_id: str) -> bool:
-    # the runner's layout (recording.runner.checkpoint_path), without importing torch here
-    return os.path.isfile(os.path.join(directory, "checkpoints", run_id, "step-0.pt"))
+    return checkpoint_path(directory, run_id, 0).is_file()
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:

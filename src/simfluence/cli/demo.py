@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from simfluence.recording.runner import record_runs, steps_per_run
+    from simfluence.recording.protocol import RecordingProtocol, steps_per_run
+    from simfluence.recording.record import record_runs
     from simfluence.recording.tasks import resolve_task, task_label
     from simfluence.trust import remember_trusted
 
@@ -61,7 +62,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"[1/3] recording {runs_count} runs x {steps} steps of {task_label(task)} (pool {d.pool}, "
         f"{d.tests} test examples, batch {d.batch}, lr {d.lr}) into {out / 'runs'}"
     )
-    runs = record_runs(task, out / "runs", runs=runs_count, seed=args.seed, task_ref=ref)
+    protocol = RecordingProtocol(runs=runs_count, seed=args.seed)
+    runs = record_runs(task, out / "runs", protocol, task_ref=ref)
     recorded = time.perf_counter() - start
     print(f"      recorded in {recorded:.1f} s")
     runs = with_features(out / "runs", runs, args.methods, task)

@@ -21,10 +21,10 @@ from simfluence.evaluation import (
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.report.html import write_report
 from simfluence.runlog import load_runset
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.runlog.runs import RunSet, default_holdout
 from simfluence.simulators import Simulator, load_simulator
 from simfluence.simulators.methods import DEFAULT_EVALUATE_METHODS
-from simfluence.simulators.truth import TRUTH_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -32,8 +32,8 @@ import numpy as np
 from simfluence._atomic import save_npz_atomic
 from simfluence._safe_io import loads_json, read_npz, refuse_malformed
 from simfluence.errors import RunLogError
+from simfluence.runlog.layout import FEATURES_FILE, features_path
 
-FEATURES_FILE = "features.npz"
 FORMAT = "simfluence.features"
 SCHEMA_VERSION = 1
 
@@ -193,7 +193,7 @@ def save_features(
     """Check and write ``DIR/features.npz`` atomically; returns its path."""
     features.check(len(train_ids), len(test_ids))
     meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **features.metadata}
-    path = Path(directory) / FEATURES_FILE
+    path = features_path(directory)
     save_npz_atomic(
         path,
         train=features.train,
@@ -212,7 +212,7 @@ def load_features(
 
     Raises `FeatureError` naming the file when it is unreadable or does not match the ids.
     """
-    path = Path(directory) / FEATURES_FILE
+    path = features_path(directory)
     if not path.is_file():
         return None
     data = read_npz(path, FeatureError)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,12 @@ from simfluence._atomic import write_json_atomic, write_with
 from simfluence._safe_io import loads_json, refuse_malformed
 from simfluence.errors import RunLogError
 from simfluence.runlog.features import load_features, save_features
+from simfluence.runlog.layout import RUNS_DIR, manifest_path, run_files, run_path
 from simfluence.runlog.runs import Run, RunSet, validate_run
 
 FORMAT = "simfluence.runset"
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-RUNS_DIR = "runs"
 _META_KEY = b"simfluence"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def run_path(directory: str | os.PathLike[str], run_id: str) -> Path:
-    """Where run `run_id` lives in the run set at `directory`."""
-    return Path(directory) / RUNS_DIR / f"{_SAFE_NAME.sub('_', run_id)}.parquet"
 
 
 def write_manifest(
@@ -57,7 +49,7 @@ def write_manifest(
         "test_ids": [str(i) for i in test_ids],
         "metadata": metadata or {},
     }
-    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    write_json_atomic(manifest_path(directory), manifest)
 
 
 def write_run(directory: str | os.PathLike[str], run: Run, test_ids: list[str]) -> Path:
@@ -92,7 +84,7 @@ def save_runset(runset: RunSet, directory: str | os.PathLike[str]) -> None:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check the manifest; `RunLogError` naming the file and field on any fault."""
-    path = Path(directory) / MANIFEST
+    path = manifest_path(directory)
     if not Path(directory).is_dir():
         raise RunLogError(f"{directory}: no such run-set directory")
     if not path.is_file():
@@ -116,10 +108,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def list_run_files(directory: str | os.PathLike[str]) -> list[Path]:
     """The finished run files of a run set (temporary files of interrupted writes excluded)."""
-    runs_dir = Path(directory) / RUNS_DIR
-    if not runs_dir.is_dir():
-        return []
-    return sorted(p for p in runs_dir.glob("*.parquet") if not p.name.startswith("."))
+    return run_files(directory)
 
 
 def read_run(path: str | os.PathLike[str], test_ids: list[str]) -> Run:
@@ -181,9 +170,9 @@ def load_runset(directory: str | os.PathLike[str]) -> RunSet:
     manifest = read_manifest(directory)
     test_ids = [str(i) for i in manifest["test_ids"]]
     metadata = manifest.get("metadata", {})
-    with refuse_malformed(Path(directory) / MANIFEST, RunLogError):
+    with refuse_malformed(manifest_path(directory), RunLogError):
         runset = RunSet(manifest["train_ids"], test_ids, [], metadata, Path(directory))
-        runset.validate(source=str(Path(directory) / MANIFEST))  # ids unique, tests non-empty
+        runset.validate(source=str(manifest_path(directory)))  # ids unique, tests non-empty
     index = runset.train_index
     seen: dict[str, Path] = {}
     for path in list_run_files(directory):

@@ -10,9 +10,6 @@ from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.dynamics import DynamicsSimulator
 
-#: written by `simfluence.synth.write_synthetic` next to the run set: arrays A, B, initial_loss
-TRUTH_FILE = "truth.npz"
-
 
 class TruthSimulator(DynamicsSimulator):
     """The true parameters of a synthetic run set: the best any simulator can hope for.
