@@ -33,14 +33,14 @@ from simfluence.cli._curricula import edit_spec, edited, load_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset, read_manifest
 from simfluence.runlog.features import (
-    FEATURES_FILE,
     ExampleFeatures,
     load_features,
     read_feature_table,
 )
 from simfluence.runlog.gptfluence import IDS_FILE, LOSS_FILE, TRAIN_FILE, import_gptfluence
+from simfluence.runlog.layout import FEATURES_FILE, MANIFEST
 from simfluence.runlog.runs import Run, RunSet
-from simfluence.runlog.store import MANIFEST, list_run_files, save_runset
+from simfluence.runlog.store import list_run_files, save_runset
 from simfluence.simulators.baselines import MeanTrajectorySimulator
 from simfluence.simulators.registry import load_simulator
 

@@ -86,16 +86,19 @@ def loads_json(
 
 
 def read_npz(
-    path: str | os.PathLike[str], error: type[SimfluenceError] = SimfluenceError
+    path: str | os.PathLike[str],
+    error: type[SimfluenceError] = SimfluenceError,
+    what: str = "a readable .npz file",
 ) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at `path` (``allow_pickle=False``), sizes checked first
-    (see the module docstring). Raises `error` naming `path` for anything else."""
+    (see the module docstring). Raises `error` naming `path` (and saying it is not `what`
+    when it is no archive) for anything else."""
     path = Path(path)
     with refuse_malformed(path, error):
         try:
             archive = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as exc:
-            raise error(f"{path}: not a readable .npz file ({exc})") from None
+            raise error(f"{path}: not {what} ({exc})") from None
         with archive:
             budget = max(NPZ_MIN_BUDGET, NPZ_MAX_RATIO * path.stat().st_size)
             total = sum(info.file_size for info in archive.infolist())

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from simfluence.cli._args import add_task_option, positive_int
 from simfluence.errors import SimfluenceError
-from simfluence.runlog.features import FEATURES_FILE
+from simfluence.runlog.layout import features_path
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import Simulator
 from simfluence.simulators.registry import (
@@ -196,7 +195,7 @@ def with_features(
 
     print(
         "computing example features with the task's encoder (stored in "
-        f"{Path(directory) / FEATURES_FILE})"
+        f"{features_path(directory)})"
     )
     runs.features = write_features(directory, task)
     return runs

@@ -50,6 +50,7 @@ from simfluence.recording.tasks import SPEC_KEY, task_label, task_reference
 from simfluence.recording.workers import RunWork, worker_task_reference
 from simfluence.runlog import RunSet, load_runset
 from simfluence.runlog.layout import run_id_for, run_path
+from simfluence.trust import remember_trusted
 
 
 def record_runs(
@@ -100,6 +101,8 @@ def record_runs(
     }
     if "reserve" in config:
         metadata["reserved_ids"] = reserved_ids(pool_examples.ids, protocol.reserve, protocol.seed)
+    if metadata[SPEC_KEY].get("ref"):  # recorded on this machine: later commands may import it
+        remember_trusted(metadata[SPEC_KEY]["ref"])
     # a backend that cannot start, or a task no worker can rebuild, fails before anything is
     # written
     runner = make_backend(backend)

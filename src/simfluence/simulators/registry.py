@@ -104,7 +104,7 @@ def load_simulator(path: str | os.PathLike[str]) -> Simulator:
     path = Path(path)
     if not path.is_file():
         raise SimfluenceError(f"{path}: no such simulator file")
-    data = read_npz(path)
+    data = read_npz(path, what="a simfluence simulator file")
     if "__meta__" not in data:
         raise SimfluenceError(f"{path}: not a simfluence simulator file (no '__meta__')")
     meta = loads_json(str(data.pop("__meta__")), str(path))
