@@ -18,13 +18,9 @@ from simfluence.attribution.optimizers import (  # noqa: E402
 )
 from simfluence.attribution.replay import ReplayError, check_plain_sgd  # noqa: E402
 from simfluence.attribution.unrolled import unrolled_metagradients  # noqa: E402
+from simfluence.recording.loop import final_test_losses, train_on_curriculum  # noqa: E402
 from simfluence.recording.optim import OptimizerSpec, optimizer_spec  # noqa: E402
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask  # noqa: E402
-
-try:  # the training loop's home moves with the recording package
-    from simfluence.recording.loop import final_test_losses, train_on_curriculum
-except ImportError:  # pragma: no cover
-    from simfluence.recording.runner import final_test_losses, train_on_curriculum
 
 LR = {"adamw": 0.01, "sgd": 0.1}  # by the name given to OptimizerSpec
 

@@ -44,7 +44,7 @@ from simfluence.attribution.replay import (
 from simfluence.attribution.simulators import RunEffectsSimulator
 from simfluence.counterfactual.attribution import check_removal
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import torch_threads
+from simfluence.recording.loop import torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import RunSet
 

@@ -5,8 +5,8 @@
 its pool and test examples, the run's curriculum and learning rates, its optimizer (the
 recorded description and gradient clipping), the step-0 checkpoint and every other saved
 checkpoint (to check the replay against). `replay_parameters` then repeats the run's optimizer
-steps exactly as the recorder computed them (the batch-mean loss, then the optimizer's update:
-``p.add_(grad, alpha=-lr)`` for plain SGD, or its differentiable copy in
+steps exactly as `simfluence.recording.loop` computed them (the batch-mean loss, then the
+optimizer's update: ``p.add_(grad, alpha=-lr)`` for plain SGD, or its differentiable copy in
 `simfluence.attribution.optimizers` for SGD with momentum, Adam and AdamW, starting from empty
 state at step 0), so the replayed parameters equal the saved checkpoints to the last bit on the
 machine that recorded them.
@@ -378,7 +378,7 @@ def load_recorded_run(
 ) -> RecordedRun:
     """Rebuild run `run_id` of `runs` for replaying; `SimfluenceError` naming what is missing
     (no step-0 checkpoint: record with ``--checkpoints 0,...``)."""
-    from simfluence.recording.runner import load_checkpoint
+    from simfluence.recording.checkpoints import load_checkpoint
 
     run = runs.run(run_id)
     if task is None:

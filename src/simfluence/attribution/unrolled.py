@@ -68,7 +68,7 @@ from simfluence.attribution.replay import (
 from simfluence.attribution.simulators import RunEffectsSimulator
 from simfluence.counterfactual.attribution import REMOVALS, check_removal
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import SMALL_MODEL_PARAMS, torch_threads
+from simfluence.recording.loop import SMALL_MODEL_PARAMS, torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import RunSet
 
