@@ -213,3 +213,27 @@ def test_amsgrad_is_refused_by_name() -> None:
     opt = torch.optim.Adam(model.parameters(), amsgrad=True)
     with pytest.raises(Exception, match=r"amsgrad=True"):
         functional_optimizer(opt, model)
+
+
+def test_a_recorded_adamw_run_with_clipping_is_attributed_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from simfluence.attribution.unrolled import run_metagradients
+    from simfluence.recording.optim import OptimizerSpec
+    from simfluence.recording.protocol import RecordingProtocol
+    from simfluence.recording.record import record_runs
+    from simfluence.runlog import load_runset
+
+    spec = OptimizerSpec("adamw", schedule="linear", warmup=2, max_grad_norm=0.5)
+    protocol = RecordingProtocol(
+        runs=2, pool=20, per_run=8, tests=4, batch=4, epochs=2, lr=0.01, seed=0,
+        checkpoints=[0, 2, 4], optimizer=spec,
+    )  # fmt: skip
+    record_runs(DigitsMLPTask(hidden=8), tmp_path / "runs", protocol, progress=False)
+    runs = load_runset(tmp_path / "runs")
+    config = runs.metadata["config"]
+    assert config["max_grad_norm"] == 0.5 and config["optimizer"]["name"] == "AdamW"
+    mg = run_metagradients(runs, "run-0001")
+    assert mg.replay_error == 0.0 and mg.info["optimizer"] == "AdamW"
+    # without clipping the same replay is another run, and the checks say so
+    runs.metadata["config"] = {k: v for k, v in config.items() if k != "max_grad_norm"}
+    with pytest.raises(ReplayError, match="away from the saved checkpoint"):
+        run_metagradients(runs, "run-0001")
