@@ -143,17 +143,17 @@ def test_segments_give_the_same_metagradients(recorded: Path) -> None:
         np.testing.assert_allclose(parts.grads, whole.grads, rtol=1e-10, atol=1e-14)
 
 
-class AdamDigits(DigitsMLPTask):
+class RMSpropDigits(DigitsMLPTask):
     def make_optimizer(self, model, lr):  # type: ignore[no-untyped-def]
-        return torch.optim.AdamW(model.parameters(), lr=lr)
+        return torch.optim.RMSprop(model.parameters(), lr=lr)
 
 
 def test_another_optimizer_is_refused_by_name(recorded: Path) -> None:
     runs = load_runset(recorded)
     rec = load_recorded_run(runs, "run-0000")
-    with pytest.raises(ReplayError, match="trains with AdamW"):
+    with pytest.raises(ReplayError, match="trains with RMSprop"):
         unrolled_metagradients(
-            AdamDigits(),
+            RMSpropDigits(),
             rec.model,
             rec.checkpoint,
             rec.pool,

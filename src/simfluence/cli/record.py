@@ -99,6 +99,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 0)")
     p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradients to this total 2-norm before every step, as Hugging Face's "
+        "Trainer does (1.0 there; default here: no clipping)",
+    )
+    p.add_argument(
         "--adapter",
         choices=["lora"],
         default=None,
@@ -210,9 +217,10 @@ def _flag(field: str) -> str:
 
 
 def _optimizer_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The `OptimizerSpec` that --optimizer/--weight-decay/--schedule/--warmup ask for; None
-    when none is given (resuming keeps the recorded optimizer, else the task's own)."""
-    given = (args.optimizer, args.weight_decay, args.schedule, args.warmup)
+    """The `OptimizerSpec` that --optimizer/--weight-decay/--schedule/--warmup/--max-grad-norm
+    ask for; None when none is given (resuming keeps the recorded optimizer, else the task's
+    own)."""
+    given = (args.optimizer, args.weight_decay, args.schedule, args.warmup, args.max_grad_norm)
     if all(value is None for value in given):
         return None
     from simfluence.recording.optim import OptimizerSpec
@@ -222,6 +230,7 @@ def _optimizer_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         weight_decay=args.weight_decay,
         schedule=args.schedule or "constant",
         warmup=0 if args.warmup is None else args.warmup,
+        max_grad_norm=args.max_grad_norm,
     )
 
 

@@ -87,6 +87,7 @@ def actual_removal_effects(
             weights=weights,
             optimizer=config.get("optimizer"),
             schedule=schedule,
+            max_grad_norm=config.get("max_grad_norm"),
         )
 
     with torch_threads(initial_model):

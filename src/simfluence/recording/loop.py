@@ -45,6 +45,7 @@ def train_on_curriculum(
     optimizer: dict[str, Any] | None = None,
     schedule: Schedule | None = None,
     device: str | torch.device | None = None,
+    max_grad_norm: float | None = None,
 ) -> Run:
     """Train a fresh copy of `initial` on `curriculum` (``task.make_optimizer(model, lr)`` on
     the batch-mean loss, as a recording does) and score every test example before training and
@@ -52,7 +53,9 @@ def train_on_curriculum(
 
     `optimizer`: a recorded optimizer description (``config["optimizer"]``,
     `simfluence.recording.optim.rebuild_optimizer`); None: the task's own. `schedule`: the
-    learning-rate schedule over this curriculum's steps (default: constant).
+    learning-rate schedule over this curriculum's steps (default: constant). `max_grad_norm`:
+    clip the gradients to this total 2-norm before every step (``clip_grad_norm_``, as Hugging
+    Face's ``Trainer`` does by default; None: no clipping; ``config["max_grad_norm"]``).
     `on_step(step, model)` is called at step 0 (before training) and after every step.
     `weights`: optional per-example loss weights, one list per batch (same lengths as the
     curriculum); the step then minimises ``sum_k w_k loss_k / |batch|`` (weight 0 keeps an
@@ -78,8 +81,9 @@ def train_on_curriculum(
     if on_step:
         on_step(0, model)
     steps = _train_steps(
-        task, model, opt, scheduler, pool_examples, row_of, curriculum, weights, run_id
-    )
+        task, model, opt, scheduler, pool_examples, row_of, curriculum, weights, run_id,
+        max_grad_norm,
+    )  # fmt: skip
     for step, batch_ids, step_lr in steps:
         recorder.step(batch_ids, lr=step_lr)
         if on_step:
@@ -100,6 +104,7 @@ def final_test_losses(
     optimizer: dict[str, Any] | None = None,
     schedule: Schedule | None = None,
     device: str | torch.device | None = None,
+    max_grad_norm: float | None = None,
 ) -> np.ndarray:
     """The test losses, shape ``(M,)``, after training exactly as `train_on_curriculum` does
     (bit-identical), scoring only once at the end: for leave-one-out retraining."""
@@ -109,7 +114,11 @@ def final_test_losses(
     model, opt, scheduler = _start_training(
         task, initial, curriculum, lr, seed, weights, optimizer, schedule, device
     )
-    for _ in _train_steps(task, model, opt, scheduler, pool_examples, row_of, curriculum, weights):
+    steps = _train_steps(
+        task, model, opt, scheduler, pool_examples, row_of, curriculum, weights,
+        max_grad_norm=max_grad_norm,
+    )  # fmt: skip
+    for _ in steps:
         pass
     return Recorder.from_task(task, model, test_examples).losses[0]
 
@@ -147,6 +156,7 @@ def _train_steps(
     curriculum: Sequence[Sequence[str]],
     weights: Sequence[Sequence[float]] | None,
     run_id: str = "run",
+    max_grad_norm: float | None = None,
 ) -> Iterator[tuple[int, Sequence[str], float]]:
     """Take the curriculum's optimizer steps (stepping `scheduler`, when there is one, after
     each); yield ``(step, batch ids, its lr)`` after each."""
@@ -154,8 +164,9 @@ def _train_steps(
         step_lr = float(optimizer.param_groups[0]["lr"])
         batch_weights = None if weights is None else weights[step - 1]
         _train_step(
-            task, model, optimizer, pool_examples, row_of, batch_ids, batch_weights, step, run_id
-        )
+            task, model, optimizer, pool_examples, row_of, batch_ids, batch_weights, step, run_id,
+            max_grad_norm,
+        )  # fmt: skip
         if scheduler is not None:
             scheduler.step()
         yield step, batch_ids, step_lr
@@ -171,8 +182,10 @@ def _train_step(
     weights: Sequence[float] | None,
     step: int,
     run_id: str = "run",
+    max_grad_norm: float | None = None,
 ) -> None:
-    """One optimizer step on the batch-mean loss (or ``sum w_k loss_k / |batch|``)."""
+    """One optimizer step on the batch-mean loss (or ``sum w_k loss_k / |batch|``), its
+    gradients clipped to `max_grad_norm` first when given."""
     optimizer.zero_grad(set_to_none=True)
     try:
         inputs = pool_examples.take([row_of[i] for i in batch_ids])
@@ -191,6 +204,8 @@ def _train_step(
     else:
         w = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
         ((losses * w).sum() / len(batch_ids)).backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
 
 

@@ -212,6 +212,7 @@ class RetrainWork:
             optimizer=self.config.get("optimizer"),
             schedule=Schedule.from_config(self.config.get("schedule")),
             device=self.device,
+            max_grad_norm=self.config.get("max_grad_norm"),
         )
         return run.losses
 

@@ -175,6 +175,7 @@ class RunWork:
             optimizer=config.get("optimizer"),
             schedule=Schedule.from_config(config.get("schedule")),
             device=prepared.device,
+            max_grad_norm=config.get("max_grad_norm"),
         )
         write_run(directory, run, prepared.tests.ids)
         return index
