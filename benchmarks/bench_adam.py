@@ -28,7 +28,8 @@ from torch import nn
 
 from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.evaluation import evaluate, format_table
-from simfluence.recording.runner import record_runs
+from simfluence.recording.protocol import RecordingProtocol
+from simfluence.recording.record import record_runs
 from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask
 from simfluence.simulators import configure_simulator
@@ -61,18 +62,16 @@ def main() -> None:
     runs = record_runs(
         task,
         args.dir,
-        runs=args.runs,
-        pool=200,
-        per_run=128,
-        tests=50,
-        batch=4,
-        epochs=3,
-        lr=args.lr,
+        RecordingProtocol(
+            runs=args.runs, pool=200, per_run=128, tests=50, batch=4, epochs=3, lr=args.lr
+        ),
         progress=False,
     )
     record_s = time.perf_counter() - start
     methods = ["linear", "additive", "mean"]
-    result = evaluate(runs, {m: configure_simulator(m, unseen="prior") for m in methods}, 5)
+    result = evaluate(
+        runs, {m: configure_simulator(m, defaults={"unseen": "prior"}) for m in methods}, 5
+    )
     print(
         f"digits-mlp with Adam (lr {args.lr}), {len(runs.runs)} runs recorded in {record_s:.0f} s"
     )
@@ -84,7 +83,7 @@ def main() -> None:
         "validation": {},
     }
     for seed in [int(s) for s in args.seeds.split(",")]:
-        sims = {m: configure_simulator(m, unseen="prior") for m in ("linear", "mean")}
+        sims = {m: configure_simulator(m, defaults={"unseen": "prior"}) for m in ("linear", "mean")}
         validation = validate(task, runs, sims, ["random", "optimized"], args.validate, seed)
         optimized = validation["optimized"]
         # the search's own verdict, as `simfluence optimize` prints it (same seed as the first

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.recording.runner import checkpoint_path
 from simfluence.runlog import load_runset
+from simfluence.runlog.layout import checkpoint_path
 
 
 def backend_flags(variant: str) -> list[str]:

@@ -40,24 +40,25 @@ from simfluence._atomic import write_json_atomic
 from simfluence.evaluation import evaluate, format_table, format_unseen_table
 from simfluence.runlog import load_runset
 from simfluence.runlog.features import ExampleFeatures
-from simfluence.runlog.runs import Run, RunSet
+from simfluence.runlog.layout import TRUTH_FILE
+from simfluence.runlog.runs import Run, RunSet, default_holdout
 from simfluence.simulators import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
 
 #: suffix of a method name that asks for its static variant (``time_varying=False``)
 STATIC = "-static"
 
 
-def _configure(name: str, **options: object):  # type: ignore[no-untyped-def]
-    """``featurized-static`` / ``hybrid-static``: the method without the drift over training."""
+def _configure(name: str, defaults: dict[str, object]):  # type: ignore[no-untyped-def]
+    """``featurized-static`` / ``hybrid-static``: the method without the drift over training;
+    `defaults` reach the methods that take them."""
     if name.endswith(STATIC):
-        return configure_simulator(name[: -len(STATIC)], time_varying=False, **options)
-    return configure_simulator(name, **options)
+        return configure_simulator(name[: -len(STATIC)], defaults=defaults, time_varying=False)
+    return configure_simulator(name, defaults=defaults)
 
 
 def held_out(runs: RunSet, methods: list[str], holdout: int) -> dict:  # type: ignore[type-arg]
     truth = str(Path(runs.source or ".") / TRUTH_FILE)  # the oracle of synthetic run sets
-    simulators = {name: _configure(name, unseen="prior", path=truth) for name in methods}
+    simulators = {name: _configure(name, {"unseen": "prior", "path": truth}) for name in methods}
     result = evaluate(runs, simulators, holdout)  # with 90% intervals: coverage and width
     print(format_table(result))
     split = format_unseen_table(result)
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     runs = load_runset(args.directory)
-    holdout = args.holdout or max(1, round(len(runs.runs) * 5 / 32))
+    holdout = args.holdout or default_holdout(len(runs.runs))
     if runs.features is None:
         from simfluence.recording.features import write_features
 

@@ -154,7 +154,7 @@ def main() -> None:
     candidates += [("linear", {"loss_power": float(p)}) for p in args.loss_powers.split(",") if p]
     for name, options in candidates:
         label = name + "".join(f" {k}={v:g}" for k, v in options.items())
-        simulator = configure_simulator(name, unseen="prior", **options)
+        simulator = configure_simulator(name, defaults={"unseen": "prior"}, **options)
         start = time.perf_counter()
         result = evaluate_simulator(simulator, train, held)
         ours[label] = result.scores

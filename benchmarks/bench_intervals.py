@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from simfluence.runlog import load_runset
-from simfluence.runlog.runs import RunSet
+from simfluence.runlog.runs import RunSet, default_holdout
 from simfluence.simulators import LinearSimulator
 from simfluence.simulators.encoding import encode_runs
 from simfluence.simulators.intervals import (
@@ -57,7 +57,7 @@ from simfluence.simulators.intervals import (
 
 def _held_out_splits(runs: RunSet, splits: int) -> list[list[str]]:
     ids = sorted(runs.run_ids)
-    size = max(1, round(len(ids) * 5 / 32))
+    size = default_holdout(len(ids))
     stride = len(ids) // size
     return [[ids[(k + j * stride) % len(ids)] for j in range(size)] for k in range(splits)]
 

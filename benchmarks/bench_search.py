@@ -31,7 +31,7 @@ import torch
 
 from simfluence.counterfactual.search import optimize_curriculum
 from simfluence.curricula import random_curriculum
-from simfluence.recording.runner import torch_threads, train_on_curriculum
+from simfluence.recording.loop import torch_threads, train_on_curriculum
 from simfluence.recording.tasks import task_for_runset
 from simfluence.recording.validation import SEARCH_EVALUATIONS
 from simfluence.runlog import load_runset

@@ -117,7 +117,8 @@ def main() -> None:
         flush=True,
     )
     if args.compare_truth and held.runs:
-        from simfluence.simulators.truth import TRUTH_FILE, TruthSimulator
+        from simfluence.runlog.layout import TRUTH_FILE
+        from simfluence.simulators.truth import TruthSimulator
 
         truth = TruthSimulator(path=os.path.join(args.directory, TRUTH_FILE))
         if args.tests:

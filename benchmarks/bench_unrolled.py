@@ -19,7 +19,7 @@ import time
 
 from simfluence.attribution.replay import load_recorded_run
 from simfluence.attribution.unrolled import unrolled_metagradients
-from simfluence.recording.runner import final_test_losses, torch_threads, train_on_curriculum
+from simfluence.recording.loop import final_test_losses, torch_threads, train_on_curriculum
 from simfluence.runlog import load_runset
 
 

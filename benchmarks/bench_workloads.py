@@ -23,13 +23,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
-from simfluence.cli.demo import ALL_METHODS
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.recording.features import ensure_features
-from simfluence.recording.runner import record_defaults, steps_per_run
+from simfluence.recording.protocol import steps_per_run
+from simfluence.recording.record import record_defaults
 from simfluence.recording.tasks import resolve_task, task_label
 from simfluence.simulators import configure_simulator
+from simfluence.simulators.methods import DEMO_METHODS
 
 
 def markdown_table(result: dict, methods: list[str]) -> str:  # type: ignore[type-arg]
@@ -82,7 +83,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--holdout", type=int, default=5)
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--methods", default=",".join(DEMO_METHODS))
     parser.add_argument("--validate", type=int, default=0, help="curricula per kind (0: skip)")
     parser.add_argument("--kinds", default="random,leave-out,reorder,repeat,optimized")
     parser.add_argument("--validate-methods", default=None, help="default: --methods")
@@ -99,7 +100,7 @@ def main() -> None:
     record_seconds = time.perf_counter() - start
     methods = args.methods.split(",")
     runs = ensure_features(out / task.name / "runs", runs, methods)
-    simulators = {name: configure_simulator(name, unseen="prior") for name in methods}
+    simulators = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in methods}
     result = evaluate(runs, simulators, args.holdout, lambda items: tqdm(items, desc="methods"))
     payload = result.to_json()
     run = runs.run(result.heldout_runs[0])
@@ -134,7 +135,7 @@ def main() -> None:
         from simfluence.recording.validation import validate
 
         vmethods = (args.validate_methods or args.methods).split(",")
-        vsims = {name: configure_simulator(name, unseen="prior") for name in vmethods}
+        vsims = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in vmethods}
         vstart = time.perf_counter()
         payload["validation"] = validate(
             task,

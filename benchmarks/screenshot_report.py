@@ -17,11 +17,12 @@ from pathlib import Path
 from simfluence.evaluation import evaluate
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.report import write_report
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.simulators import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
+from simfluence.simulators.methods import DEFAULT_EVALUATE_METHODS
 from simfluence.synth import SynthConfig, write_synthetic
 
-METHODS = ["linear", "additive", "mean", "persistence", "truth"]
+METHODS = [*DEFAULT_EVALUATE_METHODS, "truth"]
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -39,8 +40,8 @@ FLAGS = [
 def build(folder: Path, html: Path) -> Path:
     """Write the demo run set into `folder`, evaluate `METHODS`, write the report to `html`."""
     runs = write_synthetic(folder / "runs", SynthConfig())
-    options = {"l2": None, "unseen": "error", "path": str(folder / "runs" / TRUTH_FILE)}
-    sims = {name: configure_simulator(name, **options) for name in METHODS}
+    options = {"unseen": "error", "path": str(folder / "runs" / TRUTH_FILE)}
+    sims = {name: configure_simulator(name, defaults=options) for name in METHODS}
     result = evaluate(runs, sims, 5)
     run = runs.run(result.heldout_runs[0])
     figure = folder / "methods.png"

@@ -9,8 +9,10 @@ skips with the install command as the reason; in CI (``CI=true``, which CI runne
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 # mutation testing's hooks (test order, budget, timing), found here by name: their own module
 from mutation_plugin import (
@@ -21,6 +23,28 @@ from mutation_plugin import (
     pytest_runtest_logstart,
     pytest_sessionfinish,
 )
+
+# generated hostile input (tests/test_hostile_input.py): a few dozen examples per reader in the
+# normal suite; `make fuzz` (SIMFLUENCE_FUZZ=1, or --hypothesis-profile=fuzz) runs 10,000
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("fuzz", max_examples=10_000, deadline=None)
+settings.load_profile("fuzz" if os.environ.get("SIMFLUENCE_FUZZ") else "default")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests (and the commands they run in subprocesses) never read or write the user's
+    configuration, e.g. the task allow-list of `simfluence.trust`: the session gets its own
+    (session-scoped so that module-scoped fixtures get it too)."""
+    saved = {k: os.environ.get(k) for k in ("SIMFLUENCE_CONFIG_DIR", "SIMFLUENCE_TRUST_TASK")}
+    os.environ["SIMFLUENCE_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
+    os.environ.pop("SIMFLUENCE_TRUST_TASK", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def in_ci() -> bool:

@@ -26,10 +26,10 @@ from simfluence.backends import (
 )
 from simfluence.cli.main import main
 from simfluence.errors import SimfluenceError
-from simfluence.recording import record_runs
-from simfluence.recording.runner import checkpoint_path
+from simfluence.recording import RecordingProtocol, record_runs
 from simfluence.recording.workloads import get_workload
 from simfluence.runlog import Run, RunSet, load_runset
+from simfluence.runlog.layout import checkpoint_path
 from simfluence.runlog.store import list_run_files
 from simfluence.simulators import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.sharded import combine_curves, shard_columns
@@ -39,8 +39,10 @@ DIGITS = {"runs": 6, "pool": 40, "per_run": 16, "tests": 6, "batch": 4, "epochs"
 
 
 def _digits(directory: Path, backend: object = None, **overrides: object):
-    options = {**DIGITS, "seed": 0, "progress": False, "checkpoints": [0, 4], **overrides}
-    return record_runs(get_workload("digits-mlp"), directory, backend=backend, **options)
+    protocol = RecordingProtocol(**{**DIGITS, "seed": 0, "checkpoints": [0, 4], **overrides})
+    return record_runs(
+        get_workload("digits-mlp"), directory, protocol, backend=backend, progress=False
+    )
 
 
 def _assert_same_recordings(a: Path, b: Path) -> None:
@@ -157,7 +159,8 @@ def test_parallel_recording_needs_a_rebuildable_task(tmp_path: Path) -> None:
         pytest.warns(UserWarning, match="defined inside a function"),
         pytest.raises(SimfluenceError, match="cannot be rebuilt in a worker"),
     ):
-        record_runs(Local(), tmp_path / "d", **SMALL, progress=False, backend="process:2")
+        protocol = RecordingProtocol(**SMALL)
+        record_runs(Local(), tmp_path / "d", protocol, progress=False, backend="process:2")
     assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
@@ -170,10 +173,10 @@ def test_parallel_recording_resumes_after_kill_9(tmp_path: Path) -> None:
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_backends import DIGITS, SlowDigits
-        from simfluence.recording import record_runs
+        from simfluence.recording import RecordingProtocol, record_runs
 
-        record_runs(SlowDigits(), sys.argv[1], **{{**DIGITS, "runs": 8}}, seed=0,
-                    checkpoints=[0, 4], progress=False, backend="process:2")
+        protocol = RecordingProtocol(**{{**DIGITS, "runs": 8}}, seed=0, checkpoints=[0, 4])
+        record_runs(SlowDigits(), sys.argv[1], protocol, progress=False, backend="process:2")
         """
     )
     target = tmp_path / "killed"

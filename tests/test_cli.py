@@ -222,7 +222,7 @@ def test_evaluate_numbers_equal_the_library(
     written = json.loads(out.read_text())["methods"]
     library = evaluate(
         load_runset(runs_dir),
-        {name: configure_simulator(name, unseen="prior") for name in methods},
+        {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in methods},
         heldout=2,
     )
     rows = {line.split()[0]: line for line in printed.splitlines() if line.strip()}

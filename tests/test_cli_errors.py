@@ -65,7 +65,10 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("{synth} --method tracin-cp -o {root}/m.npz", "not recorded by `simfluence record`"),
         ("{digits} --method grad-dot -o {root}/m.npz", "no saved checkpoints"),
         ("{synth} --method linear", "-o/--output"),
-        ("{digits} --method featurized -o {root}/m.npz", "the run set has no example features"),
+        (
+            "{digits} --method featurized --loss-power 1 -o {root}/m.npz",
+            "method 'featurized' does not take --loss-power; its options: --l2, --unseen",
+        ),
     ],
     "simulate": [
         ("{root}/none.npz --curriculum x -o {root}/p.json", "no such simulator file"),
@@ -81,6 +84,7 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("{digits} --methods linear,tracin-cp --holdout 1", "tracin-cp: run 'run-0000' has no"),
         ("{digits} --methods tracin-cp --task nope:Task", "no module named 'nope'"),
         ("{root}", "manifest.json: missing (not a simfluence run set?)"),
+        ("{synth} --methods hybrid --loss-power 1", "method 'hybrid' does not take --loss-power"),
     ],
     "import-gptfluence": [("{root}/missing {root}/out", "missing")],
     "export-gptfluence": [("{root}/missing {root}/out", "no such run-set directory")],

@@ -20,7 +20,8 @@ from simfluence.counterfactual import (
     step_contributions,
 )
 from simfluence.counterfactual.attribution import SIMULATED_CHANGE
-from simfluence.counterfactual.search import _Evaluator, _random_layouts
+from simfluence.counterfactual.search.evaluator import _Evaluator
+from simfluence.counterfactual.search.starts import _random_layouts
 from simfluence.curricula import (
     add,
     apply_edits,

@@ -151,7 +151,7 @@ def test_cross_validation_scores_rollouts_as_the_simulator_reports_them(runs) ->
 
 
 def test_consumed_examples_and_the_component_grid(runs) -> None:  # type: ignore[no-untyped-def]
-    from simfluence.simulators.featurized import _consumed
+    from simfluence.simulators.featurized.effects import _consumed
 
     subset = runs.subset(runs.run_ids[:2])
     used = {i for r in subset.runs for b in r.curriculum for i in b}

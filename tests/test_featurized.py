@@ -14,7 +14,9 @@ from scipy import sparse
 
 from simfluence.cli.main import main
 from simfluence.counterfactual import leave_one_out, optimize_curriculum, step_contributions
-from simfluence.counterfactual.search import _Evaluator, _random_layouts, trust_region_rollouts
+from simfluence.counterfactual.search import trust_region_rollouts
+from simfluence.counterfactual.search.evaluator import _Evaluator
+from simfluence.counterfactual.search.starts import _random_layouts
 from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate
@@ -209,6 +211,29 @@ def test_hybrid_spans_featurized_to_linear() -> None:
     unseen = np.arange(50, 60)
     np.testing.assert_allclose(weak.A_[:, unseen], feat.A_[:, unseen], atol=1e-9)
     assert np.abs(weak.A_[:, :50] - feat.A_[:, :50]).max() > 1e-4
+
+
+def test_hybrid_composes_the_ridge_regression_instead_of_inheriting_it() -> None:
+    """No diamond: the hybrid is a featurized simulator (one `DynamicsSimulator` in its MRO)
+    and not a `LinearSimulator`, whose ridge regression it is given its prior as an argument;
+    fitting it leaves no temporary attribute behind, and the fold's priors reach the CV."""
+    from simfluence.simulators.dynamics import DynamicsSimulator
+    from simfluence.simulators.featurized import FeaturePrior, HybridSimulator
+    from simfluence.simulators.featurized.effects import _FeatureEffects
+    from simfluence.simulators.linear import LinearSimulator, RidgeOffset, _RidgeSimulator
+
+    mro = HybridSimulator.__mro__
+    assert mro.count(DynamicsSimulator) == 1
+    assert issubclass(HybridSimulator, _FeatureEffects)
+    assert not issubclass(HybridSimulator, LinearSimulator | _RidgeSimulator)
+    runs, _ = featurized_runset(runs=8, seed=4)
+    sim = HybridSimulator(n_components=2, feature_l2=1.0, l2_grid=(10.0, 1.0)).fit(runs)
+    assert not {"_phi", "_slopes"} & set(vars(sim))
+    assert all(k.endswith("_") or not k.startswith("_") for k in vars(sim))
+    assert [row[0] for row in sim.cv_mse_] == [10.0, 1.0] and sim.l2_ in (10.0, 1.0)
+    offset = FeaturePrior(sim, sim.features_).offset(sim.design(runs), final=True)
+    assert isinstance(offset, RidgeOffset) and offset.slopes is not None
+    np.testing.assert_array_equal(offset.slopes[1], sim.B_slope_)
 
 
 def test_synthetic_features_help_only_with_per_example_detail() -> None:

@@ -17,9 +17,12 @@ require_module("sklearn", "pip install scikit-learn")
 from simfluence.attribution.tracin import tracin_cp_scores
 from simfluence.cli.main import main
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import checkpoint_path, load_checkpoint, record_runs
+from simfluence.recording.checkpoints import load_checkpoint
+from simfluence.recording.protocol import RecordingProtocol
+from simfluence.recording.record import record_runs
 from simfluence.recording.workloads import get_workload
 from simfluence.runlog import RunSet, load_runset
+from simfluence.runlog.layout import checkpoint_path
 from simfluence.simulators import AdditiveSimulator, configure_simulator, rollout
 
 TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, seed=0)
@@ -28,9 +31,8 @@ TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, see
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("digits") / "runs"
-    record_runs(
-        get_workload("digits-mlp"), directory, checkpoints=[0, 4, 8], progress=False, **TINY
-    )
+    protocol = RecordingProtocol(checkpoints=[0, 4, 8], **TINY)
+    record_runs(get_workload("digits-mlp"), directory, protocol, progress=False)
     return directory
 
 
@@ -88,18 +90,16 @@ def test_influence_runs_and_is_finite(recorded: Path) -> None:
 
 def test_missing_checkpoints_name_the_run_and_step(recorded: Path, tmp_path: Path) -> None:
     bare = tmp_path / "bare"
-    record_runs(
-        get_workload("digits-mlp"), bare, checkpoints=[], progress=False, **{**TINY, "runs": 2}
-    )
+    protocol = RecordingProtocol(checkpoints=[], **{**TINY, "runs": 2})
+    record_runs(get_workload("digits-mlp"), bare, protocol, progress=False)
     with pytest.raises(SimfluenceError, match=r"run 'run-0000' has no saved checkpoints"):
         configure_simulator("tracin-cp").fit(load_runset(bare))
     broken = tmp_path / "broken"
     record_runs(
         get_workload("digits-mlp"),
         broken,
-        checkpoints=[0, 8],
+        RecordingProtocol(checkpoints=[0, 8], **{**TINY, "runs": 2}),
         progress=False,
-        **{**TINY, "runs": 2},
     )
     checkpoint_path(broken, "run-0001", 8).unlink()
     with pytest.raises(SimfluenceError, match=r"no checkpoint of run 'run-0001' at step 8"):
@@ -211,7 +211,8 @@ def decaying(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exact_tasks import SquaredLossTask
 
     directory = tmp_path_factory.mktemp("decaying") / "runs"
-    record_runs(SquaredLossTask(), directory, checkpoints=[0, 2, 4], progress=False, **EXACT)
+    protocol = RecordingProtocol(checkpoints=[0, 2, 4], **EXACT)
+    record_runs(SquaredLossTask(), directory, protocol, progress=False)
     return directory
 
 
@@ -432,9 +433,8 @@ def test_scale_is_the_least_squares_slope_clamped_at_zero(
     from simfluence.simulators.encoding import encode_runs
 
     partial = {**EXACT, "per_run": 6}  # batches of 4 and 2: the two weightings differ
-    runs = record_runs(
-        SquaredLossTask(), tmp_path / "partial", checkpoints=[0, 4], progress=False, **partial
-    )
+    protocol = RecordingProtocol(checkpoints=[0, 4], **partial)
+    runs = record_runs(SquaredLossTask(), tmp_path / "partial", protocol, progress=False)
     for weighting in ("sum", "mean"):
         raw = configure_simulator("grad-dot", batch_weighting=weighting).fit(runs)
         scaled = configure_simulator("grad-dot-scaled", batch_weighting=weighting).fit(runs)
@@ -649,10 +649,10 @@ def test_gradient_methods_warn_when_the_runs_were_not_plain_sgd(
     assert unknown.startswith("grad-dot: the runs were trained with DecayingSGD (lr 0.3)")
 
     adamw = tmp_path / "adamw"
-    record_runs(
-        SquaredLossTask(), adamw, checkpoints=[0, 4], progress=False,
-        optimizer=OptimizerSpec(name="adamw"), **{**EXACT, "runs": 2},
-    )  # fmt: skip
+    protocol = RecordingProtocol(
+        checkpoints=[0, 4], optimizer=OptimizerSpec(name="adamw"), **{**EXACT, "runs": 2}
+    )
+    record_runs(SquaredLossTask(), adamw, protocol, progress=False)
     runs = load_runset(adamw)
     recorded = runs.metadata["config"]["optimizer"]
     for method in ("grad-dot", "tracin-cp"):

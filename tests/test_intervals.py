@@ -13,12 +13,9 @@ import pytest
 from simfluence.cli.main import main
 from simfluence.counterfactual import leave_one_out, optimize_curriculum
 from simfluence.counterfactual.attribution import effect_intervals
-from simfluence.counterfactual.search import (
-    _Evaluator,
-    _random_layouts,
-    assess_curriculum,
-    trust_region_rollouts,
-)
+from simfluence.counterfactual.search import assess_curriculum, trust_region_rollouts
+from simfluence.counterfactual.search.evaluator import _Evaluator
+from simfluence.counterfactual.search.starts import _random_layouts
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import evaluate, format_table
 from simfluence.metrics import interval_coverage, interval_width

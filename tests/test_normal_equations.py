@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from simfluence.simulators import featurized
 from simfluence.simulators.featurized import NormalEquations
+from simfluence.simulators.featurized import basis as featurized_basis
 from simfluence.simulators.ridge import Design
 
 
@@ -14,7 +14,7 @@ def test_normal_equations_match_dense_row_sums(chunk, monkeypatch):
     """Also with rows summed in chunks of 2 (as on long designs).
     G and rhs are sums over rows of x x^T and x r, x = [prev * F, F], r = next - a*mass*prev:
         catches a wrong block, a missing square, a transposed block or a wrong residual."""
-    monkeypatch.setattr(featurized, "_ROW_CHUNK", chunk)
+    monkeypatch.setattr(featurized_basis, "_ROW_CHUNK", chunk)
     rng = np.random.default_rng(0)
     n, P, M, J = 5, 3, 2, 2
     counts = sparse.csr_matrix(rng.integers(0, 3, size=(n, P)).astype(float))

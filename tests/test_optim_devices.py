@@ -298,7 +298,7 @@ def _smollm2_missing() -> list[str]:
 )
 def test_smollm2_lora_adapters(tmp_path: Path) -> None:
     from simfluence.attribution.gradients import FunctionalLoss
-    from simfluence.recording import load_checkpoint, record_runs
+    from simfluence.recording import RecordingProtocol, load_checkpoint, record_runs
     from simfluence.recording.workloads import SmolLM2PolarityTask
 
     lora = SmolLM2PolarityTask(adapter="lora")
@@ -324,7 +324,8 @@ def test_smollm2_lora_adapters(tmp_path: Path) -> None:
         SmolLM2PolarityTask(adapter="qlora")
 
     options = {"pool": 16, "per_run": 8, "tests": 4, "batch": 4, "epochs": 1, "lr": 0.05}
-    runs = record_runs(lora, tmp_path, runs=1, **options, checkpoints=[2], progress=False)
+    protocol = RecordingProtocol(runs=1, **options, checkpoints=[2])
+    runs = record_runs(lora, tmp_path, protocol, progress=False)
     run = runs.runs[0]
     assert not np.allclose(run.losses[0], run.losses[-1])  # the adapters learned something
     fresh = lora.make_model(0)

@@ -22,15 +22,19 @@ from simfluence.errors import CurriculumError, RunLogError, SimfluenceError
 from simfluence.recording import (
     Examples,
     Recorder,
+    RecordingProtocol,
     Task,
     TaskDefaults,
     load_checkpoint,
     record_runs,
     run_seed,
 )
+from simfluence.recording.protocol import ProtocolError, checkpoint_steps
 from simfluence.recording.recorder import RecordingError
 from simfluence.runlog import load_runset
-from simfluence.runlog.store import list_run_files, run_path
+from simfluence.runlog.layout import run_path
+from simfluence.runlog.runs import default_holdout
+from simfluence.runlog.store import list_run_files
 
 N_FEATURES = 5
 
@@ -78,8 +82,8 @@ STEPS = 8  # 2 epochs x 8 / 2
 
 
 def _record(directory: Path, task: Task | None = None, **overrides: object):
-    options = {**SMALL, "seed": 0, "progress": False, **overrides}
-    return record_runs(task or TinyTask(), directory, **options)
+    protocol = RecordingProtocol(**{**SMALL, "seed": 0, **overrides})
+    return record_runs(task or TinyTask(), directory, protocol, progress=False)
 
 
 def _hand_loop(task: Task, curriculum, lr: float, seed: int = 0):
@@ -349,15 +353,15 @@ def test_runner_resumes_after_kill_9(tmp_path: Path) -> None:
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_recording import TinyTask, SMALL
-        from simfluence.recording import record_runs
+        from simfluence.recording import RecordingProtocol, record_runs
 
         class Slow(TinyTask):
             def example_losses(self, model, inputs):
                 time.sleep(0.01)
                 return super().example_losses(model, inputs)
 
-        record_runs(Slow(), sys.argv[1], **{{**SMALL, "runs": 6}}, seed=0, progress=False,
-                    checkpoints=[0, 4])
+        protocol = RecordingProtocol(**{{**SMALL, "runs": 6}}, seed=0, checkpoints=[0, 4])
+        record_runs(Slow(), sys.argv[1], protocol, progress=False)
         """
     )
     target = tmp_path / "killed"
@@ -408,10 +412,10 @@ def test_checkpoints(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"per_run": 13}, "--per-run 13: must not exceed the pool size 12"),
-        ({"checkpoints": [9]}, r"step 9 is outside 0\.\.8"),
-        ({"runs": 0}, "--runs 0"),
-        ({"lr": float("nan")}, "--lr nan"),
+        ({"per_run": 13}, "^per_run 13: must not exceed the pool size 12"),
+        ({"checkpoints": [9]}, r"^checkpoints \[9\]: step 9 is outside 0\.\.8"),
+        ({"runs": 0}, "^runs 0: must be a whole number of at least 1"),
+        ({"lr": float("nan")}, "^lr nan: must be a positive number"),
         ({"pool": 10_000}, "tiny-test|pool"),
     ],
 )
@@ -425,6 +429,34 @@ def test_runner_validates_options(tmp_path: Path, overrides: dict, message: str)
     with pytest.raises(SimfluenceError, match=message):
         _record(tmp_path / "x", task=Strict(), **overrides)
     assert not list_run_files(tmp_path / "x")
+
+
+def test_protocol_names_the_field_and_fills_what_was_left_out() -> None:
+    with pytest.raises(ProtocolError, match=r"^batch 9: must not exceed per_run 8") as info:
+        RecordingProtocol(per_run=8, batch=9)
+    assert info.value.field == "batch" and info.value.value == 9
+    assert info.value.with_name("--batch") == "--batch 9: must not exceed per_run 8"
+    with pytest.raises(ProtocolError, match=r"^seed -1: must be a whole number >= 0"):
+        RecordingProtocol(seed=-1)
+    with pytest.raises(ProtocolError, match=r"^reserve 1\.0: must be a share of the pool"):
+        RecordingProtocol(reserve=1)
+    with pytest.raises(ProtocolError, match=r"^checkpoints \[0, 'x'\]: 'x' is not a step"):
+        RecordingProtocol(checkpoints=[0, "x"])
+    task = TinyTask()
+    d = task.defaults
+    filled = RecordingProtocol(runs=5).resolve(task)
+    assert (filled.runs, filled.pool, filled.per_run, filled.lr) == (5, d.pool, d.per_run, d.lr)
+    assert filled.seed == 0 and filled.checkpoints == tuple(checkpoint_steps(STEPS))
+    assert filled.reserve == 0 and filled.reserve_from is None
+    # resuming: what was left out is what the directory was recorded with
+    recorded = {**filled.to_config(task), "runs": 5}
+    assert RecordingProtocol().resolve(task, recorded).to_config(task) == recorded
+    assert RecordingProtocol(runs=7).resolve(task, recorded).runs == 7
+    # the never-seen protocol: by default the runs `evaluate` holds out draw the reserve
+    reserved = RecordingProtocol(runs=32, pool=12, per_run=4, reserve=0.25).resolve(task)
+    assert reserved.reserve_from == 32 - default_holdout(32) == 27
+    with pytest.raises(ProtocolError, match=r"^reserve_from 2: needs a reserve above 0"):
+        RecordingProtocol(reserve_from=2).resolve(task)
 
 
 def test_runner_refuses_a_foreign_directory(tmp_path: Path) -> None:
@@ -464,7 +496,7 @@ def test_record_cli_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert load_checkpoint(tmp_path / "d", "run-0001", 2)
     assert main(argv) == 0  # nothing left to do: resumes, records nothing
     assert main([*argv[:-3], "--checkpoints", "0,99", "--no-progress"]) == 2
-    assert "step 99 is outside" in capsys.readouterr().err
+    assert "--checkpoints [0, 99]: step 99 is outside 0..4" in capsys.readouterr().err
     assert main(["record", str(tmp_path / "e"), "--workload", "nope"]) == 2  # the older name
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main([*argv[:2], *options.split(), "--lr", "0.5", "--no-progress"]) == 2

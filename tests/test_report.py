@@ -14,9 +14,18 @@ import numpy as np
 import pytest
 from conftest import missing_component
 
+from simfluence import metrics
 from simfluence.cli.main import main
-from simfluence.evaluation import evaluate
-from simfluence.report import build_payload, write_report
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import (
+    MetricSpec,
+    evaluate,
+    format_table,
+    format_validation,
+    read_validation,
+    specs,
+)
+from simfluence.report import build_payload, render_report, write_report
 from simfluence.runlog import save_runset
 from simfluence.simulators import configure_simulator
 from simfluence.synth import SynthConfig, generate
@@ -60,7 +69,7 @@ VALIDATION = {
 @pytest.fixture(scope="module")
 def setup():
     runs, _ = generate(SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2))
-    sims = {name: configure_simulator(name, l2=None, unseen="prior") for name in METHODS}
+    sims = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in METHODS}
     return runs, evaluate(runs, sims, 2)
 
 
@@ -177,6 +186,62 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert main([*bad, "-o", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "runs"), "--methods", "nope", "-o", str(out)]) == 2
+
+
+def test_metric_specs_drive_the_text_the_json_and_the_report(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One table of metric specs: a spec added to it is computed (the JSON's keys), and shown
+    in the text table and in the report's metric table and explanations."""
+    runs, _ = setup
+
+    def worst_step_error(true, simulated):
+        errors = [np.abs(t - s).max() for t, s in zip(true, simulated, strict=True)]
+        return metrics.Summary(float(np.mean(errors)), float(np.std(errors)))
+
+    added = MetricSpec(
+        "worst_step_error",
+        "worst-step error",
+        "lower",
+        ".4g",
+        ".2g",
+        "the largest absolute error of a rollout.",
+        worst_step_error,
+    )
+    monkeypatch.setattr(specs, "METRICS", (*specs.METRICS, added))
+    sims = {name: configure_simulator(name, defaults={"unseen": "prior"}) for name in METHODS}
+    result = evaluate(runs, sims, 2)
+    written = result.to_json()["methods"]
+    for name in METHODS:
+        assert {"worst_step_error", "worst_step_error_std"} <= set(written[name])
+        assert {spec.key for spec in specs.METRICS if spec.compute} <= set(written[name])
+    header = format_table(result).splitlines()[0]
+    labels = [
+        spec.label for spec in specs.METRICS if not spec.optional or spec.key in written[METHODS[0]]
+    ]
+    assert [label in header for label in labels] == [True] * len(labels)
+    assert header.index("final-step Spearman") < header.index("worst-step error")
+    page = render_report(title="t", runs=runs, evaluation=result)
+    table = re.search(r'<table class="metrics" id="metrics">.*?</table>', page, re.S)
+    assert table
+    heads = re.findall(r"<th>([^<]*)</th>", table.group(0))
+    assert heads == ["method", *(spec.label for spec in specs.METRICS)]
+    assert "<b>worst-step error</b> (lower is better): the largest absolute error" in page
+
+
+def test_validation_json_is_read_in_one_place() -> None:
+    """`read_validation` knows the layout of `simfluence validate --json`; the text tables and
+    the report read it through it (labels from the metric specs)."""
+    validation = read_validation({**VALIDATION, "timing": {"seconds": 1.0}})
+    assert [kind.name for kind in validation.kinds] == ["random"]
+    assert not validation.kinds[0].is_loo and validation.kinds[0].methods["linear"]["lds"] == 0.7
+    assert validation.optimized == VALIDATION["optimized"]
+    assert validation.rest == {"timing": {"seconds": 1.0}}
+    block = {"curricula": 3, **VALIDATION["kinds"]["random"]}
+    text = format_validation({"kinds": {"random": block}})
+    assert "random (3 curricula)" in text and "final-step Spearman" in text and "LDS" in text
+    with pytest.raises(SimfluenceError, match="expected a JSON object"):
+        read_validation([1, 2])  # type: ignore[arg-type]
 
 
 # -- in a real browser ---------------------------------------------------------------------------

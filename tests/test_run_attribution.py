@@ -26,15 +26,13 @@ from simfluence.counterfactual.attribution import removal_effects  # noqa: E402
 from simfluence.curricula import remove  # noqa: E402
 from simfluence.errors import SimfluenceError  # noqa: E402
 from simfluence.recording.loo import validate_loo  # noqa: E402
-from simfluence.recording.runner import (  # noqa: E402
-    checkpoint_path,
-    final_test_losses,
-    record_runs,
-    train_on_curriculum,
-)
+from simfluence.recording.loop import final_test_losses, train_on_curriculum  # noqa: E402
+from simfluence.recording.protocol import RecordingProtocol  # noqa: E402
+from simfluence.recording.record import record_runs  # noqa: E402
 from simfluence.recording.workloads import get_workload  # noqa: E402
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask  # noqa: E402
 from simfluence.runlog import load_runset  # noqa: E402
+from simfluence.runlog.layout import checkpoint_path  # noqa: E402
 from simfluence.simulators import LinearSimulator, configure_simulator  # noqa: E402
 
 TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, seed=0)
@@ -43,9 +41,8 @@ TINY = dict(runs=6, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, see
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("digits-run") / "runs"
-    record_runs(
-        get_workload("digits-mlp"), directory, checkpoints=[0, 4, 8], progress=False, **TINY
-    )
+    protocol = RecordingProtocol(checkpoints=[0, 4, 8], **TINY)
+    record_runs(get_workload("digits-mlp"), directory, protocol, progress=False)
     return directory
 
 
@@ -146,17 +143,17 @@ def test_segments_give_the_same_metagradients(recorded: Path) -> None:
         np.testing.assert_allclose(parts.grads, whole.grads, rtol=1e-10, atol=1e-14)
 
 
-class AdamDigits(DigitsMLPTask):
+class RMSpropDigits(DigitsMLPTask):
     def make_optimizer(self, model, lr):  # type: ignore[no-untyped-def]
-        return torch.optim.AdamW(model.parameters(), lr=lr)
+        return torch.optim.RMSprop(model.parameters(), lr=lr)
 
 
 def test_another_optimizer_is_refused_by_name(recorded: Path) -> None:
     runs = load_runset(recorded)
     rec = load_recorded_run(runs, "run-0000")
-    with pytest.raises(ReplayError, match="trains with AdamW"):
+    with pytest.raises(ReplayError, match="trains with RMSprop"):
         unrolled_metagradients(
-            AdamDigits(),
+            RMSpropDigits(),
             rec.model,
             rec.checkpoint,
             rec.pool,
@@ -243,9 +240,8 @@ def test_dvemb_matches_grad_dot_and_unrolled_on_a_one_step_run(tmp_path: Path) -
 
     directory = tmp_path / "one-step"
     options = {**TINY, "per_run": 4, "epochs": 1, "runs": 2, "lr": 1e-6}
-    record_runs(
-        get_workload("digits-mlp"), directory, checkpoints=[0, 1], progress=False, **options
-    )
+    protocol = RecordingProtocol(checkpoints=[0, 1], **options)
+    record_runs(get_workload("digits-mlp"), directory, protocol, progress=False)
     runs = load_runset(directory)
     result = run_dvemb(runs, "run-0000")
     rec = load_recorded_run(runs, "run-0000")
@@ -384,10 +380,9 @@ def user_task_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     record_runs(
         LinearLossTask(),
         directory,
-        checkpoints=[0],
+        RecordingProtocol(checkpoints=[0], **EXACT),
         progress=False,
         task_ref=f"{task_file}:LinearLossTask",
-        **EXACT,
     )
     return directory
 

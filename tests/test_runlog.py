@@ -21,7 +21,8 @@ from simfluence.runlog import (
     save_runset,
     write_run,
 )
-from simfluence.runlog.store import MANIFEST, list_run_files, run_path
+from simfluence.runlog.layout import MANIFEST, run_path
+from simfluence.runlog.store import list_run_files
 
 
 def small_runset() -> RunSet:

@@ -167,7 +167,7 @@ def test_the_evaluator_equals_the_rollouts_of_a_time_varying_simulator(trust_reg
     """The search's direct rollout of a dynamics simulator (time-varying effects, a ragged last
     batch, a subset of test examples, with and without the envelope) gives what the library's
     rollouts report, floor included."""
-    from simfluence.counterfactual.search import _Evaluator
+    from simfluence.counterfactual.search.evaluator import _Evaluator
     from simfluence.simulators.featurized import FeaturizedSimulator
 
     runs, _ = generate(SynthConfig(pool=10, tests=4, runs=8, per_run=5, batch=2, epochs=1, seed=6))
@@ -193,7 +193,7 @@ def test_the_evaluator_equals_the_rollouts_of_a_time_varying_simulator(trust_reg
 def test_the_evaluator_of_other_simulators_goes_through_their_rollouts(
     fitted, trust_region: bool
 ) -> None:  # type: ignore[no-untyped-def]
-    from simfluence.counterfactual.search import _Evaluator
+    from simfluence.counterfactual.search.evaluator import _Evaluator
     from simfluence.simulators import MeanTrajectorySimulator
 
     runs = fitted[0]
@@ -257,7 +257,7 @@ def _result(**fields):  # type: ignore[no-untyped-def]
     ],
 )
 def test_the_statement_says_the_gain_and_its_uncertainty(fields: dict, sentence: str) -> None:
-    from simfluence.counterfactual.search import _statement
+    from simfluence.counterfactual.search.result import _statement
 
     assert _statement(_result(**fields)) == sentence
 

@@ -8,13 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simfluence.counterfactual.search import (
-    _check_sizes,
-    _combine,
-    _is_exhaustive,
-    _propose,
-    _round,
-)
+from simfluence.counterfactual.search.moves import _combine, _is_exhaustive, _propose, _round
+from simfluence.counterfactual.search.optimize import _check_sizes
 from simfluence.errors import SimfluenceError
 
 
@@ -191,7 +186,7 @@ def test_sizes_are_checked() -> None:
 def test_candidates_are_the_consumed_examples_unless_asked_otherwise() -> None:
     from types import SimpleNamespace
 
-    from simfluence.counterfactual.search import _candidates
+    from simfluence.counterfactual.search.starts import _candidates
 
     ids = ["a", "b", "c", "d"]
     featurized = SimpleNamespace(

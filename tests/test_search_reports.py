@@ -7,12 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simfluence.counterfactual.search import (
-    SearchResult,
-    _is_layout,
-    assess_curriculum,
-    trust_region_rollouts,
-)
+from simfluence.counterfactual.search import SearchResult, assess_curriculum, trust_region_rollouts
+from simfluence.counterfactual.search.optimize import _is_layout
 from simfluence.simulators import LinearSimulator, MeanTrajectorySimulator
 from simfluence.synth import SynthConfig, generate
 

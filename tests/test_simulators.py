@@ -298,7 +298,9 @@ def test_baselines() -> None:
 )
 def test_save_load_round_trip(tmp_path: Path, method: str) -> None:
     runs = write_synthetic(tmp_path / "runs", SMALL)
-    sim = configure_simulator(method, path=str(tmp_path / "runs" / "truth.npz")).fit(runs)
+    sim = configure_simulator(method, defaults={"path": str(tmp_path / "runs" / "truth.npz")}).fit(
+        runs
+    )
     sim.save(tmp_path / "model.npz")
     loaded = load_simulator(tmp_path / "model.npz")
     assert type(loaded) is type(sim) and loaded.get_params() == sim.get_params()

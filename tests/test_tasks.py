@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 from simfluence.cli.main import main
 from simfluence.errors import SimfluenceError
 from simfluence.recording import (
+    RecordingProtocol,
     checkpoint_steps,
     record_runs,
     resolve_task,
@@ -201,15 +202,16 @@ def test_record_defaults_to_the_task_protocol_and_stores_the_reference(
 def test_task_for_runset_old_manifests_overrides_and_moved_files(
     task_file: Path, tmp_path: Path
 ) -> None:
-    options = dict(runs=2, pool=20, per_run=8, tests=4, batch=4, epochs=1, progress=False)
+    options = dict(runs=2, pool=20, per_run=8, tests=4, batch=4, epochs=1)
     legacy = tmp_path / "legacy"
-    record_runs(DigitsMLPTask(), legacy, **options)
+    record_runs(DigitsMLPTask(), legacy, RecordingProtocol(**options), progress=False)
     manifest = read_manifest(legacy)
     meta = manifest["metadata"]
     del meta["task_spec"], meta["config"]["optimizer"]  # as recorded before this change
     write_manifest(legacy, manifest["train_ids"], manifest["test_ids"], meta)
     assert type(task_for_runset(load_runset(legacy))) is DigitsMLPTask
-    runs = record_runs(DigitsMLPTask(), legacy, **{**options, "runs": 3})  # resumes
+    protocol = RecordingProtocol(**{**options, "runs": 3})
+    runs = record_runs(DigitsMLPTask(), legacy, protocol, progress=False)  # resumes
     assert len(runs.runs) == 3 and runs.metadata["task_spec"]["ref"] == "digits-mlp"
     assert "optimizer" not in runs.metadata["config"]  # no claim about the old runs
     with pytest.raises(SimfluenceError, match=r"is task 'newsgroups-minilm', but .* 'digits-mlp'"):

@@ -21,7 +21,9 @@ torch = require_module("torch", "pip install -c constraints.txt torch")
 from exact_tasks import LinearLossTask, exact_parameters, linear_loss_trajectory, weights
 
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import record_runs, train_on_curriculum
+from simfluence.recording.loop import train_on_curriculum
+from simfluence.recording.protocol import RecordingProtocol
+from simfluence.recording.record import record_runs
 from simfluence.recording.task import Examples
 from simfluence.recording.validation import _optimized_intervals, make_curricula, validate
 from simfluence.runlog import Run, RunSet
@@ -62,7 +64,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunSet]:
     """The recorded runs and the exact parameters, written once."""
     task = LinearLossTask()
     root = tmp_path_factory.mktemp("exact")
-    runs = record_runs(task, root / "runs", progress=False, **PROTOCOL)
+    runs = record_runs(task, root / "runs", RecordingProtocol(**PROTOCOL), progress=False)
     pool, tests = task.prepare(PROTOCOL["pool"], PROTOCOL["tests"], PROTOCOL["seed"])
     A, B = exact_parameters(pool, tests, PROTOCOL["lr"], PROTOCOL["batch"])
     np.savez(root / "exact.npz", A=A, B=B)

@@ -16,7 +16,9 @@ from simfluence.attribution.gradients import per_example_gradients
 from simfluence.cli.main import main
 from simfluence.errors import SimfluenceError
 from simfluence.recording.features import count_sketch, gradient_features, write_features
-from simfluence.recording.runner import record_runs, reserved_ids
+from simfluence.recording.protocol import ProtocolError, RecordingProtocol
+from simfluence.recording.record import record_runs
+from simfluence.recording.reserve import reserved_ids
 from simfluence.recording.task import Examples
 from simfluence.recording.workloads import get_workload
 from simfluence.runlog import load_runset
@@ -27,7 +29,8 @@ TINY = dict(runs=8, pool=40, per_run=16, tests=8, batch=4, epochs=2, lr=0.1, see
 @pytest.fixture(scope="module")
 def reserved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("digits") / "runs"
-    record_runs(get_workload("digits-mlp"), directory, progress=False, reserve=0.25, **TINY)
+    protocol = RecordingProtocol(reserve=0.25, **TINY)
+    record_runs(get_workload("digits-mlp"), directory, protocol, progress=False)
     return directory
 
 
@@ -43,11 +46,14 @@ def test_reserved_examples_are_drawn_only_by_the_held_out_runs(reserved: Path) -
 
 def test_reserve_options_are_checked_and_off_by_default(tmp_path: Path) -> None:
     task = get_workload("digits-mlp")
-    with pytest.raises(SimfluenceError, match="fewer than --per-run 16"):
-        record_runs(task, tmp_path / "a", progress=False, reserve=0.9, **TINY)
-    with pytest.raises(SimfluenceError, match="--reserve-from 8"):
-        record_runs(task, tmp_path / "b", progress=False, reserve=0.2, reserve_from=8, **TINY)
-    runs = record_runs(task, tmp_path / "c", progress=False, **{**TINY, "runs": 2})
+    with pytest.raises(ProtocolError, match=r"^reserve 0\.9: .*fewer than per_run 16") as info:
+        record_runs(task, tmp_path / "a", RecordingProtocol(reserve=0.9, **TINY))
+    assert info.value.field == "reserve" and info.value.value == 0.9
+    with pytest.raises(ProtocolError, match=r"^reserve_from 8: must be a run index between 1 and"):
+        record_runs(task, tmp_path / "b", RecordingProtocol(reserve=0.2, reserve_from=8, **TINY))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    protocol = RecordingProtocol(**{**TINY, "runs": 2})
+    runs = record_runs(task, tmp_path / "c", protocol, progress=False)
     assert "reserve" not in runs.metadata["config"] and "reserved_ids" not in runs.metadata
 
 
@@ -129,13 +135,14 @@ def test_validate_refits_featurized_simulators(reserved: Path) -> None:
 def test_resuming_a_reserved_recording_keeps_its_protocol(tmp_path: Path) -> None:
     task = get_workload("digits-mlp")
     small = {**TINY, "runs": 3, "pool": 20, "per_run": 8}
-    record_runs(task, tmp_path / "r", progress=False, reserve=0.25, reserve_from=2, **small)
-    # resumed with more runs and no --reserve: the recorded share and first held-out run stay
-    runs = record_runs(task, tmp_path / "r", progress=False, runs=4)
+    protocol = RecordingProtocol(reserve=0.25, reserve_from=2, **small)
+    record_runs(task, tmp_path / "r", protocol, progress=False)
+    # resumed with more runs and no reserve: the recorded share and first held-out run stay
+    runs = record_runs(task, tmp_path / "r", RecordingProtocol(runs=4), progress=False)
     config = runs.metadata["config"]
     assert config["reserve"] == 0.25 and config["reserve_from"] == 2 and len(runs.runs) == 4
     with pytest.raises(SimfluenceError, match="different config"):
-        record_runs(task, tmp_path / "r", progress=False, reserve=0.5)
+        record_runs(task, tmp_path / "r", RecordingProtocol(reserve=0.5), progress=False)
 
 
 def test_features_of_a_task_from_a_file_are_found_through_the_manifest(

@@ -30,7 +30,7 @@ import transformers
 from torch import nn
 
 from simfluence.recording import Examples, IdCollator, SimfluenceCallback
-from simfluence.runlog.store import run_path
+from simfluence.runlog.layout import run_path
 
 
 class WineMLP(nn.Module):

@@ -10,6 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+#: the temporary file of a write to ``NAME`` is ``.NAME.XXXXXXXX.tmp`` in the same folder
+TEMPORARY_SUFFIX = ".tmp"
+#: a glob for the temporary files an interrupted write left behind
+TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
@@ -20,7 +25,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    folder = target.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

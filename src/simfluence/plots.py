@@ -1,9 +1,11 @@
-"""Figures a person would rather look at than read: true vs simulated loss trajectories."""
+"""Figures a person would rather look at than read: true vs simulated loss trajectories, and
+where an attribution says a test loss moved."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,18 +14,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from simfluence._atomic import atomic_path
+from simfluence.colors import METHOD_COLORS
 
-#: a fixed colour per well-known method, so every figure reads the same way
-METHOD_COLORS = {
-    "true": "black",
-    "linear": "tab:red",
-    "additive": "tab:blue",
-    "mean": "tab:gray",
-    "persistence": "tab:olive",
-    "truth": "tab:green",
-    "featurized": "tab:orange",
-    "hybrid": "tab:purple",
-}
+if TYPE_CHECKING:
+    from simfluence.counterfactual import LeaveOneOut, StepContributions
+
+__all__ = [
+    "METHOD_COLORS",
+    "pick_test_examples",
+    "plot_attribution",
+    "plot_method_grid",
+    "plot_trajectories",
+]
 
 
 def pick_test_examples(true: np.ndarray, count: int) -> list[int]:
@@ -146,6 +148,35 @@ def plot_method_grid(
         title="test example",
     )
     return _finish(fig, path)
+
+
+def plot_attribution(
+    loo: LeaveOneOut,
+    steps: StepContributions | None,
+    top: int,
+    path: str | os.PathLike[str],
+) -> None:
+    """Left: the (simulated or recorded) trajectory with the top steps marked; right: the top
+    leave-one-out effects. Saved to `path` as PNG, atomically."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps is not None:
+        kind = "recorded" if loo.method in ("unrolled", "combined") else "simulated"
+        left.plot(np.arange(steps.trajectory.size), steps.trajectory, color="tab:red", lw=1.5)
+        marked = steps.top_steps(min(top, 5))
+        left.scatter(marked, steps.trajectory[marked], color="black", zorder=3, label="top steps")
+        left.set(xlabel="training step", ylabel=f"{kind} loss", title=f"{kind} trajectory")
+        left.legend(frameon=False)
+    left.grid(alpha=0.3)
+    rows = sorted(loo.rows(), key=lambda r: -abs(r[2]))[:top][::-1]
+    colors = ["tab:green" if e < 0 else "tab:red" for _, _, e in rows]
+    right.barh([r[0] for r in rows], [r[2] for r in rows], color=colors)
+    right.axvline(0, color="black", lw=0.8)
+    right.set(
+        xlabel="L_T(with) - L_T(without)  (<0 helpful)",
+        title=f"leave-one-out effects ({loo.method or 'simulator'}, {loo.removal})",
+    )
+    fig.tight_layout()
+    _finish(fig, path)
 
 
 def _finish(fig: plt.Figure, path: str | os.PathLike[str] | None) -> plt.Figure:

@@ -31,10 +31,10 @@ from simfluence._atomic import save_npz_atomic
 from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.runlog.features import ExampleFeatures
+from simfluence.runlog.layout import TRUTH_FILE
 from simfluence.runlog.runs import Run, RunSet, count_matrix
 from simfluence.runlog.store import save_runset
 from simfluence.simulators.encoding import weight_batches
-from simfluence.simulators.truth import TRUTH_FILE
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from simfluence.attribution.replay import (
 from simfluence.attribution.simulators import RunEffectsSimulator
 from simfluence.counterfactual.attribution import check_removal
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import torch_threads
+from simfluence.recording.loop import torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import RunSet
 
@@ -106,6 +106,8 @@ def dvemb_effects(
     saved: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     tolerance: float = REPLAY_TOLERANCE,
     seed: int | None = None,
+    optimizer: dict[str, Any] | None = None,
+    max_grad_norm: float | None = None,
 ) -> DVEmbResult:
     """DVEmb leave-one-out effects of every distinct training id of a replayed run.
 
@@ -120,6 +122,8 @@ def dvemb_effects(
             or ``"elementwise"``. Default: ``"none"`` up to `DENSE_LIMIT` parameters, else
             ``"kronecker"``.
         recorded_final_loss, saved, tolerance, seed: the replay checks (see `replay`).
+        optimizer, max_grad_norm: the recorded optimizer description and clipping; DVEmb's
+            formula assumes plain SGD, anything else is refused (`check_plain_sgd`).
 
     Returns:
         `DVEmbResult` with ``effects`` ``(M, N)``, negative = helpful.
@@ -130,7 +134,7 @@ def dvemb_effects(
     lrs = [float(v) for v in lrs]
     if len(lrs) != len(curriculum) or not curriculum:
         raise ReplayError(f"{len(lrs)} learning rates for {len(curriculum)} steps")
-    check_plain_sgd(task, model, lrs[0])
+    check_plain_sgd(task, model, lrs[0], optimizer, max_grad_norm)
     replay = Replay(task, model, checkpoint)
     dim = sum(t.numel() for t in replay.start.values())
     if factorization is None:
@@ -166,7 +170,7 @@ def dvemb_effects(
         torch.manual_seed(seed)
     was_training = work.training
     work.train()
-    kept, _, error = replay_parameters(
+    trace = replay_parameters(
         replay,
         batches,
         lrs,
@@ -175,7 +179,7 @@ def dvemb_effects(
         tolerance=tolerance,
         before_step=cache_step,
     )
-    final = kept[len(curriculum)]
+    final, error = trace.kept[len(curriculum)], trace.error
     final_loss = replay.test_losses(final, tests)
     error = max(error, check_final_losses(final_loss, recorded_final_loss, tolerance))
     _load(work, final)
@@ -255,6 +259,8 @@ def run_dvemb(
             factorization=factorization,
             recorded_final_loss=rec.run.losses[-1],
             saved=rec.saved,
+            optimizer=rec.optimizer,
+            max_grad_norm=rec.max_grad_norm,
             tolerance=tolerance,
             seed=rec.run.seed,
         )

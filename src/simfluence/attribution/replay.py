@@ -2,11 +2,14 @@
 `dvemb`, the methods that answer "which examples helped, in the run I trained?").
 
 `load_recorded_run` rebuilds everything a replay needs from a run set: the workload (`Task`),
-its pool and test examples, the run's curriculum and learning rates, the step-0 checkpoint and
-every other saved checkpoint (to check the replay against). `replay_parameters` then repeats the
-run's SGD updates exactly as `simfluence.recording.runner` computed them (the batch-mean loss,
-then ``p.add_(grad, alpha=-lr)`` per parameter, as `torch.optim.SGD` does), so the replayed
-parameters equal the saved checkpoints to the last bit on the machine that recorded them.
+its pool and test examples, the run's curriculum and learning rates, its optimizer (the
+recorded description and gradient clipping), the step-0 checkpoint and every other saved
+checkpoint (to check the replay against). `replay_parameters` then repeats the run's optimizer
+steps exactly as `simfluence.recording.loop` computed them (the batch-mean loss, then the
+optimizer's update: ``p.add_(grad, alpha=-lr)`` for plain SGD, or its differentiable copy in
+`simfluence.attribution.optimizers` for SGD with momentum, Adam and AdamW, starting from empty
+state at step 0), so the replayed parameters equal the saved checkpoints to the last bit on the
+machine that recorded them.
 Parameters are a dict ``name -> tensor`` of the model's trainable parameters; the model instance
 is never modified (`torch.func.functional_call`).
 """
@@ -23,6 +26,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from simfluence.attribution.optimizers import (
+    FunctionalOptimizer,
+    State,
+    UnsupportedOptimizerError,
+    functional_optimizer,
+)
 from simfluence.errors import SimfluenceError
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset, task_for_runset, task_label
@@ -33,8 +42,10 @@ __all__ = [
     "RecordedRun",
     "Replay",
     "ReplayError",
+    "ReplayTrace",
     "check_plain_sgd",
     "load_recorded_run",
+    "replay_optimizer",
     "task_for_runs",
 ]
 
@@ -57,27 +68,43 @@ def task_for_runs(runs: RunSet, workload: str | None = None) -> tuple[Task, dict
     return task, runs.metadata["config"]
 
 
-def check_plain_sgd(task: Task, model: nn.Module, lr: float) -> None:
-    """Raise `ReplayError` unless `task` trains with plain SGD (no momentum, weight decay,
-    dampening, Nesterov or maximize): the only optimizer replayed here."""
-    optimizer = task.make_optimizer(model, lr)
-    name = type(optimizer).__name__
-    if type(optimizer) is not torch.optim.SGD:
-        raise ReplayError(
-            f"task {task_label(task)!r} trains with {name}; replaying a run (unrolled, dvemb) "
-            "supports plain SGD only: with another optimizer the replay would be another run"
+def replay_optimizer(
+    task: Task,
+    model: nn.Module,
+    lr: float,
+    description: dict[str, Any] | None = None,
+    max_grad_norm: float | None = None,
+) -> FunctionalOptimizer:
+    """The differentiable copy of the optimizer a run trained with: the recorded
+    `description` (``config["optimizer"]``; None: the task's own, as the recorder rebuilds
+    it), over `model`'s trainable parameters, clipping at `max_grad_norm` when recorded.
+    `ReplayError` naming the task and optimizer when there is no copy (see
+    `simfluence.attribution.optimizers`)."""
+    from simfluence.recording.optim import rebuild_optimizer
+
+    try:
+        return functional_optimizer(
+            rebuild_optimizer(task, model, lr, description), model, max_grad_norm
         )
-    for group in optimizer.param_groups:
-        for key in ("momentum", "weight_decay", "dampening"):
-            if group.get(key, 0):
-                raise ReplayError(
-                    f"task {task_label(task)!r} trains with SGD({key}={group[key]}); replaying a "
-                    "run supports plain SGD only"
-                )
-        if group.get("nesterov") or group.get("maximize"):
-            raise ReplayError(
-                f"task {task_label(task)!r}: SGD with nesterov or maximize is not replayed"
-            )
+    except UnsupportedOptimizerError as exc:
+        raise ReplayError(f"task {task_label(task)!r} {exc}") from None
+
+
+def check_plain_sgd(
+    task: Task,
+    model: nn.Module,
+    lr: float,
+    description: dict[str, Any] | None = None,
+    max_grad_norm: float | None = None,
+) -> None:
+    """Raise `ReplayError` unless the run trained with plain SGD (no momentum, weight decay,
+    clipping, Nesterov or maximize): what DVEmb's formula assumes."""
+    optimizer = replay_optimizer(task, model, lr, description, max_grad_norm)
+    if not optimizer.is_plain_sgd:
+        raise ReplayError(
+            f"task {task_label(task)!r} trains with {optimizer.name} (or SGD with momentum or "
+            "weight decay); DVEmb assumes plain SGD: use unrolled, which replays it exactly"
+        )
 
 
 class TaskLoss(nn.Module):
@@ -136,13 +163,37 @@ class Replay:
 
     def sgd_step(self, params: Params, inputs: Inputs, lr: float) -> Params:
         """One SGD step on the batch-mean loss, computed exactly as the runner computes it."""
+        leaves, grads = self._batch_gradients(params, inputs)
+        return {
+            n: p.detach().add(g, alpha=-lr) for (n, p), g in zip(leaves.items(), grads, strict=True)
+        }
+
+    def step(
+        self,
+        params: Params,
+        state: State,
+        inputs: Inputs,
+        lr: float,
+        step: int,
+        optimizer: FunctionalOptimizer | None,
+    ) -> tuple[Params, State]:
+        """Step `step` (1-based) of the run: its optimizer's update on the batch-mean loss,
+        bit for bit as the runner computes it (`optimizer` None: plain SGD, no state)."""
+        if optimizer is None:
+            return self.sgd_step(params, inputs, lr), state
+        leaves, grads = self._batch_gradients(params, inputs)
+        with torch.no_grad():
+            plain = {n: p.detach() for n, p in leaves.items()}
+            return optimizer.step(plain, dict(zip(plain, grads, strict=True)), state, step, lr)
+
+    def _batch_gradients(
+        self, params: Params, inputs: Inputs
+    ) -> tuple[Params, tuple[torch.Tensor, ...]]:
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         with torch.enable_grad():
             loss = self.losses(leaves, inputs).mean()
             grads = torch.autograd.grad(loss, list(leaves.values()))
-        return {
-            n: p.detach().add(g, alpha=-lr) for (n, p), g in zip(leaves.items(), grads, strict=True)
-        }
+        return leaves, grads
 
     def test_losses(self, params: Params, tests: Examples, chunk: int = 256) -> np.ndarray:
         """Losses ``(M,)`` at `params`, scored as the recorder scores them (eval, no grad)."""
@@ -180,38 +231,55 @@ def _mode(model: nn.Module, train: bool) -> Iterator[None]:
         model.train(before)
 
 
+@dataclass
+class ReplayTrace:
+    """What `replay_parameters` keeps of a replayed run.
+
+    Attributes:
+        kept: ``{step: parameters}`` after the kept steps (always 0 and the last).
+        states: ``{step: optimizer state}`` at the same steps (empty tuples for plain SGD).
+        rng: the torch RNG state before every step (tasks with dropout).
+        error: the largest difference from the saved checkpoints.
+    """
+
+    kept: dict[int, Params]
+    states: dict[int, State]
+    rng: list[torch.Tensor]
+    error: float
+
+
 def replay_parameters(
     replay: Replay,
     batches: Sequence[Inputs],
     lrs: Sequence[float],
     *,
+    optimizer: FunctionalOptimizer | None = None,
     keep: Callable[[int], bool] = lambda t: True,
     saved: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     tolerance: float = REPLAY_TOLERANCE,
     before_step: Callable[[int, Params], None] | None = None,
-) -> tuple[dict[int, Params], list[torch.Tensor], float]:
-    """Repeat the run's SGD updates from `replay.start` (train mode, as the runner trains).
-
-    Returns ``(kept, rng, error)``: the parameters after the steps ``t`` where ``keep(t)``
-    (always step 0 and the last), the torch RNG state before every step (for tasks with
-    dropout; seed torch as the run did before calling), and the largest difference from the
-    `saved` checkpoints (``ReplayError`` beyond `tolerance`). ``before_step(t, params)`` is
-    called with ``theta_{t-1}`` before step ``t``.
-    """
-    kept = {0: replay.start}
-    rng: list[torch.Tensor] = []
-    params, error = replay.start, 0.0
+) -> ReplayTrace:
+    """Repeat the run's optimizer steps from `replay.start` (train mode, as the runner trains;
+    `optimizer` None: plain SGD), keeping the parameters and optimizer state after the steps
+    ``t`` where ``keep(t)``; seed torch as the run did before calling. A saved checkpoint
+    farther than `tolerance` from the replay is a ``ReplayError``. ``before_step(t, params)``
+    is called with ``theta_{t-1}`` before step ``t``."""
+    params = replay.start
+    state: State = {} if optimizer is None else optimizer.initial_state(params)
+    trace = ReplayTrace({0: params}, {0: state}, [], 0.0)
     with _mode(replay.model, train=True):
         for t, (inputs, lr) in enumerate(zip(batches, lrs, strict=True), start=1):
             if before_step is not None:
                 before_step(t, params)
-            rng.append(torch.get_rng_state())
-            params = replay.sgd_step(params, inputs, float(lr))
+            trace.rng.append(torch.get_rng_state())
+            params, state = replay.step(params, state, inputs, float(lr), t, optimizer)
             if saved and t in saved:
-                error = max(error, compare_parameters(params, saved[t], t, tolerance))
+                trace.error = max(
+                    trace.error, compare_parameters(params, saved[t], t, tolerance)
+                )
             if keep(t) or t == len(batches):
-                kept[t] = params
-    return kept, rng, error
+                trace.kept[t], trace.states[t] = params, state
+    return trace
 
 
 def check_final_losses(
@@ -259,6 +327,9 @@ class RecordedRun:
         lrs: ``(T,)`` learning rate of every step (the protocol's where not recorded).
         checkpoint: the ``state_dict`` at step 0.
         saved: ``{step: state_dict}`` of the other saved checkpoints.
+        optimizer: the recorded optimizer description (``config["optimizer"]``; None: the
+            task's own).
+        max_grad_norm: the recorded gradient clipping (None: none).
     """
 
     task: Task
@@ -269,6 +340,14 @@ class RecordedRun:
     lrs: list[float]
     checkpoint: dict[str, torch.Tensor]
     saved: dict[int, dict[str, torch.Tensor]]
+    optimizer: dict[str, Any] | None = None
+    max_grad_norm: float | None = None
+
+    def replay_optimizer(self) -> FunctionalOptimizer:
+        """The differentiable copy of the optimizer this run trained with."""
+        return replay_optimizer(
+            self.task, self.model, self.lrs[0], self.optimizer, self.max_grad_norm
+        )
 
     def batches(self) -> list[Inputs]:
         """The model inputs of every step's batch."""
@@ -299,7 +378,7 @@ def load_recorded_run(
 ) -> RecordedRun:
     """Rebuild run `run_id` of `runs` for replaying; `SimfluenceError` naming what is missing
     (no step-0 checkpoint: record with ``--checkpoints 0,...``)."""
-    from simfluence.recording.runner import load_checkpoint
+    from simfluence.recording.checkpoints import load_checkpoint
 
     run = runs.run(run_id)
     if task is None:
@@ -319,5 +398,14 @@ def load_recorded_run(
         for v in (run.lr if run.lr is not None else [default] * run.n_steps)
     ]
     return RecordedRun(
-        task, task.make_model(config["seed"]), pool, tests, run, lrs, checkpoint, saved
+        task,
+        task.make_model(config["seed"]),
+        pool,
+        tests,
+        run,
+        lrs,
+        checkpoint,
+        saved,
+        optimizer=config.get("optimizer"),
+        max_grad_norm=config.get("max_grad_norm"),
     )

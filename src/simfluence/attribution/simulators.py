@@ -52,8 +52,8 @@ import scipy.linalg
 import torch
 
 from simfluence.errors import SimfluenceError
+from simfluence.recording.checkpoints import require_checkpoint
 from simfluence.recording.devices import resolve_device
-from simfluence.recording.runner import require_checkpoint
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset, task_for_runset
 from simfluence.runlog.runs import Run, RunSet

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from simfluence.attribution.optimizers import FunctionalOptimizer, State
 from simfluence.attribution.replay import (
     REPLAY_TOLERANCE,
     Params,
@@ -59,15 +60,15 @@ from simfluence.attribution.replay import (
     ReplayError,
     batch_inputs,
     check_final_losses,
-    check_plain_sgd,
     compare_parameters,
     load_recorded_run,
+    replay_optimizer,
     replay_parameters,
 )
 from simfluence.attribution.simulators import RunEffectsSimulator
 from simfluence.counterfactual.attribution import REMOVALS, check_removal
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import SMALL_MODEL_PARAMS, torch_threads
+from simfluence.recording.loop import SMALL_MODEL_PARAMS, torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog.runs import RunSet
 
@@ -170,6 +171,8 @@ def unrolled_metagradients(
     test_chunk: int | None = None,
     seed: int | None = None,
     progress: bool | None = None,
+    optimizer: dict[str, Any] | None = None,
+    max_grad_norm: float | None = None,
 ) -> Metagradients:
     """Metagradients ``d L_T(z) / d w_c`` of every test example w.r.t. every consumption.
 
@@ -191,6 +194,11 @@ def unrolled_metagradients(
             otherwise.
         seed: the run's seed (``torch.manual_seed`` before training), for tasks with dropout.
         progress: a progress bar over the reverse pass (default: for large models only).
+        optimizer: the recorded optimizer description (``config["optimizer"]``; None: the
+            task's own). SGD (with or without momentum and weight decay), Adam and AdamW are
+            differentiated through exactly, their moments included (MAGIC's metagradient);
+            others are refused by name.
+        max_grad_norm: the recorded gradient clipping (None: none), differentiated through.
 
     Returns:
         `Metagradients` with ``grads`` of shape ``(M, C)``, ``C`` the number of consumptions.
@@ -200,7 +208,8 @@ def unrolled_metagradients(
     if len(lrs) != len(curriculum) or not curriculum:
         raise ReplayError(f"{len(lrs)} learning rates for {len(curriculum)} steps")
     lrs = [float(v) for v in lrs]
-    check_plain_sgd(task, model, lrs[0])
+    update = replay_optimizer(task, model, lrs[0], optimizer, max_grad_norm)
+    rule = None if update.is_plain_sgd else update  # plain SGD keeps the stateless graph
     replay = Replay(task, model, checkpoint)
     batches = batch_inputs(pool, curriculum)
     n_steps = len(curriculum)
@@ -214,22 +223,29 @@ def unrolled_metagradients(
     was_training = model.training
     model.train()  # the run trained in train mode
     try:
+        start_state: State = {} if rule is None else rule.initial_state(replay.start)
         if segment == n_steps:
             # one segment: its differentiable forward is the replay (and is checked as one)
-            whole = _Segment(replay, replay.start, batches, lrs, None, saved, tolerance)
+            whole = _Segment(
+                replay, replay.start, start_state, batches, lrs, 1, rule, None, saved, tolerance
+            )
             kept, error = {0: replay.start, n_steps: whole.end}, whole.error
+            states, rng = {0: start_state, n_steps: whole.end_state}, []
         else:
-            kept, rng, error = replay_parameters(
+            trace = replay_parameters(
                 replay,
                 batches,
                 lrs,
+                optimizer=rule,
                 keep=lambda t: t % segment == 0,
                 saved=saved,
                 tolerance=tolerance,
             )
+            kept, states, rng, error = trace.kept, trace.states, trace.rng, trace.error
         final_loss = replay.test_losses(kept[n_steps], tests)
         error = max(error, check_final_losses(final_loss, recorded_final_loss, tolerance))
         adjoint = replay.example_gradients(kept[n_steps], tests)  # name -> (M, *shape)
+        adjoint_state: list[torch.Tensor] | None = None  # the final loss ignores the state
         sizes = np.array([len(b) for b in curriculum])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         out = np.zeros((len(tests), int(offsets[-1])))
@@ -245,9 +261,16 @@ def unrolled_metagradients(
                 graph = whole
             else:
                 graph = _Segment(
-                    replay, kept[start], batches[start:stop], lrs[start:stop], rng[start:stop]
+                    replay,
+                    kept[start],
+                    states[start],
+                    batches[start:stop],
+                    lrs[start:stop],
+                    start + 1,
+                    rule,
+                    rng[start:stop],
                 )
-            adjoint, g_w = graph.pull_back(adjoint, test_chunk)
+            adjoint, adjoint_state, g_w = graph.pull_back(adjoint, adjoint_state, test_chunk)
             out[:, offsets[start] : offsets[stop]] = g_w
     finally:
         model.train(was_training)
@@ -260,7 +283,7 @@ def unrolled_metagradients(
         final_loss=final_loss,
         replay_error=error,
         seconds=time.perf_counter() - started,
-        info={"segment": segment},
+        info={"segment": segment, "optimizer": update.name},
     )
 
 
@@ -301,16 +324,23 @@ def run_metagradients(
             tolerance=tolerance,
             segment=segment,
             seed=rec.run.seed,
+            optimizer=rec.optimizer,
+            max_grad_norm=rec.max_grad_norm,
         )
 
 
 class _Segment:
-    """Consecutive SGD steps rebuilt as one autograd graph of their start parameters and their
-    consumption weights (each step's gradient taken with ``create_graph``, the update as
-    ``torch.add(p, g, alpha=-lr)`` like `torch.optim.SGD`, so the graph's forward reproduces
-    the run). `pull_back` then takes adjoints at the segment's end back to its start.
+    """Consecutive optimizer steps rebuilt as one autograd graph of their start parameters,
+    optimizer state and consumption weights (each step's gradient taken with
+    ``create_graph``; plain SGD's update as ``torch.add(p, g, alpha=-lr)`` like
+    `torch.optim.SGD`, any other through its differentiable copy, so the graph's forward
+    reproduces the run). `pull_back` then takes adjoints at the segment's end back to its start.
 
     Args:
+        start_state: the optimizer state at the segment's start (``{}`` for plain SGD).
+        first_step: the 1-based step number of the segment's first step (Adam's bias
+            corrections count steps).
+        rule: the differentiable optimizer; None for plain SGD.
         rng: the torch RNG state before each step, restored before it (tasks with dropout);
             None: record them while building (the segment starts the run).
         saved, tolerance: checkpoints ``{step: state_dict}`` to compare the forward with
@@ -321,18 +351,23 @@ class _Segment:
         self,
         replay: Replay,
         start: Params,
+        start_state: State,
         batches: list[dict[str, torch.Tensor]],
         lrs: list[float],
+        first_step: int,
+        rule: FunctionalOptimizer | None,
         rng: list[torch.Tensor] | None,
         saved: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
         tolerance: float = REPLAY_TOLERANCE,
     ) -> None:
         self.names = list(start)
         self.leaves = {n: p.detach().requires_grad_(True) for n, p in start.items()}
+        self.state_leaves = [t.detach().requires_grad_(True) for t in _flat(start_state)]
         dtype = self.leaves[self.names[0]].dtype
         self.weights: list[torch.Tensor] = []
         self.error = 0.0
-        params = self.leaves
+        params: Params = self.leaves
+        state = _unflat(start_state, self.state_leaves)
         with torch.enable_grad():
             for t, (inputs, lr) in enumerate(zip(batches, lrs, strict=True), start=1):
                 n = next(iter(inputs.values())).shape[0]
@@ -342,41 +377,77 @@ class _Segment:
                     torch.set_rng_state(rng[t - 1])
                 loss = (replay.losses(params, inputs) * w).sum() / n
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-                params = {
-                    k: torch.add(p, g, alpha=-lr)
-                    for (k, p), g in zip(params.items(), grads, strict=True)
-                }
+                if rule is None:
+                    params = {
+                        k: torch.add(p, g, alpha=-lr)
+                        for (k, p), g in zip(params.items(), grads, strict=True)
+                    }
+                else:
+                    named = dict(zip(params, grads, strict=True))
+                    params, state = rule.step(params, named, state, first_step + t - 1, lr)
                 if saved and t in saved:
                     detached = {k: v.detach() for k, v in params.items()}
                     self.error = max(
                         self.error, compare_parameters(detached, saved[t], t, tolerance)
                     )
         self.outputs = [params[k] for k in self.names]
+        self.state_outputs = _flat(state)
         self.end: Params = {k: params[k].detach() for k in self.names}
+        self.end_state: State = _unflat(state, [t.detach() for t in self.state_outputs])
 
-    def pull_back(self, adjoint: Params, test_chunk: int) -> tuple[Params, np.ndarray]:
-        """Adjoints ``name -> (M, *shape)`` at the end -> at the start, and ``d L_T / d w`` of
-        the segment's consumptions ``(M, C_segment)``: one backward pass per chunk of test
-        examples, batched over them (``is_grads_batched``); frees the graph."""
+    def pull_back(
+        self, adjoint: Params, adjoint_state: list[torch.Tensor] | None, test_chunk: int
+    ) -> tuple[Params, list[torch.Tensor] | None, np.ndarray]:
+        """Adjoints ``name -> (M, *shape)`` of the parameters (and, in `_flat` order, of the
+        optimizer state; None: zero, as at the run's end) at the end -> at the start, and
+        ``d L_T / d w`` of the segment's consumptions ``(M, C_segment)``: one backward pass
+        per chunk of test examples, batched over them (``is_grads_batched``); frees the
+        graph."""
         m = adjoint[self.names[0]].shape[0]
-        new: dict[str, list[torch.Tensor]] = {k: [] for k in self.names}
+        outputs = list(self.outputs)
+        if adjoint_state is not None:
+            outputs += self.state_outputs
+        inputs = [self.leaves[k] for k in self.names] + self.state_leaves + self.weights
+        n_params, n_state = len(self.names), len(self.state_leaves)
+        new: list[list[torch.Tensor]] = [[] for _ in range(n_params + n_state)]
         g_w = []
         with torch.enable_grad():
             for s in range(0, m, test_chunk):
+                given = [adjoint[k][s : s + test_chunk] for k in self.names]
+                if adjoint_state is not None:
+                    given += [a[s : s + test_chunk] for a in adjoint_state]
                 res = torch.autograd.grad(
-                    self.outputs,
-                    [self.leaves[k] for k in self.names] + self.weights,
-                    grad_outputs=[adjoint[k][s : s + test_chunk] for k in self.names],
+                    outputs,
+                    inputs,
+                    grad_outputs=given,
                     is_grads_batched=True,
                     retain_graph=s + test_chunk < m,
                     allow_unused=True,
                 )
-                for k, r in zip(self.names, res[: len(self.names)], strict=True):
-                    chunk = adjoint[k][s : s + test_chunk]
-                    new[k].append(torch.zeros_like(chunk) if r is None else r.detach())
-                g_w.append(torch.cat([r.detach() for r in res[len(self.names) :]], dim=1))
-        self.outputs = []  # the graph is spent
-        return {k: torch.cat(v) for k, v in new.items()}, torch.cat(g_w).double().numpy()
+                pairs = zip(inputs[: len(new)], res[: len(new)], strict=True)
+                for k, (leaf, r) in enumerate(pairs):
+                    shape = (len(given[0]), *leaf.shape)
+                    new[k].append(r.detach() if r is not None else leaf.new_zeros(shape))
+                g_w.append(torch.cat([r.detach() for r in res[n_params + n_state :]], dim=1))
+        self.outputs, self.state_outputs = [], []  # the graph is spent
+        params = {k: torch.cat(new[j]) for j, k in enumerate(self.names)}
+        state = [torch.cat(v) for v in new[n_params:]] if n_state else None
+        return params, state, torch.cat(g_w).double().numpy()
+
+
+def _flat(state: State) -> list[torch.Tensor]:
+    """The state's tensors in a fixed order (parameter name order, then each one's tuple)."""
+    return [t for name in state for t in state[name]]
+
+
+def _unflat(like: State, tensors: Sequence[torch.Tensor]) -> State:
+    """`like`'s structure filled with `tensors` (`_flat`'s order)."""
+    out: State = {}
+    k = 0
+    for name, parts in like.items():
+        out[name] = tuple(tensors[k : k + len(parts)])
+        k += len(parts)
+    return out
 
 
 # -- as a simulator ---------------------------------------------------------------------------

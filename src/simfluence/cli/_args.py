@@ -43,10 +43,9 @@ def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SimfluenceError(f"{what} {path}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SimfluenceError(f"{what} {path}: not valid JSON ({exc})") from None
+    from simfluence._safe_io import loads_json
+
+    return loads_json(path.read_bytes(), f"{what} {path}")
 
 
 class CommandFailedError(Exception):
@@ -64,9 +63,24 @@ TASK_HELP = (
 )
 
 
-def add_task_option(p: argparse.ArgumentParser, help: str) -> None:
-    """``--task REF`` (``--workload`` is its older name)."""
+def add_task_option(p: argparse.ArgumentParser, help: str, trust: bool = True) -> None:
+    """``--task REF`` (``--workload`` is its older name), and ``--trust-task`` unless `trust`
+    is False (a command that never imports a run set's task)."""
     p.add_argument("--task", "--workload", dest="task", default=None, metavar="REF", help=help)
+    if trust:
+        add_trust_option(p)
+
+
+def add_trust_option(p: argparse.ArgumentParser) -> None:
+    """``--trust-task``: import the task code a run set's manifest names even when it is not a
+    built-in, an installed plugin or on the user's allow-list (`simfluence.trust`)."""
+    p.add_argument(
+        "--trust-task",
+        action="store_true",
+        help="run the task code (a file or module) that the run set's manifest names, though "
+        "it was not recorded on this machine (only for run sets you trust: see "
+        "docs/security.md; or set SIMFLUENCE_TRUST_TASK=1)",
+    )
 
 
 def load_json_object(text: str | None, what: str) -> dict[str, Any]:
@@ -82,20 +96,29 @@ def load_json_object(text: str | None, what: str) -> dict[str, Any]:
     return value
 
 
-def add_execution_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--device``, ``--workers``, ``--threads`` and ``--ray [ADDRESS]`` for commands that
-    train (`what` says what the units of work are)."""
-    p.add_argument(
+def add_execution_options(
+    p: argparse.ArgumentParser,
+    what: str,
+    *,
+    verb: str = "train",
+    device: str = "where to train",
+    threads: bool = True,
+) -> None:
+    """``--device``, ``--workers``, ``--ray [ADDRESS]`` (and ``--threads`` unless `threads` is
+    False) for commands that train or fit (`what` says what the units of work are, `verb` what
+    is done to them, `device` what ``--device`` chooses)."""
+    group = p.add_argument_group("execution options")
+    group.add_argument(
         "--device",
         default="cpu",
-        help="where to train: auto (a GPU when there is one), cpu (default), cuda or cuda:K",
+        help=f"{device}: auto (a GPU when there is one), cpu (default), cuda or cuda:K",
     )
-    where = p.add_mutually_exclusive_group()
+    where = group.add_mutually_exclusive_group()
     where.add_argument(
         "--workers",
         type=positive_int,
         default=None,
-        help=f"train {what} in N local processes at a time (default: one after another here)",
+        help=f"{verb} {what} in N local processes at a time (default: one after another here)",
     )
     where.add_argument(
         "--ray",
@@ -103,14 +126,27 @@ def add_execution_options(p: argparse.ArgumentParser, what: str) -> None:
         const="",
         default=None,
         metavar="ADDRESS",
-        help=f"train {what} as Ray tasks: on a local Ray instance, or the cluster at ADDRESS "
+        help=f"{verb} {what} as Ray tasks: on a local Ray instance, or the cluster at ADDRESS "
         "(needs pip install 'simfluence[ray]')",
     )
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="torch threads per unit of work (default: 1 with --workers or --ray)",
+    if threads:
+        group.add_argument(
+            "--threads",
+            type=positive_int,
+            default=None,
+            help="torch threads per unit of work (default: 1 with --workers or --ray)",
+        )
+
+
+def add_fit_execution_options(p: argparse.ArgumentParser) -> None:
+    """`add_execution_options` for commands that fit simulators: the units of work are the
+    shards of the linear/additive fits, ``--device`` is where gradient methods compute."""
+    add_execution_options(
+        p,
+        "the shards of the linear/additive fits",
+        verb="fit",
+        device="gradient methods: where gradients are computed",
+        threads=False,
     )
 
 

@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
 from simfluence.cli._args import (
-    CommandFailedError,
-    add_task_option,
+    add_fit_execution_options,
     comma_list,
     level,
     positive_int,
@@ -28,14 +27,9 @@ from simfluence.cli._curricula import (
     load_curriculum,
     with_new_examples,
 )
-from simfluence.errors import SimfluenceError
-from simfluence.evaluation import (
-    EvaluationResult,
-    evaluate,
-    failure_message,
-    format_table,
-    format_unseen_table,
-)
+from simfluence.cli._failures import raise_failures
+from simfluence.cli._options import add_simulator_options, build_simulators, with_features
+from simfluence.evaluation import evaluate, format_table, format_unseen_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
     export_gptfluence,
@@ -44,11 +38,11 @@ from simfluence.runlog import (
     save_runset,
 )
 from simfluence.runlog.gptfluence import IDS_FILE
-from simfluence.runlog.runs import RunSet
+from simfluence.runlog.layout import TRUTH_FILE, truth_path
+from simfluence.runlog.runs import default_holdout
 from simfluence.simulators import Simulator, available_simulators, load_simulator
 from simfluence.simulators.intervals import Interval
-from simfluence.simulators.registry import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
+from simfluence.simulators.methods import DEFAULT_EVALUATE_METHODS
 from simfluence.synth import SynthConfig, write_synthetic
 
 
@@ -110,90 +104,6 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 # -- fit --------------------------------------------------------------------------------------
-def _add_simulator_options(p: argparse.ArgumentParser, unseen: str = "error") -> None:
-    """``--l2``, ``--loss-power`` and ``--unseen``. Evaluations default to ``--unseen prior``: a
-    held-out run may consume an example no training run did, and that is a fact to report, not
-    an error."""
-    p.add_argument(
-        "--l2",
-        type=float,
-        default=None,
-        help="ridge strength toward 'no effect' for linear/additive (default: chosen by "
-        "cross-validation over whole training runs)",
-    )
-    p.add_argument(
-        "--loss-power",
-        type=float,
-        default=None,
-        help="linear: weight each step's squared error by (loss before it)^-POWER, so small "
-        "losses are fitted more precisely (default 0, ordinary least squares; 1 ranks final "
-        "losses better at some cost in all-steps MSE: see the README)",
-    )
-    p.add_argument(
-        "--unseen",
-        choices=["error", "prior"],
-        default=unseen,
-        help=f"a training id absent from the fitted runs: an error, or no effect (default: "
-        f"{unseen})",
-    )
-    add_task_option(
-        p,
-        "for the gradient methods: where the run set's task is, when the reference stored in "
-        "its manifest no longer works (a built-in name, package.module:Class, "
-        "path/to/file.py:Class or a plugin name; default: the stored one)",
-    )
-    p.add_argument(
-        "--cv-tests",
-        type=positive_int,
-        default=None,
-        help="linear/additive: choose l2 on this many test examples drawn at random (default: "
-        "all; a few hundred rank l2 as well as thousands, for a fraction of the cost)",
-    )
-    p.add_argument(
-        "--shards",
-        type=positive_int,
-        default=None,
-        help="linear/additive: fit in this many shards of test examples (default: one per "
-        "worker with --workers or --ray)",
-    )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--workers", type=positive_int, default=None, help="fit the shards in N local processes"
-    )
-    where.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="fit the shards as Ray tasks, locally or on the cluster at ADDRESS",
-    )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="gradient methods: where gradients are computed (auto, cpu, cuda, cuda:K)",
-    )
-
-
-def _simulator_options(args: argparse.Namespace) -> dict[str, Any]:
-    backend = None
-    if args.ray is not None:
-        backend = f"ray:{args.ray}" if args.ray else "ray"
-    elif args.workers is not None:
-        backend = f"process:{args.workers}"
-    return {
-        "l2": args.l2,
-        "loss_power": args.loss_power,
-        "unseen": args.unseen,
-        "path": str(Path(args.directory) / TRUTH_FILE),
-        "task": args.task,
-        "cv_tests": args.cv_tests,
-        "test_shards": args.shards,
-        "backend": backend,
-        "device": args.device,
-    }
-
-
 def _register_fit(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fit", help="fit a simulator on a run set and save it")
     p.add_argument("directory", help="run-set directory")
@@ -212,16 +122,19 @@ def _register_fit(subparsers: argparse._SubParsersAction) -> None:
         help="skip the calibration of predictive intervals (5 refits on run-wise folds; "
         "`simulate --interval`, attribution and search intervals need it)",
     )
-    _add_simulator_options(p)
+    add_simulator_options(p, unseen="error")
+    add_fit_execution_options(p)
     p.set_defaults(func=cmd_fit)
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
+    truth = str(truth_path(args.directory))
+    (simulator,) = build_simulators(args, [args.method], path=truth).values()
+    runs = with_features(args.directory, runs, [args.method], args.task)
     if args.holdout:
         runs, held = runs.split(args.holdout)
         print(f"holding out {len(held.runs)} runs: {', '.join(held.run_ids)}")
-    simulator = configure_simulator(args.method, **_simulator_options(args))
     start = time.perf_counter()
     simulator.fit(runs)
     seconds = time.perf_counter() - start
@@ -346,8 +259,8 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=comma_list,
-        default=["linear", "additive", "mean", "persistence"],
-        help="comma-separated methods (default: linear,additive,mean,persistence; 'truth' "
+        default=list(DEFAULT_EVALUATE_METHODS),
+        help=f"comma-separated methods (default: {','.join(DEFAULT_EVALUATE_METHODS)}; 'truth' "
         "adds the true parameters of a synthetic run set)",
     )
     group = p.add_mutually_exclusive_group()
@@ -357,20 +270,16 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--heldout-runs", type=comma_list, default=None, help="run ids to hold out")
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plot", default=None, help="draw true vs simulated trajectories to this PNG")
-    _add_simulator_options(p, unseen="prior")
+    add_simulator_options(p, unseen="prior")
+    add_fit_execution_options(p)
     p.set_defaults(func=cmd_evaluate)
-
-
-def default_holdout(runs: RunSet) -> int:
-    """The GPTfluence protocol holds out 5 of 32 runs: about 1 in 6, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
-    heldout = args.heldout_runs or args.holdout or default_holdout(runs)
-    options = _simulator_options(args)
-    simulators = {name: configure_simulator(name, **options) for name in args.methods}
+    heldout = args.heldout_runs or args.holdout or default_holdout(len(runs.runs))
+    simulators = build_simulators(args, args.methods, path=str(truth_path(args.directory)))
+    runs = with_features(args.directory, runs, args.methods, args.task)
     result = evaluate(
         runs,
         simulators,
@@ -385,7 +294,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if result.unseen_fraction:
         print(
             f"note: {100 * result.unseen_fraction:.1f}% of the held-out runs' consumptions are of "
-            f"examples no training run consumed (--unseen {args.unseen})"
+            f"examples no training run consumed (--unseen {args.unseen or args.unseen_default})"
         )
     print(format_table(result))
     by_unseen = format_unseen_table(result)
@@ -406,21 +315,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             plot_trajectories(run.losses, simulated, runs.test_ids, columns, title, args.plot)
         print(f"wrote {args.plot}")
     raise_failures(result)
-
-
-def raise_failures(result: EvaluationResult) -> None:
-    """After the results of the others are out: `CommandFailedError` naming the methods that
-    failed (status 2 when every failure was a user mistake, else 1)."""
-    if not result.failed:
-        return
-    names = ", ".join(result.failed)
-    first_name, first = next(iter(result.failed.items()))
-    mistakes = all(isinstance(exc, SimfluenceError) for exc in result.failed.values())
-    raise CommandFailedError(
-        f"{len(result.failed)} of {len(result.failed) + len(result.methods)} methods failed "
-        f"({names}); {first_name}: {failure_message(first, first_name)}",
-        status=2 if mistakes else 1,
-    )
 
 
 # -- GPTfluence interop -----------------------------------------------------------------------

@@ -4,12 +4,8 @@ curriculum a simulator predicts is best)."""
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Any
 
-import numpy as np
-
-from simfluence._atomic import atomic_path, write_json_atomic
+from simfluence._atomic import write_json_atomic
 from simfluence.cli._args import add_task_option, level, positive_int
 from simfluence.cli._curricula import (
     add_curriculum_source_options,
@@ -18,15 +14,12 @@ from simfluence.cli._curricula import (
     load_curriculum,
     with_new_examples,
 )
-from simfluence.counterfactual import (
-    SIGN_CONVENTION,
-    LeaveOneOut,
-    StepContributions,
-    optimize_curriculum,
-)
+from simfluence.counterfactual import optimize_curriculum
 from simfluence.counterfactual.attribution import REMOVALS, attribution_views
 from simfluence.errors import SimfluenceError
+from simfluence.evaluation.text import format_attribution
 from simfluence.runlog import load_runset
+from simfluence.runlog.layout import checkpoint_path
 from simfluence.simulators import load_simulator
 
 
@@ -113,8 +106,7 @@ def _attribute_method(args: argparse.Namespace) -> str:
 
 
 def _has_step0_checkpoint(directory: str, run_id: str) -> bool:
-    # the runner's layout (recording.runner.checkpoint_path), without importing torch here
-    return os.path.isfile(os.path.join(directory, "checkpoints", run_id, "step-0.pt"))
+    return checkpoint_path(directory, run_id, 0).is_file()
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
@@ -156,107 +148,15 @@ def cmd_attribute(args: argparse.Namespace) -> None:
             task=args.task,
         )
         source, n_steps = f"run {args.run}", runset.run(args.run).n_steps
-    print(_attribute_report(loo, steps, pairs, source, n_steps, args.top))
+    print(format_attribution(loo, steps, pairs, source, n_steps, args.top))
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "curriculum": source, **views})
         print(f"wrote {args.json}")
     if args.plot:
+        from simfluence.plots import plot_attribution  # matplotlib: only when drawing
+
         plot_attribution(loo, steps, args.top, args.plot)
         print(f"wrote {args.plot}")
-
-
-def _attribute_report(
-    loo: LeaveOneOut,
-    steps: StepContributions | None,
-    pairs: Any,
-    source: str,
-    n_steps: int,
-    top: int,
-) -> str:
-    target = loo.test_ids[0] if len(loo.test_ids) == 1 else f"mean of {len(loo.test_ids)} tests"
-    replayed = loo.method in ("unrolled", "dvemb", "combined")
-    loss = "recorded loss" if replayed else "simulated loss"
-    start = f"{steps.trajectory[0]:.4f} -> " if steps is not None else ""
-    lines = [
-        f"{target} on {source} ({n_steps} steps, {len(loo.train_ids)} distinct training ids): "
-        f"{loss} {start}{loo.final_loss:.4f}",
-        f"method: {loo.method}; removal: {loo.removal} "
-        + (
-            "(the example kept in its batches at weight 0)"
-            if loo.removal == "zero-weight"
-            else "(dropped, its batch mates re-averaged)"
-        ),
-        f"sign: {SIGN_CONVENTION}",
-    ]
-    bounds = {}
-    if loo.lower is not None and loo.upper is not None:
-        uncertain = loo.uncertain()
-        bounds = {
-            i: (lo, hi, bool(u))
-            for i, lo, hi, u in zip(loo.train_ids, loo.lower, loo.upper, uncertain, strict=True)
-        }
-        lines.append(
-            f"[low, high]: {100 * (loo.level or 0):g}% interval over the calibration refits; "
-            f"'~' marks an effect whose interval includes 0 ({int(uncertain.sum())} of "
-            f"{uncertain.size}: not even their sign is established)"
-        )
-    for title, rows in (("most helpful", loo.helpful(top)), ("most harmful", loo.harmful(top))):
-        lines.append(f"{title} (leave-one-out):" + ("" if rows else " none"))
-        for i, c, e in rows:
-            line = f"  {i:<24} x{c:<3} effect {e:+.5f}"
-            if i in bounds:
-                lo, hi, zero = bounds[i]
-                line += f" [{lo:+.5f}, {hi:+.5f}]" + (" ~" if zero else "")
-            lines.append(line)
-    if steps is not None:
-        lines.append(f"steps that mattered most ({steps.unit}):")
-        for t in steps.top_steps(min(top, 5)):
-            ex = ", ".join(f"{i} {c:+.4f}" for i, c in steps.top_examples(t, 3))
-            lines.append(
-                f"  step {t:<5} change {steps.change[t - 1]:+.5f}" + (f"  [{ex}]" if ex else "")
-            )
-    if pairs is not None and pairs.pairs:
-        lines.append(
-            "pair interactions (joint - (effect_i + effect_j); <0 for two helpful = redundant):"
-        )
-        for i, j, joint, add, inter in pairs.pairs[:top]:
-            lines.append(
-                f"  {i} + {j}: joint {joint:+.5f} additive {add:+.5f} interaction {inter:+.5f}"
-            )
-    return "\n".join(lines)
-
-
-def plot_attribution(
-    loo: LeaveOneOut, steps: StepContributions | None, top: int, path: str | os.PathLike[str]
-) -> None:
-    """Left: the (simulated or recorded) trajectory with the top steps marked; right: the top
-    leave-one-out effects."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    if steps is not None:
-        kind = "recorded" if loo.method in ("unrolled", "combined") else "simulated"
-        left.plot(np.arange(steps.trajectory.size), steps.trajectory, color="tab:red", lw=1.5)
-        marked = steps.top_steps(min(top, 5))
-        left.scatter(marked, steps.trajectory[marked], color="black", zorder=3, label="top steps")
-        left.set(xlabel="training step", ylabel=f"{kind} loss", title=f"{kind} trajectory")
-        left.legend(frameon=False)
-    left.grid(alpha=0.3)
-    rows = sorted(loo.rows(), key=lambda r: -abs(r[2]))[:top][::-1]
-    colors = ["tab:green" if e < 0 else "tab:red" for _, _, e in rows]
-    right.barh([r[0] for r in rows], [r[2] for r in rows], color=colors)
-    right.axvline(0, color="black", lw=0.8)
-    right.set(
-        xlabel="L_T(with) - L_T(without)  (<0 helpful)",
-        title=f"leave-one-out effects ({loo.method or 'simulator'}, {loo.removal})",
-    )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 # -- optimize ---------------------------------------------------------------------------------

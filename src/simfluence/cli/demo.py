@@ -15,25 +15,11 @@ from tqdm.auto import tqdm
 
 from simfluence._atomic import write_json_atomic
 from simfluence.cli._args import TASK_HELP, add_task_option, comma_list
-from simfluence.cli.core import raise_failures
+from simfluence.cli._failures import raise_failures
+from simfluence.cli._options import add_simulator_options, build_simulators, with_features
 from simfluence.evaluation import evaluate, format_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
-from simfluence.simulators import configure_simulator
-
-ALL_METHODS = [
-    "linear",
-    "additive",
-    "tracin-cp",
-    "tracin-cp-scaled",
-    "grad-dot",
-    "grad-dot-scaled",
-    "influence",
-    "influence-scaled",
-    "featurized",
-    "hybrid",
-    "mean",
-    "persistence",
-]
+from simfluence.simulators.methods import DEMO_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,25 +28,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="record a workload, fit and evaluate every simulator, write a report",
         description=__doc__,
     )
-    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)")
+    add_task_option(p, f"{TASK_HELP} (default: digits-mlp)", trust=False)
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument(
-        "--methods", type=comma_list, default=ALL_METHODS, help="comma-separated methods"
+        "--methods",
+        type=comma_list,
+        default=list(DEMO_METHODS),
+        help=f"comma-separated methods (default: {','.join(DEMO_METHODS)})",
     )
     p.add_argument("--runs", type=int, default=None, help="runs to record (workload default)")
     p.add_argument("--holdout", type=int, default=5, help="held-out runs (default: 5)")
     p.add_argument("--seed", type=int, default=0)
+    add_simulator_options(p, unseen="prior", task=False)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from simfluence.recording.features import ensure_features
-    from simfluence.recording.runner import record_runs, steps_per_run
+    from simfluence.recording.protocol import RecordingProtocol, steps_per_run
+    from simfluence.recording.record import record_runs
     from simfluence.recording.tasks import resolve_task, task_label
+    from simfluence.trust import remember_trusted
 
     out = Path(args.out)
     ref = args.task or "digits-mlp"
     task = resolve_task(ref)
+    remember_trusted(ref)  # the user's own task code: later commands may import it
+    simulators = build_simulators(args, args.methods, task=None)  # the stored task
     d = task.defaults
     runs_count = args.runs or d.runs
     steps = steps_per_run(d.per_run, d.batch, d.epochs)
@@ -69,15 +62,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"[1/3] recording {runs_count} runs x {steps} steps of {task_label(task)} (pool {d.pool}, "
         f"{d.tests} test examples, batch {d.batch}, lr {d.lr}) into {out / 'runs'}"
     )
-    runs = record_runs(task, out / "runs", runs=runs_count, seed=args.seed, task_ref=ref)
+    protocol = RecordingProtocol(runs=runs_count, seed=args.seed)
+    runs = record_runs(task, out / "runs", protocol, task_ref=ref)
     recorded = time.perf_counter() - start
     print(f"      recorded in {recorded:.1f} s")
-    runs = ensure_features(out / "runs", runs, args.methods, task)
+    runs = with_features(out / "runs", runs, args.methods, task)
     print(
         f"[2/3] fitting {len(args.methods)} simulators on {runs_count - args.holdout} runs, "
         f"simulating {args.holdout} held-out runs"
     )
-    simulators = {name: configure_simulator(name, unseen="prior") for name in args.methods}
     result = evaluate(
         runs,
         simulators,

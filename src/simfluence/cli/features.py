@@ -7,14 +7,15 @@ import argparse
 from simfluence.cli._args import add_task_option, positive_int
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import load_runset
-from simfluence.runlog.features import FEATURES_FILE, align, read_feature_table, save_features
+from simfluence.runlog.features import align, read_feature_table, save_features
+from simfluence.runlog.layout import FEATURES_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "features",
         help="compute or import one feature vector per example (for featurized/hybrid)",
-        description="Write DIR/features.npz: from the run set's workload (nothing is trained: "
+        description=f"Write DIR/{FEATURES_FILE}: from the run set's workload (nothing is trained: "
         "the features come from the initial model), or from a file of id -> vector.",
     )
     p.add_argument("directory", help="run-set directory")

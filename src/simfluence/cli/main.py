@@ -16,6 +16,7 @@ from simfluence._resolve import install_hint
 from simfluence.cli import core, counterfactual, demo, features, record, report, validate
 from simfluence.cli._args import CommandFailedError
 from simfluence.errors import SimfluenceError
+from simfluence.trust import trusting_tasks
 
 #: command modules; each has ``register(subparsers)`` and sets ``func`` on its parsers
 COMMAND_MODULES = [core, record, features, demo, validate, counterfactual, report]
@@ -49,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     prefix = f"simfluence {args.command}"
     try:
-        args.func(args)
+        with trusting_tasks(getattr(args, "trust_task", False)):  # --trust-task
+            args.func(args)
     except SimfluenceError as exc:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

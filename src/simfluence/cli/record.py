@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from simfluence.cli._args import (
     TASK_HELP,
@@ -100,6 +99,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 0)")
     p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradients to this total 2-norm before every step, as Hugging Face's "
+        "Trainer does (1.0 there; default here: no clipping)",
+    )
+    p.add_argument(
         "--adapter",
         choices=["lora"],
         default=None,
@@ -126,17 +132,18 @@ def parse_checkpoints(text: str | None) -> list[int] | None:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
-    from simfluence.recording.runner import RECORDER_NAME, record_runs
+    from simfluence.recording.directory import recorded_metadata
+    from simfluence.recording.protocol import ProtocolError
+    from simfluence.recording.record import record_runs
     from simfluence.recording.tasks import resolve_task, task_from_metadata, task_label
-    from simfluence.runlog import read_manifest
-    from simfluence.runlog.store import MANIFEST
+    from simfluence.trust import remember_trusted
 
     steps = parse_checkpoints(args.checkpoints)
     kwargs = load_json_object(args.task_kwargs, "--task-kwargs")
     meta = {}
-    if args.task is None and not kwargs and (Path(args.directory) / MANIFEST).is_file():
-        meta = read_manifest(args.directory).get("metadata") or {}
-    if meta.get("recorder") == RECORDER_NAME:  # resume the task it was recorded with
+    if args.task is None and not kwargs:
+        meta = recorded_metadata(args.directory)
+    if meta:  # resume the task it was recorded with
         task = task_from_metadata(meta, str(args.directory))
         task_ref = (meta.get("task_spec") or {}).get("ref")
     else:
@@ -145,35 +152,25 @@ def cmd_record(args: argparse.Namespace) -> None:
             kwargs = {**kwargs, "adapter": args.adapter}
             _check_accepts(task_ref, "adapter")
         task = resolve_task(task_ref, kwargs)
+        remember_trusted(task_ref)  # the user's own task code: later commands may import it
     optimizer = _optimizer_spec(args)
-    if optimizer is None and meta.get("recorder") == RECORDER_NAME:  # resume as recorded
+    if optimizer is None and meta:  # resume as recorded
         optimizer = _recorded_optimizer(meta, task)
     backend = backend_from_args(args)
-    options = {
-        "runs": args.runs,
-        "pool": args.pool,
-        "per_run": args.per_run,
-        "tests": args.tests,
-        "batch": args.batch,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "seed": args.seed,
-    }
     start = time.perf_counter()
     try:
+        protocol = _protocol(args, steps, optimizer)
         runset = record_runs(
             task,
             args.directory,
-            checkpoints=steps,
-            progress=not args.no_progress,
+            protocol,
             task_ref=task_ref,
-            reserve=args.reserve,
-            reserve_from=args.reserve_from,
-            optimizer=optimizer,
             device=args.device,
             backend=backend,
-            **options,
+            progress=not args.no_progress,
         )
+    except ProtocolError as exc:  # the library names the protocol's fields; here, the flags
+        raise SimfluenceError(exc.with_name(_flag(exc.field))) from None
     except KeyboardInterrupt:
         print(
             f"interrupted: finished runs are kept in {args.directory}; run the same command "
@@ -193,10 +190,37 @@ def cmd_record(args: argparse.Namespace) -> None:
     )
 
 
+def _protocol(args: argparse.Namespace, checkpoints: list[int] | None, optimizer):  # type: ignore[no-untyped-def]
+    """The `RecordingProtocol` the flags ask for (options left out: None); `optimizer`: an
+    `OptimizerSpec` or None."""
+    from simfluence.recording.protocol import RecordingProtocol
+
+    return RecordingProtocol(
+        runs=args.runs,
+        pool=args.pool,
+        per_run=args.per_run,
+        tests=args.tests,
+        batch=args.batch,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoints=checkpoints,
+        reserve=args.reserve,
+        reserve_from=args.reserve_from,
+        optimizer=optimizer,
+    )
+
+
+def _flag(field: str) -> str:
+    """The flag of a protocol field: ``per_run`` -> ``--per-run``."""
+    return "--" + field.replace("_", "-")
+
+
 def _optimizer_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The `OptimizerSpec` that --optimizer/--weight-decay/--schedule/--warmup ask for; None
-    when none is given (resuming keeps the recorded optimizer, else the task's own)."""
-    given = (args.optimizer, args.weight_decay, args.schedule, args.warmup)
+    """The `OptimizerSpec` that --optimizer/--weight-decay/--schedule/--warmup/--max-grad-norm
+    ask for; None when none is given (resuming keeps the recorded optimizer, else the task's
+    own)."""
+    given = (args.optimizer, args.weight_decay, args.schedule, args.warmup, args.max_grad_norm)
     if all(value is None for value in given):
         return None
     from simfluence.recording.optim import OptimizerSpec
@@ -206,6 +230,7 @@ def _optimizer_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         weight_decay=args.weight_decay,
         schedule=args.schedule or "constant",
         warmup=0 if args.warmup is None else args.warmup,
+        max_grad_norm=args.max_grad_norm,
     )
 
 

@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 
-from simfluence.cli._args import add_task_option, comma_list, positive_int, read_json
-from simfluence.cli.core import raise_failures
+from simfluence.cli._args import add_fit_execution_options, comma_list, positive_int, read_json
+from simfluence.cli._failures import raise_failures
+from simfluence.cli._options import add_simulator_options, build_simulators, with_features
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import (
     EvaluationResult,
-    MethodResult,
     evaluate,
     failure_message,
-    interval_scores,
-    score,
+    score_fitted,
 )
 from simfluence.plots import pick_test_examples, plot_method_grid
 from simfluence.report.html import write_report
 from simfluence.runlog import load_runset
-from simfluence.runlog.runs import RunSet
+from simfluence.runlog.layout import TRUTH_FILE
+from simfluence.runlog.runs import RunSet, default_holdout
 from simfluence.simulators import Simulator, load_simulator
-from simfluence.simulators.registry import configure_simulator
-from simfluence.simulators.truth import TRUTH_FILE
-
-DEFAULT_METHODS = ["linear", "additive", "mean", "persistence"]
+from simfluence.simulators.methods import DEFAULT_EVALUATE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=comma_list,
-        default=DEFAULT_METHODS,
+        default=list(DEFAULT_EVALUATE_METHODS),
         help="comma-separated methods to fit and evaluate (default: "
-        f"{','.join(DEFAULT_METHODS)}; 'truth' adds the true parameters of a synthetic set)",
+        f"{','.join(DEFAULT_EVALUATE_METHODS)}; 'truth' adds the true parameters of a "
+        "synthetic set)",
     )
     p.add_argument(
         "--model",
@@ -63,46 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--validation", default=None, help="JSON from a validation command to include")
     p.add_argument("--attribution", default=None, help="JSON of attribution results to include")
     p.add_argument("--title", default=None, help="page title (default: from the run set)")
-    p.add_argument(
-        "--unseen",
-        choices=["error", "prior"],
-        default="prior",
-        help="a training id absent from the fitted runs: no effect (default), or an error",
-    )
-    add_task_option(
-        p,
-        "for the gradient methods: where the run set's task is, when the reference stored in "
-        "its manifest no longer works (default: the stored one)",
-    )
+    add_simulator_options(p, unseen="prior")
+    add_fit_execution_options(p)
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.set_defaults(func=cmd_report)
-
-
-def _default_holdout(runs: RunSet) -> int:
-    """As `simfluence evaluate`: about 5 in 32 runs, at least 1."""
-    return max(1, round(len(runs.runs) * 5 / 32))
-
-
-def prefitted_result(simulator: Simulator, heldout: RunSet, where: str) -> MethodResult:
-    """Roll out a pre-fitted simulator on the held-out runs (no refit) and score it."""
-    if list(simulator.test_ids_) != list(heldout.test_ids):
-        raise SimfluenceError(
-            f"{where}: its test examples ({len(simulator.test_ids_)}) are not the run set's "
-            f"({len(heldout.test_ids)}) in the same order"
-        )
-    start = time.perf_counter()
-    simulated = simulator.simulate_many(
-        [r.curriculum for r in heldout.runs], np.stack([r.initial_loss for r in heldout.runs])
-    )
-    seconds = time.perf_counter() - start
-    scores = score([r.losses for r in heldout.runs], simulated)
-    scores |= {"fit_seconds": math.nan, "simulate_seconds": seconds}
-    result = MethodResult(scores, simulated, simulator)
-    if simulator.is_calibrated:  # calibrated when it was fitted: show its own intervals
-        true = [r.losses for r in heldout.runs]
-        result.intervals, interval_metrics = interval_scores(simulator, true, simulated)
-        scores |= interval_metrics
-    return result
 
 
 def _model_name(path: Path, simulator: Simulator, taken: set[str]) -> str:
@@ -115,13 +73,11 @@ def _model_name(path: Path, simulator: Simulator, taken: set[str]) -> str:
 
 def build_evaluation(
     runs: RunSet,
-    methods: list[str],
+    simulators: dict[str, Simulator],
     models: list[str],
     heldout: int | list[str],
-    options: dict[str, Any],
 ) -> tuple[EvaluationResult, list[str]]:
-    """Evaluate `methods` (fitted here) and `models` (pre-fitted files); returns notes too."""
-    simulators = {name: configure_simulator(name, **options) for name in methods}
+    """Evaluate `simulators` (fitted here) and `models` (pre-fitted files); returns notes too."""
     result = evaluate(runs, simulators, heldout, keep_going=True)
     notes = [f"{name} failed: {failure_message(exc, name)}" for name, exc in result.failed.items()]
     notes += [f"warning: {w}" for m in result.methods.values() for w in m.warnings]
@@ -131,7 +87,10 @@ def build_evaluation(
             path = Path(model)
             simulator = load_simulator(path)
             name = _model_name(path, simulator, set(result.methods))
-            result.methods[name] = prefitted_result(simulator, held, f"--model {model}")
+            # calibrated when it was fitted: show its own intervals
+            result.methods[name] = score_fitted(
+                simulator, held, intervals=True, where=f"--model {model}"
+            )
             notes.append(
                 f"{name}: pre-fitted simulator {path.name}, not refitted here; its scores are "
                 "fair only if it was fitted without the held-out runs."
@@ -141,20 +100,16 @@ def build_evaluation(
 
 def cmd_report(args: argparse.Namespace) -> None:
     runs = load_runset(args.directory)
-    heldout = args.heldout_runs or args.holdout or _default_holdout(runs)
+    heldout = args.heldout_runs or args.holdout or default_holdout(len(runs.runs))
     attribution = read_json(args.attribution, "attribution") if args.attribution else None
     validation = read_json(args.validation, "validation") if args.validation else None
     for what, value in (("attribution", attribution), ("validation", validation)):
         if value is not None and not isinstance(value, dict):
             raise SimfluenceError(f"{what} {getattr(args, what)}: expected a JSON object")
-    options = {
-        "l2": None,
-        "unseen": args.unseen,
-        "path": str(Path(args.directory) / TRUTH_FILE),
-        "task": args.task,
-    }
+    simulators = build_simulators(args, args.methods, path=str(Path(args.directory) / TRUTH_FILE))
+    runs = with_features(args.directory, runs, args.methods, args.task)
     print(f"fitting {', '.join(args.methods)} on the training runs ...")
-    result, notes = build_evaluation(runs, args.methods, args.model, heldout, options)
+    result, notes = build_evaluation(runs, simulators, args.model, heldout)
     meta = runs.metadata or {}
     workload = meta.get("workload") or (meta.get("config") or {}).get("workload")
     title = args.title or f"simfluence report: {workload or Path(args.directory).name}"

@@ -19,10 +19,10 @@ from simfluence.cli._args import (
     comma_list,
     positive_int,
 )
+from simfluence.cli._options import add_simulator_options, build_simulators, with_features
+from simfluence.evaluation.text import format_validation
 from simfluence.runlog import load_runset
-from simfluence.simulators import configure_simulator
-
-DEFAULT_METHODS = ["linear", "additive", "tracin-cp-scaled", "mean"]
+from simfluence.simulators.methods import DEFAULT_VALIDATE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,9 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=comma_list,
-        default=DEFAULT_METHODS,
+        default=list(DEFAULT_VALIDATE_METHODS),
         help="comma-separated methods; the first one searches the optimized curricula "
-        f"(default: {','.join(DEFAULT_METHODS)})",
+        f"(default: {','.join(DEFAULT_VALIDATE_METHODS)})",
     )
     p.add_argument(
         "--max-examples",
@@ -85,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "machine's speed and load)",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    # new curricula may consume examples no recorded run did: by default they get "no effect"
+    add_simulator_options(p, unseen="prior", task=False)
     add_execution_options(p, "curricula")
     p.set_defaults(func=cmd_validate)
 
@@ -93,17 +95,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from simfluence.recording.tasks import task_for_runset
     from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 
+    # --workers/--ray train the curricula here: the linear fits stay serial
+    simulators = build_simulators(args, args.methods, backend=None)
     runs = load_runset(args.directory)
     task = task_for_runset(runs, args.task)
-    if runs.features is None:
-        from simfluence.recording.features import ensure_features
-
-        runs = ensure_features(args.directory, runs, args.methods, task)
-        if runs.features is not None:
-            print(f"computed example features for {', '.join(args.methods)} into {args.directory}")
-    # new curricula may consume examples no recorded run did: they get "no effect"
-    options = {"unseen": "prior", "task": args.task}
-    simulators = {name: configure_simulator(name, **options) for name in args.methods}
+    runs = with_features(args.directory, runs, args.methods, task)
     start = time.perf_counter()
 
     def progress(items, total):  # type: ignore[no-untyped-def]
@@ -132,74 +128,3 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.json:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
-
-
-def format_validation(result: dict) -> str:  # type: ignore[type-arg]
-    """Plain-text tables: per kind, methods x (all-steps MSE, final-step Spearman, LDS)."""
-    lines = []
-    for kind, block in result["kinds"].items():
-        if "removal" in block:
-            lines.extend(_format_loo(kind, block, result.get("timing", {})))
-            continue
-        lines.append(f"{kind} ({block['curricula']} curricula)")
-        lines.append(
-            f"  {'method':<18} {'all-steps MSE':>14} {'final Spearman':>15} {'LDS':>7} "
-            f"{'coverage 90%':>13} {'mean final in 90%':>18}"
-        )
-        for name, s in block["methods"].items():
-            inside = s.get("mean_final_in_interval")
-            lines.append(
-                f"  {name:<18} {s['all_steps_mse']:>14.4g} {s['final_step_spearman']:>15.3f} "
-                f"{s['lds']:>7.3f} "
-                + (f"{s['coverage_90']:>13.3f} " if "coverage_90" in s else f"{'-':>13} ")
-                + (f"{sum(inside):>11} of {len(inside):<3}" if inside else f"{'-':>18}")
-            )
-    if "optimized" in result:
-        o = result["optimized"]
-        lines.append(
-            f"optimized curriculum: actual mean test loss {o['actual_mean_test_loss']:.4f} "
-            f"(predicted {o['predicted_mean_test_loss']:.4f}); random curricula: mean "
-            f"{sum(o['random_mean_test_losses']) / len(o['random_mean_test_losses']):.4f}, "
-            f"min {min(o['random_mean_test_losses']):.4f}; beats "
-            f"{100 * o['fraction_of_random_beaten']:.0f}% of them"
-        )
-        if "predicted_interval_90" in o:
-            low, high = o["predicted_interval_90"]
-            where = "inside" if o["actual_in_interval"] else "OUTSIDE"
-            lines.append(
-                f"the search's own prediction (trust region): "
-                f"{o['predicted_mean_test_loss_in_trust_region']:.4f}, 90% interval {low:.4f} to "
-                f"{high:.4f}: the actual loss is {where}"
-                f" ({sum(o['actual_in_interval_per_search'])} of "
-                f"{len(o['actual_in_interval_per_search'])} searches inside)"
-            )
-    lines += [f"warning: {w}" for ws in result.get("warnings", {}).values() for w in ws]
-    return "\n".join(lines)
-
-
-def _format_loo(kind: str, block: dict, timing: dict) -> list[str]:  # type: ignore[type-arg]
-    seconds = timing.get(kind, {})
-    methods_seconds = seconds.get("methods", {})
-    lines = [
-        f"{kind} (removal: {block['removal']}; runs {', '.join(block['runs'])}; "
-        f"{block['examples']} examples, {block['groups']} group removals; "
-        f"{block['retrains']} retrains in {seconds.get('truth_seconds', float('nan')):.1f} s)",
-        f"  {'method':<18} {'Spearman':>9} {'Pearson':>8} {'top-10 sign':>12} {'LDS':>7} "
-        f"{'size ratio':>11} {'fit s':>7} {'answer s':>9}",
-    ]
-    for name, s in block["methods"].items():
-        t = methods_seconds.get(name, {})
-        if "error" in s:
-            lines.append(f"  {name:<18} {s['error']}")
-            continue
-        lines.append(
-            f"  {name:<18} {s['loo_spearman']:>9.3f} {s['loo_pearson']:>8.3f} "
-            f"{s['top10_sign_agreement']:>12.2f} {s.get('lds', float('nan')):>7.3f} "
-            f"{s['effect_size_ratio']:>11.3g} {t.get('fit_seconds', 0.0):>7.1f} "
-            f"{t.get('seconds', float('nan')):>9.1f}"
-        )
-    if "additive_ceiling_lds" in block:
-        lines.append(
-            f"  (sum of the actual single removals: LDS {block['additive_ceiling_lds']:.3f})"
-        )
-    return lines

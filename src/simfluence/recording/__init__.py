@@ -1,5 +1,6 @@
 """Recording training runs (needs torch): a recorder for your own loop, a Hugging Face `Trainer`
-callback (`simfluence.recording.hf`, needs transformers), a random-curriculum runner, and task
+callback (`simfluence.recording.hf`, needs transformers), a random-curriculum recording in a
+`RecordingProtocol` (`record_runs`), and task
 references (`resolve_task`, `task_reference`, `task_for_runset`) that let every command find a
 user's own `Task` again.
 """
@@ -8,20 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from simfluence.recording.checkpoints import load_checkpoint
 from simfluence.recording.devices import resolve_device
+from simfluence.recording.loop import train_on_curriculum
 from simfluence.recording.optim import OptimizerSpec, Schedule, optimizer_spec
-from simfluence.recording.recorder import Recorder, RecordingError
-from simfluence.recording.runner import (
-    checkpoint_path,
+from simfluence.recording.protocol import (
+    ProtocolError,
+    RecordingProtocol,
     checkpoint_steps,
-    load_checkpoint,
-    record_defaults,
-    record_runs,
-    run_id_for,
-    run_seed,
     steps_per_run,
-    train_on_curriculum,
 )
+from simfluence.recording.record import record_defaults, record_runs
+from simfluence.recording.recorder import Recorder, RecordingError
 from simfluence.recording.task import Examples, Task, TaskDefaults
 from simfluence.recording.tasks import (
     prepare_for_runset,
@@ -30,13 +29,17 @@ from simfluence.recording.tasks import (
     task_for_runset,
     task_reference,
 )
+from simfluence.recording.workers import run_seed
+from simfluence.runlog.layout import checkpoint_path, run_id_for
 
 __all__ = [
     "Examples",
     "IdCollator",
     "OptimizerSpec",
+    "ProtocolError",
     "Recorder",
     "RecordingError",
+    "RecordingProtocol",
     "Schedule",
     "SimfluenceCallback",
     "Task",

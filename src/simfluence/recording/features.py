@@ -32,7 +32,7 @@ from torch import nn
 
 from simfluence.attribution.gradients import FunctionalLoss
 from simfluence.errors import SimfluenceError
-from simfluence.recording.runner import torch_threads
+from simfluence.recording.loop import torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import task_label
 from simfluence.runlog.features import ExampleFeatures, save_features

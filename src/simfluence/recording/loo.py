@@ -34,8 +34,8 @@ from simfluence import metrics
 from simfluence.counterfactual.attribution import removal_effects
 from simfluence.curricula import remove
 from simfluence.errors import SimfluenceError
+from simfluence.recording.loop import final_test_losses, torch_threads
 from simfluence.recording.optim import Schedule
-from simfluence.recording.runner import final_test_losses, torch_threads
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
 from simfluence.runlog.runs import Run, RunSet
@@ -87,6 +87,7 @@ def actual_removal_effects(
             weights=weights,
             optimizer=config.get("optimizer"),
             schedule=schedule,
+            max_grad_norm=config.get("max_grad_norm"),
         )
 
     with torch_threads(initial_model):

@@ -15,6 +15,8 @@ protocol (a worker process, `validate`'s retraining) rebuilds the optimizer from
   description is the task's, else ``torch.optim.<name>`` with those hyper-parameters over the
   task's parameter groups. No description (older run sets): the task's own.
 * ``config["schedule"]``: ``{"name", "warmup"}`` when not constant (older run sets: constant).
+* ``config["max_grad_norm"]``: gradient clipping by total norm, when asked for
+  (``--max-grad-norm``; Hugging Face's ``Trainer`` clips at 1.0 by default).
 
 Schedule. Step ``t = 1..T`` of a run uses the learning rate ``lr * f(t)``:
 
@@ -115,6 +117,8 @@ class OptimizerSpec:
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` (see the module docstring).
         warmup: warm-up steps ``K >= 0``.
         betas, eps: AdamW's moment decay rates and denominator term.
+        max_grad_norm: clip the gradients to this total 2-norm before every step (as Hugging
+            Face's ``Trainer`` does, at 1.0 by default); None: no clipping.
     """
 
     name: str | None = None
@@ -123,6 +127,7 @@ class OptimizerSpec:
     warmup: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and self.name not in OPTIMIZERS:
@@ -138,6 +143,10 @@ class OptimizerSpec:
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or not self.eps > 0:
             raise SimfluenceError(f"AdamW betas {self.betas} must lie in [0, 1), eps above 0")
         object.__setattr__(self, "betas", (beta1, beta2))
+        if self.max_grad_norm is not None and not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
+            raise SimfluenceError(f"--max-grad-norm {self.max_grad_norm}: must be a number > 0")
 
     @property
     def schedule_(self) -> Schedule:
@@ -175,8 +184,11 @@ def spec_from_config(config: dict[str, Any], task: Task, model: nn.Module) -> Op
     lr = config.get("lr", 0.1)
     own = optimizer_spec(task.make_optimizer(model, lr))
     candidates: list[OptimizerSpec] = []
+    clip = config.get("max_grad_norm")
     if not recorded or recorded == own:
-        candidates.append(OptimizerSpec(None, None, schedule.name, schedule.warmup))
+        candidates.append(
+            OptimizerSpec(None, None, schedule.name, schedule.warmup, max_grad_norm=clip)
+        )
     elif recorded.get("name") in ("SGD", "AdamW"):
         name = "sgd" if recorded["name"] == "SGD" else "adamw"
         extra: dict[str, Any] = {}
@@ -184,14 +196,17 @@ def spec_from_config(config: dict[str, Any], task: Task, model: nn.Module) -> Op
             betas = tuple(recorded.get("betas") or (0.9, 0.999))
             extra = {"betas": betas, "eps": recorded.get("eps") or 1e-8}
         wd = recorded.get("weight_decay")
-        candidates.append(OptimizerSpec(name, wd, schedule.name, schedule.warmup, **extra))
+        candidates.append(
+            OptimizerSpec(name, wd, schedule.name, schedule.warmup, max_grad_norm=clip, **extra)
+        )
     for spec in candidates:
         try:
             built = optimizer_spec(spec.make(task, model, lr))
         except SimfluenceError:
             continue
         if not recorded or built == recorded:
-            return None if spec.name is None and schedule.is_constant else spec
+            plain = spec.name is None and schedule.is_constant and clip is None
+            return None if plain else spec
     return None
 
 
@@ -245,4 +260,6 @@ def optimizer_config(
     schedule = spec.schedule_.to_config()
     if schedule is not None:
         out["schedule"] = schedule
+    if spec.max_grad_norm is not None:
+        out["max_grad_norm"] = spec.max_grad_norm
     return out

@@ -35,7 +35,7 @@ from torch import nn
 from simfluence.errors import CurriculumError, RunLogError, SimfluenceError
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog import Run, read_manifest, write_manifest, write_run
-from simfluence.runlog.store import MANIFEST
+from simfluence.runlog.layout import MANIFEST
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

@@ -40,6 +40,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.workloads import WORKLOADS
 from simfluence.runlog.runs import RunSet
+from simfluence.trust import check_task_trusted
 
 #: the entry-point group through which installed packages offer tasks
 ENTRY_POINT_GROUP = "simfluence.tasks"
@@ -177,22 +178,27 @@ def constructor_arguments(task: Task) -> dict[str, Any]:
 
 
 # -- reading it back --------------------------------------------------------------------------
-def task_for_runset(runs: RunSet, override: str | None = None) -> Task:
+def task_for_runset(runs: RunSet, override: str | None = None, trust: bool = False) -> Task:
     """The task that recorded `runs`, rebuilt from its manifest.
 
     Uses ``metadata["task_spec"]`` (``{"ref", "kwargs"}``, written by `record_runs`); run sets
     recorded before that key existed name a built-in workload in ``config["workload"]``.
     `override` is another reference to the same task class (the file moved, the package was
     renamed): the recorded constructor arguments are kept; its name must match the recorded one.
+    The manifest's reference is imported only when `simfluence.trust.check_task_trusted`
+    allows it (`trust`: the caller's consent, ``--trust-task``).
 
     Raises `SimfluenceError` naming the run set and what to do: not recorded by
-    `simfluence record`, a task that cannot be imported (what to install), a mismatched
-    override.
+    `simfluence record`, task code not trusted (how to opt in), a task that cannot be imported
+    (what to install), a mismatched override.
     """
-    return task_from_metadata(runs.metadata or {}, str(runs.source or "the run set"), override)
+    where = str(runs.source or "the run set")
+    return task_from_metadata(runs.metadata or {}, where, override, trust)
 
 
-def task_from_metadata(metadata: dict[str, Any], where: str, override: str | None = None) -> Task:
+def task_from_metadata(
+    metadata: dict[str, Any], where: str, override: str | None = None, trust: bool = False
+) -> Task:
     """`task_for_runset` from a manifest's ``metadata`` (`where` names it in errors)."""
     config = metadata.get("config") or {}
     spec = metadata.get(SPEC_KEY) or {}
@@ -218,6 +224,7 @@ def task_from_metadata(metadata: dict[str, Any], where: str, override: str | Non
             f"{where}: its task {recorded!r} cannot be rebuilt ({reason}); pass --task "
             "package.module:Class or path/to/file.py:Class"
         )
+    check_task_trusted(ref, "manifest", trust, where)
     try:
         return resolve_task(ref, kwargs)
     except SimfluenceError as exc:

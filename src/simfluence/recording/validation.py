@@ -47,15 +47,11 @@ from simfluence.errors import SimfluenceError
 from simfluence.metrics import linear_datamodeling_score
 from simfluence.recording.devices import resolve_device
 from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
+from simfluence.recording.loop import torch_threads, train_on_curriculum
 from simfluence.recording.optim import Schedule
-from simfluence.recording.runner import (
-    prepared_in_worker,
-    torch_threads,
-    train_on_curriculum,
-    worker_task_reference,
-)
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
+from simfluence.recording.workers import prepared_in_worker, worker_task_reference
 from simfluence.runlog.runs import Curriculum, RunSet
 from simfluence.simulators.base import Simulator
 
@@ -216,6 +212,7 @@ class RetrainWork:
             optimizer=self.config.get("optimizer"),
             schedule=Schedule.from_config(self.config.get("schedule")),
             device=self.device,
+            max_grad_norm=self.config.get("max_grad_norm"),
         )
         return run.losses
 

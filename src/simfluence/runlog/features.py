@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from simfluence._atomic import save_npz_atomic
+from simfluence._safe_io import loads_json, read_npz, refuse_malformed
 from simfluence.errors import RunLogError
+from simfluence.runlog.layout import FEATURES_FILE, features_path
 
-FEATURES_FILE = "features.npz"
 FORMAT = "simfluence.features"
 SCHEMA_VERSION = 1
 
@@ -135,16 +136,14 @@ def read_feature_table(path: str | os.PathLike[str]) -> tuple[list[str], np.ndar
 
 
 def _read_npz_table(path: Path) -> tuple[list[str], np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "ids" not in data.files or "vectors" not in data.files:
-                raise FeatureError(
-                    f"{path}: an .npz feature file needs arrays 'ids' and 'vectors' (found "
-                    f"{', '.join(data.files) or 'none'})"
-                )
-            return [str(i) for i in data["ids"]], np.asarray(data["vectors"])
-    except (OSError, ValueError) as exc:
-        raise FeatureError(f"{path}: not a readable .npz file ({exc})") from None
+    data = read_npz(path, FeatureError)
+    if "ids" not in data or "vectors" not in data:
+        raise FeatureError(
+            f"{path}: an .npz feature file needs arrays 'ids' and 'vectors' (found "
+            f"{', '.join(data) or 'none'})"
+        )
+    with refuse_malformed(path, FeatureError):
+        return [str(i) for i in data["ids"]], np.asarray(data["vectors"], dtype=np.float64)
 
 
 def _read_parquet_table(path: Path) -> tuple[list[str], np.ndarray]:
@@ -153,8 +152,15 @@ def _read_parquet_table(path: Path) -> tuple[list[str], np.ndarray]:
 
     try:
         table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as exc:
+    except (OSError, pa.ArrowException) as exc:
         raise FeatureError(f"{path}: not a readable Parquet file ({exc})") from None
+    with refuse_malformed(path, FeatureError):
+        return _parquet_vectors(path, table)
+
+
+def _parquet_vectors(path: Path, table: Any) -> tuple[list[str], np.ndarray]:
+    import pyarrow as pa
+
     if "id" not in table.column_names:
         raise FeatureError(f"{path}: needs a column 'id' (found {', '.join(table.column_names)})")
     ids = [str(i) for i in table.column("id").to_pylist()]
@@ -187,7 +193,7 @@ def save_features(
     """Check and write ``DIR/features.npz`` atomically; returns its path."""
     features.check(len(train_ids), len(test_ids))
     meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **features.metadata}
-    path = Path(directory) / FEATURES_FILE
+    path = features_path(directory)
     save_npz_atomic(
         path,
         train=features.train,
@@ -206,28 +212,32 @@ def load_features(
 
     Raises `FeatureError` naming the file when it is unreadable or does not match the ids.
     """
-    path = Path(directory) / FEATURES_FILE
+    path = features_path(directory)
     if not path.is_file():
         return None
+    data = read_npz(path, FeatureError)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            arrays = {k: data[k] for k in ("train", "test", "train_ids", "test_ids")}
-    except (OSError, ValueError, KeyError) as exc:
-        raise FeatureError(f"{path}: not a simfluence feature file ({exc})") from None
+        meta = loads_json(str(data["__meta__"]), str(path), FeatureError)
+        arrays = {k: data[k] for k in ("train", "test", "train_ids", "test_ids")}
+    except KeyError as exc:
+        raise FeatureError(f"{path}: not a simfluence feature file (no {exc})") from None
+    if not isinstance(meta, dict):
+        raise FeatureError(f"{path}: not a simfluence feature file (its header is no object)")
     if meta.get("format") != FORMAT or meta.get("schema_version") != SCHEMA_VERSION:
         raise FeatureError(f"{path}: unsupported feature file (format {meta.get('format')!r})")
     for side, ids in (("train", train_ids), ("test", test_ids)):
-        stored = [str(i) for i in arrays[f"{side}_ids"]]
+        with refuse_malformed(path, FeatureError):
+            stored = [str(i) for i in arrays[f"{side}_ids"]]
         if stored != [str(i) for i in ids]:
             raise FeatureError(
                 f"{path}: its {side} ids differ from the run set's (recompute them with "
                 "`simfluence features`)"
             )
     metadata = {k: v for k, v in meta.items() if k not in ("format", "schema_version")}
-    return ExampleFeatures(arrays["train"], arrays["test"], metadata).check(
-        len(train_ids), len(test_ids), str(path)
-    )
+    with refuse_malformed(path, FeatureError):
+        return ExampleFeatures(arrays["train"], arrays["test"], metadata).check(
+            len(train_ids), len(test_ids), str(path)
+        )
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from simfluence._atomic import write_json_atomic, write_text_atomic
+from simfluence._safe_io import loads_json, refuse_malformed
 from simfluence.errors import RunLogError
 from simfluence.runlog.runs import Run, RunSet
 
@@ -42,13 +43,14 @@ _SEED = re.compile(r"seed[-_]?(\d+)")
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line."""
     rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunLogError(f"{path}: not UTF-8 text ({exc})") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RunLogError(f"{path}: line {line_no}: not valid JSON ({exc})") from None
+        row = loads_json(line, f"{path}: line {line_no}", RunLogError)
         if not isinstance(row, dict):
             raise RunLogError(f"{path}: line {line_no}: expected a JSON object")
         rows.append((line_no, row))
@@ -175,8 +177,8 @@ def _restore_run(run: Run, saved: dict[str, Any], run_dir: Path) -> None:
 
 def _read_ids(path: Path) -> dict[str, Any]:
     try:
-        ids = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        ids = loads_json(path.read_bytes(), f"{path}: cannot read", RunLogError)
+    except OSError as exc:
         raise RunLogError(f"{path}: cannot read ({exc})") from None
     if not isinstance(ids, dict) or ids.get("format") != IDS_FORMAT:
         raise RunLogError(f"{path}: not a {IDS_FORMAT} file")
@@ -221,7 +223,8 @@ def import_gptfluence(source: str | os.PathLike[str]) -> RunSet:
     for run_dir in run_dirs:
         if not (run_dir / LOSS_FILE).exists():
             raise RunLogError(f"{run_dir}: has {TRAIN_FILE} but no {LOSS_FILE}")
-        run, test_ids = _import_run(run_dir, ids)
+        with refuse_malformed(run_dir, RunLogError):
+            run, test_ids = _import_run(run_dir, ids)
         if test_ref is None:
             test_ref = test_ids
         elif test_ids != test_ref:
@@ -229,12 +232,14 @@ def import_gptfluence(source: str | os.PathLike[str]) -> RunSet:
         runs.append(run)
     if ids is not None:
         pool = list(ids["train_ids"])
-        metadata = dict(ids.get("metadata") or {})
+        with refuse_malformed(ids_path, RunLogError):
+            metadata = dict(ids.get("metadata") or {})
     else:
         pool = _sort_ids({i for run in runs for batch in run.curriculum for i in batch})
         metadata = {"imported_from": str(source)}
-    runset = RunSet(pool, test_ref or [], runs, metadata)
-    return runset.validate(source=str(source))
+    with refuse_malformed(source, RunLogError):
+        runset = RunSet(pool, test_ref or [], runs, metadata)
+        return runset.validate(source=str(source))
 
 
 def export_gptfluence(runset: RunSet, out: str | os.PathLike[str]) -> list[Path]:

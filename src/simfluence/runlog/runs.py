@@ -131,6 +131,12 @@ class Run:
         return self.losses[0]
 
 
+def default_holdout(n_runs: int) -> int:
+    """How many runs to hold out when the user says nothing: the GPTfluence protocol holds out
+    5 of 32 runs, so about 1 in 6, at least 1."""
+    return max(1, round(n_runs * 5 / 32))
+
+
 @dataclass
 class RunSet:
     """Many runs that share one pool of training ids and one list of test ids.

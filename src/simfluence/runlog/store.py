@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simfluence._atomic import write_json_atomic, write_with
+from simfluence._safe_io import loads_json, refuse_malformed
 from simfluence.errors import RunLogError
 from simfluence.runlog.features import load_features, save_features
+from simfluence.runlog.layout import RUNS_DIR, manifest_path, run_files, run_path
 from simfluence.runlog.runs import Run, RunSet, validate_run
 
 FORMAT = "simfluence.runset"
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-RUNS_DIR = "runs"
 _META_KEY = b"simfluence"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def run_path(directory: str | os.PathLike[str], run_id: str) -> Path:
-    """Where run `run_id` lives in the run set at `directory`."""
-    return Path(directory) / RUNS_DIR / f"{_SAFE_NAME.sub('_', run_id)}.parquet"
 
 
 def write_manifest(
@@ -56,7 +49,7 @@ def write_manifest(
         "test_ids": [str(i) for i in test_ids],
         "metadata": metadata or {},
     }
-    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    write_json_atomic(manifest_path(directory), manifest)
 
 
 def write_run(directory: str | os.PathLike[str], run: Run, test_ids: list[str]) -> Path:
@@ -91,15 +84,12 @@ def save_runset(runset: RunSet, directory: str | os.PathLike[str]) -> None:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check the manifest; `RunLogError` naming the file and field on any fault."""
-    path = Path(directory) / MANIFEST
+    path = manifest_path(directory)
     if not Path(directory).is_dir():
         raise RunLogError(f"{directory}: no such run-set directory")
     if not path.is_file():
         raise RunLogError(f"{path}: missing (not a simfluence run set?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunLogError(f"{path}: not valid JSON ({exc})") from None
+    manifest = loads_json(path.read_bytes(), str(path), RunLogError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RunLogError(f"{path}: field 'format' must be {FORMAT!r}")
     version = manifest.get("schema_version")
@@ -118,10 +108,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def list_run_files(directory: str | os.PathLike[str]) -> list[Path]:
     """The finished run files of a run set (temporary files of interrupted writes excluded)."""
-    runs_dir = Path(directory) / RUNS_DIR
-    if not runs_dir.is_dir():
-        return []
-    return sorted(p for p in runs_dir.glob("*.parquet") if not p.name.startswith("."))
+    return run_files(directory)
 
 
 def read_run(path: str | os.PathLike[str], test_ids: list[str]) -> Run:
@@ -134,7 +121,9 @@ def read_run(path: str | os.PathLike[str], test_ids: list[str]) -> Run:
     raw_meta = (table.schema.metadata or {}).get(_META_KEY)
     if raw_meta is None:
         raise RunLogError(f"{path}: missing the simfluence schema metadata")
-    meta = json.loads(raw_meta)
+    meta = loads_json(raw_meta, f"{path}: the simfluence schema metadata", RunLogError)
+    if not isinstance(meta, dict):
+        raise RunLogError(f"{path}: the simfluence schema metadata must be a JSON object")
     run_id = str(meta.get("run_id", path.stem))
     where = f"{path}: run {run_id!r}"
     for column in ("step", "batch", "lr", "loss"):
@@ -181,16 +170,19 @@ def load_runset(directory: str | os.PathLike[str]) -> RunSet:
     manifest = read_manifest(directory)
     test_ids = [str(i) for i in manifest["test_ids"]]
     metadata = manifest.get("metadata", {})
-    runset = RunSet(manifest["train_ids"], test_ids, [], metadata, Path(directory))
-    runset.validate(source=str(Path(directory) / MANIFEST))  # ids unique, tests non-empty
+    with refuse_malformed(manifest_path(directory), RunLogError):
+        runset = RunSet(manifest["train_ids"], test_ids, [], metadata, Path(directory))
+        runset.validate(source=str(manifest_path(directory)))  # ids unique, tests non-empty
     index = runset.train_index
     seen: dict[str, Path] = {}
     for path in list_run_files(directory):
-        run = read_run(path, runset.test_ids)
+        with refuse_malformed(path, RunLogError):
+            run = read_run(path, runset.test_ids)
         if run.run_id in seen:
             raise RunLogError(f"duplicate run id {run.run_id!r} in {seen[run.run_id]} and {path}")
         seen[run.run_id] = path
-        validate_run(run, index, len(test_ids), test_ids, str(path))
+        with refuse_malformed(path, RunLogError):
+            validate_run(run, index, len(test_ids), test_ids, str(path))
         runset.runs.append(run)
     if not runset.runs:
         raise RunLogError(f"{directory}: the run set holds no runs (nothing in {RUNS_DIR}/)")

@@ -11,6 +11,7 @@ from simfluence.simulators.registry import (
     load_simulator,
     make_simulator,
     simulator_class,
+    simulator_params,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "make_simulator",
     "rollout",
     "simulator_class",
+    "simulator_params",
 ]

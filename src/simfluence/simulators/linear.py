@@ -15,7 +15,8 @@ backend (``backend``: ``serial``, ``process:N``, ``ray``...): see `simfluence.si
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.base import floor_width, loss_floor, soft_floor
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout
+from simfluence.simulators.dynamics import DynamicsSimulator, rollout_drifting
 from simfluence.simulators.encoding import encode_runs
 from simfluence.simulators.intervals import run_folds
 from simfluence.simulators.memory import MemoryInputs
@@ -32,6 +33,7 @@ from simfluence.simulators.ridge import (
     AdditiveRidgeProblem,
     Design,
     LinearRidgeProblem,
+    LinearSolution,
     loss_weights,
 )
 from simfluence.simulators.sharded import fit_in_shards
@@ -47,15 +49,46 @@ def rollout_mse(
     batch_size: float,
     weighting: str,
     floor: tuple[np.ndarray | float, np.ndarray | float] = (-np.inf, 0.0),
+    slopes: tuple[np.ndarray | None, np.ndarray] | None = None,
+    time_scale: float = 0.0,
 ) -> float:
     """All-steps MSE of free-running rollouts of `runs` under parameters ``A``, ``B`` (M, P),
     floored (`soft_floor` with ``floor = (level, width)``) like every rollout the simulator
-    reports."""
+    reports; `slopes` ``(A', B')``: effects that drift over training (`rollout_drifting`)."""
     initial = np.stack([r.initial_loss for r in runs.runs])
-    simulated = rollout(encode_runs(runs, batch_size, weighting), A, B, initial)
+    counts = encode_runs(runs, batch_size, weighting)
+    simulated = rollout_drifting(counts, A, B, slopes, time_scale, initial)
     for traj in simulated:
         soft_floor(traj[1:], *floor)
     return all_steps_mse([r.losses for r in runs.runs], simulated).mean
+
+
+@dataclass
+class RidgeOffset:
+    """What `LinearSimulator`'s ridge regression on one design starts from instead of "no
+    effect" (``A = 1/b``, ``B = 0``): the fit is the offset plus a ridge departure from it.
+
+    Attributes:
+        prediction: ``(n, M)``, the teacher-forced predictions of ``L_next`` under the offset on
+            the design's steps (the departure explains what they leave).
+        A, B: ``(M, P)``, the offset's parameters.
+        slopes: ``(A', B')``, its drift over training, kept as is in every rollout (None:
+            static), with ``time_scale`` ``T0`` (`simfluence.simulators.dynamics`).
+    """
+
+    prediction: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    slopes: tuple[np.ndarray | None, np.ndarray] | None = None
+    time_scale: float = 0.0
+
+
+class RidgePrior(Protocol):
+    """A prior for `LinearSimulator.fit_toward` (the hybrid's featurized effects): its offset
+    on a design, fitted on the design's own runs (a cross-validation fold's training runs,
+    `final` False, or all the fitted runs)."""
+
+    def offset(self, design: Design, final: bool) -> RidgeOffset: ...
 
 
 class _RidgeSimulator(DynamicsSimulator):
@@ -118,31 +151,45 @@ class _RidgeSimulator(DynamicsSimulator):
         return runs.select_tests(columns)
 
     def _fit_parameters(self, runs: RunSet) -> None:
+        self._fit_ridge(runs)
+
+    def _fit_ridge(self, runs: RunSet, prior: RidgePrior | None = None) -> RidgeOffset | None:
+        """Choose ``l2`` and set ``A_``, ``B_``, ``seen_``, shrunk toward "no effect" or toward
+        `prior`; returns the prior's offset on all of `runs` (None without a prior)."""
         grid = self._validate_params(runs)
         if self.test_shards is not None or self.backend != "serial":
+            if prior is not None:
+                raise SimfluenceError(f"{self.name}: a fit toward a prior is not sharded")
             make_backend(self.backend)  # a bad spec fails before any work
             self.seen_ = Design.seen_of(encode_runs(runs, self.batch_size_, self.batch_weighting))
             fit_in_shards(self, runs, self._cv_runs(runs), grid)
-            return
+            return None
         self.cv_mse_ = None
         if len(grid) > 1:
-            self.cv_mse_ = self._cross_validate(self._cv_runs(runs), grid)
+            self.cv_mse_ = self._cross_validate(self._cv_runs(runs), grid, prior)
             finite = [(mse, l2) for l2, mse in self.cv_mse_ if np.isfinite(mse)]
             grid = [min(finite)[1] if finite else grid[0]]
         design = self.design(runs)
         self.l2_ = grid[0]
-        self.A_, self.B_ = next(self._path(design, grid, final=True))
+        offset = None if prior is None else prior.offset(design, final=True)
+        self.A_, self.B_ = next(self._path_from(design, grid, True, offset))
         self.seen_ = design.seen
+        return offset
 
-    def _cross_validate(self, runs: RunSet, grid: list[float]) -> list[list[float]]:
+    def _cross_validate(
+        self, runs: RunSet, grid: list[float], prior: RidgePrior | None = None
+    ) -> list[list[float]]:
         """``[[l2, mse], ...]`` in descending ``l2``: mean over folds of held-out rollout MSE.
 
         The folds walk the grid together, from smooth to flexible, and stop once the CV error
         has risen `patience` times in a row past its minimum: the small-``l2`` solves are the
-        slow ones, and the curve is U-shaped.
+        slow ones, and the curve is U-shaped. With a `prior`, each fold shrinks toward the
+        prior fitted on the fold's training runs.
         """
         folds = run_folds(runs, min(self.cv_folds, len(runs.runs)))
-        paths = [self._path(self.design(train), grid, final=False) for train, _ in folds]
+        designs = [self.design(train) for train, _ in folds]
+        offsets = [None if prior is None else prior.offset(d, final=False) for d in designs]
+        paths = [self._path_from(d, grid, False, o) for d, o in zip(designs, offsets, strict=True)]
         floor = (self.floor_, self.floor_width_)
         if np.ndim(self.floor_) and np.shape(self.floor_)[0] != len(runs.test_ids):
             # a `cv_tests` subset of the test examples: the floors of those columns (both are
@@ -154,8 +201,8 @@ class _RidgeSimulator(DynamicsSimulator):
             mse = float(
                 np.mean(
                     [
-                        self._validation_mse(valid, next(path), floor)
-                        for path, (_, valid) in zip(paths, folds, strict=True)
+                        self._fold_mse(valid, next(path), floor, offset)
+                        for path, offset, (_, valid) in zip(paths, offsets, folds, strict=True)
                     ]
                 )
             )
@@ -171,10 +218,35 @@ class _RidgeSimulator(DynamicsSimulator):
         full precision (cross-validation needs less)."""
         raise NotImplementedError
 
+    def _path_toward(
+        self, design: Design, grid: list[float], final: bool, offset: RidgeOffset
+    ) -> Iterator[Params]:
+        """`_path` shrunk toward a prior's `offset` instead of "no effect"."""
+        raise SimfluenceError(f"{self.name}: cannot be fitted toward a prior")
+
+    def _path_from(
+        self, design: Design, grid: list[float], final: bool, offset: RidgeOffset | None
+    ) -> Iterator[Params]:
+        """`_path`, or `_path_toward` a prior's `offset` when there is one."""
+        if offset is None:
+            return self._path(design, grid, final=final)
+        return self._path_toward(design, grid, final, offset)
+
     def _validation_mse(self, runs: RunSet, params: Params, floor: tuple[Any, Any]) -> float:
         """Rollout all-steps MSE of `runs` under one point of `_path`, floored as reported
         (`floor`: ``(level, width)`` of `soft_floor`)."""
         return rollout_mse(runs, *params, self.batch_size_, self.batch_weighting, floor)
+
+    def _fold_mse(
+        self, runs: RunSet, params: Params, floor: tuple[Any, Any], offset: RidgeOffset | None
+    ) -> float:
+        """`_validation_mse`, with the drift of a prior's `offset` when there is one."""
+        if offset is None:
+            return self._validation_mse(runs, params, floor)
+        slopes, scale = offset.slopes, offset.time_scale
+        return rollout_mse(
+            runs, *params, self.batch_size_, self.batch_weighting, floor, slopes, scale
+        )
 
 
 class LinearSimulator(MemoryInputs, _RidgeSimulator):
@@ -252,10 +324,28 @@ class LinearSimulator(MemoryInputs, _RidgeSimulator):
             )
         return super()._validate_params(runs)
 
-    def _path(self, design: Design, grid: list[float], final: bool) -> Iterator[Params]:
-        prior_a = 1.0 / self.batch_size_
+    def fit_toward(
+        self, runs: RunSet, prior: RidgePrior, batch_size: float, floor: tuple[Any, Any]
+    ) -> RidgeOffset:
+        """Choose ``l2`` and set ``A_``, ``B_`` shrunk toward `prior` instead of "no effect":
+        the ridge regression inside a composite simulator (`hybrid`) that is fitting `runs`
+        and gives its batch size ``b`` and ``(floor_, floor_width_)``. Returns the prior's
+        offset on all of `runs`; ``l2_``, ``cv_mse_`` and ``cg_*`` are set as by `fit`."""
+        self.batch_size_ = batch_size
+        self.floor_, self.floor_width_ = floor
+        offset = self._fit_ridge(runs, prior)
+        assert offset is not None  # a prior gives an offset; sharding refuses one
+        return offset
+
+    def _problem(
+        self, design: Design, prior_prediction: np.ndarray | None = None
+    ) -> LinearRidgeProblem:
         weights = loss_weights(design.prev, self.loss_power) if self.loss_power else None
-        problem = LinearRidgeProblem(design, prior_a, weights)
+        return LinearRidgeProblem(design, 1.0 / self.batch_size_, weights, prior_prediction)
+
+    def _solutions(
+        self, problem: LinearRidgeProblem, grid: list[float], final: bool
+    ) -> Iterator[LinearSolution]:
         tol = self.tol if final else self.cv_tol
         solution = None
         for lam in grid:  # descending: each solution warm-starts the next, less smooth one
@@ -263,7 +353,19 @@ class LinearSimulator(MemoryInputs, _RidgeSimulator):
             if final:
                 self.cg_iterations_ = solution.iterations
                 self.cg_residual_ = solution.max_relative_residual
+            yield solution
+
+    def _path(self, design: Design, grid: list[float], final: bool) -> Iterator[Params]:
+        prior_a = 1.0 / self.batch_size_
+        for solution in self._solutions(self._problem(design), grid, final):
             yield (prior_a + solution.delta_A).T.copy(), solution.delta_B.T.copy()
+
+    def _path_toward(
+        self, design: Design, grid: list[float], final: bool, offset: RidgeOffset
+    ) -> Iterator[Params]:
+        problem = self._problem(design, offset.prediction)
+        for solution in self._solutions(problem, grid, final):
+            yield offset.A + solution.delta_A.T, offset.B + solution.delta_B.T
 
 
 class AdditiveSimulator(_RidgeSimulator):

@@ -3,19 +3,19 @@ Methods that need PyTorch are imported only when asked for, so the core never im
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
 from simfluence._resolve import load_reference
+from simfluence._safe_io import loads_json, read_npz, refuse_malformed
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.auto import AutoSimulator
 from simfluence.simulators.base import MODEL_FORMAT, MODEL_SCHEMA_VERSION, Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.blend import BlendSimulator
-from simfluence.simulators.featurized import FeaturizedSimulator, HybridSimulator
+from simfluence.simulators.featurized.hybrid import HybridSimulator
+from simfluence.simulators.featurized.simulator import FeaturizedSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.truth import TruthSimulator
 
@@ -71,16 +71,34 @@ def make_simulator(name: str, **params: object) -> Simulator:
     return simulator_class(name)(**params)
 
 
-def configure_simulator(name: str, **options: object) -> Simulator:
-    """A fresh simulator of method `name`, given those of `options` that it takes.
+def simulator_params(name: str) -> tuple[str, ...]:
+    """The constructor parameters that method `name` takes."""
+    return tuple(simulator_class(name)._param_names())
 
-    Lets a caller (the command line) pass one set of options to many methods: ``l2`` reaches
-    the ridge methods, ``path`` the truth oracle, and each ignores the rest. Options whose value
-    is None are left at the method's default.
+
+def configure_simulator(
+    name: str, /, *, defaults: Mapping[str, object] | None = None, **options: object
+) -> Simulator:
+    """A fresh simulator of method `name` with `options` (None leaves a parameter at the
+    method's default).
+
+    Raises `SimfluenceError` naming the method, the parameters it does not take and the ones it
+    does (as scikit-learn's ``set_params``): an option is never dropped without a word.
+    `defaults` are the caller's own defaults for many methods at once (e.g. ``{"unseen":
+    "prior"}`` for an evaluation of several methods): each reaches only the methods that take
+    it, and `options` win over them.
     """
-    cls = simulator_class(name)
-    taken = set(cls._param_names())
-    return cls(**{k: v for k, v in options.items() if k in taken and v is not None})
+    taken = simulator_params(name)
+    invalid = sorted(set(options) - set(taken))
+    if invalid:
+        s = "s" if len(invalid) > 1 else ""
+        raise SimfluenceError(
+            f"invalid parameter{s} {', '.join(map(repr, invalid))} for method {name!r}; valid "
+            f"parameters are: {', '.join(taken) if taken else 'none'}"
+        )
+    chosen = {k: v for k, v in (defaults or {}).items() if k in taken and v is not None}
+    chosen |= {k: v for k, v in options.items() if v is not None}
+    return simulator_class(name)(**chosen)
 
 
 def load_simulator(path: str | os.PathLike[str]) -> Simulator:
@@ -88,18 +106,24 @@ def load_simulator(path: str | os.PathLike[str]) -> Simulator:
     path = Path(path)
     if not path.is_file():
         raise SimfluenceError(f"{path}: no such simulator file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError) as exc:
-        raise SimfluenceError(f"{path}: not a simfluence simulator file ({exc})") from None
+    data = read_npz(path, what="a simfluence simulator file")
+    if "__meta__" not in data:
+        raise SimfluenceError(f"{path}: not a simfluence simulator file (no '__meta__')")
+    meta = loads_json(str(data.pop("__meta__")), str(path))
+    if not isinstance(meta, dict):
+        raise SimfluenceError(f"{path}: not a simfluence simulator file (its header is no object)")
+    arrays = data
     if meta.get("format") != MODEL_FORMAT or meta.get("schema_version") != MODEL_SCHEMA_VERSION:
         raise SimfluenceError(
             f"{path}: unsupported simulator file (format {meta.get('format')!r}, "
             f"schema_version {meta.get('schema_version')!r})"
         )
-    simulator = simulator_class(meta["method"])(**meta["params"])
-    for key, value in {**meta["learned"], **arrays}.items():
-        setattr(simulator, key, value)
+    with refuse_malformed(path):
+        try:
+            cls = simulator_class(meta["method"])
+        except SimfluenceError as exc:
+            raise SimfluenceError(f"{path}: {exc}") from None
+        simulator = cls(**meta["params"])
+        for key, value in {**meta["learned"], **arrays}.items():
+            setattr(simulator, key, value)
     return simulator

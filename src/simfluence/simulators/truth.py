@@ -10,9 +10,6 @@ from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.dynamics import DynamicsSimulator
 
-#: written by `simfluence.synth.write_synthetic` next to the run set: arrays A, B, initial_loss
-TRUTH_FILE = "truth.npz"
-
 
 class TruthSimulator(DynamicsSimulator):
     """The true parameters of a synthetic run set: the best any simulator can hope for.
@@ -34,7 +31,7 @@ class TruthSimulator(DynamicsSimulator):
             raise SimfluenceError(
                 f"truth: {self.path or '(no path)'} not found; only synthetic run sets have one"
             )
-        with np.load(self.path) as data:
+        with np.load(self.path, allow_pickle=False) as data:
             self.A_, self.B_ = data["A"], data["B"]
         if self.A_.shape != (len(runs.test_ids), len(runs.train_ids)):
             raise SimfluenceError(f"truth: {self.path} does not match this run set's pool/tests")

@@ -1,4 +1,4 @@
-"""Held-out evaluation in the paper's protocol: fit on training runs, roll out held-out runs.
+"""Held-out scoring in the paper's protocol: fit on training runs, roll out held-out runs.
 
 The JSON written by `simfluence evaluate --json` is `EvaluationResult.to_json()`:
 
@@ -24,13 +24,15 @@ failed has neither (and ``interval_error`` says why).
 method on runs trained with Adam). With ``keep_going=True`` a method that raises is reported in
 ``failed`` and the others are still evaluated.
 
-``BIN`` groups the held-out runs by their unseen share (`UNSEEN_BINS`: "0%", "0-10%", "10-30%",
-">30%"; only bins holding runs appear): how each method fares on genuinely new training data
-(``coverage_90`` only for methods with intervals).
+The metric keys are those of `specs.METRICS` (with ``_std`` where computed from rollouts).
+``BIN`` groups the held-out runs by their unseen share (`specs.UNSEEN_BINS`: "0%", "0-10%",
+"10-30%", ">30%"; only bins holding runs appear): how each method fares on genuinely new
+training data (``coverage_90`` only for methods with intervals).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ import numpy as np
 
 from simfluence import metrics
 from simfluence.errors import SimfluenceError
+from simfluence.evaluation import specs
+from simfluence.evaluation.text import failure_message
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.intervals import Interval
@@ -98,26 +102,14 @@ class EvaluationResult:
         return out
 
 
-def failure_message(exc: BaseException, method: str = "") -> str:
-    """One line: a user mistake's own message (without a leading ``"method: "``, which the
-    caller shows), else the exception's type and message."""
-    text = " ".join(str(exc).split())
-    if isinstance(exc, SimfluenceError):
-        return text.removeprefix(f"{method}: ") if method else text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def score(true: Sequence[np.ndarray], simulated: Sequence[np.ndarray]) -> dict[str, float]:
-    """Every protocol metric, as a flat dict (mean and ``_std`` of each)."""
+    """Every protocol metric (the `specs.METRICS` with a ``compute``), as a flat dict (mean and
+    ``_std`` of each)."""
     out: dict[str, float] = {}
-    for name, fn in (
-        ("all_steps_mse", metrics.all_steps_mse),
-        ("all_steps_mae", metrics.all_steps_mae),
-        ("final_step_mse", metrics.final_step_mse),
-        ("final_step_spearman", metrics.final_step_spearman),
-    ):
-        summary = fn(true, simulated)
-        out[name], out[f"{name}_std"] = summary.mean, summary.std
+    for spec in specs.METRICS:
+        if spec.compute is not None:
+            summary = spec.compute(true, simulated)
+            out[spec.key], out[f"{spec.key}_std"] = summary.mean, summary.std
     return out
 
 
@@ -143,26 +135,17 @@ def _unseen_counts(train: RunSet, heldout: RunSet) -> list[tuple[int, int]]:
     return counts
 
 
-#: ``(low, high, label)``: a run falls in the first bin with ``low < share <= high`` ("0%" is 0)
-UNSEEN_BINS: tuple[tuple[float, float, str], ...] = (
-    (-1.0, 0.0, "0%"),
-    (0.0, 0.1, "0-10%"),
-    (0.1, 0.3, "10-30%"),
-    (0.3, 1.0, ">30%"),
-)
-
-
 def split_by_unseen(
     true: Sequence[np.ndarray],
     simulated: Sequence[np.ndarray],
     shares: Sequence[float],
     intervals: Sequence[Interval] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of the runs of each `UNSEEN_BINS` bin that holds any (runs, their mean unseen
+    """Metrics of the runs of each `specs.UNSEEN_BINS` bin that holds any (runs, their mean unseen
     share, all-steps MSE, final-step MSE, final-step Spearman: means as in `score`; with the
     runs' 90% `intervals`, ``coverage_90`` as in `interval_scores`)."""
     out = {}
-    for low, high, label in UNSEEN_BINS:
+    for low, high, label in specs.UNSEEN_BINS:
         rows = [k for k, share in enumerate(shares) if low < share <= high]
         if rows:
             pick_true, pick_sim = [true[k] for k in rows], [simulated[k] for k in rows]
@@ -189,7 +172,31 @@ def evaluate_simulator(
     with `intervals`, also calibrate on `train` and score the 90% intervals."""
     start = time.perf_counter()
     simulator.fit(train)
-    fit_seconds = time.perf_counter() - start
+    result = score_fitted(simulator, heldout, fit_seconds=time.perf_counter() - start)
+    if intervals:
+        score_intervals(result, train, heldout)
+    return result
+
+
+def score_fitted(
+    simulator: Simulator,
+    heldout: RunSet,
+    fit_seconds: float = math.nan,
+    intervals: bool = False,
+    where: str = "",
+) -> MethodResult:
+    """Roll out an already-fitted `simulator` on every held-out run from its recorded ``L_0``
+    and score it (no fit; ``fit_seconds`` as given, NaN: not measured). With `intervals`, a
+    simulator calibrated when it was fitted also has its 90% intervals scored.
+
+    Raises `SimfluenceError` (prefixed by `where`) when its test examples are not the
+    held-out runs' in the same order."""
+    test_ids = getattr(simulator, "test_ids_", None)
+    if test_ids is not None and list(test_ids) != list(heldout.test_ids):
+        raise SimfluenceError(
+            f"{where or simulator.name}: its test examples ({len(test_ids)}) are not the run "
+            f"set's ({len(heldout.test_ids)}) in the same order"
+        )
     start = time.perf_counter()
     simulated = simulator.simulate_many(
         [r.curriculum for r in heldout.runs], np.stack([r.initial_loss for r in heldout.runs])
@@ -199,8 +206,10 @@ def evaluate_simulator(
     scores |= {"fit_seconds": fit_seconds, "simulate_seconds": simulate_seconds}
     warnings = list(getattr(simulator, "warnings_", None) or [])
     result = MethodResult(scores, simulated, simulator, warnings=warnings)
-    if intervals:
-        score_intervals(result, train, heldout)
+    if intervals and simulator.is_calibrated:
+        true = [r.losses for r in heldout.runs]
+        result.intervals, interval_metrics = interval_scores(simulator, true, simulated)
+        scores |= interval_metrics
     return result
 
 
@@ -263,68 +272,3 @@ def evaluate(
                 raise
             result.failed[name] = exc
     return result
-
-
-def format_table(result: EvaluationResult) -> str:
-    """A plain-text table: one row per method, the protocol's metrics as mean ± std."""
-    header = ["method", "all-steps MSE", "all-steps MAE", "final MSE", "final Spearman", "fit s"]
-    with_intervals = any("coverage_90" in m.scores for m in result.methods.values())
-    if with_intervals:
-        header += ["coverage 90%", "width 90%"]
-    rows = [header]
-    for name, method in result.methods.items():
-        s = method.scores
-        row = [
-            name,
-            f"{s['all_steps_mse']:.4g} ± {s['all_steps_mse_std']:.2g}",
-            f"{s['all_steps_mae']:.4g} ± {s['all_steps_mae_std']:.2g}",
-            f"{s['final_step_mse']:.4g} ± {s['final_step_mse_std']:.2g}",
-            f"{s['final_step_spearman']:.3f} ± {s['final_step_spearman_std']:.2f}",
-            f"{s['fit_seconds']:.2f}",
-        ]
-        if with_intervals:
-            has = "coverage_90" in s
-            row += [
-                f"{s['coverage_90']:.3f}" if has else "-",
-                f"{s['interval_width_90']:.4g}" if has else "-",
-            ]
-        rows.append(row)
-    rows += [[name, "failed", *["-"] * (len(header) - 2)] for name in result.failed]
-    lines = [_aligned(rows)]
-    lines += [f"warning: {w}" for method in result.methods.values() for w in method.warnings]
-    lines += [
-        f"failed: {name}: {failure_message(exc, name)}" for name, exc in result.failed.items()
-    ]
-    return "\n".join(lines)
-
-
-def format_unseen_table(result: EvaluationResult) -> str:
-    """All-steps MSE (and 90% coverage, for methods with intervals) per method and unseen-share
-    bin of the held-out runs ("" when every held-out run falls in one bin: the main table says
-    it all, or when no method worked)."""
-    split = result.by_unseen_share()
-    bins = [label for _, _, label in UNSEEN_BINS if any(label in s for s in split.values())]
-    if len(bins) < 2:
-        return ""
-    first = next(iter(split.values()))
-    header = ["all-steps MSE by unseen share"] + [
-        f"{label} ({first[label]['runs']} runs, {100 * first[label]['unseen_share']:.0f}%)"
-        for label in bins
-    ]
-    rows = [header]
-    for name, by_bin in split.items():
-        cells = []
-        for label in bins:
-            cell = f"{by_bin[label]['all_steps_mse']:.4g}"
-            if "coverage_90" in by_bin[label]:
-                cell += f" (cov. {by_bin[label]['coverage_90']:.2f})"
-            cells.append(cell)
-        rows.append([name, *cells])
-    return _aligned(rows)
-
-
-def _aligned(rows: list[list[str]]) -> str:
-    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""The default method lists, in one place: each command and benchmark that needs a default
+takes it from here (named for what it is for)."""
+
+from __future__ import annotations
+
+#: `simfluence evaluate` and `simfluence report`: the two Simfluence fits and the two baselines
+#: (cheap, need no checkpoints or features)
+DEFAULT_EVALUATE_METHODS: tuple[str, ...] = ("linear", "additive", "mean", "persistence")
+
+#: `simfluence validate`: the fits, one gradient method and a baseline; the first one searches
+#: the optimized curricula
+DEFAULT_VALIDATE_METHODS: tuple[str, ...] = ("linear", "additive", "tracin-cp-scaled", "mean")
+
+#: `simfluence demo` (and `benchmarks/bench_workloads.py`): every simulator that a recorded run
+#: set with checkpoints and features can fit
+DEMO_METHODS: tuple[str, ...] = (
+    "linear",
+    "additive",
+    "tracin-cp",
+    "tracin-cp-scaled",
+    "grad-dot",
+    "grad-dot-scaled",
+    "influence",
+    "influence-scaled",
+    "featurized",
+    "hybrid",
+    "mean",
+    "persistence",
+)
