@@ -193,6 +193,41 @@ def optimizers() -> tuple[list[str], list[str]]:
     return out, list(files)
 
 
+ADAMW = {
+    "adamw-digits-s0.json": "digits-mlp, AdamW lr 0.01, warm-up 10, linear decay, seed 0",
+    "adamw-digits-s1.json": "digits-mlp, the same, seed 1",
+    "adamw-breast-cancer-s0.json": "breast-cancer MLP, AdamW lr 0.01, warm-up 5, linear decay",
+}
+
+
+def adamw_memory() -> tuple[list[str], list[str]]:
+    """`benchmarks/bench_adamw.py`: optimizer-memory kernels and `auto` on AdamW recordings."""
+    out = [
+        "## Optimizer memory on AdamW runs",
+        "",
+        "Each row is one simulator on one recording (`benchmarks/bench_adamw.py`): held-out",
+        "all-steps MSE, its ratio to the curriculum-blind `mean`, final-step Spearman, fit",
+        "seconds and what cross-validation chose.",
+        "",
+    ]
+    for name, label in ADAMW.items():
+        rows = [
+            [
+                f"`{r['method']}`",
+                num(r["all_steps_mse"]),
+                f"{r['ratio_to_mean']:.2f}x" if r.get("ratio_to_mean") is not None else "",
+                rho(r.get("final_spearman")),
+                f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "",
+                str(r.get("chosen") or ""),
+            ]
+            for r in load(name)
+        ]
+        out += [f"### {label} ({source(name)})", ""]
+        header = ["method", "all-steps MSE", "x mean", "final Spearman", "fit s", "chosen"]
+        out += table(header, rows)
+    return out, list(ADAMW)
+
+
 FEATURIZED = {
     "featurized-digits-mlp.json": "digits-mlp, pool 200, 32 runs (default)",
     "featurized-digits-mlp-seed1.json": "digits-mlp seed 1",
@@ -441,6 +476,7 @@ SECTIONS: tuple[Callable[[], tuple[list[str], list[str]]], ...] = (
     gptfluence,
     ranking,
     optimizers,
+    adamw_memory,
     scaling,
 )
 
