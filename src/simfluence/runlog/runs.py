@@ -120,6 +120,9 @@ class Run:
     lr: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     observed: np.ndarray | None = None
+    #: ``(T + 1, M)`` bool, True where ``losses`` holds an imputed value rather than a
+    #: recorded one (the complete runs `simulators.gaps` fits on); None: none. Not stored.
+    imputed: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id = str(self.run_id)
@@ -134,6 +137,14 @@ class Run:
                 self.observed = observed
                 if observed.shape == self.losses.shape:
                     self.losses = np.where(observed, self.losses, np.nan)
+
+    @property
+    def recorded_losses(self) -> np.ndarray:
+        """``losses`` with NaN where a value was imputed, not recorded (what a score may
+        compare with: the metrics ignore NaN truths)."""
+        if self.imputed is None:
+            return self.losses
+        return np.where(self.imputed, np.nan, self.losses)
 
     @property
     def complete(self) -> bool:
@@ -234,6 +245,7 @@ class RunSet:
                 r.lr,
                 r.metadata,
                 None if r.observed is None else r.observed[:, cols],
+                None if r.imputed is None else r.imputed[:, cols],
             )
             for r in self.runs
         ]
