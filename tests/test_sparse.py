@@ -14,8 +14,14 @@ from simfluence.errors import RunLogError, SimfluenceError
 from simfluence.metrics import all_steps_mse, final_step_mse, final_step_spearman
 from simfluence.recording.protocol import ProtocolError, RecordingProtocol
 from simfluence.recording.recorder import Recorder, Scoring, run_scoring
-from simfluence.runlog import Run, RunSet, export_gptfluence, import_gptfluence, load_runset
-from simfluence.runlog import save_runset
+from simfluence.runlog import (
+    Run,
+    RunSet,
+    export_gptfluence,
+    import_gptfluence,
+    load_runset,
+    save_runset,
+)
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.synth import SynthConfig, generate
@@ -30,7 +36,9 @@ def _mask(shape: tuple[int, int], every: int) -> np.ndarray:
 
 def _sparse(runs: RunSet, every: int) -> RunSet:
     out = [
-        Run(r.run_id, r.curriculum, r.losses, r.seed, r.lr, r.metadata, _mask(r.losses.shape, every))
+        Run(
+            r.run_id, r.curriculum, r.losses, r.seed, r.lr, r.metadata, _mask(r.losses.shape, every)
+        )
         for r in runs.runs
     ]
     return RunSet(runs.train_ids, runs.test_ids, out, runs.metadata)
@@ -43,7 +51,13 @@ def _gappy_runset() -> RunSet:
     observed[2] = False  # a whole step missing (score-every)
     observed[3, 1] = False  # one test example missing (score-fraction)
     runs = [
-        Run("r0", [["a", "b"], ["c", "c"], ["d", "a"], ["b", "d"]], losses, seed=0, observed=observed),
+        Run(
+            "r0",
+            [["a", "b"], ["c", "c"], ["d", "a"], ["b", "d"]],
+            losses,
+            seed=0,
+            observed=observed,
+        ),
         Run("r1", [["d", "a"], ["b", "c"]], rng.random((3, 3)) + 0.5, seed=1),
     ]
     return RunSet(["a", "b", "c", "d"], ["t0", "t1", "t2"], runs)
@@ -90,7 +104,7 @@ def test_old_run_files_load_unchanged(tmp_path: Path) -> None:
     table = pa.table(
         {
             "step": pa.array(np.arange(3, dtype=np.int32)),
-            "batch": pa.array([[]] + run.curriculum, type=pa.list_(pa.string())),
+            "batch": pa.array([[], *run.curriculum], type=pa.list_(pa.string())),
             "lr": pa.array([None] * 3, type=pa.float64()),
             "loss": pa.FixedSizeListArray.from_arrays(pa.array(run.losses.ravel()), 3),
         }
@@ -271,7 +285,9 @@ def test_baselines_fit_from_gaps(synthetic: tuple[RunSet, RunSet]) -> None:
     )
     mean = MeanTrajectorySimulator().fit(sparse)
     assert np.isfinite(mean.mean_change_).all()
-    assert _heldout_mse(mean, held) <= 1.1 * _heldout_mse(MeanTrajectorySimulator().fit(train), held)
+    assert _heldout_mse(mean, held) <= 1.1 * _heldout_mse(
+        MeanTrajectorySimulator().fit(train), held
+    )
     additive = AdditiveSimulator().fit(sparse)
     assert np.isfinite(additive.B_).all() and np.isfinite(additive.floor_).all()
 

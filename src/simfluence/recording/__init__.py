@@ -41,6 +41,7 @@ __all__ = [
     "RecordingError",
     "RecordingProtocol",
     "Schedule",
+    "Scoring",
     "SimfluenceCallback",
     "Task",
     "TaskDefaults",
@@ -59,7 +60,6 @@ __all__ = [
     "steps_per_run",
     "task_for_runset",
     "task_reference",
-    "Scoring",
     "train_on_curriculum",
 ]
 

@@ -10,9 +10,9 @@ block on a number of torch CPU threads (one for small models: faster and steadie
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np

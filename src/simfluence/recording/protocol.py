@@ -160,9 +160,7 @@ class RecordingProtocol:
         if self.score_full_from is not None and (
             not _is_whole(self.score_full_from) or self.score_full_from < 0
         ):
-            raise ProtocolError(
-                "score_full_from", self.score_full_from, "must be a run index >= 0"
-            )
+            raise ProtocolError("score_full_from", self.score_full_from, "must be a run index >= 0")
         if self.optimizer is not None and not isinstance(self.optimizer, OptimizerSpec):
             raise ProtocolError("optimizer", self.optimizer, "must be an OptimizerSpec or None")
         self._check_together()

@@ -27,8 +27,8 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.checkpoints import save_checkpoint
 from simfluence.recording.devices import device_label, resolve_device
 from simfluence.recording.loop import train_on_curriculum
-from simfluence.recording.recorder import run_scoring
 from simfluence.recording.optim import Schedule
+from simfluence.recording.recorder import run_scoring
 from simfluence.recording.reserve import drawable_ids
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import resolve_task, task_label, task_reference

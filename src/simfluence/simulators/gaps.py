@@ -81,10 +81,7 @@ def bridge(runs: RunSet, simulated: list[np.ndarray]) -> RunSet:
     plain = interpolate(runs)
     return _with_losses(
         runs,
-        [
-            np.where(np.isfinite(f), f, p.losses)
-            for f, p in zip(filled, plain.runs, strict=True)
-        ],
+        [np.where(np.isfinite(f), f, p.losses) for f, p in zip(filled, plain.runs, strict=True)],
     )
 
 
