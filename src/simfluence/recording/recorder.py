@@ -225,7 +225,8 @@ class Recorder:
         Call it after ``optimizer.step()``. Scores the test examples `scoring` asks for (by
         default every one) and appends the step.
         Returns this step's losses, shape ``(M,)`` (NaN where not scored). On a bad id or a
-        bad loss it raises a `SimfluenceError` naming the step and records nothing; earlier steps are kept.
+        bad loss it raises a `SimfluenceError` naming the step and records nothing;
+        earlier steps are kept.
         """
         step = self.n_steps + 1
         if isinstance(batch_ids, str | bytes) or not isinstance(
