@@ -327,9 +327,9 @@ def test_gptfluence_bad_input(tmp_path: Path) -> None:
     write_gptfluence_run(run_dir, [[1], [2]], np.ones((2, 2)), [1, 2])
     lines = (run_dir / "all_loss_trajectory.out").read_text().splitlines()
     second = json.loads(lines[1])
-    second["loss_trajectory"] = second["loss_trajectory"][:1]
+    second["loss_trajectory"] = second["loss_trajectory"][1:]  # no first point
     (run_dir / "all_loss_trajectory.out").write_text(lines[0] + "\n" + json.dumps(second) + "\n")
-    with pytest.raises(RunLogError, match="ragged"):
+    with pytest.raises(RunLogError, match="no loss at the first recorded step"):
         import_gptfluence(tmp_path)
     (run_dir / "all_loss_trajectory.out").unlink()
     with pytest.raises(RunLogError, match=r"no all_loss_trajectory\.out"):
@@ -384,8 +384,11 @@ GOOD_POINTS = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
         (LOSS, ["", "  "], r"all_loss_trajectory\.out: no test example trajectories"),
         (
             LOSS,
-            ['{"id": 7, "loss_trajectory": [{"step": 1, "loss": 1}, {"step": 3, "loss": 1}]}'],
-            "loss steps are not consecutive",
+            [
+                '{"id": 7, "loss_trajectory": [{"step": 1, "loss": 1}, {"step": 3, "loss": 1}]}',
+                '{"id": 8, "loss_trajectory": [{"step": 2, "loss": 1}, {"step": 3, "loss": 1}]}',
+            ],
+            "test example '8' has no loss at the first recorded step 1",
         ),
     ],
 )

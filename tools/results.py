@@ -469,6 +469,48 @@ def scaling() -> tuple[list[str], list[str]]:
     return out, [*files, name]
 
 
+def sparse() -> tuple[list[str], list[str]]:
+    """Sparse scoring (benchmarks/bench_sparse.py): recording time and held-out MSE."""
+    files = sorted(p.name for p in RESULTS.glob("sparse-*.json"))
+    out = ["## Sparse scoring: recording cost vs held-out error", ""]
+    out += [
+        "`benchmarks/bench_sparse.py`: seconds per recorded run (medians over runs x repeats,",
+        "variants interleaved, on a CPU shared with other jobs: noisy) and the held-out",
+        "all-steps MSE of every method fitted on the sparse training runs, scored on the same",
+        "fully scored held-out runs. Overhead: a fully scored run's time over plain training's.",
+        "",
+    ]
+    for name in files:
+        d = load(name)
+        out += [
+            f"**`{d['workload']}`** ({d['runs']} runs, {d['heldout_runs']} held out; "
+            f"plain training {num(d['plain_training_seconds_per_run'])} s/run, full scoring "
+            f"{num(d['overhead_full_scoring'])}x that: {num(d['scoring_share_of_full_recording'])}"
+            f" of the time is scoring; source `{name}`)",
+            "",
+        ]
+        rows = []
+        for variant, v in d["variants"].items():
+            rows.append(
+                [
+                    variant,
+                    num(v["observed_share"]),
+                    num(v["seconds_per_run"]),
+                    num(v["time_vs_full"]),
+                    f"`{v['best']}`",
+                    num(v["best_mse"]),
+                    num(v["best_mse_vs_full"]),
+                    num(v["methods"]["mean"]["all_steps_mse"]),
+                ]
+            )
+        out += table(
+            ["scoring", "observed", "s/run", "time vs full", "best", "MSE", "MSE vs full",
+             "`mean` MSE"],
+            rows,
+        )  # fmt: skip
+    return out, files
+
+
 SECTIONS: tuple[Callable[[], tuple[list[str], list[str]]], ...] = (
     workloads,
     featurized,
@@ -478,6 +520,7 @@ SECTIONS: tuple[Callable[[], tuple[list[str], list[str]]], ...] = (
     optimizers,
     adamw_memory,
     scaling,
+    sparse,
 )
 
 

@@ -3,6 +3,10 @@
 Inputs are the true and simulated trajectories of held-out runs: either an array of shape
 ``(R, T + 1, M)`` or a list of ``R`` arrays of shape ``(T_r + 1, M)`` (runs may differ in
 length). Row 0 (before training) is never scored: both start from the recorded loss.
+NaN in the *true* trajectories marks a loss that was not recorded (sparse scoring,
+``Run.observed``): every metric is computed on the observed steps only (a trajectory with no
+observed step after step 0 is left out). Fully observed trajectories give the same numbers as
+ever.
 Each function returns a `Summary` of the mean and the standard deviation over trajectories
 (one per held-out run and test example) or, for Spearman, over held-out runs.
 `linear_datamodeling_score` compares final losses across curricula instead (validation);
@@ -53,11 +57,21 @@ def _summary(values: np.ndarray) -> Summary:
 
 
 def trajectory_errors(y_true: Trajectories, y_pred: Trajectories, power: int = 2) -> np.ndarray:
-    """Per-trajectory mean of ``|error|**power`` over steps ``1..T``; shape ``(R * M,)``."""
+    """Per-trajectory mean of ``|error|**power`` over steps ``1..T`` (the observed ones: NaN in
+    `y_true` is not recorded); shape ``(R * M,)``, fewer when a trajectory has no observed
+    step."""
+    out = []
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.concatenate(
-            [(np.abs(p[1:] - t[1:]) ** power).mean(axis=0) for t, p in _pairs(y_true, y_pred)]
-        )
+        for t, p in _pairs(y_true, y_pred):
+            errors = np.abs(p[1:] - t[1:]) ** power
+            seen = ~np.isnan(t[1:])
+            if seen.all():
+                out.append(errors.mean(axis=0))
+                continue
+            counts = seen.sum(axis=0)
+            total = np.where(seen, errors, 0.0).sum(axis=0)
+            out.append(total[counts > 0] / counts[counts > 0])
+    return np.concatenate(out)
 
 
 def all_steps_mse(y_true: Trajectories, y_pred: Trajectories) -> Summary:
@@ -73,7 +87,9 @@ def all_steps_mae(y_true: Trajectories, y_pred: Trajectories) -> Summary:
 def final_step_mse(y_true: Trajectories, y_pred: Trajectories) -> Summary:
     """Mean over (run, test) trajectories of the squared error at the last step ``T``."""
     with np.errstate(over="ignore", invalid="ignore"):
-        errors = np.concatenate([(p[-1] - t[-1]) ** 2 for t, p in _pairs(y_true, y_pred)])
+        errors = np.concatenate(
+            [((p[-1] - t[-1]) ** 2)[~np.isnan(t[-1])] for t, p in _pairs(y_true, y_pred)]
+        )
     return _summary(errors)
 
 
@@ -83,7 +99,10 @@ def final_step_spearman(y_true: Trajectories, y_pred: Trajectories) -> Summary:
     Mean and std over runs. A run whose predictions are constant (or not finite) scores 0:
     it ranks nothing.
     """
-    rhos = [spearman_or_zero(t[-1], p[-1]) for t, p in _pairs(y_true, y_pred)]
+    rhos = [
+        spearman_or_zero(t[-1][~np.isnan(t[-1])], p[-1][~np.isnan(t[-1])])
+        for t, p in _pairs(y_true, y_pred)
+    ]
     return Summary(float(np.mean(rhos)), float(np.std(rhos)))
 
 
@@ -111,10 +130,11 @@ def spearman_or_zero(true: np.ndarray, predicted: np.ndarray) -> float:
 def interval_coverage(y_true: Trajectories, lower: Trajectories, upper: Trajectories) -> float:
     """Share of (run, step ``1..T``, test example) points with ``lower <= true <= upper``.
 
-    A calibrated 90% interval covers about 0.9 of held-out points. Row 0 is not scored.
+    A calibrated 90% interval covers about 0.9 of held-out points. Row 0 is not scored, nor
+    unrecorded points (NaN in `y_true`).
     """
     inside = [
-        ((t[1:] >= lo[1:]) & (t[1:] <= hi[1:])).ravel()
+        ((t[1:] >= lo[1:]) & (t[1:] <= hi[1:]))[~np.isnan(t[1:])]
         for (t, lo), (_, hi) in zip(_pairs(y_true, lower), _pairs(y_true, upper), strict=True)
     ]
     return float(np.mean(np.concatenate(inside)))

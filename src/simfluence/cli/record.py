@@ -78,6 +78,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: the last round(5 * runs / 32), the runs `evaluate` holds out by default)",
     )
     p.add_argument(
+        "--score-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="sparse scoring: score the test examples every K steps only (step 0 and the last "
+        "step always); unscored losses are missing in the run files and every simulator fits "
+        "from the gaps (default: the value DIR was recorded with, else 1: every step)",
+    )
+    p.add_argument(
+        "--score-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="sparse scoring: score a rotating share F of the test examples at every (scored) "
+        "step, e.g. 0.1 (default: the value DIR was recorded with, else 1: all)",
+    )
+    p.add_argument(
+        "--score-full-from",
+        type=int,
+        default=None,
+        metavar="RUN",
+        help="with sparse scoring: runs with this index and above are scored in full (e.g. the "
+        "held-out runs `evaluate` scores at every step: the last round(5 * runs / 32))",
+    )
+    p.add_argument(
         "--optimizer",
         choices=["sgd", "adamw"],
         default=None,
@@ -208,6 +233,9 @@ def _protocol(args: argparse.Namespace, checkpoints: list[int] | None, optimizer
         reserve=args.reserve,
         reserve_from=args.reserve_from,
         optimizer=optimizer,
+        score_every=args.score_every,
+        score_fraction=args.score_fraction,
+        score_full_from=args.score_full_from,
     )
 
 

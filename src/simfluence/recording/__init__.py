@@ -20,7 +20,7 @@ from simfluence.recording.protocol import (
     steps_per_run,
 )
 from simfluence.recording.record import record_defaults, record_runs
-from simfluence.recording.recorder import Recorder, RecordingError
+from simfluence.recording.recorder import Recorder, RecordingError, Scoring
 from simfluence.recording.task import Examples, Task, TaskDefaults
 from simfluence.recording.tasks import (
     prepare_for_runset,
@@ -41,6 +41,7 @@ __all__ = [
     "RecordingError",
     "RecordingProtocol",
     "Schedule",
+    "Scoring",
     "SimfluenceCallback",
     "Task",
     "TaskDefaults",

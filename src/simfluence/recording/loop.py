@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from simfluence.errors import SimfluenceError
 from simfluence.recording.devices import resolve_device
 from simfluence.recording.optim import Schedule, rebuild_optimizer
-from simfluence.recording.recorder import Recorder, RecordingError
+from simfluence.recording.recorder import Recorder, RecordingError, Scoring
 from simfluence.recording.task import Examples, Task
 from simfluence.runlog import Run
 
@@ -46,6 +47,7 @@ def train_on_curriculum(
     schedule: Schedule | None = None,
     device: str | torch.device | None = None,
     max_grad_norm: float | None = None,
+    scoring: Scoring | None = None,
 ) -> Run:
     """Train a fresh copy of `initial` on `curriculum` (``task.make_optimizer(model, lr)`` on
     the batch-mean loss, as a recording does) and score every test example before training and
@@ -61,6 +63,8 @@ def train_on_curriculum(
     curriculum); the step then minimises ``sum_k w_k loss_k / |batch|`` (weight 0 keeps an
     example in its batch without effect: "zero-weight" removal). None: the plain batch mean.
     `device`: where to train (model and examples are moved there; default: the CPU).
+    `scoring`: sparse scoring (`Scoring`: every ``K`` steps, a rotating share of the test
+    examples; step 0 and the last step always in full); None: every test example every step.
     Returns the `Run` (losses of shape ``(T + 1, M)``, on the CPU); nothing is written.
     """
     row_of = row_of or {train_id: row for row, train_id in enumerate(pool_examples.ids)}
@@ -77,6 +81,7 @@ def train_on_curriculum(
         run_id=run_id,
         seed=seed,
         metadata=metadata or {},
+        scoring=None if scoring is None else replace(scoring, n_steps=len(curriculum)),
     )
     if on_step:
         on_step(0, model)
@@ -88,7 +93,7 @@ def train_on_curriculum(
         recorder.step(batch_ids, lr=step_lr)
         if on_step:
             on_step(step, model)
-    return recorder.run()
+    return recorder.finish()
 
 
 def final_test_losses(

@@ -38,6 +38,8 @@ from simfluence.recording.tasks import task_label
 
 #: the fields that count something: whole numbers of at least 1
 COUNT_FIELDS = ("runs", "pool", "per_run", "tests", "batch", "epochs")
+#: sparse scoring (optional; a config stores them only when they are not the default)
+SCORING_FIELDS = ("score_every", "score_fraction", "score_full_from")
 
 
 class ProtocolError(SimfluenceError):
@@ -99,6 +101,12 @@ class RecordingProtocol:
             needs ``reserve`` > 0).
         optimizer: algorithm and schedule around ``task.make_optimizer`` (None: the task's own,
             constant rate).
+        score_every: score the test examples every this many steps (step 0 and the last step
+            always; None or 1: every step). Sparse scoring, `simfluence.recording.Scoring`.
+        score_fraction: share of the test examples scored at each scored step, rotating, in
+            ``(0, 1]`` (None or 1: all).
+        score_full_from: runs from this index on are scored in full whatever the two above
+            say (held-out runs to evaluate at every step; None: none).
     """
 
     runs: int | None = None
@@ -113,6 +121,9 @@ class RecordingProtocol:
     reserve: float | None = None
     reserve_from: int | None = None
     optimizer: OptimizerSpec | None = None
+    score_every: int | None = None
+    score_fraction: float | None = None
+    score_full_from: int | None = None
 
     def __post_init__(self) -> None:
         for name in COUNT_FIELDS:
@@ -137,6 +148,19 @@ class RecordingProtocol:
             if not math.isfinite(reserve) or not 0 <= reserve < 1:
                 raise ProtocolError("reserve", reserve, "must be a share of the pool in [0, 1)")
             object.__setattr__(self, "reserve", reserve)
+        if self.score_every is not None and (
+            not _is_whole(self.score_every) or self.score_every < 1
+        ):
+            raise ProtocolError("score_every", self.score_every, "must be a whole number >= 1")
+        if self.score_fraction is not None:
+            fraction = float(self.score_fraction)
+            if not math.isfinite(fraction) or not 0 < fraction <= 1:
+                raise ProtocolError("score_fraction", fraction, "must be a share in (0, 1]")
+            object.__setattr__(self, "score_fraction", fraction)
+        if self.score_full_from is not None and (
+            not _is_whole(self.score_full_from) or self.score_full_from < 0
+        ):
+            raise ProtocolError("score_full_from", self.score_full_from, "must be a run index >= 0")
         if self.optimizer is not None and not isinstance(self.optimizer, OptimizerSpec):
             raise ProtocolError("optimizer", self.optimizer, "must be an OptimizerSpec or None")
         self._check_together()
@@ -192,7 +216,7 @@ class RecordingProtocol:
         return all(
             getattr(self, f.name) is not None
             for f in dataclasses.fields(self)
-            if f.name not in ("reserve_from", "optimizer")
+            if f.name not in ("reserve_from", "optimizer", *SCORING_FIELDS)
         )
 
     @property
@@ -244,11 +268,16 @@ class RecordingProtocol:
         runs = values["runs"]
         if first is None and reserve and _is_whole(runs):
             first = runs - default_holdout(runs)
+        scoring = {
+            key: getattr(self, key) if getattr(self, key) is not None else recorded.get(key)
+            for key in SCORING_FIELDS
+        }
         return RecordingProtocol(
             **values,
             reserve=reserve,
             reserve_from=first,
             optimizer=self.optimizer or OptimizerSpec(),
+            **scoring,
         )
 
     def to_config(self, task: Task) -> dict[str, Any]:
@@ -276,7 +305,20 @@ class RecordingProtocol:
             config["reserve_from"] = int(
                 self.runs - default_holdout(self.runs) if first is None else first
             )
+        # sparse scoring: stored only when not the default, so full recordings keep their
+        # config (and older directories resume)
+        if self.score_every not in (None, 1):
+            config["score_every"] = int(self.score_every)
+        if self.score_fraction not in (None, 1.0):
+            config["score_fraction"] = float(self.score_fraction)
+        if self.score_full_from is not None and not self.scores_fully:
+            config["score_full_from"] = int(self.score_full_from)
         return config
+
+    @property
+    def scores_fully(self) -> bool:
+        """Whether every run scores every test example after every step."""
+        return self.score_every in (None, 1) and self.score_fraction in (None, 1.0)
 
 
 def config_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str:

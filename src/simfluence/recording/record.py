@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -124,23 +127,48 @@ def record_runs(
         desc=f"recording {task_label(task)}",
         dynamic_ncols=True,
     )
+    started = time.perf_counter()
     try:
         if serial:
             work.bind(task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1))
             threads = num_threads if num_threads is not None else runner.threads
             with bar, torch_threads(initial, threads):
                 for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
+                    if done == 1 and progress:
+                        _estimate(bar, time.perf_counter() - started, len(todo), 1)
                     bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
         else:
             with bar:
                 bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
                 for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
+                    if done == 1 and progress:
+                        workers = max(1, getattr(runner, "workers", 1) or 1)
+                        _estimate(bar, time.perf_counter() - started, len(todo), workers)
                     bar.update(n_steps)
                     bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
     finally:
         if runner is not backend:
             close_backend(runner)
     return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
+
+
+def _estimate(bar: Any, first: float, runs: int, parallel: int) -> None:
+    """One line: how long the recording will take, from its first run."""
+    total = first * math.ceil(runs / parallel)
+    bar.write(
+        f"estimate: about {_duration(total)} for {runs} runs (the first took {_duration(first)})",
+        file=sys.stderr,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def record_defaults(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,69 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 class RecordingError(SimfluenceError):
     """Recording a run failed because of the user's input (ids, loss function, directory)."""
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Which test examples a `Recorder` scores after each step (sparse scoring).
+
+    Scoring every test example after every step is most of what a recording costs. With
+    ``every = K`` all test examples are scored every ``K`` steps; with ``fraction = F`` a
+    rotating share ``ceil(F * M)`` of them at every (scored) step, so each is scored about
+    every ``1 / F`` of those steps, staggered (a seeded permutation of the test examples,
+    walked in order). Step 0 and the last step (``n_steps``, when given) are always scored in
+    full. The default scores everything (a complete run).
+
+    Attributes:
+        every: score at steps that are multiples of this (at least 1).
+        fraction: share of the test examples scored at each of those steps, in ``(0, 1]``.
+        n_steps: the run's last step, always fully scored (None: unknown; `Recorder.finish`
+            then scores whatever the last recorded step missed).
+        seed: seed of the rotation's permutation.
+    """
+
+    every: int = 1
+    fraction: float = 1.0
+    n_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int | np.integer):
+            raise RecordingError(f"score every {self.every!r}: must be a whole number >= 1")
+        if self.every < 1:
+            raise RecordingError(f"score every {self.every}: must be a whole number >= 1")
+        if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+            raise RecordingError(f"score fraction {self.fraction!r}: must be in (0, 1]")
+
+    @property
+    def full(self) -> bool:
+        """Whether every test example is scored after every step."""
+        return self.every == 1 and self.fraction == 1
+
+    def columns(self, step: int, n_tests: int) -> np.ndarray | None:
+        """The test columns to score after `step`, ascending; None: all of them."""
+        if self.full or step == 0 or (self.n_steps is not None and step >= self.n_steps):
+            return None
+        if step % self.every:
+            return np.empty(0, dtype=np.int64)
+        if self.fraction == 1:
+            return None
+        count = min(n_tests, max(1, math.ceil(self.fraction * n_tests)))
+        order = np.random.default_rng(self.seed).permutation(n_tests)
+        start = ((step // self.every - 1) * count) % n_tests
+        return np.sort(order[(start + np.arange(count)) % n_tests])
+
+
+def run_scoring(config: Mapping[str, Any], index: int, seed: int = 0) -> Scoring | None:
+    """The `Scoring` of run `index` of a recording with this manifest `config`
+    (``score_every``, ``score_fraction``, ``score_full_from``); None: full scoring."""
+    full_from = config.get("score_full_from")
+    scoring = Scoring(
+        int(config.get("score_every", 1)), float(config.get("score_fraction", 1.0)), seed=seed
+    )
+    if scoring.full or (full_from is not None and index >= full_from):
+        return None
+    return scoring
 
 
 class Recorder:
@@ -68,6 +132,7 @@ class Recorder:
         metadata: dict[str, Any] | None = None,
         chunk_size: int = 256,
         device: str | torch.device | None = None,
+        scoring: Scoring | None = None,
     ) -> None:
         """Check the inputs and score step 0 (the model before training).
 
@@ -90,6 +155,9 @@ class Recorder:
                 tensors; other sequences are passed as they are). Default: the device of the
                 model's first parameter (the CPU for a model without parameters). Losses
                 always come back to the CPU as float64.
+            scoring: which test examples to score after each step (`Scoring`: every ``K``
+                steps, a rotating share); default all of them after every step. Losses not
+                scored are NaN in `losses` and missing (null) in the written run.
         """
         self.model = model
         self.loss_fn = loss_fn
@@ -125,6 +193,7 @@ class Recorder:
         self._pool_set = None if self.pool is None else set(self.pool)
         self.curriculum: list[list[str]] = []
         self.lrs: list[float | None] = []
+        self.scoring = scoring or Scoring()
         self._losses: list[np.ndarray] = [self._score(step=0)]
 
     @classmethod
@@ -142,15 +211,22 @@ class Recorder:
 
     @property
     def losses(self) -> np.ndarray:
-        """The losses recorded so far, float64, shape ``(n_steps + 1, M)``."""
+        """The losses recorded so far, float64, shape ``(n_steps + 1, M)`` (NaN: not scored)."""
         return np.stack(self._losses)
+
+    @property
+    def observed(self) -> np.ndarray:
+        """``(n_steps + 1, M)`` bool: which losses were scored."""
+        return ~np.isnan(self.losses)
 
     def step(self, batch_ids: Sequence[Any], lr: float | None = None) -> np.ndarray:
         """Record one optimizer step: the ids of the batch it consumed and its learning rate.
 
-        Call it after ``optimizer.step()``. Scores every test example and appends the step.
-        Returns this step's losses, shape ``(M,)``. On a bad id or a bad loss it raises a
-        `SimfluenceError` naming the step and records nothing; earlier steps are kept.
+        Call it after ``optimizer.step()``. Scores the test examples `scoring` asks for (by
+        default every one) and appends the step.
+        Returns this step's losses, shape ``(M,)`` (NaN where not scored). On a bad id or a
+        bad loss it raises a `SimfluenceError` naming the step and records nothing;
+        earlier steps are kept.
         """
         step = self.n_steps + 1
         if isinstance(batch_ids, str | bytes) or not isinstance(
@@ -174,7 +250,7 @@ class Recorder:
             lr = float(lr)
             if not math.isfinite(lr):
                 raise RecordingError(f"run {self.run_id!r}: step {step}: learning rate is {lr}")
-        losses = self._score(step)
+        losses = self._score(step, self.scoring.columns(step, len(self.test_ids)))
         self.curriculum.append(ids)
         self.lrs.append(lr)
         self._losses.append(losses)
@@ -189,17 +265,26 @@ class Recorder:
             if all(v is None for v in self.lrs)
             else np.array([np.nan if v is None else v for v in self.lrs], dtype=np.float64)
         )
+        losses = self.losses
         return Run(
             run_id=self.run_id,
             curriculum=[list(b) for b in self.curriculum],
-            losses=self.losses,
+            losses=losses,
             seed=self.seed,
             lr=lr,
             metadata=dict(self.metadata),
+            observed=None if self.scoring.full else ~np.isnan(losses),
         )
 
     def finish(self) -> Run:
-        """The recorded run; written atomically into `directory` when one was given."""
+        """The recorded run; written atomically into `directory` when one was given.
+
+        Under sparse `scoring`, the test examples the last step did not score are scored
+        now (call it right after the last step: the model must still be in that state)."""
+        last = self._losses[-1] if self.curriculum else None
+        if last is not None and np.isnan(last).any():
+            missing = np.flatnonzero(np.isnan(last))
+            last[missing] = self._score(self.n_steps, missing)[missing]
         run = self.run()
         if self.directory is not None:
             if not (self.directory / MANIFEST).is_file():
@@ -248,17 +333,38 @@ class Recorder:
             return examples[start:stop]
         return {name: tensor.to(self.device) for name, tensor in rows.items()}
 
-    def _score(self, step: int) -> np.ndarray:
-        """The loss of every test example now, float64, shape ``(M,)``."""
+    def _rows(self, columns: np.ndarray) -> Any:
+        examples = self._examples
+        if isinstance(examples, Examples):
+            rows = examples.take([int(c) for c in columns])
+        elif isinstance(examples, Mapping):
+            index = torch.as_tensor(columns, dtype=torch.long)
+            rows = {name: tensor[index] for name, tensor in examples.items()}
+        else:
+            return [examples[int(c)] for c in columns]
+        return {name: tensor.to(self.device) for name, tensor in rows.items()}
+
+    def _score(self, step: int, columns: np.ndarray | None = None) -> np.ndarray:
+        """The loss of every test example now (only `columns`, when given: NaN elsewhere),
+        float64, shape ``(M,)``."""
         n_tests = len(self.test_ids)
         out = np.empty(n_tests, dtype=np.float64)
+        if columns is not None:
+            out[:] = np.nan
+        n_scored = n_tests if columns is None else len(columns)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for start in range(0, n_tests, self.chunk_size):
-                    stop = min(start + self.chunk_size, n_tests)
-                    values = self.loss_fn(self.model, self._chunk(start, stop))
+                for start in range(0, n_scored, self.chunk_size):
+                    stop = min(start + self.chunk_size, n_scored)
+                    if columns is None:
+                        chunk = self._chunk(start, stop)
+                        where: slice | np.ndarray = slice(start, stop)
+                    else:
+                        where = columns[start:stop]
+                        chunk = self._rows(where)
+                    values = self.loss_fn(self.model, chunk)
                     if not isinstance(values, torch.Tensor):
                         # float64: a list of Python floats would otherwise become float32
                         values = torch.as_tensor(values, dtype=torch.float64)
@@ -268,10 +374,12 @@ class Recorder:
                             f"{tuple(values.shape)} for {stop - start} test examples; expected "
                             f"({stop - start},), one loss per example with no reduction"
                         )
-                    out[start:stop] = values.detach().to("cpu", torch.float64).numpy()
+                    out[where] = values.detach().to("cpu", torch.float64).numpy()
         finally:
             self.model.train(was_training)
-        bad = ~np.isfinite(out)
+        bad = ~np.isfinite(out) if columns is None else ~np.isfinite(out[columns])
+        if columns is not None and bad.any():
+            bad = np.isin(np.arange(n_tests), columns[bad])
         if bad.any():
             col = int(np.argmax(bad))
             raise RecordingError(

@@ -28,6 +28,7 @@ from simfluence.recording.checkpoints import save_checkpoint
 from simfluence.recording.devices import device_label, resolve_device
 from simfluence.recording.loop import train_on_curriculum
 from simfluence.recording.optim import Schedule
+from simfluence.recording.recorder import run_scoring
 from simfluence.recording.reserve import drawable_ids
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import resolve_task, task_label, task_reference
@@ -176,6 +177,7 @@ class RunWork:
             schedule=Schedule.from_config(config.get("schedule")),
             device=prepared.device,
             max_grad_norm=config.get("max_grad_norm"),
+            scoring=run_scoring(config, index, seed),
         )
         write_run(directory, run, prepared.tests.ids)
         return index

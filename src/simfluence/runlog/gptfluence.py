@@ -98,11 +98,14 @@ def _read_batches(path: Path, name: _Names) -> dict[int, list[str]]:
     return batches
 
 
-def _read_losses(path: Path, name: _Names) -> tuple[list[str], list[int], np.ndarray]:
-    """Test ids, the recorded steps, and losses of shape ``(n_steps, M)``."""
+def _read_losses(
+    path: Path, name: _Names
+) -> tuple[list[str], list[int], np.ndarray, np.ndarray | None]:
+    """Test ids, the steps from the first recorded one to the last, losses of shape
+    ``(n_steps, M)`` (NaN where a trajectory has no point) and the observed mask (None when
+    every trajectory has every step: sparse recordings export only the scored points)."""
     test_ids: list[str] = []
-    columns: list[np.ndarray] = []
-    steps_ref: list[int] | None = None
+    trajectories: list[dict[int, float]] = []
     for line_no, row in _read_jsonl(path):
         where = f"{path}: line {line_no}"
         if "id" not in row or "loss_trajectory" not in row:
@@ -115,34 +118,36 @@ def _read_losses(path: Path, name: _Names) -> tuple[list[str], list[int], np.nda
             raise RunLogError(
                 f"{where}: test example {test_id!r}: every point needs an integer 'step'"
             )
-        points = sorted(points, key=lambda p: p["step"])
-        steps = [p["step"] for p in points]
-        if steps_ref is None:
-            steps_ref = steps
-        elif steps != steps_ref:
-            raise RunLogError(
-                f"{where}: test example {test_id!r} is recorded at other steps than the first "
-                "test example (ragged trajectories)"
-            )
         test_ids.append(test_id)
         try:
-            columns.append(np.array([float(p["loss"]) for p in points]))
+            trajectories.append({p["step"]: float(p["loss"]) for p in points})
         except (KeyError, TypeError, ValueError):
             raise RunLogError(
                 f"{where}: test example {test_id!r}: every point needs a numeric 'loss'"
             ) from None
-    if steps_ref is None:
+    recorded = sorted(set().union(*trajectories)) if trajectories else []
+    if not recorded:
         raise RunLogError(f"{path}: no test example trajectories")
-    if steps_ref != list(range(steps_ref[0], steps_ref[0] + len(steps_ref))):
-        raise RunLogError(f"{path}: loss steps are not consecutive (found {steps_ref[:8]}...)")
-    return test_ids, steps_ref, np.stack(columns, axis=1)
+    steps = list(range(recorded[0], recorded[-1] + 1))
+    losses = np.full((len(steps), len(test_ids)), np.nan)
+    for col, points in enumerate(trajectories):
+        for step, loss in points.items():
+            losses[step - steps[0], col] = loss
+    observed = ~np.isnan(losses)
+    if not observed[0].all():
+        col = int(np.argmin(observed[0]))
+        raise RunLogError(
+            f"{path}: test example {test_ids[col]!r} has no loss at the first recorded step "
+            f"{steps[0]} (every trajectory must start there)"
+        )
+    return test_ids, steps, losses, None if observed.all() else observed
 
 
 def _import_run(run_dir: Path, ids: dict[str, Any] | None) -> tuple[Run, list[str]]:
     train_name = _Names(ids["train_ids"] if ids else None, "training")
     test_name = _Names(ids["test_ids"] if ids else None, "test")
     batches = _read_batches(run_dir / TRAIN_FILE, train_name)
-    test_ids, steps, losses = _read_losses(run_dir / LOSS_FILE, test_name)
+    test_ids, steps, losses, observed = _read_losses(run_dir / LOSS_FILE, test_name)
     first, last = steps[0], steps[-1]
     missing = [s for s in range(first + 1, last + 1) if s not in batches]
     if missing:
@@ -154,6 +159,7 @@ def _import_run(run_dir: Path, ids: dict[str, Any] | None) -> tuple[Run, list[st
         losses=losses,
         seed=int(seed_match.group(1)) if seed_match else None,
         metadata={"imported_from": "gptfluence", "first_recorded_step": first},
+        observed=observed,
     )
     saved = (ids or {}).get("runs", {}).get(run.run_id)
     if saved is not None:
@@ -248,7 +254,9 @@ def export_gptfluence(runset: RunSet, out: str | os.PathLike[str]) -> list[Path]
     Training ids become their position in ``runset.train_ids`` (``0..P-1``), test ids their
     position in ``runset.test_ids`` (``0..M-1``); ``out/simfluence_ids.json`` keeps the
     mapping (and seeds, learning rates, metadata) for `import_gptfluence`. Loss trajectories
-    start at step 0, the loss before training.
+    start at step 0, the loss before training; a sparse recording's trajectories hold only
+    its scored points (GPTfluence itself pairs consecutive points, so it would read a gap as
+    one step).
     """
     out = Path(out)
     train_index = runset.train_index
@@ -266,7 +274,10 @@ def export_gptfluence(runset: RunSet, out: str | os.PathLike[str]) -> list[Path]
                     "id": col,
                     "loss_trajectory": [
                         {"step": step, "loss": float(loss)}
-                        for step, loss in enumerate(run.losses[:, col])
+                        for step, (loss, seen) in enumerate(
+                            zip(run.losses[:, col], run.mask[:, col], strict=True)
+                        )
+                        if seen  # a sparse recording: only the scored points
                     ],
                 }
             )

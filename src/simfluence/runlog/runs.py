@@ -105,6 +105,12 @@ class Run:
         seed: the seed that drew the curriculum, when known.
         lr: shape ``(T,)``, the learning rate of each step, or None when unknown.
         metadata: free-form JSON-able metadata (workload, model, config).
+        observed: shape ``(T + 1, M)`` bool, which losses were scored (a sparse recording,
+            ``record --score-every`` / ``--score-fraction``), or None when every loss was
+            (the usual case; a mask with no gap is turned into None). Where it is False the
+            loss is unknown and ``losses`` holds NaN there, so code that ignores the mask
+            fails loudly instead of using a made-up number. Row 0 must be fully observed.
+            `mask` is the full boolean array either way.
     """
 
     run_id: str
@@ -113,12 +119,44 @@ class Run:
     seed: int | None = None
     lr: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    observed: np.ndarray | None = None
+    #: ``(T + 1, M)`` bool, True where ``losses`` holds an imputed value rather than a
+    #: recorded one (the complete runs `simulators.gaps` fits on); None: none. Not stored.
+    imputed: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id = str(self.run_id)
         self.losses = np.asarray(self.losses, dtype=np.float64)
         if self.lr is not None:
             self.lr = np.asarray(self.lr, dtype=np.float64)
+        if self.observed is not None:
+            observed = np.asarray(self.observed, dtype=bool)
+            if observed.shape == self.losses.shape and observed.all():
+                self.observed = None  # nothing missing: a complete run, as it always was
+            else:
+                self.observed = observed
+                if observed.shape == self.losses.shape:
+                    self.losses = np.where(observed, self.losses, np.nan)
+
+    @property
+    def recorded_losses(self) -> np.ndarray:
+        """``losses`` with NaN where a value was imputed, not recorded (what a score may
+        compare with: the metrics ignore NaN truths)."""
+        if self.imputed is None:
+            return self.losses
+        return np.where(self.imputed, np.nan, self.losses)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every loss was observed (no mask)."""
+        return self.observed is None
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``(T + 1, M)`` bool: True where the loss was observed (all True for a complete run)."""
+        if self.observed is None:
+            return np.ones(self.losses.shape, dtype=bool)
+        return self.observed
 
     @property
     def n_steps(self) -> int:
@@ -164,6 +202,11 @@ class RunSet:
         self.test_ids = [str(i) for i in self.test_ids]
 
     @property
+    def complete(self) -> bool:
+        """Whether every run observed every loss (no sparse scoring)."""
+        return all(run.observed is None for run in self.runs)
+
+    @property
     def train_index(self) -> dict[str, int]:
         """Training id -> column in count matrices."""
         return {train_id: col for col, train_id in enumerate(self.train_ids)}
@@ -194,7 +237,16 @@ class RunSet:
         """
         cols = np.asarray(columns, dtype=np.int64)
         runs = [
-            Run(r.run_id, r.curriculum, r.losses[:, cols], r.seed, r.lr, r.metadata)
+            Run(
+                r.run_id,
+                r.curriculum,
+                r.losses[:, cols],
+                r.seed,
+                r.lr,
+                r.metadata,
+                None if r.observed is None else r.observed[:, cols],
+                None if r.imputed is None else r.imputed[:, cols],
+            )
             for r in self.runs
         ]
         test_ids = [self.test_ids[c] for c in cols]
@@ -260,7 +312,18 @@ def validate_run(
         )
     if run.n_steps == 0:
         raise RunLogError(f"{where}: the run has no training steps")
-    bad = ~np.isfinite(losses)
+    if run.observed is not None:
+        if run.observed.shape != losses.shape:
+            raise RunLogError(
+                f"{where}: observed mask has shape {run.observed.shape}, expected {losses.shape}"
+            )
+        if not run.observed[0].all():
+            col = int(np.argmin(run.observed[0]))
+            raise RunLogError(
+                f"{where}: step 0: loss of test example {test_ids[col]!r} is missing (the loss "
+                "before training must be observed: every rollout starts from it)"
+            )
+    bad = ~np.isfinite(losses) & run.mask
     if bad.any():
         step, col = (int(v) for v in np.argwhere(bad)[0])
         raise RunLogError(

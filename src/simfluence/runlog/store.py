@@ -56,13 +56,16 @@ def write_run(directory: str | os.PathLike[str], run: Run, test_ids: list[str]) 
     """Write one run atomically into the run set at `directory`; returns its path."""
     n_tests = len(test_ids)
     losses = np.ascontiguousarray(run.losses, dtype=np.float64)
+    # unobserved losses (sparse scoring) are nulls in the file, never NaN or 0
+    mask = None if run.observed is None else ~np.asarray(run.observed, dtype=bool).ravel()
+    values = pa.array(losses.ravel(), mask=mask)
     lr = [None] + ([None] * run.n_steps if run.lr is None else [float(x) for x in run.lr])
     table = pa.table(
         {
             "step": pa.array(np.arange(run.n_steps + 1, dtype=np.int32)),
             "batch": pa.array([[]] + [list(b) for b in run.curriculum], type=pa.list_(pa.string())),
             "lr": pa.array(lr, type=pa.float64()),
-            "loss": pa.FixedSizeListArray.from_arrays(pa.array(losses.ravel()), n_tests),
+            "loss": pa.FixedSizeListArray.from_arrays(values, n_tests),
         }
     )
     meta = {"run_id": run.run_id, "seed": run.seed, "test_ids": test_ids, "metadata": run.metadata}
@@ -145,9 +148,16 @@ def read_run(path: str | os.PathLike[str], test_ids: list[str]) -> Run:
             f"{where}: column 'loss' must hold {len(test_ids)} losses per step (one per test "
             f"example), found type {loss_col.type}"
         )
+    shape = (len(steps), len(test_ids))
+    # nulls are losses that were not scored (sparse scoring): a whole step (a null list) or
+    # single test examples (null values)
+    observed = None
     if loss_col.null_count or loss_col.values.null_count:
-        raise RunLogError(f"{where}: column 'loss' has missing values")
-    losses = loss_col.values.to_numpy(zero_copy_only=False).reshape(len(steps), len(test_ids))
+        observed = ~np.asarray(loss_col.values.is_null().to_numpy(zero_copy_only=False))
+        observed = observed.reshape(shape)
+        if loss_col.null_count:
+            observed &= np.asarray(loss_col.is_valid().to_numpy(zero_copy_only=False))[:, None]
+    losses = loss_col.values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(shape)
     batches = table.column("batch").to_pylist()
     lr_values = table.column("lr").to_pylist()[1:]
     lr = (
@@ -162,6 +172,7 @@ def read_run(path: str | os.PathLike[str], test_ids: list[str]) -> Run:
         seed=meta.get("seed"),
         lr=lr,
         metadata=meta.get("metadata") or {},
+        observed=observed,
     )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from simfluence._atomic import save_npz_atomic
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, RunSet, check_curriculum
-from simfluence.simulators import intervals
+from simfluence.simulators import gaps, intervals
 
 MODEL_FORMAT = "simfluence.simulator"
 MODEL_SCHEMA_VERSION = 1
@@ -78,10 +78,31 @@ class Simulator(ABC):
         return f"{type(self).__name__}({args})"
 
     # -- learning and simulating ------------------------------------------------------------
+    #: rounds of re-imputation by the fitted model when fitting sparsely scored runs
+    #: (`simulators.gaps`); simulators whose fit does not use the missing steps need none
+    gap_rounds: int = gaps.IMPUTATION_ROUNDS
+
     def fit(self, runs: RunSet) -> Self:
-        """Learn from the runs of `runs`; returns self."""
+        """Learn from the runs of `runs`; returns self.
+
+        Runs scored sparsely (``observed`` masks) are fitted by imputation of the missing
+        losses alternated with the fit (`simulators.gaps`); the floor comes from the observed
+        losses only."""
         if not runs.runs:
             raise SimfluenceError(f"{self.name}: cannot fit on a run set with no runs")
+        if not runs.complete:
+            gaps.fit_with_gaps(self, runs)
+            self._set_floor(runs)
+            return self
+        return self._fit_complete(runs)
+
+    def _set_floor(self, runs: RunSet) -> None:
+        self.floor_ = loss_floor(runs)
+        self.floor_width_ = floor_width(runs)
+        self.envelope_ = recorded_envelope(runs)
+
+    def _fit_complete(self, runs: RunSet) -> Self:
+        """`fit` on runs with every loss observed."""
         self.train_ids_ = list(runs.train_ids)
         self.test_ids_ = list(runs.test_ids)
         self.initial_loss_ = np.mean([r.initial_loss for r in runs.runs], axis=0)
@@ -162,6 +183,13 @@ class Simulator(ABC):
         if list(runs.test_ids) != list(self.test_ids_):
             raise SimfluenceError(
                 f"{self.name}: calibration runs have other test examples than the fitted model"
+            )
+        if not runs.complete:  # sparse runs: the unscored losses bridged by this model
+            runs = gaps.bridge(
+                runs,
+                self.simulate_many(
+                    [r.curriculum for r in runs.runs], np.stack([r.initial_loss for r in runs.runs])
+                ),
             )
         true, simulated, copies = self._calibration_rollouts(runs, n_folds)
         self._keep_fold_copies(copies)
@@ -328,7 +356,8 @@ def loss_floor(runs: RunSet) -> np.ndarray:
 
 
 def _lowest(runs: RunSet) -> np.ndarray:
-    lowest = np.min([np.min(r.losses, axis=0) for r in runs.runs], axis=0)
+    # unscored losses (NaN, sparse runs) are ignored; step 0 is always scored
+    lowest = np.min([np.nanmin(r.losses, axis=0) for r in runs.runs], axis=0)
     return np.where(np.isfinite(lowest), lowest, 0.0)
 
 

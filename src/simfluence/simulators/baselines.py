@@ -15,6 +15,7 @@ class PersistenceSimulator(Simulator):
     """``L_t = L_0``: training changes nothing."""
 
     name = "persistence"
+    gap_rounds = 0  # reads step 0 only, which is always observed
 
     def __init__(self) -> None:
         pass
@@ -39,6 +40,8 @@ class MeanTrajectorySimulator(Simulator):
     """
 
     name = "mean"
+    #: sparse runs: the mean of their interpolated trajectories (`simulators.gaps`)
+    gap_rounds = 0
 
     def __init__(self) -> None:
         pass

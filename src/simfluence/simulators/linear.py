@@ -60,7 +60,7 @@ def rollout_mse(
     simulated = rollout_drifting(counts, A, B, slopes, time_scale, initial)
     for traj in simulated:
         soft_floor(traj[1:], *floor)
-    return all_steps_mse([r.losses for r in runs.runs], simulated).mean
+    return all_steps_mse([r.recorded_losses for r in runs.runs], simulated).mean
 
 
 @dataclass
