@@ -24,7 +24,6 @@ from simfluence.evaluation.text import format_validation
 from simfluence.runlog import load_runset
 from simfluence.simulators.methods import DEFAULT_VALIDATE_METHODS
 
-
 #: `simfluence.attribution.smoothness.DEFAULT_DIRECTIONS` (not imported: it loads torch)
 DEFAULT_DIRECTIONS = 3
 
