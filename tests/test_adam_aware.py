@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from simfluence.attribution import optimizers as O  # noqa: E402
+from simfluence.attribution import optimizers as fopt  # noqa: E402
 from simfluence.attribution.smoothness import (  # noqa: E402
     NONLINEAR_THRESHOLD,
     measure_smoothness,
@@ -32,7 +32,7 @@ def _chain(p, g, m, v, step, lr, rule):  # type: ignore[no-untyped-def]
             g = g.add(p, alpha=rule.weight_decay)
     m = m.lerp(g, 1 - b1)
     v = v.mul(b2).addcmul(g, g, value=1 - b2)
-    denom = (O._safe_sqrt(v) / (1 - b2**step) ** 0.5).add(rule.eps)
+    denom = (fopt._safe_sqrt(v) / (1 - b2**step) ** 0.5).add(rule.eps)
     return p.addcdiv(m, denom, value=-lr / (1 - b1**step)), m, v
 
 
@@ -44,7 +44,7 @@ def test_fused_adam_step_equals_the_operation_chain_values_and_gradients(wd, dec
     leaves[3] = leaves[3].abs()
     leaves[3][0, 0] = 0.0  # a moment that is exactly 0 ...
     leaves[1][0, 0] = 0.0  # ... and stays 0: derivative 0, not inf
-    rule = O.GroupRule("adam", weight_decay=wd, decoupled=decoupled, betas=(0.9, 0.99), eps=1e-6)
+    rule = fopt.GroupRule("adam", weight_decay=wd, decoupled=decoupled, betas=(0.9, 0.99), eps=1e-6)
     cotangents = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
     results = []
     for fn in (lambda *a: _chain(*a), lambda p, g, m, v, s, lr, r: _fused(p, g, m, v, s, lr, r)):
@@ -61,7 +61,7 @@ def test_fused_adam_step_equals_the_operation_chain_values_and_gradients(wd, dec
 
 
 def _fused(p, g, m, v, step, lr, rule):  # type: ignore[no-untyped-def]
-    new_p, (m2, v2) = O._adam(p, g, (m, v), step, lr, rule)
+    new_p, (m2, v2) = fopt._adam(p, g, (m, v), step, lr, rule)
     return new_p, m2, v2
 
 
