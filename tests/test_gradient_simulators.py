@@ -655,7 +655,10 @@ def test_gradient_methods_warn_when_the_runs_were_not_plain_sgd(
     record_runs(SquaredLossTask(), adamw, protocol, progress=False)
     runs = load_runset(adamw)
     recorded = runs.metadata["config"]["optimizer"]
-    for method in ("grad-dot", "tracin-cp"):
+    for method in ("grad-dot", "tracin-cp"):  # Adam's preconditioner, from the replayed run
+        fitted = configure_simulator(method).fit(runs)
+        assert fitted.warnings_ == [] and fitted.preconditioned_
+    for method in ("influence",):
         (warning,) = configure_simulator(method).fit(runs).warnings_
         assert warning == optimizer_warnings(method, recorded)[0]
         assert warning.startswith(f"{method}: the runs were trained with AdamW (betas [0.9, 0.999]")

@@ -33,11 +33,22 @@ Every method also comes as ``NAME-scaled``: one global factor ``s >= 0`` on ``B`
 closed form on the *training* runs' rollouts (least squares of ``L_t - L_0`` on the rollout's
 cumulative change), never on the held-out runs. The raw variants use ``s = 1``.
 
-These formulas are first-order effects of an **SGD** step. When the manifest records another
-optimizer (``config["optimizer"]``: Adam, or SGD with momentum), `fit` still computes them but
-says so once in ``warnings_`` (a list of strings; `evaluate` prints it under its table and
-writes it into its JSON): an adaptive optimizer rescales every parameter's step, which the dot
-product of raw gradients does not see.
+These formulas are first-order effects of an **SGD** step. For runs recorded with **Adam or
+AdamW** (``config["optimizer"]``), ``tracin-cp`` and ``grad-dot`` (and their ``-scaled``
+twins) use the optimizer's preconditioner instead: example ``i``'s share of the step taken
+from checkpoint ``k`` moves the parameters by about ``-(eta_k / b) g_i / (sqrt(v_hat) + eps)``
+(the momentum spreads it over later steps, with weights summing to about 1), so
+
+    B_i(z) = -(1/K) sum_k eta_k / b * g_z(theta_k) . (g_i(theta_k) / (sqrt(v_hat_{k+1}) + eps)),
+
+with ``v_hat_{k+1}`` the bias-corrected second moment of the step taken from checkpoint ``k``
+(the last step's for the final checkpoint), reconstructed exactly by replaying the run from its
+step-0 checkpoint (`simfluence.attribution.replay`; no optimizer state is saved, and the replay
+costs about one training run per run used). A run set without a step-0 checkpoint, other
+optimizers (SGD with momentum), and ``influence`` still compute the plain-SGD formula and say
+so once in ``warnings_`` (a list of strings; `evaluate` prints it under its table and writes it
+into its JSON): an adaptive optimizer rescales every parameter's step, which the dot product of
+raw gradients does not see.
 """
 
 from __future__ import annotations
@@ -93,6 +104,8 @@ class GradientSimulator(DynamicsSimulator):
     checkpoints_used: str = "all"
     #: the ``-scaled`` variants scale whatever their ``scaled`` parameter says
     always_scaled: bool = False
+    #: use Adam's preconditioner on Adam/AdamW runs (module docstring)
+    adam_aware: bool = False
 
     def __init__(
         self,
@@ -135,7 +148,13 @@ class GradientSimulator(DynamicsSimulator):
         return (type(self)._kernel, self.projection_dim, self.projection_seed)
 
     def _cached_kernel(
-        self, task: Task, model: torch.nn.Module, path: Path, pool: Examples, tests: Examples
+        self,
+        task: Task,
+        model: torch.nn.Module,
+        path: Path,
+        pool: Examples,
+        tests: Examples,
+        precondition: torch.Tensor | None = None,
     ) -> np.ndarray:
         # the -scaled twin and grad-dot (tracin-cp's last checkpoint) reuse these: computing
         # per-example gradients is the whole cost of a gradient method
@@ -145,12 +164,14 @@ class GradientSimulator(DynamicsSimulator):
             tuple(pool.ids),
             tuple(tests.ids),
             *self._kernel_key(),
+            precondition is not None,  # the replayed run's preconditioner (deterministic)
         )
         if key not in _KERNELS:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             if len(_KERNELS) >= _KERNEL_CACHE_SIZE:
                 _KERNELS.pop(next(iter(_KERNELS)))
-            _KERNELS[key] = self._kernel(task, model, checkpoint, pool, tests)
+            extra = {} if precondition is None else {"precondition": precondition}
+            _KERNELS[key] = self._kernel(task, model, checkpoint, pool, tests, **extra)
         return _KERNELS[key]
 
     # -- fitting ----------------------------------------------------------------------------
@@ -158,6 +179,7 @@ class GradientSimulator(DynamicsSimulator):
         task, config = self._task(runs)
         pool, tests = prepare_for_runset(task, runs)
         self.warnings_ = optimizer_warnings(self.name, config.get("optimizer"))
+        self.preconditioned_ = False
         model = task.make_model(config["seed"]).to(resolve_device(self.device))
         used = runs.runs[: self.max_runs] if self.max_runs else runs.runs
         directory = self.checkpoints_dir or runs.source
@@ -169,9 +191,11 @@ class GradientSimulator(DynamicsSimulator):
         self.checkpoint_steps_ = {}
         for run in used:
             steps = self._steps(run)
+            pre = self._adam_preconditioners(runs, run, steps, task) if self.adam_aware else None
             for step in steps:
                 path = require_checkpoint(directory, run.run_id, step)
-                kernel = self._cached_kernel(task, model, path, pool, tests)
+                p = None if pre is None else pre[step]
+                kernel = self._cached_kernel(task, model, path, pool, tests, p)
                 eta = _lr_at(run, step, config["lr"])
                 total -= (eta / self.batch_size_ / len(steps)) * kernel
             self.checkpoint_steps_[run.run_id] = steps
@@ -181,6 +205,52 @@ class GradientSimulator(DynamicsSimulator):
         self.seen_ = np.ones(len(runs.train_ids), dtype=bool)  # gradients exist for all
         self.scale_ = self._fit_scale(runs) if self.scaled or self.always_scaled else 1.0
         self.B_ = self.B_ * self.scale_
+
+    def _adam_preconditioners(
+        self, runs: RunSet, run: Run, steps: list[int], task: Task
+    ) -> dict[int, torch.Tensor] | None:
+        """``{checkpoint step k: 1 / (sqrt(v_hat) + eps)}`` (flattened like the gradients, times
+        each group's rate ratio) of the step taken from checkpoint ``k``, by replaying `run`;
+        None (plain formula) unless every trained parameter is Adam's and the run has a
+        step-0 checkpoint. Sets ``preconditioned_`` and replaces the optimizer warning."""
+        from simfluence.attribution.gradients import trainable_parameter_names
+        from simfluence.attribution.replay import Replay, load_recorded_run, replay_parameters
+        from simfluence.recording.loop import torch_threads
+
+        optimizer = (runs.metadata.get("config") or {}).get("optimizer") or {}
+        if optimizer.get("name") not in ("Adam", "AdamW"):
+            return None
+        directory = self.checkpoints_dir or runs.source
+        if 0 not in (run.metadata.get("checkpoint_steps") or []):
+            return None
+        rec = load_recorded_run(runs, run.run_id, directory=directory, task=task)
+        rule = rec.replay_optimizer()
+        if not rule.rules or any(r.kind != "adam" for r in rule.rules.values()):
+            return None
+        taken = {k: min(k + 1, run.n_steps) for k in steps}  # the step taken from k
+        torch.manual_seed(run.seed)
+        with torch_threads(rec.model):
+            trace = replay_parameters(
+                Replay(task, rec.model, rec.checkpoint),
+                rec.batches(),
+                rec.lrs,
+                optimizer=rule,
+                keep=lambda t: t in taken.values(),
+                saved=rec.saved,
+            )
+        at: dict[int, torch.Tensor] = {}
+        for t in sorted(set(taken.values())):
+            parts = []
+            for name in trainable_parameter_names(rec.model):
+                r, (_, exp_avg_sq) = rule.rules[name], trace.states[t][name]
+                root_bc2 = (1 - r.betas[1] ** float(t)) ** 0.5
+                denom = (exp_avg_sq.sqrt() / root_bc2).add(r.eps)
+                parts.append((r.lr_ratio / denom).reshape(-1))
+            at[t] = torch.cat(parts)
+        out = {k: at[t] for k, t in taken.items()}
+        self.preconditioned_ = True
+        self.warnings_ = []
+        return out
 
     def _calibration_rollouts(
         self, runs: RunSet, n_folds: int
@@ -265,14 +335,18 @@ def _lr_at(run: Run, step: int, default: float) -> float:
 
 
 class TracInCPSimulator(GradientSimulator):
-    """TracIn-CP as a simulator: the average over saved checkpoints (module docstring)."""
+    """TracIn-CP as a simulator: the average over saved checkpoints (module docstring); on
+    Adam/AdamW runs, with the optimizer's preconditioner."""
 
     name = "tracin-cp"
+    adam_aware = True
 
-    def _kernel(self, task, model, checkpoint, pool, tests):  # type: ignore[no-untyped-def]
+    def _kernel(self, task, model, checkpoint, pool, tests, precondition=None):  # type: ignore[no-untyped-def]
         from simfluence.attribution.tracin import gradient_similarity
 
-        return gradient_similarity(task, model, checkpoint, pool, tests, self._projection()).numpy()
+        return gradient_similarity(
+            task, model, checkpoint, pool, tests, self._projection(), precondition=precondition
+        ).numpy()
 
 
 class GradDotSimulator(TracInCPSimulator):

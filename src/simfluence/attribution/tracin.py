@@ -69,22 +69,32 @@ def gradient_similarity(
     *,
     chunk_size: int = 256,
     dtype: torch.dtype | None = None,
+    precondition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw gradient dot products ``G[j, i] = grad l(z_j) . grad l(z_i)`` at one checkpoint.
 
     Returns a float64 tensor ``(n_test, n_train)`` (no sign flip, no learning rate). With a
-    projection, the dot products of the projected gradients. Memory: the ``n_test`` test
-    gradients are kept (``n_test * D`` floats) and pool gradients are streamed in chunks.
+    projection, the dot products of the projected gradients. `precondition`: shape ``(D,)``
+    (flattened like the gradients), multiplies every *training* gradient element-wise before
+    the product: ``G[j, i] = g_j . (P * g_i)`` (Adam's ``1 / (sqrt(v_hat) + eps)``: the
+    direction an Adam step moves the parameters for example ``i``). Memory: the ``n_test``
+    test gradients are kept (``n_test * D`` floats) and pool gradients are streamed in chunks.
     """
     fl = FunctionalLoss(task, model, checkpoint, dtype)
     kwargs = {"chunk_size": chunk_size, "projection": projection, "loss": fl}
+    pool_kwargs = dict(kwargs)
+    if precondition is not None:
+        scale = precondition.to(fl.theta.device, fl.theta.dtype)
+        pool_kwargs["projection"] = (
+            (lambda g: g * scale) if projection is None else (lambda g: projection(g * scale))
+        )
     out = torch.zeros(len(tests), len(pool), dtype=torch.float64)
     if len(tests) == 0 or len(pool) == 0:
         return out
     test_grads = torch.cat(
         [g for _, g in iter_per_example_gradients(task, model, checkpoint, tests, **kwargs)]
     )
-    for start, g in iter_per_example_gradients(task, model, checkpoint, pool, **kwargs):
+    for start, g in iter_per_example_gradients(task, model, checkpoint, pool, **pool_kwargs):
         out[:, start : start + g.shape[0]] = (test_grads @ g.T).to("cpu", torch.float64)
     return out
 

@@ -82,9 +82,22 @@ def _register_attribute(subparsers: argparse._SubParsersAction) -> None:
         "unrolled, dvemb, combined: where the run set's task is, when the reference stored in "
         "its manifest no longer works (default: the stored one)",
     )
+    p.add_argument(
+        "--smoothness-directions",
+        type=int,
+        default=SMOOTHNESS_DIRECTIONS,
+        metavar="N",
+        help="unrolled, dvemb, combined: before trusting the first-order answer, retrain the "
+        "run along N random directions in the example weights and report how close to linear "
+        f"the final test loss is (2 retrains each; 0: off; default {SMOOTHNESS_DIRECTIONS})",
+    )
     p.add_argument("--json", default=None, help="write every view as JSON here")
     p.add_argument("--plot", default=None, help="draw trajectory and top effects to this PNG")
     p.set_defaults(func=cmd_attribute)
+
+
+#: `simfluence.attribution.smoothness.DEFAULT_DIRECTIONS` (not imported: it loads torch)
+SMOOTHNESS_DIRECTIONS = 3
 
 
 ATTRIBUTE_METHODS = ("auto", "simulator", "unrolled", "dvemb", "combined")
@@ -148,7 +161,18 @@ def cmd_attribute(args: argparse.Namespace) -> None:
             task=args.task,
         )
         source, n_steps = f"run {args.run}", runset.run(args.run).n_steps
+        if args.smoothness_directions > 0:
+            from simfluence.attribution.smoothness import recorded_run_smoothness
+
+            smooth = recorded_run_smoothness(
+                runset, args.run, args.test, method, args.smoothness_directions, task=args.task
+            )
+            views["smoothness"] = smooth.to_json()
     print(format_attribution(loo, steps, pairs, source, n_steps, args.top))
+    if "smoothness" in views:
+        from simfluence.attribution.smoothness import smoothness_line
+
+        print(smoothness_line(views["smoothness"]))
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "curriculum": source, **views})
         print(f"wrote {args.json}")

@@ -24,6 +24,9 @@ from simfluence.evaluation.text import format_validation
 from simfluence.runlog import load_runset
 from simfluence.simulators.methods import DEFAULT_VALIDATE_METHODS
 
+#: `simfluence.attribution.smoothness.DEFAULT_DIRECTIONS` (not imported: it loads torch)
+DEFAULT_DIRECTIONS = 3
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -66,6 +69,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=20,
         help="loo kinds: random 10%% removals retrained for the LDS (default 20)",
+    )
+    p.add_argument(
+        "--smoothness-directions",
+        type=int,
+        default=DEFAULT_DIRECTIONS,
+        metavar="N",
+        help="loo kinds: measure how close to linear each held-out run's final test loss is "
+        "in the example weights along N random directions (2 retrains each; 0: off; default "
+        f"{DEFAULT_DIRECTIONS}); see docs/counterfactuals.md",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -121,6 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         groups=args.groups,
         device=args.device,
         backend=backend_from_args(args),
+        smoothness_directions=args.smoothness_directions,
     )
     # the one non-deterministic key, last (the leave-one-out kinds' seconds are in it too)
     result["timing"] = {"seconds": time.perf_counter() - start, **result.pop("timing", {})}

@@ -151,6 +151,10 @@ def _format_loo(kind: ValidationKind, timing: dict[str, Any]) -> list[str]:
         lines.append(
             f"  (sum of the actual single removals: LDS {block['additive_ceiling_lds']:.3f})"
         )
+    if isinstance(block.get("smoothness"), dict):
+        from simfluence.attribution.smoothness import smoothness_line
+
+        lines += [f"  {run}: {smoothness_line(s)}" for run, s in block["smoothness"].items()]
     return lines
 
 

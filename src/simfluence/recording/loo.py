@@ -161,8 +161,15 @@ def validate_loo(
     max_examples: int | None = None,
     groups: int = 20,
     progress: Progress | None = None,
+    smoothness_directions: int = 0,
 ) -> dict[str, Any]:
     """Leave-one-out validation on the last `count` recorded runs (held out).
+
+    `smoothness_directions` > 0: also measure, per held-out run, how close to linear its final
+    test loss is in the consumption weights (`simfluence.attribution.smoothness`, 2 retrains
+    per direction, with the metagradients of an ``unrolled`` or ``combined`` method when one
+    is validated): ``{KIND: {..., "smoothness": {RUN: Smoothness.to_json()}}}``, the same for
+    both kinds (measured once).
 
     Simulators are fitted (copies) on the other runs; methods with ``run_removal_effects``
     answer from the held-out run itself. Returns ``{KIND: {"runs", "removal", "examples",
@@ -197,6 +204,7 @@ def validate_loo(
         fit_seconds[name] = time.perf_counter() - started
     initial_model = task.make_model(config["seed"])
     result: dict[str, Any] = {}
+    smooth: dict[str, Any] = {}
     for kind in kinds:
         removal = REMOVAL_OF_KIND[kind]
         per_run: dict[str, list[dict[str, float]]] = {name: [] for name in fitted}
@@ -252,7 +260,45 @@ def validate_loo(
         }
         if ceilings:
             result[kind]["additive_ceiling_lds"] = float(np.mean(ceilings))
+        if smoothness_directions > 0:
+            for run in heldout.runs:
+                if run.run_id not in smooth:
+                    smooth[run.run_id] = _smoothness(
+                        task, initial_model, pool, tests, runs, run, fitted, config,
+                        smoothness_directions, seed,
+                    )  # fmt: skip
+            result[kind]["smoothness"] = {r.run_id: smooth[r.run_id] for r in heldout.runs}
     return result
+
+
+def _smoothness(
+    task: Task,
+    initial_model: Any,
+    pool: Examples,
+    tests: Examples,
+    runs: RunSet,
+    run: Run,
+    fitted: dict[str, Simulator],
+    config: dict[str, Any],
+    directions: int,
+    seed: int,
+) -> dict[str, Any]:
+    """`simfluence.attribution.smoothness.run_smoothness` of a held-out run, as JSON."""
+    from simfluence.attribution.smoothness import run_smoothness
+
+    grads = None
+    for name in ("unrolled", "combined"):
+        simulator = fitted.get(name)
+        if simulator is not None and hasattr(simulator, "metagradients"):
+            try:
+                grads = simulator.metagradients(runs, run.run_id).grads
+            except SimfluenceError:
+                grads = None
+            break
+    found = run_smoothness(
+        task, initial_model, pool, tests, run, config, directions, seed=seed, metagradients=grads
+    )
+    return found.to_json()
 
 
 def split_timing(blocks: dict[str, Any]) -> dict[str, Any]:

@@ -231,13 +231,15 @@ def validate(
     groups: int = 20,
     device: str | None = None,
     backend: str | Backend | None = None,
+    smoothness_directions: int = 0,
 ) -> dict[str, Any]:
     """Train `task` on `count` new curricula of each kind and score every simulator.
 
     The leave-one-out kinds (``loo``, ``loo-weight0``) hold out the last `count` recorded runs
     instead and retrain their curricula without each example (at most `max_examples`) and
     without `groups` random tenths: `simfluence.recording.loo.validate_loo`, whose block of
-    the JSON goes under ``"kinds"`` too.
+    the JSON goes under ``"kinds"`` too (with `smoothness_directions` > 0, how close to linear
+    each held-out run's final loss is in the example weights, ``"smoothness"``).
 
     Their wall-clock seconds (``truth_seconds``, and per method ``seconds`` and
     ``fit_seconds``) are moved to ``result["timing"][KIND]`` (`split_timing`), so that the rest
@@ -278,8 +280,9 @@ def validate(
     result: dict[str, Any] = {"kinds": {}, "curricula_per_kind": count, "seed": seed}
     if loo_kinds:
         loo = validate_loo(
-            task, runs, simulators, loo_kinds, count, seed, max_examples, groups, progress
-        )
+            task, runs, simulators, loo_kinds, count, seed, max_examples, groups, progress,
+            smoothness_directions,
+        )  # fmt: skip
         result["kinds"].update(loo)
         result["timing"] = split_timing(loo)
     if not kinds:
