@@ -30,8 +30,8 @@ STATIC_RUNS = 4  # final checkpoints per static method (TRAK-4)
 
 
 def bench(workload: str, curricula: int, subsets: int, runs_n: int) -> dict:
-    from simfluence.recording.record import record_runs
     from simfluence.recording.protocol import RecordingProtocol
+    from simfluence.recording.record import record_runs
     from simfluence.recording.validation import validate
     from simfluence.recording.workloads import get_workload
     from simfluence.simulators.registry import make_simulator
