@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz lint bench mutate docs results clean
+.PHONY: setup demo test fuzz lint bench static-table mutate docs results clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ results: setup
 
 bench: setup
 	$(PY) benchmarks/bench_core.py
+
+# dattri's static methods vs simfluence on the same retrains (docs/static-methods.md)
+static-table: setup
+	$(PY) benchmarks/bench_static.py
+	$(PY) tools/results.py
 
 clean:
 	rm -rf $(VENV) demo-out mutants mutants.log site

@@ -368,6 +368,38 @@ def loo() -> tuple[list[str], list[str]]:
     return out, list(LOO)
 
 
+def static_methods() -> tuple[list[str], list[str]]:
+    names = sorted(p.name for p in RESULTS.glob("static-*.json"))
+    out = [
+        "## Static methods (dattri) against simfluence on the same retrains",
+        "",
+        "`benchmarks/bench_static.py` ([static-methods.md](static-methods.md)): LDS per",
+        "curriculum kind and on 50% subsets (dattri's protocol), leave-one-out Spearman under",
+        "both removals (`loo` / `loo-weight0`), fit cost (seconds, training-run equivalents,",
+        "peak RSS MB). `(blind)`: order-blind, LDS 0 by construction.",
+        "",
+    ]
+    kinds = ("random", "leave-out", "reorder", "repeat", "subsets")
+    for name in names:
+        d = load(name)
+        out += [f"### {d['workload']}", "", f"Source: {source(name)}.", ""]
+        rows = []
+        for m, r in d["methods"].items():
+            cells = [
+                rho(r[k]) + (" (blind)" if k == "reorder" and r["reorder_order_blind"] else "")
+                for k in kinds
+            ]
+            cells.append(f"{rho(r.get('loo_spearman'))} / {rho(r.get('loo-weight0_spearman'))}")
+            cells += [
+                num(r["cost_seconds"], 1),
+                num(r["cost_training_runs"], 0),
+                num(r["cost_peak_rss_mb"], 0),
+            ]
+            rows.append([f"`{m}`", *cells])
+        out += table(["method", *kinds, "LOO Spearman", "fit s", "trainings", "MB"], rows)
+    return out, names
+
+
 def gptfluence() -> tuple[list[str], list[str]]:
     name = "gptfluence-digits-mlp.json"
     d = load(name)
@@ -515,6 +547,7 @@ SECTIONS: tuple[Callable[[], tuple[list[str], list[str]]], ...] = (
     workloads,
     featurized,
     loo,
+    static_methods,
     gptfluence,
     ranking,
     optimizers,

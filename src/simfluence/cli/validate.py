@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=["random", "leave-out", "reorder", "repeat", "optimized"],
         help="comma-separated kinds (default: the five curriculum kinds); loo and "
         "loo-weight0 retrain the last --curricula recorded runs without each example "
-        "(drop and re-average the batch / keep it at loss weight 0)",
+        "(drop and re-average the batch / keep it at loss weight 0); subsets: random halves "
+        "of the pool (dattri's LDS protocol)",
     )
     p.add_argument(
         "--methods",
@@ -78,6 +79,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="loo kinds: measure how close to linear each held-out run's final test loss is "
         "in the example weights along N random directions (2 retrains each; 0: off; default "
         f"{DEFAULT_DIRECTIONS}); see docs/counterfactuals.md",
+    )
+    p.add_argument(
+        "--subsets",
+        type=positive_int,
+        default=None,
+        help="subsets kind: random 50%% subsets of the pool retrained (dattri's LDS protocol; "
+        "default: --curricula)",
+    )
+    p.add_argument(
+        "--subset-seeds",
+        type=positive_int,
+        default=1,
+        help="subsets kind: trainings per subset (different orders), averaged (default 1)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -134,6 +148,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         device=args.device,
         backend=backend_from_args(args),
         smoothness_directions=args.smoothness_directions,
+        subsets=args.subsets,
+        subset_seeds=args.subset_seeds,
     )
     # the one non-deterministic key, last (the leave-one-out kinds' seconds are in it too)
     result["timing"] = {"seconds": time.perf_counter() - start, **result.pop("timing", {})}

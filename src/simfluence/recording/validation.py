@@ -32,6 +32,7 @@ command line keeps its wall-clock timing apart, under ``"timing"``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,11 +45,13 @@ from simfluence.backends import Backend, SerialBackend, close_backend, make_back
 from simfluence.counterfactual.search import assess_curriculum, optimize_curriculum
 from simfluence.curricula import random_curriculum, remove, reorder, repeat
 from simfluence.errors import SimfluenceError
+from simfluence.evaluation.cost import measure_cost
 from simfluence.metrics import linear_datamodeling_score
 from simfluence.recording.devices import resolve_device
 from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
 from simfluence.recording.loop import torch_threads, train_on_curriculum
 from simfluence.recording.optim import Schedule
+from simfluence.recording.subsets import mean_over_seeds, subset_curricula
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
 from simfluence.recording.workers import prepared_in_worker, worker_task_reference
@@ -58,7 +61,8 @@ from simfluence.simulators.base import Simulator
 #: kinds of new curricula; the leave-one-out kinds ("loo", "loo-weight0") live in
 #: `simfluence.recording.loo` and retrain a held-out recorded run instead
 CURRICULUM_KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
-KINDS = (*CURRICULUM_KINDS, *LOO_KINDS)
+#: ``subsets``: dattri's LDS protocol (random 50% subsets of the pool; `recording.subsets`)
+KINDS = (*CURRICULUM_KINDS, "subsets", *LOO_KINDS)
 #: share of the base curriculum's distinct examples left out or repeated per variant
 EDIT_FRACTION = 0.1
 #: rollouts per ``optimized`` search (about what 5 s of search did on digits-mlp, 2-core VM)
@@ -129,6 +133,7 @@ def _score_kind(
     true: list[np.ndarray],
     predicted: dict[str, list[np.ndarray]],
     simulators: dict[str, Simulator] | None = None,
+    kind: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     true_final = np.stack([t[-1] for t in true])
     out: dict[str, dict[str, Any]] = {}
@@ -139,6 +144,8 @@ def _score_kind(
             "lds": linear_datamodeling_score(true_final, np.stack([p[-1] for p in pred])),
         }
         simulator = (simulators or {}).get(name)
+        if kind == "reorder" and getattr(simulator, "order_blind", False):
+            out[name]["order_blind"] = True  # same prediction for every order: LDS 0
         if simulator is not None and simulator.is_calibrated:
             out[name] |= interval_scores(simulator, true, pred)
     return out
@@ -232,8 +239,16 @@ def validate(
     device: str | None = None,
     backend: str | Backend | None = None,
     smoothness_directions: int = 0,
+    subsets: int | None = None,
+    subset_seeds: int = 1,
 ) -> dict[str, Any]:
     """Train `task` on `count` new curricula of each kind and score every simulator.
+
+    ``subsets`` (dattri's protocol, `simfluence.recording.subsets`): `subsets` (default
+    `count`) random halves of the pool, each trained `subset_seeds` times; losses and
+    predictions are averaged over a subset's seeds before scoring. Each simulator's fit cost
+    goes to ``result["timing"]["fit"][NAME]`` (``seconds``, ``peak_rss_mb``) and the retraining's
+    to ``result["timing"]["retrain"]`` (``seconds``, ``trainings``): cost in training runs.
 
     The leave-one-out kinds (``loo``, ``loo-weight0``) hold out the last `count` recorded runs
     instead and retrain their curricula without each example (at most `max_examples`) and
@@ -289,8 +304,10 @@ def validate(
         return result
     pool, tests = prepare_for_runset(task, runs)
     resolve_device(device)
-    for simulator in simulators.values():
-        simulator.fit(runs)
+    fit_cost: dict[str, dict[str, float]] = {}
+    for name, simulator in simulators.items():
+        with measure_cost(fit_cost.setdefault(name, {})):
+            simulator.fit(runs)
         with contextlib.suppress(SimfluenceError):  # e.g. one recorded run: no intervals
             simulator.calibrate(runs)
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
@@ -301,10 +318,18 @@ def validate(
     }
     searcher = next(iter(simulators.values()))
     curricula = {
-        kind: make_curricula(kind, count, runs, seed, searcher, search_evaluations, search_seconds)
+        kind: subset_curricula(runs, subsets or count, subset_seeds, seed)
+        if kind == "subsets"
+        else make_curricula(kind, count, runs, seed, searcher, search_evaluations, search_seconds)
         for kind in kinds
     }
+    started = time.perf_counter()
     trained = _retrain(task, pool, tests, config, seed, curricula, device, backend, wrap)
+    result.setdefault("timing", {})["fit"] = fit_cost
+    result["timing"]["retrain"] = {
+        "seconds": time.perf_counter() - started,
+        "trainings": sum(len(c) for c in curricula.values()),
+    }
     actual_mean: dict[str, list[float]] = {}
     searched: list[float] = []
     for kind in kinds:
@@ -313,6 +338,9 @@ def validate(
             name: sim.simulate_many(curricula[kind], initial_loss)
             for name, sim in simulators.items()
         }
+        if kind == "subsets":
+            true = mean_over_seeds(true, subset_seeds)
+            predicted = {n: mean_over_seeds(p, subset_seeds) for n, p in predicted.items()}
         if kind == "optimized":
             searched = [float(p[-1].mean()) for p in predicted[next(iter(simulators))]]
             searched_in_region = [
@@ -320,7 +348,7 @@ def validate(
             ]
         result["kinds"][kind] = {
             "curricula": len(curricula[kind]),
-            "methods": _score_kind(true, predicted, simulators),
+            "methods": _score_kind(true, predicted, simulators, kind),
         }
         actual_mean[kind] = [float(t[-1].mean()) for t in true]
     if "optimized" in actual_mean and "random" in actual_mean:

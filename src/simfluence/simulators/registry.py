@@ -48,6 +48,15 @@ _LAZY: dict[str, str] = {
 _LAZY["unrolled"] = "simfluence.attribution.unrolled:UnrolledSimulator"
 _LAZY["dvemb"] = "simfluence.attribution.dvemb:DVEmbSimulator"
 _LAZY["combined"] = "simfluence.attribution.combined:CombinedSimulator"
+#: static methods through dattri (`simfluence.attribution.static`)
+for _name, _cls in [
+    ("trak", "TRAKSimulator"),
+    ("logra", "LoGraSimulator"),
+    ("if-ekfac", "EKFACSimulator"),
+    ("if-explicit", "ExplicitIFSimulator"),
+    ("if-cg", "CGIFSimulator"),
+]:
+    _LAZY[_name] = f"simfluence.attribution.static:{_cls}"
 
 
 def available_simulators() -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from simfluence.errors import SimfluenceError
 from simfluence.recording.task import Task
 from simfluence.recording.workloads._common import cache_dir
+from simfluence.recording.workloads.digits_logreg import DigitsLogRegTask
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask
 from simfluence.recording.workloads.newsgroups_minilm import NewsgroupsMiniLMTask
 from simfluence.recording.workloads.smollm2_polarity import SmolLM2PolarityTask
@@ -18,6 +19,7 @@ DEFAULT_WORKLOAD = DigitsMLPTask.name
 
 WORKLOADS: dict[str, type[Task]] = {
     DigitsMLPTask.name: DigitsMLPTask,
+    DigitsLogRegTask.name: DigitsLogRegTask,
     NewsgroupsMiniLMTask.name: NewsgroupsMiniLMTask,
     SmolLM2PolarityTask.name: SmolLM2PolarityTask,
 }
@@ -41,6 +43,7 @@ def get_workload(name: str) -> Task:
 __all__ = [
     "DEFAULT_WORKLOAD",
     "WORKLOADS",
+    "DigitsLogRegTask",
     "DigitsMLPTask",
     "NewsgroupsMiniLMTask",
     "SmolLM2PolarityTask",

@@ -1,0 +1,136 @@
+"""Static TDA methods (dattri's TRAK, LoGra, EK-FAC influence) against simfluence's methods on
+the same retrains: one table per workload (docs/static-methods.md).
+
+    PYTHONPATH=src python benchmarks/bench_static.py [--workloads digits-mlp,digits-logreg]
+
+Per workload: records 16 runs (the task's protocol), then `validate` with every method on
+``random``, ``leave-out``, ``reorder``, ``repeat`` (10 curricula each), ``subsets`` (20
+random halves of the pool, 1 seed: dattri's LDS protocol) and the leave-one-out kinds (last
+recorded run held out, 50 single removals, 10 group removals). Writes
+``benchmarks/results/static-WORKLOAD.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+CURRICULUM = ["random", "leave-out", "reorder", "repeat", "subsets"]
+OURS = ["linear", "additive", "unrolled", "tracin-cp-scaled", "influence-scaled"]
+STATIC = ["trak", "logra", "if-ekfac"]
+STATIC_RUNS = 4  # final checkpoints per static method (TRAK-4)
+
+
+def bench(workload: str, curricula: int, subsets: int, runs_n: int) -> dict:
+    from simfluence.recording.protocol import RecordingProtocol
+    from simfluence.recording.record import record_runs
+    from simfluence.recording.validation import validate
+    from simfluence.recording.workloads import get_workload
+    from simfluence.simulators.registry import make_simulator
+
+    task = get_workload(workload)
+
+    def methods() -> dict:
+        out = {}
+        for name in OURS + STATIC:
+            opts = {"unseen": "prior"} if name in ("linear", "additive") else {}
+            if name in STATIC:
+                opts["max_runs"] = STATIC_RUNS
+            out[name] = make_simulator(name, **opts)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        runs = record_runs(
+            task,
+            Path(tmp) / "runs",
+            RecordingProtocol(runs=runs_n, checkpoints=[0, 32, 64, 96]),
+            progress=False,
+        )
+        record_seconds = time.perf_counter() - started
+        main = validate(task, runs, methods(), CURRICULUM, curricula, subsets=subsets)
+        loo = validate(task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=50, groups=10)
+    retrain = main["timing"]["retrain"]
+    per_training = retrain["seconds"] / retrain["trainings"]
+    cost = {
+        name: {
+            **c,
+            "training_runs": c["seconds"] / per_training,
+        }
+        for name, c in main["timing"]["fit"].items()
+    }
+    table = {}
+    for name in OURS + STATIC:
+        row = {k: main["kinds"][k]["methods"][name]["lds"] for k in CURRICULUM}
+        row["reorder_order_blind"] = bool(
+            main["kinds"]["reorder"]["methods"][name].get("order_blind")
+        )
+        for k in ("loo", "loo-weight0"):
+            m = loo["kinds"][k]["methods"][name]
+            row[f"{k}_spearman"] = m.get("loo_spearman")
+            row[f"{k}_lds"] = m.get("lds")
+        row |= {f"cost_{k}": v for k, v in cost[name].items()}
+        table[name] = row
+    return {
+        "workload": workload,
+        "recorded_runs": runs_n,
+        "curricula_per_kind": curricula,
+        "subsets": subsets,
+        "subset_seeds": 1,
+        "static_runs": STATIC_RUNS,
+        "seconds_per_training": per_training,
+        "record_seconds": record_seconds,
+        "methods": table,
+        "validate": {k: v for k, v in main.items() if k != "timing"},
+        "loo": {k: v for k, v in loo.items() if k != "timing"},
+    }
+
+
+def format_table(result: dict) -> str:
+    cols = [
+        *CURRICULUM,
+        "loo_spearman",
+        "loo-weight0_spearman",
+        "cost_seconds",
+        "cost_training_runs",
+        "cost_peak_rss_mb",
+    ]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in result["methods"].items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            text = "-" if v is None else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+            if c == "reorder" and row["reorder_order_blind"]:
+                text += " (blind)"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default="digits-mlp,digits-logreg")
+    p.add_argument("--curricula", type=int, default=10)
+    p.add_argument("--subsets", type=int, default=20)
+    p.add_argument("--runs", type=int, default=16)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    for workload in args.workloads.split(","):
+        result = bench(workload, args.curricula, args.subsets, args.runs)
+        path = Path(args.out) / f"static-{workload}.json"
+        path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        print(f"## {workload}\n\n{format_table(result)}\n\nwrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Static methods (dattri) as scorers in `validate`, and the ``subsets`` kind (issue 26).
+
+dattri's attributors themselves are stubbed here (`static_scores` returns a known matrix): the
+tests check what simfluence does with the scores (the additive rule, the one global scale,
+order-blindness, the cost) and the subsets protocol's LDS, on a tiny exact task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from exact_tasks import LinearLossTask
+from scipy import stats
+
+import simfluence.attribution.static as static
+from simfluence.errors import SimfluenceError
+from simfluence.metrics import linear_datamodeling_score
+from simfluence.recording.protocol import RecordingProtocol
+from simfluence.recording.record import record_runs
+from simfluence.recording.subsets import mean_over_seeds, subset_curricula
+from simfluence.recording.validation import _score_kind, validate
+from simfluence.runlog import RunSet
+from simfluence.simulators.registry import make_simulator
+
+PROTOCOL = dict(runs=4, pool=12, per_run=8, tests=5, batch=4, epochs=2, lr=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> RunSet:
+    root = tmp_path_factory.mktemp("static")
+    protocol = RecordingProtocol(**PROTOCOL, checkpoints=[0, 4])
+    return record_runs(LinearLossTask(), root / "runs", protocol, progress=False)
+
+
+@pytest.fixture()
+def scores(monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, list]:
+    """dattri stubbed: a known ``(M, P)`` score matrix, positive = helpful."""
+    known = np.random.default_rng(0).normal(size=(PROTOCOL["tests"], PROTOCOL["pool"]))
+    calls = []
+
+    def fake(method, task, model, checkpoints, pool, tests, **kw):  # type: ignore[no-untyped-def]
+        calls.append((method, len(checkpoints)))
+        return known.copy()
+
+    monkeypatch.setattr(static, "static_scores", fake)
+    return known, calls
+
+
+def _totals(runs: RunSet, curricula) -> np.ndarray:  # type: ignore[no-untyped-def]
+    index = runs.train_index
+    out = np.zeros((len(curricula), len(runs.train_ids)))
+    for k, c in enumerate(curricula):
+        for batch in c:
+            for i in batch:  # mean weighting: w_t = b / |c_t|
+                out[k, index[i]] += PROTOCOL["batch"] / len(batch)
+    return out
+
+
+def test_scores_become_predictions_with_one_fitted_scale(runs: RunSet, scores: tuple) -> None:
+    scores, calls = scores
+    sim = make_simulator("trak", max_runs=2).fit(runs)
+    assert calls == [("trak", 2)]  # the final checkpoints of the first 2 runs
+    # the scale by hand: least squares of the final-loss deviations on the summed-score ones
+    summed = _totals(runs, [r.curriculum for r in runs.runs]) @ (-scores).T
+    change = np.stack([r.losses[-1] - r.losses[0] for r in runs.runs])
+    dp, da = summed - summed.mean(0), change - change.mean(0)
+    scale = (dp * da).sum() / (dp * dp).sum()
+    assert sim.scale_ == pytest.approx(scale)
+    offset = (change - scale * summed).mean(0)
+    # any curriculum: step-0 loss + offset + scale * sum of the scores of what it consumed
+    curricula = [runs.runs[0].curriculum, [b[:2] for b in runs.runs[1].curriculum]]
+    initial = runs.runs[0].initial_loss
+    predicted = sim.simulate_many(curricula, initial)
+    expected = initial + offset + scale * (_totals(runs, curricula) @ (-scores).T)
+    np.testing.assert_allclose([p[-1] for p in predicted], expected, rtol=1e-9, atol=1e-12)
+    # removing examples changes the prediction by the sum of their scaled scores
+    assert sim.cost_["seconds"] >= 0 and sim.cost_["peak_rss_mb"] >= 0
+
+
+def test_reorder_is_marked_blind_and_scores_zero(runs: RunSet, scores: tuple) -> None:
+    sims = {
+        "trak": make_simulator("trak", max_runs=1),
+        "persistence": make_simulator("persistence"),
+    }
+    result = validate(LinearLossTask(), runs, sims, ["reorder"], 3)
+    block = result["kinds"]["reorder"]["methods"]
+    assert block["trak"]["order_blind"] is True and block["trak"]["lds"] == 0.0
+    assert "order_blind" not in block["persistence"]
+    # cost beside every method: fit seconds and peak memory, and the retraining's
+    for name in sims:
+        assert set(result["timing"]["fit"][name]) == {"seconds", "peak_rss_mb"}
+    assert result["timing"]["retrain"]["trainings"] == 3
+
+
+def test_subsets_are_random_halves_trained_whole(runs: RunSet) -> None:
+    curricula = subset_curricula(runs, 3, seeds=2, seed=0)
+    assert len(curricula) == 6
+    half = len(runs.train_ids) // 2
+    for j in range(3):
+        a, b = curricula[2 * j], curricula[2 * j + 1]
+        members = sorted({i for batch in a for i in batch})
+        assert len(members) == half and members == sorted({i for batch in b for i in batch})
+        assert a != b  # another order per seed
+        assert sum(len(batch) for batch in a) == half * PROTOCOL["epochs"]
+    assert len({tuple(sorted({i for b in c for i in b})) for c in curricula[::2]}) > 1
+    with pytest.raises(SimfluenceError, match="at least 2"):
+        subset_curricula(runs, 1)
+
+
+def test_subsets_lds_by_hand() -> None:
+    rng = np.random.default_rng(1)
+    true = [rng.normal(size=(3, 4)) for _ in range(10)]  # 5 subsets x 2 seeds, 4 tests
+    pred = [rng.normal(size=(3, 4)) for _ in range(10)]
+    t, p = mean_over_seeds(true, 2), mean_over_seeds(pred, 2)
+    np.testing.assert_allclose(t[1], (true[2] + true[3]) / 2)
+    by_hand = np.mean(
+        [stats.spearmanr([x[-1, m] for x in t], [x[-1, m] for x in p]).statistic for m in range(4)]
+    )
+    assert _score_kind(t, {"m": p})["m"]["lds"] == pytest.approx(by_hand)
+    assert linear_datamodeling_score(
+        np.stack([x[-1] for x in t]), np.stack([x[-1] for x in p])
+    ) == pytest.approx(by_hand)
+
+
+def test_subsets_kind_in_validate(runs: RunSet, tmp_path: Path) -> None:
+    truth = make_simulator("persistence")
+    result = validate(
+        LinearLossTask(), runs, {"p": truth}, ["subsets"], 2, subsets=3, subset_seeds=2
+    )
+    assert result["kinds"]["subsets"]["curricula"] == 6
+    assert result["timing"]["retrain"]["trainings"] == 6
+
+
+def test_unknown_methods_error() -> None:
+    with pytest.raises(SimfluenceError, match="unknown method 'trak2'"):
+        make_simulator("trak2")
+    with pytest.raises(SimfluenceError, match="unknown static method"):
+        static.static_scores("nope", None, None, [], None, None)  # type: ignore[arg-type]
