@@ -521,7 +521,7 @@ def test_run_answer_cache_is_bounded_and_keyed_on_the_task(
     """The run-answer cache holds at most `RUN_CACHE_SIZE` answers, dropping the oldest; an
     answer computed with the manifest's task is not served to a simulator told to use another
     task of that name (which replays the run itself, and finds it is not that task's run)."""
-    import simfluence.attribution.simulators as gradient_simulators
+    import simfluence.attribution.run_effects as gradient_simulators
     from simfluence.attribution.replay import ReplayError
 
     runs = load_runset(user_task_runs)

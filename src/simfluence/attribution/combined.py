@@ -73,6 +73,7 @@ class CombinedSimulator(LinearSimulator):
         cv_tests: int | None = None,
         test_shards: int | None = None,
         backend: str = "serial",
+        memory: str | float = "none",
         workload: str | None = None,
         checkpoints_dir: str | None = None,
         task: str | None = None,
@@ -91,6 +92,7 @@ class CombinedSimulator(LinearSimulator):
             cv_tests,
             test_shards,
             backend,
+            memory,
         )
         self.workload = workload
         self.checkpoints_dir = checkpoints_dir

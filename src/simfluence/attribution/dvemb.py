@@ -41,7 +41,7 @@ from simfluence.attribution.replay import (
     load_recorded_run,
     replay_parameters,
 )
-from simfluence.attribution.simulators import RunEffectsSimulator
+from simfluence.attribution.run_effects import RunEffectsSimulator
 from simfluence.counterfactual.attribution import check_removal
 from simfluence.errors import SimfluenceError
 from simfluence.recording.loop import torch_threads
