@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -447,6 +448,12 @@ def test_hostile_strings_stay_text_in_chromium(driver, hostile_report) -> None:
     driver.get(path.resolve().as_uri())
     methods = list(HOSTILE_METHODS)
 
+    def text(by, what):  # the text as the page holds it (.text would fold white space)
+        return driver.find_element(by, what).get_attribute("textContent")
+
+    def ids(select):
+        return [o.get_attribute("textContent").split("  (moves")[0] for o in select.options]
+
     def pwned():
         return driver.execute_script(
             "return [window.__pwned === undefined, document.title,"
@@ -456,13 +463,15 @@ def test_hostile_strings_stay_text_in_chromium(driver, hostile_report) -> None:
     assert pwned() == [True, HOSTILE_TITLE, 0]
     assert driver.title == HOSTILE_TITLE
     runs = Select(driver.find_element(By.ID, "run-select"))
-    assert [o.text for o in runs.options] == [f"{r} (24 steps)" for r in heldout]
-    toggles = driver.find_element(By.ID, "method-toggles").text
+    assert [o.get_attribute("textContent") for o in runs.options] == [
+        f"{r} (12 steps)" for r in heldout
+    ]
+    toggles = text(By.ID, "method-toggles")
     assert all(m in toggles for m in methods), toggles
     for r in range(len(runs.options)):
         runs.select_by_index(r)
         select = Select(driver.find_element(By.ID, "test-select"))
-        shown = [o.text.split("  (moves")[0] for o in select.options]
+        shown = ids(select)
         assert sorted(shown) == sorted(tests)
         for k in range(len(select.options)):
             select.select_by_index(k)
@@ -470,12 +479,12 @@ def test_hostile_strings_stay_text_in_chromium(driver, hostile_report) -> None:
             assert sorted(p.get_attribute("data-name") for p in paths) == sorted(
                 ["recorded", *methods]
             )
-            table = driver.find_element(By.ID, "trajectory-errors").text
+            table = text(By.ID, "trajectory-errors")
             assert f"{shown[k]} in {heldout[r]}" in table, table
             assert all(m in table for m in methods)
             overlay = driver.find_element(By.CSS_SELECTOR, "#viewer svg rect.overlay")
             ActionChains(driver).move_to_element(overlay).perform()
-            tip = driver.find_element(By.ID, "tooltip").text
+            tip = text(By.ID, "tooltip")
             assert all(m in tip for m in methods), tip
             assert pwned() == [True, HOSTILE_TITLE, 0]
     for m in methods:  # a hostile method name toggles like any other
@@ -493,12 +502,20 @@ def test_hostile_strings_stay_text_in_chromium(driver, hostile_report) -> None:
         box[0].click()
     filt = driver.find_element(By.ID, "test-filter")
     filt.send_keys("<img")
-    assert [o.text.split("  (moves")[0] for o in Select(
-        driver.find_element(By.ID, "test-select")
-    ).options] == [HOSTILE_TEST]
-    assert HOSTILE_TEST in driver.find_element(By.ID, "trajectory-errors").text
-    body = driver.find_element(By.TAG_NAME, "body").text
+    assert ids(Select(driver.find_element(By.ID, "test-select"))) == [HOSTILE_TEST]
+    assert HOSTILE_TEST in text(By.ID, "trajectory-errors")
+    body = text(By.TAG_NAME, "main")
     assert HOSTILE_CLOSE in body and HOSTILE_SVG in body  # server-side text, shown literally
     assert pwned() == [True, HOSTILE_TITLE, 0]
     severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert not severe, severe
+    # and the policy is in force: markup injected anyway would not run
+    driver.execute_script(
+        "document.body.insertAdjacentHTML('beforeend',"
+        " '<img src=\"data:,x\" onerror=\"window.__pwned=4\">"
+        "<svg onload=\"window.__pwned=5\"></svg>');"
+    )
+    time.sleep(0.3)
+    assert driver.execute_script("return window.__pwned === undefined")
+    blocked = [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert blocked and all("Content Security Policy" in m for m in blocked), blocked
