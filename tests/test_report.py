@@ -352,7 +352,7 @@ def test_a_missing_browser_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- hostile strings: every id, method name and label reaches the page as text ------------------
 #: each would set window.__pwned and change the title if it ran as markup or script
-HOSTILE_TEST = '<img src=x onerror="window.__pwned=1;document.title=\'pwned\'">'
+HOSTILE_TEST = "<img src=x onerror=\"window.__pwned=1;document.title='pwned'\">"
 HOSTILE_CLOSE = '</script><script>window.__pwned=2;document.title="pwned"</script>'
 HOSTILE_SVG = '"><svg onload="window.__pwned=3;document.title=\'pwned\'">'
 HOSTILE_AMP = "a&amp;b \u2028 \u2029 ]]> <!-- x"
@@ -512,8 +512,8 @@ def test_hostile_strings_stay_text_in_chromium(driver, hostile_report) -> None:
     # and the policy is in force: markup injected anyway would not run
     driver.execute_script(
         "document.body.insertAdjacentHTML('beforeend',"
-        " '<img src=\"data:,x\" onerror=\"window.__pwned=4\">"
-        "<svg onload=\"window.__pwned=5\"></svg>');"
+        ' \'<img src="data:,x" onerror="window.__pwned=4">'
+        '<svg onload="window.__pwned=5"></svg>\');'
     )
     time.sleep(0.3)
     assert driver.execute_script("return window.__pwned === undefined")
