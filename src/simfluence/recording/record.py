@@ -19,10 +19,12 @@ the task's description), one run file per finished run (``run-0000`` ...) and th
 (`simfluence.recording.checkpoints`). ``config["optimizer"]`` is the optimizer's class name and
 hyper-parameters as built by ``task.make_optimizer`` (e.g. ``{"name": "SGD", "lr": 0.1, ...}``).
 
-Files are written atomically and a run's checkpoints before its run file, so an interrupted
-recording (Ctrl-C, kill -9) is resumed by calling `record_runs` again with the same protocol
-(or an empty one: options left out take the values the directory was recorded with): runs
-already on disk are skipped (`simfluence.recording.directory`). The same protocol gives
+One process records into a directory at a time (a lock, `simfluence._lock`: a second one is
+refused with one line; the lock dies with its process). Files are written atomically and a
+run's checkpoints before its run file, so an interrupted recording (Ctrl-C, kill -9, a full
+disk: `SimfluenceError` naming the file) is resumed by calling `record_runs` again with the
+same protocol (or an empty one: options left out take the values the directory was recorded
+with): runs already on disk are skipped (`simfluence.recording.directory`). The same protocol gives
 bit-identical losses on the same machine with the same threads per run, whatever the backend.
 """
 
@@ -37,6 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from simfluence._lock import exclusive_lock
 from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.errors import SimfluenceError
 from simfluence.recording.devices import resolve_device
@@ -49,7 +52,7 @@ from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import SPEC_KEY, task_label, task_reference
 from simfluence.recording.workers import RunWork, worker_task_reference
 from simfluence.runlog import RunSet, load_runset
-from simfluence.runlog.layout import run_id_for, run_path
+from simfluence.runlog.layout import lock_path, run_id_for, run_path
 from simfluence.trust import remember_trusted
 
 
@@ -114,33 +117,39 @@ def record_runs(
         device,
         runner.threads,
     )
-    prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
-    todo = [r for r in range(protocol.runs) if not run_path(directory, run_id_for(r)).is_file()]
-    n_steps = protocol.n_steps
-    bar = tqdm(
-        total=len(todo) * n_steps,
-        unit="step",
-        disable=not progress or not todo,
-        desc=f"recording {task_label(task)}",
-        dynamic_ncols=True,
-    )
     try:
-        if serial:
-            work.bind(task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1))
-            threads = num_threads if num_threads is not None else runner.threads
-            with bar, torch_threads(initial, threads):
-                for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
-                    bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
-        else:
-            with bar:
-                bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
-                for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
-                    bar.update(n_steps)
-                    bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
+        # one process records into a directory at a time: a second one is refused at once
+        with exclusive_lock(lock_path(directory), str(directory)):
+            prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
+            todo = [
+                r for r in range(protocol.runs) if not run_path(directory, run_id_for(r)).is_file()
+            ]
+            n_steps = protocol.n_steps
+            bar = tqdm(
+                total=len(todo) * n_steps,
+                unit="step",
+                disable=not progress or not todo,
+                desc=f"recording {task_label(task)}",
+                dynamic_ncols=True,
+            )
+            if serial:
+                work.bind(
+                    task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1)
+                )
+                threads = num_threads if num_threads is not None else runner.threads
+                with bar, torch_threads(initial, threads):
+                    for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
+                        bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
+            else:
+                with bar:
+                    bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
+                    for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
+                        bar.update(n_steps)
+                        bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
+            return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
     finally:
         if runner is not backend:
             close_backend(runner)
-    return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
 
 
 def record_defaults(
