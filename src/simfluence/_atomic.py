@@ -24,7 +24,6 @@ TEMPORARY_SUFFIX = ".tmp"
 TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
 
 
-@contextmanager
 def write_error(path: str | os.PathLike[str], exc: OSError) -> SimfluenceError:
     """The one-line error of a failed write of `path` (e.g. "No space left on device")."""
     reason = exc.strerror or str(exc) or type(exc).__name__
