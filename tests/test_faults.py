@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -117,7 +116,7 @@ def test_a_second_writer_is_refused_while_the_first_records(tmp_path: Path) -> N
         assert first.poll() is None  # the first held the lock all along
     finally:
         gate.touch()
-        out, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     # nothing corrupted: the same files as the same command run alone
     alone = tmp_path / "alone"
@@ -144,9 +143,9 @@ def test_a_dead_writer_leaves_no_lock_behind(tmp_path: Path) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockedError, match=rf"^here: another process \(pid {holder.pid}\)"):
-            with exclusive_lock(path, "here"):
-                pass
+        refused = rf"^here: another process \(pid {holder.pid}\)"
+        with pytest.raises(LockedError, match=refused), exclusive_lock(path, "here"):
+            pass
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
@@ -207,7 +206,9 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes(
     assert main([str(alone) if a == str(target) else a for a in argv]) == 0
     assert _files(target) == _files(alone)
     assert {k: v for k, v in _files(target).items() if k != "manifest.json"} == {
-        k: v for k, v in reference.items() if k != "manifest.json"  # the library's, too
+        k: v
+        for k, v in reference.items()
+        if k != "manifest.json"  # the library's, too
     }
     _assert_clean(target)
 
