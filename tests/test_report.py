@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -347,3 +348,174 @@ def test_a_missing_browser_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="chromium"):
         missing_component("headless browser test needs /usr/bin/chromium")
+
+
+# -- hostile strings: every id, method name and label reaches the page as text ------------------
+#: each would set window.__pwned and change the title if it ran as markup or script
+HOSTILE_TEST = "<img src=x onerror=\"window.__pwned=1;document.title='pwned'\">"
+HOSTILE_CLOSE = '</script><script>window.__pwned=2;document.title="pwned"</script>'
+HOSTILE_SVG = '"><svg onload="window.__pwned=3;document.title=\'pwned\'">'
+HOSTILE_AMP = "a&amp;b \u2028 \u2029 ]]> <!-- x"
+HOSTILE_METHODS = {
+    HOSTILE_TEST.replace("img", "img class=m"): "linear",
+    HOSTILE_SVG: "mean",
+    "toString": "persistence",  # a name the viewer's lookups must not take from a prototype
+}
+HOSTILE_TITLE = "<title>" + HOSTILE_CLOSE
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    import dataclasses
+
+    runs, _ = generate(SynthConfig(pool=40, tests=6, runs=8, per_run=24, batch=4, epochs=2))
+    tests = [HOSTILE_TEST, HOSTILE_CLOSE, HOSTILE_SVG, HOSTILE_AMP, *runs.test_ids[4:]]
+    run_ids = [f"{HOSTILE_TEST}-{k}" if k % 2 else f"{HOSTILE_SVG}-{k}" for k in range(8)]
+    renamed = [dataclasses.replace(r, run_id=i) for r, i in zip(runs.runs, run_ids, strict=True)]
+    runs = dataclasses.replace(runs, test_ids=tests, runs=renamed)
+    sims = {
+        name: configure_simulator(kind, defaults={"unseen": "prior"})
+        for name, kind in HOSTILE_METHODS.items()
+    }
+    result = evaluate(runs, sims, 2)
+    folder = tmp_path_factory.mktemp("hostile")
+    path = write_report(
+        folder / "report.html",
+        title=HOSTILE_TITLE,
+        runs=runs,
+        evaluation=result,
+        attribution={"description": HOSTILE_CLOSE, HOSTILE_SVG: [{HOSTILE_TEST: HOSTILE_SVG}]},
+        notes=[HOSTILE_TEST],
+    )
+    return path, tests, list(result.heldout_runs)
+
+
+def _csp(text: str) -> dict[str, list[str]]:
+    match = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', text)
+    assert match, "no Content-Security-Policy meta"
+    policy: dict[str, list[str]] = {}
+    for part in match.group(1).split(";"):
+        name, *values = part.split()
+        policy[name] = values
+    return policy
+
+
+def test_the_page_has_a_strict_content_security_policy(report: Path) -> None:
+    """Scripts and styles only by the sha256 of the exact inline text; nothing from anywhere."""
+    import base64
+    import hashlib
+
+    text = report.read_text()
+    head = text[: text.index("</head>")]
+    policy = _csp(text)
+    assert head.index("Content-Security-Policy") < head.index("<style>")
+    assert policy["default-src"] == ["'none'"] and policy["connect-src"] == ["'none'"]
+    assert policy["img-src"] == ["data:"]
+    for directive in ("script-src", "style-src"):
+        assert all(v.startswith("'sha256-") for v in policy[directive]), policy[directive]
+
+    def digest(body: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    scripts = re.findall(r"<script>(.*?)</script>", text, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", text, re.S)
+    assert len(scripts) == 1 and len(styles) == 1
+    assert policy["script-src"] == [digest(scripts[0])]
+    assert policy["style-src"] == [digest(styles[0])]
+    assert " style=" not in text  # no inline style attributes (the policy would block them)
+
+
+def test_the_embedded_data_cannot_close_its_script(hostile_report) -> None:
+    path, tests, _ = hostile_report
+    text = path.read_text()
+    blob = re.search(r'id="simfluence-data">(.*?)</script>', text, re.S)
+    assert blob
+    for char in "<>&\u2028\u2029":
+        assert char not in blob.group(1)
+    assert _data(text)["test_ids"] == tests  # and it still reads back exactly
+    assert text.count("<script") == 2 and "<img src=x" not in text and "<svg onload" not in text
+
+
+def test_hostile_strings_stay_text_in_chromium(driver, hostile_report) -> None:
+    """Test ids, run ids and method names that are markup or script show as literal text when
+    every one is selected and hovered; nothing runs, no element is injected."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    path, tests, heldout = hostile_report
+    driver.get_log("browser")  # only this page's messages below
+    driver.get(path.resolve().as_uri())
+    methods = list(HOSTILE_METHODS)
+
+    def text(by, what):  # the text as the page holds it (.text would fold white space)
+        return driver.find_element(by, what).get_attribute("textContent")
+
+    def ids(select):
+        return [o.get_attribute("textContent").split("  (moves")[0] for o in select.options]
+
+    def pwned():
+        return driver.execute_script(
+            "return [window.__pwned === undefined, document.title,"
+            " document.querySelectorAll('img[src=x], svg[onload], img.m').length]"
+        )
+
+    assert pwned() == [True, HOSTILE_TITLE, 0]
+    assert driver.title == HOSTILE_TITLE
+    runs = Select(driver.find_element(By.ID, "run-select"))
+    assert [o.get_attribute("textContent") for o in runs.options] == [
+        f"{r} (12 steps)" for r in heldout
+    ]
+    toggles = text(By.ID, "method-toggles")
+    assert all(m in toggles for m in methods), toggles
+    for r in range(len(runs.options)):
+        runs.select_by_index(r)
+        select = Select(driver.find_element(By.ID, "test-select"))
+        shown = ids(select)
+        assert sorted(shown) == sorted(tests)
+        for k in range(len(select.options)):
+            select.select_by_index(k)
+            paths = driver.find_elements(By.CSS_SELECTOR, "#viewer svg path.series")
+            assert sorted(p.get_attribute("data-name") for p in paths) == sorted(
+                ["recorded", *methods]
+            )
+            table = text(By.ID, "trajectory-errors")
+            assert f"{shown[k]} in {heldout[r]}" in table, table
+            assert all(m in table for m in methods)
+            overlay = driver.find_element(By.CSS_SELECTOR, "#viewer svg rect.overlay")
+            ActionChains(driver).move_to_element(overlay).perform()
+            tip = text(By.ID, "tooltip")
+            assert all(m in tip for m in methods), tip
+            assert pwned() == [True, HOSTILE_TITLE, 0]
+    for m in methods:  # a hostile method name toggles like any other
+        box = [
+            b
+            for b in driver.find_elements(By.CSS_SELECTOR, "#method-toggles input")
+            if b.get_attribute("data-method") == m
+        ]
+        box[0].click()
+        names = [
+            p.get_attribute("data-name")
+            for p in driver.find_elements(By.CSS_SELECTOR, "#viewer svg path.series")
+        ]
+        assert m not in names
+        box[0].click()
+    filt = driver.find_element(By.ID, "test-filter")
+    filt.send_keys("<img")
+    assert ids(Select(driver.find_element(By.ID, "test-select"))) == [HOSTILE_TEST]
+    assert HOSTILE_TEST in text(By.ID, "trajectory-errors")
+    body = text(By.TAG_NAME, "main")
+    assert HOSTILE_CLOSE in body and HOSTILE_SVG in body  # server-side text, shown literally
+    assert pwned() == [True, HOSTILE_TITLE, 0]
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
+    # and the policy is in force: markup injected anyway would not run
+    driver.execute_script(
+        "document.body.insertAdjacentHTML('beforeend',"
+        ' \'<img src="data:,x" onerror="window.__pwned=4">'
+        '<svg onload="window.__pwned=5"></svg>\');'
+    )
+    time.sleep(0.3)
+    assert driver.execute_script("return window.__pwned === undefined")
+    blocked = [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert blocked and all("Content Security Policy" in m for m in blocked), blocked

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from simfluence.errors import RunLogError
+from simfluence.errors import RunLogError, SimfluenceError
 from simfluence.runlog import (
     Run,
     RunSet,
@@ -77,7 +77,7 @@ def test_failed_write_leaves_previous_file(tmp_path: Path, monkeypatch: pytest.M
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SimfluenceError, match=r"r0\.parquet: cannot write: disk full"):
         write_run(tmp_path, runset.runs[0], runset.test_ids)
     assert run_path(tmp_path, "r0").read_bytes() == before
     assert not [p for p in tmp_path.rglob("*.tmp")]

@@ -380,7 +380,8 @@ def test_leave_one_out_kinds_go_to_their_own_validation(stubbed, monkeypatch) ->
     seen: list[tuple] = []
 
     def loo(*args):  # type: ignore[no-untyped-def]
-        seen.append(args)
+        seen.append(args[:9])  # the tenth: smoothness directions (0 by default, checked below)
+        assert args[9:] == (0,)
         return {"loo": {"methods": {}, "truth_seconds": 1.5}}
 
     monkeypatch.setattr(validation, "validate_loo", loo)

@@ -45,5 +45,5 @@ def save_checkpoint(directory: PathLike, run_id: str, step: int, model: torch.nn
     """Save `model`'s ``state_dict`` (on the CPU) as run `run_id`'s checkpoint at `step`,
     atomically."""
     state = {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
-    with atomic_path(checkpoint_path(directory, run_id, step)) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(checkpoint_path(directory, run_id, step)) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)  # through Python's file: a full disk is an OSError

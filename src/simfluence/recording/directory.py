@@ -17,7 +17,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording.protocol import config_difference
 from simfluence.recording.tasks import SPEC_KEY
 from simfluence.runlog import read_manifest, write_manifest
-from simfluence.runlog.layout import MANIFEST, manifest_path, stale_temporaries
+from simfluence.runlog.layout import LOCK_FILE, MANIFEST, manifest_path, stale_temporaries
 
 #: ``metadata["recorder"]`` of the run sets `record_runs` makes (the name it had when it was
 #: first written; kept so that older recordings resume)
@@ -51,7 +51,7 @@ def prepare_directory(
     if directory.exists() and not directory.is_dir():
         raise SimfluenceError(f"{directory}: exists and is not a directory")
     if not manifest_path(directory).is_file():
-        if directory.is_dir() and any(directory.iterdir()):
+        if directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()):
             raise SimfluenceError(
                 f"{directory}: is not empty and has no {MANIFEST}; choose an empty or new directory"
             )

@@ -19,15 +19,18 @@ the task's description), one run file per finished run (``run-0000`` ...) and th
 (`simfluence.recording.checkpoints`). ``config["optimizer"]`` is the optimizer's class name and
 hyper-parameters as built by ``task.make_optimizer`` (e.g. ``{"name": "SGD", "lr": 0.1, ...}``).
 
-Files are written atomically and a run's checkpoints before its run file, so an interrupted
-recording (Ctrl-C, kill -9) is resumed by calling `record_runs` again with the same protocol
-(or an empty one: options left out take the values the directory was recorded with): runs
-already on disk are skipped (`simfluence.recording.directory`). The same protocol gives
+One process records into a directory at a time (a lock, `simfluence._lock`: a second one is
+refused with one line; the lock dies with its process). Files are written atomically and a
+run's checkpoints before its run file, so an interrupted recording (Ctrl-C, kill -9, a full
+disk: `SimfluenceError` naming the file) is resumed by calling `record_runs` again with the
+same protocol (or an empty one: options left out take the values the directory was recorded
+with): runs already on disk are skipped (`simfluence.recording.directory`). The same protocol gives
 bit-identical losses on the same machine with the same threads per run, whatever the backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -40,6 +43,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from simfluence._lock import exclusive_lock
 from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.errors import SimfluenceError
 from simfluence.recording.devices import resolve_device
@@ -52,7 +56,7 @@ from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import SPEC_KEY, task_label, task_reference
 from simfluence.recording.workers import RunWork, worker_task_reference
 from simfluence.runlog import RunSet, load_runset
-from simfluence.runlog.layout import run_id_for, run_path
+from simfluence.runlog.layout import lock_path, run_id_for, run_path
 from simfluence.trust import remember_trusted
 
 
@@ -95,15 +99,7 @@ def record_runs(
     pool_examples, test_examples = _prepared_examples(task, protocol)
     initial = task.make_model(protocol.seed)
     config.update(optimizer_config(protocol.optimizer, task, copy.deepcopy(initial), protocol.lr))
-    metadata = {
-        "recorder": RECORDER_NAME,
-        "config": {k: v for k, v in config.items() if k != "runs"},
-        "runs": protocol.runs,
-        SPEC_KEY: _spec(task, task_ref),
-        "task": _jsonable(task.describe()),
-    }
-    if "reserve" in config:
-        metadata["reserved_ids"] = reserved_ids(pool_examples.ids, protocol.reserve, protocol.seed)
+    metadata = _metadata(task, task_ref, protocol, config, pool_examples.ids)
     if metadata[SPEC_KEY].get("ref"):  # recorded on this machine: later commands may import it
         remember_trusted(metadata[SPEC_KEY]["ref"])
     # a backend that cannot start, or a task no worker can rebuild, fails before anything is
@@ -117,9 +113,55 @@ def record_runs(
         device,
         runner.threads,
     )
-    prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
-    todo = [r for r in range(protocol.runs) if not run_path(directory, run_id_for(r)).is_file()]
-    n_steps = protocol.n_steps
+    try:
+        # one process records into a directory at a time: a second one is refused at once
+        with exclusive_lock(lock_path(directory), str(directory)):
+            prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
+            todo = [
+                r for r in range(protocol.runs) if not run_path(directory, run_id_for(r)).is_file()
+            ]
+            examples = (pool_examples, test_examples, initial)
+            threads = num_threads if num_threads is not None else runner.threads
+            _record_missing(task, work, runner, todo, protocol.n_steps, examples, threads, progress)
+            return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
+    finally:
+        if runner is not backend:
+            close_backend(runner)
+
+
+def _metadata(
+    task: Task,
+    task_ref: str | None,
+    protocol: RecordingProtocol,
+    config: dict[str, Any],
+    pool_ids: list[str],
+) -> dict[str, Any]:
+    """The manifest's metadata of a recording: its protocol, task and reserve."""
+    metadata = {
+        "recorder": RECORDER_NAME,
+        "config": {k: v for k, v in config.items() if k != "runs"},
+        "runs": protocol.runs,
+        SPEC_KEY: _spec(task, task_ref),
+        "task": _jsonable(task.describe()),
+    }
+    if "reserve" in config:
+        metadata["reserved_ids"] = reserved_ids(pool_ids, protocol.reserve, protocol.seed)
+    return metadata
+
+
+def _record_missing(
+    task: Task,
+    work: RunWork,
+    runner: Any,
+    todo: list[int],
+    n_steps: int,
+    examples: tuple[Any, Any, Any],
+    threads: int | None,
+    progress: bool,
+) -> None:
+    """Record the runs `todo` with `runner` (here, step by step, when it is the serial backend;
+    else whole runs in its workers), with a progress bar and, after the first run, an estimate
+    of the whole recording's duration."""
     bar = tqdm(
         total=len(todo) * n_steps,
         unit="step",
@@ -128,28 +170,21 @@ def record_runs(
         dynamic_ncols=True,
     )
     started = time.perf_counter()
-    try:
-        if serial:
-            work.bind(task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1))
-            threads = num_threads if num_threads is not None else runner.threads
-            with bar, torch_threads(initial, threads):
-                for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
-                    if done == 1 and progress:
-                        _estimate(bar, time.perf_counter() - started, len(todo), 1)
-                    bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
-        else:
-            with bar:
-                bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
-                for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
-                    if done == 1 and progress:
-                        workers = max(1, getattr(runner, "workers", 1) or 1)
-                        _estimate(bar, time.perf_counter() - started, len(todo), workers)
-                    bar.update(n_steps)
-                    bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
-    finally:
-        if runner is not backend:
-            close_backend(runner)
-    return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
+    serial = isinstance(runner, SerialBackend)
+    if serial:
+        work.bind(task, *examples, on_step=lambda: bar.update(1))
+    parallel = 1 if serial else max(1, getattr(runner, "workers", 1) or 1)
+    pinned = torch_threads(examples[2], threads) if serial else contextlib.nullcontext()
+    with bar, pinned:
+        if not serial:
+            bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
+        for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
+            if done == 1 and progress:
+                _estimate(bar, time.perf_counter() - started, len(todo), parallel)
+            if not serial:
+                bar.update(n_steps)
+            where = f"({run_id_for(index)} done)" if serial else f"on {runner.name}"
+            bar.set_postfix_str(f"runs {done}/{len(todo)} {where}")
 
 
 def _estimate(bar: Any, first: float, runs: int, parallel: int) -> None:

@@ -5,6 +5,7 @@ evaluations (`simfluence.report.page` builds the report from it)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -210,24 +211,71 @@ def figure(name: str, path: str | os.PathLike[str]) -> str:
 
 def static_text(name: str) -> str:
     """The text of a file shipped in ``simfluence/report/static/`` (inlined into the page)."""
-    return resources.files("simfluence.report").joinpath("static", name).read_text()
+    text = resources.files("simfluence.report").joinpath("static", name).read_text("utf-8")
+    return text.replace("\r\n", "\n")  # as the HTML parser will see it (the hash covers it)
+
+
+#: the embedded JSON's characters that could end its ``<script>`` (``</script>``, ``<!--``) or
+#: that older JavaScript parsers take as line ends, as JSON escapes (the same value once parsed)
+_JSON_ESCAPES = {
+    ord("<"): "\\u003c",
+    ord(">"): "\\u003e",
+    ord("&"): "\\u0026",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def script_json(data: Any) -> str:
+    """`data` as JSON safe inside a ``<script type="application/json">`` element: no ``<``,
+    ``>``, ``&``, U+2028 or U+2029 (escaped as ``\\uXXXX``, which `JSON.parse` reads back
+    unchanged), so no string in it can close the element or open a comment."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.translate(_JSON_ESCAPES)
+
+
+def csp_hash(text: str) -> str:
+    """The CSP source expression that allows exactly the inline element with this text."""
+    digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return f"'sha256-{digest}'"
+
+
+def content_security_policy(script: str, style: str) -> str:
+    """The report's policy: nothing is fetched or sent anywhere; the one inline script and the
+    one inline stylesheet run only because their sha256 is listed (an injected script, event
+    handler, style attribute or ``javascript:`` URL is refused); images only as ``data:``."""
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {csp_hash(script)}",
+            f"style-src {csp_hash(style)}",
+            "img-src data:",
+            "connect-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+        ]
+    )
 
 
 def fill_page(title: str, sections: Sequence[str], data: Any) -> str:
     """The whole page: `sections` (HTML) in the template, the shipped CSS and viewer script
-    inlined, and `data` as the JSON blob ``<script type="application/json"
-    id="simfluence-data">`` the viewer reads."""
-    # "<" never occurs in numbers; escaping it keeps "</script>" out of the JSON blob
-    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    inlined (allowed by hash in the page's Content-Security-Policy), and `data` as the JSON
+    blob ``<script type="application/json" id="simfluence-data">`` the viewer reads."""
+    script = static_text("viewer.js")
+    style = static_text("report.css")
+    if "</script" in script.lower() or "</style" in style.lower():  # pragma: no cover
+        raise SimfluenceError("report: a shipped asset would end its own element")
+    policy = content_security_policy(script, style)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}">'  # no " in it
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title><style>{static_text('report.css')}</style></head><body>"
+        f"<title>{escape(title)}</title><style>{style}</style></head><body>"
         "<main>"
         + "".join(sections)
         + '<footer class="muted">Written by simfluence. Self-contained: no network access.'
         "</footer></main>"
-        f'<script type="application/json" id="simfluence-data">{blob}</script>'
-        f"<script>{static_text('viewer.js')}</script></body></html>\n"
+        f'<script type="application/json" id="simfluence-data">{script_json(data)}</script>'
+        f"<script>{script}</script></body></html>\n"
     )

@@ -11,6 +11,8 @@
                                                (`simfluence.recording.checkpoints`)
     .NAME.XXXX.tmp (beside NAME)               a temporary file of an atomic write
                                                (`simfluence._atomic`) an interrupted write left
+    DIR/.simfluence.lock                       held (flock) by the one process recording into
+                                               DIR (`simfluence._lock`); not part of the run set
 
 Pure path arithmetic: no file is read or written here, and torch is never imported (the
 command line asks where a checkpoint is without loading one).
@@ -33,6 +35,7 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_SUFFIX = ".parquet"
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_SUFFIX = ".pt"
+LOCK_FILE = ".simfluence.lock"
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -47,6 +50,11 @@ def run_id_for(index: int) -> str:
 def manifest_path(directory: PathLike) -> Path:
     """The manifest of the run set at `directory`."""
     return Path(directory) / MANIFEST
+
+
+def lock_path(directory: PathLike) -> Path:
+    """The file whose lock the process recording into `directory` holds."""
+    return Path(directory) / LOCK_FILE
 
 
 def features_path(directory: PathLike) -> Path:

@@ -1,9 +1,11 @@
 (function () {
   "use strict";
+  // Every id, run id and method name comes from a user's run set: it reaches the page only as
+  // text (textContent, attribute values, DOM nodes), never as markup (no innerHTML).
   var DATA = JSON.parse(document.getElementById("simfluence-data").textContent);
   var NS = "http://www.w3.org/2000/svg";
   var W = 900, H = 400, M = {l: 62, r: 18, t: 14, b: 40};
-  var visible = {};
+  var visible = Object.create(null);
   DATA.methods.forEach(function (m) { visible[m] = true; });
   var runSel = document.getElementById("run-select");
   var testSel = document.getElementById("test-select");
@@ -13,9 +15,31 @@
   var errTable = document.getElementById("trajectory-errors");
   var bandSel = document.getElementById("band-select");
   var current = null;
+  var clipMarks = Object.create(null);  // method -> its "clipped" mark in the legend
+
+  // a value of a JSON object by its own key only ("toString" is a method name like any other)
+  function own(obj, key) {
+    return obj && Object.prototype.hasOwnProperty.call(obj, key) ? obj[key] : undefined;
+  }
+  function clear(node) {
+    while (node.firstChild) { node.removeChild(node.firstChild); }
+  }
+  // an HTML element with text; `parent` gets it
+  function h(tag, text, parent, cls) {
+    var node = document.createElement(tag);
+    if (cls) { node.className = cls; }
+    if (text !== undefined && text !== null) { node.textContent = text; }
+    if (parent) { parent.appendChild(node); }
+    return node;
+  }
+  function swatch(color, parent) {
+    var sw = h("span", null, parent, "swatch");
+    if (color) { sw.style.background = color; }  // CSSOM, not a style attribute
+    return sw;
+  }
 
   document.querySelectorAll(".swatch[data-method]").forEach(function (el) {
-    var c = DATA.colors[el.getAttribute("data-method")];
+    var c = own(DATA.colors, el.getAttribute("data-method"));
     if (c) { el.style.background = c; }
   });
 
@@ -59,7 +83,7 @@
   (function fillBands() {
     if (!bandSel) { return; }
     var banded = DATA.methods.filter(function (m) {
-      return DATA.runs.length && DATA.runs[0].bands && DATA.runs[0].bands[m];
+      return DATA.runs.length && own(DATA.runs[0].bands, m);
     });
     banded.concat(banded.length > 1 ? ["all"] : []).concat(["none"]).forEach(function (m) {
       var o = document.createElement("option");
@@ -72,7 +96,7 @@
   function fillTests() {
     var run = DATA.runs[+runSel.value], q = filter.value.trim().toLowerCase();
     var keep = testSel.value;
-    testSel.innerHTML = "";
+    clear(testSel);
     run.tests.forEach(function (j, k) {
       var id = DATA.test_ids[j];
       if (q && id.toLowerCase().indexOf(q) < 0) { return; }
@@ -80,28 +104,28 @@
       o.value = k; o.textContent = id + "  (moves " + fmt(run.movement[k]) + ")";
       testSel.appendChild(o);
     });
-    if (keep !== "" && testSel.querySelector('option[value="' + keep + '"]')) {
-      testSel.value = keep;
+    for (var i = 0; i < testSel.options.length; i++) {
+      if (keep !== "" && testSel.options[i].value === keep) { testSel.value = keep; break; }
     }
   }
 
   function buildToggles() {
     var box = document.getElementById("method-toggles");
-    var rec = document.createElement("label");
-    rec.innerHTML = '<span class="swatch" style="background:#111"></span><b>recorded</b>';
-    box.appendChild(rec);
+    var rec = h("label", null, box);
+    swatch("#111", rec);
+    h("b", "recorded", rec);
     DATA.methods.forEach(function (m) {
       var lab = document.createElement("label");
       var cb = document.createElement("input");
       cb.type = "checkbox"; cb.checked = true; cb.setAttribute("data-method", m);
       cb.addEventListener("change", function () { visible[m] = cb.checked; draw(); });
-      var sw = document.createElement("span");
-      sw.className = "swatch"; sw.style.background = DATA.colors[m];
-      var name = document.createElement("span"); name.textContent = m;
-      var clip = document.createElement("span");
-      clip.className = "clip"; clip.setAttribute("data-clip", m);
+      lab.appendChild(cb);
+      swatch(own(DATA.colors, m), lab);
+      h("span", m, lab);
+      var clip = h("span", null, lab, "clip");
+      clip.setAttribute("data-clip", m);
       clip.title = "part of this rollout is outside the plotted range";
-      lab.appendChild(cb); lab.appendChild(sw); lab.appendChild(name); lab.appendChild(clip);
+      clipMarks[m] = clip;
       box.appendChild(lab);
     });
   }
@@ -112,12 +136,14 @@
     var old = viewer.querySelector("svg");
     if (old) { viewer.removeChild(old); }
     tooltip.hidden = true;
-    if (k === null) { errTable.innerHTML = ""; return; }
+    if (k === null) { clear(errTable); return; }
     var rec = run.recorded[k], T = rec.length - 1;
+    var bands = run.bands || {};
     var lines = [{name: "recorded", color: "#111", width: 2.6, ys: rec}];
     DATA.methods.forEach(function (m) {
       if (visible[m]) {
-        lines.push({name: m, color: DATA.colors[m], width: 1.6, ys: run.simulated[m][k]});
+        lines.push({name: m, color: own(DATA.colors, m), width: 1.6,
+          ys: own(run.simulated, m)[k], band: own(bands, m)});
       }
     });
     var lo = Infinity, hi = -Infinity;
@@ -163,10 +189,9 @@
     var plot = el("g", {"clip-path": "url(#plot-clip)"}, svg);
     document.querySelectorAll("[data-clip]").forEach(function (c) { c.textContent = ""; });
     // 90% predictive intervals first, under every line
-    var bands = run.bands || {};
     var shown = bandSel ? bandSel.value : "";
     DATA.methods.forEach(function (m) {
-      var b = bands[m];
+      var b = own(bands, m);
       if (!visible[m] || !b || (shown !== "all" && shown !== m)) { return; }
       var lo = b.lower[k], hi = b.upper[k], up = "", down = "";
       for (var s = 0; s <= T; s++) {
@@ -180,7 +205,7 @@
         down += "L" + X(s2).toFixed(1) + "," + yl.toFixed(1);
       }
       if (up) {
-        el("path", {d: up + down + "Z", "class": "band", fill: DATA.colors[m],
+        el("path", {d: up + down + "Z", "class": "band", fill: own(DATA.colors, m),
           "data-band": m}, plot);
       }
     });
@@ -197,8 +222,8 @@
       });
       el("path", {d: d, "class": "series", "data-name": ln.name, stroke: ln.color,
         "stroke-width": ln.width}, plot);
-      if (clipped && ln.name !== "recorded") {
-        var mark = document.querySelector('[data-clip="' + ln.name + '"]');
+      if (clipped && ln !== lines[0]) {
+        var mark = clipMarks[ln.name];
         if (mark) { mark.textContent = "↕"; }
       }
     });
@@ -214,21 +239,24 @@
       s = Math.max(0, Math.min(T, s));
       cross.setAttribute("x1", X(s)); cross.setAttribute("x2", X(s));
       cross.setAttribute("visibility", "visible");
-      dots.innerHTML = "";
-      var rows = "<b>step " + s + "</b><table>";
+      clear(dots);
+      clear(tooltip);
+      h("b", "step " + s, tooltip);
+      var rows = h("table", null, tooltip);
       lines.forEach(function (ln) {
         var v = ln.ys[s];
         if (v !== null && v >= ylo && v <= yhi) {
           el("circle", {cx: X(s), cy: Y(v), r: 3, fill: ln.color}, dots);
         }
-        var b = bands[ln.name], band = "";
+        var b = ln.band, band = "";
         if (b && b.lower[k][s] !== null && b.upper[k][s] !== null) {
           band = " [" + fmt(b.lower[k][s]) + ", " + fmt(b.upper[k][s]) + "]";
         }
-        rows += '<tr><td><span class="swatch" style="background:' + ln.color + '"></span>' +
-          ln.name + '</td><td class="num">' + fmt(v) + band + "</td></tr>";
+        var tr = h("tr", null, rows), name = h("td", null, tr);
+        swatch(ln.color, name);
+        name.appendChild(document.createTextNode(ln.name));
+        h("td", fmt(v) + band, tr, "num");
       });
-      tooltip.innerHTML = rows + "</table>";
       tooltip.hidden = false;
       var vbox = viewer.getBoundingClientRect();
       var left = evt.clientX - vbox.left + 14;
@@ -238,24 +266,28 @@
     }
     overlay.addEventListener("mousemove", hover);
     overlay.addEventListener("mouseleave", function () {
-      cross.setAttribute("visibility", "hidden"); dots.innerHTML = ""; tooltip.hidden = true;
+      cross.setAttribute("visibility", "hidden"); clear(dots); tooltip.hidden = true;
     });
     viewer.insertBefore(svg, tooltip);
     // this trajectory's errors, per method
-    var html = "<thead><tr><th>" + DATA.test_ids[run.tests[k]] + " in " + run.id +
-      "</th><th>MSE over steps 1..T</th><th>final loss</th><th>recorded final</th></tr>" +
-      "</thead><tbody>";
+    clear(errTable);
+    var headRow = h("tr", null, h("thead", null, errTable));
+    [DATA.test_ids[run.tests[k]] + " in " + run.id, "MSE over steps 1..T", "final loss",
+      "recorded final"].forEach(function (t) { h("th", t, headRow); });
+    var body = h("tbody", null, errTable);
     DATA.methods.forEach(function (m) {
-      var ys = run.simulated[m][k], sum = 0, n = 0;
+      var ys = own(run.simulated, m)[k], sum = 0, n = 0;
       for (var s = 1; s <= T; s++) {
         if (ys[s] === null || rec[s] === null) { sum = Infinity; break; }
         sum += (ys[s] - rec[s]) * (ys[s] - rec[s]); n++;
       }
-      html += '<tr><th><span class="swatch" style="background:' + DATA.colors[m] + '"></span>' +
-        m + '</th><td class="num">' + fmt(n ? sum / n : sum) + '</td><td class="num">' +
-        fmt(ys[T]) + '</td><td class="num">' + fmt(rec[T]) + "</td></tr>";
+      var tr = h("tr", null, body), name = h("th", null, tr);
+      swatch(own(DATA.colors, m), name);
+      name.appendChild(document.createTextNode(m));
+      [fmt(n ? sum / n : sum), fmt(ys[T]), fmt(rec[T])].forEach(function (t) {
+        h("td", t, tr, "num");
+      });
     });
-    errTable.innerHTML = html + "</tbody>";
     current = {run: +runSel.value, test: k};
   }
 
