@@ -11,13 +11,13 @@ alternated with the simulator's own closed-form fit (`fit_with_gaps`):
    free-running rollout ``S`` of the run, plus the linear interpolation of its errors
    ``L - S`` at the observed steps (a bridge: the imputed path goes through every observation
    and between them follows the shape, spikes included, that the model predicts for the
-   batches consumed there), fit again; repeat until the imputed losses stop moving (their
-   root-mean-square change in a round below `IMPUTATION_TOL` of the spread of the observed losses) or
-   after `IMPUTATION_ROUNDS` rounds, or when they move more than in the round before (then the
-   previous imputation is kept: near its fixed point the alternation can drift off again). The ridge strength chosen by the first fit's
-   cross-validation is kept fixed during these rounds (a round is then one solve, not a
-   cross-validation), and chosen again by cross-validation in one last fit on the converged
-   imputation.
+   batches consumed there), fit again; repeat until the imputed losses settle: their
+   root-mean-square change in a round below `IMPUTATION_TOL` of the spread of the observed
+   losses, at most `IMPUTATION_ROUNDS` rounds, or a change larger than the round before (then
+   the previous imputation is kept: near its fixed point the alternation can drift off
+   again). The ridge strength chosen by the first fit's cross-validation stays fixed during
+   these rounds (a round is one solve, not a cross-validation), and is chosen again by
+   cross-validation in one last fit on the settled imputation.
 
 The alternation is an EM-like fixed-point iteration, and it converges slowly (about 0.7 per
 round on digits-mlp at ``--score-every 10``: with 90% of the losses missing, each round moves
@@ -127,7 +127,8 @@ def fit_with_gaps(simulator: Simulator, runs: RunSet) -> RunSet:
             simulator._fit_complete(filled)
             simulator._set_floor(runs)
             simulator.gap_rounds_ += 1
-            squares = [((a.losses - b.losses) ** 2) for a, b in zip(filled.runs, previous.runs)]
+            pairs = zip(filled.runs, previous.runs, strict=True)
+            squares = [(a.losses - b.losses) ** 2 for a, b in pairs]
             change = float(np.sqrt(sum(q.sum() for q in squares) / sum(q.size for q in squares)))
             if change > last:  # moving away again: keep the previous imputation
                 filled = previous
