@@ -22,8 +22,9 @@ from simfluence.runlog import (
     load_runset,
     save_runset,
 )
+from simfluence.simulators import gaps
 from simfluence.simulators.baselines import MeanTrajectorySimulator, PersistenceSimulator
-from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.linear import DEFAULT_L2_GRID, AdditiveSimulator, LinearSimulator
 from simfluence.synth import SynthConfig, generate
 
 
@@ -275,6 +276,42 @@ def test_fit_from_every_fifth_step_nearly_matches_the_full_fit(
     assert gappy <= 1.6 * full  # measured ~1.4x on the default synthetic set
     assert gappy < 0.5 * mean
     assert gappy < plain  # the model's own re-imputation beats interpolation alone
+
+
+def test_imputation_rounds_run_until_the_imputation_settles(
+    synthetic: tuple[RunSet, RunSet],
+) -> None:
+    train, held = synthetic
+    sparse = _sparse(train, 10)
+    settled = LinearSimulator().fit(sparse)
+    three = LinearSimulator()
+    three.gap_rounds = 3
+    three.fit(sparse)
+    assert 3 < settled.gap_rounds_ < gaps.IMPUTATION_ROUNDS
+    # the l2 fixed during the rounds is given back, and chosen again by cross-validation
+    assert settled.l2 is None and settled.l2_ in DEFAULT_L2_GRID and settled.cv_mse_
+    assert _heldout_mse(settled, held) < _heldout_mse(three, held)
+
+
+def test_imputation_keeps_the_previous_round_when_it_drifts_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = _gappy_runset()
+    levels = iter([10.0, 5.0, 4.0, 6.0, 5.5, 5.4])
+    used: list[float] = []
+
+    def fake_bridge(runs: RunSet, simulated: list[np.ndarray]) -> RunSet:
+        used.append(next(levels))
+        return gaps._with_losses(runs, [np.where(r.mask, r.losses, used[-1]) for r in runs.runs])
+
+    monkeypatch.setattr(gaps, "bridge", fake_bridge)
+    sim = MeanTrajectorySimulator()
+    sim.gap_rounds = 10
+    filled = gaps.fit_with_gaps(sim, runs)
+    # changes 5, 1, then 2: a rise, so the imputation of the round before (level 4) is kept
+    assert used == [10.0, 5.0, 4.0, 6.0]
+    assert filled.runs[0].losses[2, 0] == 4.0 and filled.runs[0].losses[3, 1] == 4.0
+    assert sim.gap_rounds_ == 4
 
 
 def test_baselines_fit_from_gaps(synthetic: tuple[RunSet, RunSet]) -> None:
