@@ -40,7 +40,12 @@ from tqdm.auto import tqdm
 from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.errors import SimfluenceError
 from simfluence.recording.devices import resolve_device
-from simfluence.recording.directory import RECORDER_NAME, prepare_directory, recorded_config
+from simfluence.recording.directory import (
+    RECORDER_NAME,
+    prepare_directory,
+    recorded_config,
+    remove_stale_temporaries,
+)
 from simfluence.recording.loop import torch_threads
 from simfluence.recording.optim import optimizer_config
 from simfluence.recording.protocol import RecordingProtocol
@@ -89,6 +94,33 @@ def record_runs(
     protocol = given.resolve(task, recorded_config(directory))
     config = protocol.to_config(task)
     resolve_device(device)  # an unavailable device fails before anything is written
+    # a backend that cannot start fails before anything is written; warm workers start now,
+    # importing while this process prepares
+    runner = make_backend(backend)
+    serial = isinstance(runner, SerialBackend)
+    if not serial and hasattr(runner, "start"):
+        runner.start()
+    try:
+        return _record(
+            task, directory, protocol, config, task_ref, device, runner, progress, num_threads
+        )
+    finally:
+        if runner is not backend:
+            close_backend(runner)
+
+
+def _record(
+    task: Task,
+    directory: Path,
+    protocol: RecordingProtocol,
+    config: dict[str, Any],
+    task_ref: str | None,
+    device: str | None,
+    runner: Backend,
+    progress: bool,
+    num_threads: int | None,
+) -> RunSet:
+    serial = isinstance(runner, SerialBackend)
     pool_examples, test_examples = _prepared_examples(task, protocol)
     initial = task.make_model(protocol.seed)
     config.update(optimizer_config(protocol.optimizer, task, copy.deepcopy(initial), protocol.lr))
@@ -103,10 +135,7 @@ def record_runs(
         metadata["reserved_ids"] = reserved_ids(pool_examples.ids, protocol.reserve, protocol.seed)
     if metadata[SPEC_KEY].get("ref"):  # recorded on this machine: later commands may import it
         remember_trusted(metadata[SPEC_KEY]["ref"])
-    # a backend that cannot start, or a task no worker can rebuild, fails before anything is
-    # written
-    runner = make_backend(backend)
-    serial = isinstance(runner, SerialBackend)
+    # a task no worker can rebuild fails before anything is written
     work = RunWork(
         None if serial else worker_task_reference(task, metadata[SPEC_KEY], runner.name),
         str(directory),
@@ -124,22 +153,20 @@ def record_runs(
         desc=f"recording {task_label(task)}",
         dynamic_ncols=True,
     )
-    try:
-        if serial:
-            work.bind(task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1))
-            threads = num_threads if num_threads is not None else runner.threads
-            with bar, torch_threads(initial, threads):
-                for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
-                    bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
-        else:
-            with bar:
-                bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
-                for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
-                    bar.update(n_steps)
-                    bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
-    finally:
-        if runner is not backend:
-            close_backend(runner)
+    if serial:
+        work.bind(task, pool_examples, test_examples, initial, on_step=lambda: bar.update(1))
+        threads = num_threads if num_threads is not None else runner.threads
+        with bar, torch_threads(initial, threads):
+            for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
+                bar.set_postfix_str(f"runs {done}/{len(todo)} ({run_id_for(index)} done)")
+    else:
+        with bar:
+            bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
+            for done, _ in enumerate(runner.map_unordered(work, todo), start=1):
+                bar.update(n_steps)
+                bar.set_postfix_str(f"runs {done}/{len(todo)} on {runner.name}")
+    if not serial:  # a worker killed mid-write (and rerun) leaves its temporary file
+        remove_stale_temporaries(directory)
     return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
 
 
