@@ -127,16 +127,19 @@ PRELOAD = (
 PROCESS_RETRIES = 3
 
 
-def _context(threads: int) -> Any:
-    """``forkserver`` where there is one (POSIX), preloading what this process has loaded of
-    `PRELOAD`; else ``spawn``. A forked child of the server never saw a torch thread start."""
+def _context(threads: int, preload: Sequence[str] | None = None) -> Any:
+    """``forkserver`` where there is one (POSIX), preloading `preload` (default: what this
+    process has loaded of `PRELOAD`); else ``spawn``. A forked child of the server never saw
+    a torch thread start. The server is started once per process: the first call decides
+    what it preloads."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    preload = ["simfluence.backends", *(m for m in PRELOAD if m in sys.modules)]
-    context.set_forkserver_preload(preload)
+    if preload is None:
+        preload = [m for m in PRELOAD if m in sys.modules]
+    context.set_forkserver_preload(["simfluence.backends", *preload])
     # the server (one per process, started once) imports torch with this thread environment
     # and this process's import path (Python 3.11's server does not apply it before preloading)
     saved = {variable: os.environ.get(variable) for variable in (*THREAD_VARIABLES, "PYTHONPATH")}
@@ -184,16 +187,19 @@ class ProcessBackend:
         self.name = f"process:{self.workers}"
         self.parallelism = self.workers
 
-    def start(self) -> None:
-        """Start the worker processes now (in the background), so that they import and
-        prepare while this process does its own preparation."""
-        pool = self._executor()
-        for _ in range(self.workers):
-            pool.submit(int)
-
-    def _executor(self) -> ProcessPoolExecutor:
+    def start(self, preload: Sequence[str] | None = None) -> None:
+        """Start the worker processes now, in the background (a no-op when they run), so that
+        they import while this process prepares. `preload`: modules the fork server imports
+        for them (default: what this process has loaded of `PRELOAD`; `PRELOAD` itself when
+        the work will need torch but this process has not imported it yet)."""
         if self._pool is None:
-            context = _context(self.threads)
+            pool = self._executor(preload)
+            for _ in range(self.workers):
+                pool.submit(int)
+
+    def _executor(self, preload: Sequence[str] | None = None) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = _context(self.threads, preload)
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=context,
@@ -423,6 +429,7 @@ def close_backend(backend: Backend) -> None:
 
 
 __all__ = [
+    "PRELOAD",
     "Backend",
     "BackendError",
     "ProcessBackend",

@@ -236,8 +236,8 @@ def validate(
 
     The leave-one-out kinds (``loo``, ``loo-weight0``) hold out the last `count` recorded runs
     instead and retrain their curricula without each example (at most `max_examples`) and
-    without `groups` random tenths: `simfluence.recording.loo.validate_loo`, whose block of
-    the JSON goes under ``"kinds"`` too.
+    without `groups` random tenths: `simfluence.recording.loo.validate_loo` (on the same
+    `backend` and `device`), whose block of the JSON goes under ``"kinds"`` too.
 
     Their wall-clock seconds (``truth_seconds``, and per method ``seconds`` and
     ``fit_seconds``) are moved to ``result["timing"][KIND]`` (`split_timing`), so that the rest
@@ -278,8 +278,9 @@ def validate(
     result: dict[str, Any] = {"kinds": {}, "curricula_per_kind": count, "seed": seed}
     if loo_kinds:
         loo = validate_loo(
-            task, runs, simulators, loo_kinds, count, seed, max_examples, groups, progress
-        )
+            task, runs, simulators, loo_kinds, count, seed, max_examples, groups, progress,
+            device=device, backend=backend,
+        )  # fmt: skip
         result["kinds"].update(loo)
         result["timing"] = split_timing(loo)
     if not kinds:
