@@ -391,15 +391,21 @@ def scaling() -> tuple[list[str], list[str]]:
         "backends-digits-mlp.json",
         "backends-newsgroups-minilm-record.json",
         "backends-newsgroups-minilm-validate.json",
+        "backends-digits-mlp-warm.json",
     ]
     rows = []
     for name in files:
         d = load(name)
         for what in ("record", "validate"):
             for backend, r in d.get(what, {}).items():
+                kinds = d.get("validate_command", []) if what == "validate" else []
+                kinds = f" `--kinds {kinds[kinds.index('--kinds') + 1]}`" if kinds else ""
+                repeats = f", median of {len(r['repeats'])}" if r.get("repeats") else ""
                 rows.append(
                     [
-                        f"{what} {d['workload']}" + (f", {d['runs']} runs" if d["runs"] else ""),
+                        f"{what}{kinds} {d['workload']}"
+                        + (f", {d['runs']} runs" if d["runs"] else "")
+                        + repeats,
                         backend,
                         num(r["seconds"]),
                         f"{r['speedup']:.2f}x",
