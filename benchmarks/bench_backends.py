@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,13 +52,44 @@ def backend_flags(variant: str) -> list[str]:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
+def _become_subreaper() -> bool:
+    """Linux: orphaned descendants (a fork server and its workers) are reparented to this
+    process, so their CPU time is counted in ``RUSAGE_CHILDREN`` once reaped."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap() -> None:
+    """Wait for the command's orphaned descendants (they exit with their parent)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
 def timed(argv: list[str]) -> dict[str, float]:
+    """Wall-clock seconds of the command, the CPU seconds of all its processes (user and
+    system; with `_become_subreaper`) and the 1-minute load average before and after."""
     before = os.getloadavg()[0]
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "simfluence", *argv], check=True, env=env)
+    seconds = time.perf_counter() - start
+    _reap()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
     return {
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
         "load_before": before,
         "load_after": os.getloadavg()[0],
     }
@@ -88,6 +120,7 @@ def summarize(block: dict[str, dict[str, object]], variants: list[str]) -> None:
         if not repeats:
             continue
         block[variant]["seconds"] = statistics.median(r["seconds"] for r in repeats)
+        block[variant]["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in repeats)
         key = "identical_to_" + variants[0]
         if variant != variants[0]:
             block[variant][key] = all(r[key] for r in repeats)
@@ -117,6 +150,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant (median)")
     parser.add_argument("--out-json", default=None, help="also write the results here")
     args = parser.parse_args()
+    _become_subreaper()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {
