@@ -22,6 +22,7 @@ from simfluence.backends import (
     ProcessBackend,
     RayBackend,
     SerialBackend,
+    close_backend,
     make_backend,
 )
 from simfluence.cli.main import main
@@ -199,6 +200,57 @@ def test_parallel_recording_resumes_after_kill_9(tmp_path: Path) -> None:
     assert len(list_run_files(target)) == 8
 
 
+def _kill_a_worker_when(target: Path, pid_dir: Path, killed: list[int]) -> None:
+    """SIGKILL one worker process (not this one) once 2 runs of `target` are written."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        workers = [int(p.name) for p in pid_dir.iterdir() if int(p.name) != os.getpid()]
+        if workers and len(list_run_files(target)) >= 2:
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.workers
+@pytest.mark.parametrize("where", ["process", "ray"])
+def test_a_worker_killed_mid_recording_is_replaced(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """SIGKILL of one worker process while a recording runs on 2 workers (a pool, or Ray):
+    the backend reruns the lost run on a new worker and the recording finishes, identical to
+    a serial one, each run once, no temporary file left."""
+    import threading
+
+    from backend_tasks import PidDigits
+
+    from simfluence.recording.workloads.digits_mlp import HIDDEN
+
+    if where == "ray":
+        request.getfixturevalue("local_ray")
+    backend = ProcessBackend(2) if where == "process" else make_backend("ray")
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    target, killed = tmp_path / "killed", []
+    killer = threading.Thread(target=_kill_a_worker_when, args=(target, pid_dir, killed))
+    killer.start()
+    protocol = RecordingProtocol(**{**DIGITS, "runs": 8}, seed=0, checkpoints=[0, 4])
+    try:
+        task = PidDigits(str(pid_dir), HIDDEN)  # Ray's workers import it from its file
+        ref = f"{Path(__file__).parent / 'backend_tasks.py'}:PidDigits"
+        record_runs(task, target, protocol, task_ref=ref, backend=backend, progress=False)
+    finally:
+        killer.join()
+        close_backend(backend)
+    assert killed, "no worker was killed"
+    if where == "process":
+        assert backend.restarts == 1
+    _digits(tmp_path / "serial", runs=8)
+    _assert_same_recordings(tmp_path / "serial", target)
+    assert len(list_run_files(target)) == 8
+    assert not list((target / "runs").glob(".*")) and not list(target.glob("**/.*.tmp"))
+
+
 class SlowDigits(type(get_workload("digits-mlp"))):  # type: ignore[misc]
     """digits-mlp, 20 ms slower per loss call (so a recording can be killed mid-way)."""
 
@@ -225,6 +277,13 @@ def test_validate_with_workers_equals_serial(tmp_path: Path, pool: ProcessBacken
     assert serial.pop("timing") and parallel.pop("timing")  # wall-clock: apart, as documented
     assert json.dumps(serial, sort_keys=True) == json.dumps(parallel, sort_keys=True)
     assert serial["kinds"]["random"]["curricula"] == 3
+    # leave-one-out: the removals of both kinds and both held-out runs spread over the pool
+    loo = {"count": 2, "max_examples": 3, "groups": 3}
+    serial = validate(task, runs, sims(), ["loo", "loo-weight0"], **loo)
+    parallel = validate(task, runs, sims(), ["loo", "loo-weight0"], **loo, backend=pool)
+    assert serial.pop("timing").keys() == parallel.pop("timing").keys() == {"loo", "loo-weight0"}
+    assert json.dumps(serial, sort_keys=True) == json.dumps(parallel, sort_keys=True)
+    assert serial["kinds"]["loo"]["retrains"] == 2 * (3 + 3 + 1)
 
 
 # -- sharded fits ------------------------------------------------------------------------------
@@ -487,6 +546,7 @@ def test_ray_records_validates_and_fits_like_serial(tmp_path: Path, local_ray, s
         3,
         backend="ray",
     )
+    assert serial.pop("timing") and on_ray.pop("timing")  # wall-clock: apart, as documented
     assert json.dumps(serial, sort_keys=True) == json.dumps(on_ray, sort_keys=True)
 
     here = LinearSimulator(test_shards=3).fit(synthetic)

@@ -379,7 +379,8 @@ def test_validate_passes_on_each_methods_warnings(stubbed) -> None:  # type: ign
 def test_leave_one_out_kinds_go_to_their_own_validation(stubbed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     seen: list[tuple] = []
 
-    def loo(*args):  # type: ignore[no-untyped-def]
+    def loo(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert kwargs == {"device": None, "backend": None}
         seen.append(args[:9])  # the tenth: smoothness directions (0 by default, checked below)
         assert args[9:] == (0,)
         return {"loo": {"methods": {}, "truth_seconds": 1.5}}

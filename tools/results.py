@@ -458,23 +458,41 @@ def scaling() -> tuple[list[str], list[str]]:
         "backends-digits-mlp.json",
         "backends-newsgroups-minilm-record.json",
         "backends-newsgroups-minilm-validate.json",
+        "backends-digits-mlp-warm.json",
     ]
     rows = []
     for name in files:
         d = load(name)
         for what in ("record", "validate"):
             for backend, r in d.get(what, {}).items():
+                kinds = d.get("validate_command", []) if what == "validate" else []
+                kinds = f" `--kinds {kinds[kinds.index('--kinds') + 1]}`" if kinds else ""
+                repeats = f", median of {len(r['repeats'])}" if r.get("repeats") else ""
                 rows.append(
                     [
-                        f"{what} {d['workload']}" + (f", {d['runs']} runs" if d["runs"] else ""),
+                        f"{what}{kinds} {d['workload']}"
+                        + (f", {d['runs']} runs" if d["runs"] else "")
+                        + repeats,
                         backend,
                         num(r["seconds"]),
+                        num(r["cpu_seconds"]) if "cpu_seconds" in r else "-",
                         f"{r['speedup']:.2f}x",
                         {True: "yes", False: "no", None: "-"}[r.get("identical_to_serial")],
                         source(name),
                     ]
                 )
-    out += table(["work", "backend", "seconds", "speed-up", "identical", "source"], rows)
+    out += table(
+        ["work", "backend", "seconds", "CPU seconds", "speed-up", "identical", "source"], rows
+    )
+    out += [
+        "CPU seconds: user and system time of all the command's processes (parent, fork server,",
+        "workers). The warm-workers file was measured while other sessions loaded the machine",
+        "(load 7.6-13.8 on 2 cores) with the kernel's autogroup scheduling, which gives every",
+        "session one share of the CPU whatever its processes: there, wall-clock speed-ups of",
+        "parallel variants cannot show; its note estimates the idle-machine figure from the",
+        "CPU seconds.",
+        "",
+    ]
     name = "sharded-fit-synthetic-10000x2000.json"
     d = load(name)
     out += [

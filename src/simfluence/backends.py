@@ -11,8 +11,10 @@ pairs **in completion order**, so a caller can report progress and must order th
 Backends (`make_backend` parses the specs the command line builds):
 
 * ``serial`` (default): in this process, in order. ``work`` need not be picklable.
-* ``process:N``: a pool of ``N`` local processes started with ``spawn`` (a fresh interpreter:
-  no forked torch or OpenMP state). Each process first sets its thread environment to
+* ``process:N``: a pool of ``N`` warm local processes, forked from a fork server that
+  imported torch and simfluence's work units once (``spawn`` where there is none: a fresh
+  interpreter each); no process ever forks a parent whose torch threads ran. Each process
+  takes the parent's environment, sets its thread environment to
   `threads` (``OMP_NUM_THREADS`` and friends, so torch and BLAS use that many threads) and
   learns its slot number ``0..N-1`` (`worker_slot`), which spreads GPUs over workers.
 * ``ray`` / ``ray:ADDRESS``: every unit is a Ray task (``num_cpus=threads``, ``num_gpus`` as
@@ -97,27 +99,84 @@ class SerialBackend:
             yield position, work(item)
 
 
-def _start_worker(threads: int, counter: Any) -> None:
-    """Initializer of every pool process: thread environment and slot number."""
+def _start_worker(threads: int, counter: Any, environment: dict[str, str] | None = None) -> None:
+    """Initializer of every pool process: the parent's environment (a fork server's child
+    would otherwise keep the server's), thread settings and slot number."""
+    if environment is not None:
+        os.environ.clear()
+        os.environ.update(environment)
     for variable in THREAD_VARIABLES:
         os.environ[variable] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # preloaded by the fork server: its thread pools are already sized
+        torch.set_num_threads(threads)
     with counter.get_lock():
         os.environ[SLOT_VARIABLE] = str(counter.value)
         counter.value += 1
 
 
+#: modules a fork server imports once for all its workers, when this process has them loaded
+#: (workers of a recording or validation then start in a fraction of a second, not seconds)
+PRELOAD = (
+    "torch",
+    "simfluence.recording.workers",
+    "simfluence.recording.validation",
+    "simfluence.recording.loo",
+)
+#: times a `ProcessBackend` replaces its pool after a worker died, per `map_unordered`
+PROCESS_RETRIES = 3
+
+
+def _context(threads: int, preload: Sequence[str] | None = None) -> Any:
+    """``forkserver`` where there is one (POSIX), preloading `preload` (default: what this
+    process has loaded of `PRELOAD`); else ``spawn``. A forked child of the server never saw
+    a torch thread start. The server is started once per process: the first call decides
+    what it preloads."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    if preload is None:
+        preload = [m for m in PRELOAD if m in sys.modules]
+    context.set_forkserver_preload(["simfluence.backends", *preload])
+    # the server (one per process, started once) imports torch with this thread environment
+    # and this process's import path (Python 3.11's server does not apply it before preloading)
+    saved = {variable: os.environ.get(variable) for variable in (*THREAD_VARIABLES, "PYTHONPATH")}
+    os.environ.update({variable: str(threads) for variable in THREAD_VARIABLES})
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+    return context
+
+
 @dataclass
 class ProcessBackend:
-    """`workers` local processes (``spawn``), each on `threads` threads (see module docstring).
+    """`workers` local processes, each on `threads` threads (see module docstring).
 
-    The pool starts on the first `map_unordered` and stays up until `close` (or the end of a
-    ``with`` block), so later calls reuse warm processes (and whatever they cached).
+    Warm workers: the processes are forked from a fork server that imported torch and
+    simfluence's work units once (``spawn`` where there is no fork server), start on `start`
+    or the first `map_unordered`, and stay up until `close` (or the end of a ``with`` block):
+    every unit they are given reuses what they prepared (a recording's task, examples and
+    initial model). A worker that dies (killed, out of memory) breaks the pool: a new one
+    starts and the units not finished run again (units rewrite their own output from scratch),
+    up to `PROCESS_RETRIES` times per call.
     """
 
     workers: int
     threads: int = 1
     name: str = field(init=False)
     parallelism: int = field(init=False)
+    #: pools replaced after a worker died (all calls)
+    restarts: int = field(default=0, init=False)
     _pool: ProcessPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,38 +187,71 @@ class ProcessBackend:
         self.name = f"process:{self.workers}"
         self.parallelism = self.workers
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def start(self, preload: Sequence[str] | None = None) -> None:
+        """Start the worker processes now, in the background (a no-op when they run), so that
+        they import while this process prepares. `preload`: modules the fork server imports
+        for them (default: what this process has loaded of `PRELOAD`; `PRELOAD` itself when
+        the work will need torch but this process has not imported it yet)."""
         if self._pool is None:
-            import multiprocessing
+            pool = self._executor(preload)
+            for _ in range(self.workers):
+                pool.submit(int)
 
-            context = multiprocessing.get_context("spawn")
+    def _executor(self, preload: Sequence[str] | None = None) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = _context(self.threads, preload)
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=context,
                 initializer=_start_worker,
-                initargs=(self.threads, context.Value("i", 0)),
+                initargs=(self.threads, context.Value("i", 0), dict(os.environ)),
             )
         return self._pool
 
     def map_unordered(self, work: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[int, R]]:
-        pool = self._executor()
+        todo = list(range(len(items)))
+        for attempt in range(PROCESS_RETRIES + 1):
+            failed: list[int] = []
+            yield from self._map_once(work, items, todo, failed)
+            if not failed:
+                return
+            self.close()  # a worker died: the pool is broken, start a new one
+            self.restarts += 1
+            todo = failed
+            if attempt == PROCESS_RETRIES:
+                break
+        raise BackendError(
+            f"{self.name}: a worker process died (killed, or out of memory) "
+            f"{PROCESS_RETRIES + 1} times; finished units are kept, rerun to resume"
+        )
+
+    def _map_once(
+        self, work: Callable[[T], R], items: Sequence[T], todo: list[int], failed: list[int]
+    ) -> Iterator[tuple[int, R]]:
+        """Run `todo` (positions of `items`); the positions lost to a dead worker go to
+        `failed`."""
         futures: dict[Future[R], int] = {}
         try:
-            futures = {pool.submit(work, item): k for k, item in enumerate(items)}
+            pool = self._executor()
+            try:
+                for k in todo:
+                    futures[pool.submit(work, items[k])] = k
+            except BrokenProcessPool:
+                failed += [k for k in todo if k not in futures.values()]
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in sorted(done, key=futures.__getitem__):
-                    yield futures[future], future.result()
-        except BrokenProcessPool:
-            self.close()
-            raise BackendError(
-                f"{self.name}: a worker process died (killed, or out of memory); finished "
-                "units are kept, rerun to resume"
-            ) from None
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        failed.append(futures[future])
+                        continue
+                    yield futures[future], result
         finally:
             for future in futures:
                 future.cancel()
+        failed.sort()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -337,6 +429,7 @@ def close_backend(backend: Backend) -> None:
 
 
 __all__ = [
+    "PRELOAD",
     "Backend",
     "BackendError",
     "ProcessBackend",

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from simfluence.backends import PRELOAD
 from simfluence.cli._args import (
     TASK_HELP,
     add_execution_options,
@@ -163,6 +164,9 @@ def cmd_record(args: argparse.Namespace) -> None:
     from simfluence.recording.tasks import resolve_task, task_from_metadata, task_label
     from simfluence.trust import remember_trusted
 
+    backend = backend_from_args(args)
+    if hasattr(backend, "start"):  # warm workers import torch while this process prepares
+        backend.start(preload=PRELOAD)
     steps = parse_checkpoints(args.checkpoints)
     kwargs = load_json_object(args.task_kwargs, "--task-kwargs")
     meta = {}
@@ -181,7 +185,6 @@ def cmd_record(args: argparse.Namespace) -> None:
     optimizer = _optimizer_spec(args)
     if optimizer is None and meta:  # resume as recorded
         optimizer = _recorded_optimizer(meta, task)
-    backend = backend_from_args(args)
     start = time.perf_counter()
     try:
         protocol = _protocol(args, steps, optimizer)

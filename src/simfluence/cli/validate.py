@@ -118,9 +118,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
+    from simfluence.backends import PRELOAD
     from simfluence.recording.tasks import task_for_runset
     from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
 
+    backend = backend_from_args(args)
+    if hasattr(backend, "start"):  # warm workers import torch while this process fits
+        backend.start(preload=PRELOAD)
     # --workers/--ray train the curricula here: the linear fits stay serial
     simulators = build_simulators(args, args.methods, backend=None)
     runs = load_runset(args.directory)
@@ -146,7 +150,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         max_examples=args.max_examples,
         groups=args.groups,
         device=args.device,
-        backend=backend_from_args(args),
+        backend=backend,
         smoothness_directions=args.smoothness_directions,
         subsets=args.subsets,
         subset_seeds=args.subset_seeds,

@@ -19,18 +19,26 @@ removals (``groups`` random sets of 10% of the run's distinct examples, each ret
 Simulators are fitted on the other recorded runs and answer by simulated removal; methods with
 a run-specific answer (a ``run_removal_effects`` method: ``unrolled``, ``dvemb``, ``combined``)
 replay the held-out run itself (``combined`` with its simulator fitted on the other runs).
+
+The retrains are independent work units (`RemovalWork`: a chunk of removals of one held-out
+run), so a backend (`simfluence.backends`: local processes, Ray) runs several at once, with
+the same losses as one after another (every retrain starts from the recording's seed).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from simfluence import metrics
+from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.counterfactual.attribution import removal_effects
 from simfluence.curricula import remove
 from simfluence.errors import SimfluenceError
@@ -38,7 +46,8 @@ from simfluence.recording.loop import final_test_losses, torch_threads
 from simfluence.recording.optim import Schedule
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
-from simfluence.runlog.runs import Run, RunSet
+from simfluence.recording.workers import prepared_in_worker, worker_task_reference
+from simfluence.runlog.runs import Curriculum, Run, RunSet
 from simfluence.simulators.base import Simulator
 
 __all__ = ["LOO_KINDS", "REMOVAL_OF_KIND", "actual_removal_effects", "split_timing", "validate_loo"]
@@ -50,6 +59,75 @@ GROUP_FRACTION = 0.1
 TOP = 10
 
 Progress = Callable[[Iterable[Any], int], Iterable[Any]]
+
+
+@dataclass
+class RemovalWork:
+    """The work unit of leave-one-out validation: ``work((curriculum, seed, removal,
+    groups))`` retrains `curriculum` without each group (``None``: the full curriculum) and
+    returns the final test losses ``(M, len(groups))``.
+
+    Picklable: a worker rebuilds the task from `task_ref` once (`prepared_in_worker`); `bind`
+    gives it live objects (this process).
+    """
+
+    task_ref: dict[str, Any] | None
+    config: dict[str, Any]
+    device: str | None = None
+    threads: int | None = None
+    _live: tuple[Task, Examples, Examples, Any] | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": None}
+
+    def bind(self, task: Task, pool: Examples, tests: Examples, initial: Any) -> None:
+        """Use these live objects (this process) instead of rebuilding the task."""
+        self._live = (task, pool, tests, initial)
+
+    def __call__(self, item: tuple[Curriculum, int, str, list[list[str] | None]]) -> np.ndarray:
+        curriculum, seed, removal, groups = item
+        if self._live is not None:
+            task, pool, tests, initial = self._live
+        else:
+            p = prepared_in_worker(self.task_ref, self.config, self.device)
+            task, pool, tests, initial = p.task, p.pool, p.tests, p.initial
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+        config = self.config
+        schedule = Schedule.from_config(config.get("schedule"))
+        out = []
+        for group in groups:
+            weights, batches = None, curriculum
+            if group is not None and removal == "renormalize":
+                batches = remove(curriculum, sorted(set(group)))
+            elif group is not None:
+                gone = set(group)
+                weights = [[0.0 if i in gone else 1.0 for i in b] for b in curriculum]
+            out.append(
+                final_test_losses(
+                    task,
+                    initial,
+                    pool,
+                    tests,
+                    batches,
+                    config["lr"],
+                    seed,
+                    weights=weights,
+                    optimizer=config.get("optimizer"),
+                    schedule=schedule,
+                    device=self.device,
+                    max_grad_norm=config.get("max_grad_norm"),
+                )
+            )
+        return np.stack(out, axis=1)
+
+
+def removal_units(
+    curriculum: Curriculum, seed: int, removal: str, groups: Sequence[Sequence[str]], chunk: int
+) -> list[tuple[Curriculum, int, str, list[list[str] | None]]]:
+    """`RemovalWork` items: the full retrain, then the groups, `chunk` retrains per item."""
+    todo: list[list[str] | None] = [None, *(list(g) for g in groups)]
+    return [(curriculum, seed, removal, todo[k : k + chunk]) for k in range(0, len(todo), chunk)]
 
 
 def actual_removal_effects(
@@ -68,39 +146,79 @@ def actual_removal_effects(
 
     ``effects[:, g] = L_T(full) - L_T(without group g)`` from real training (seed and initial
     model of the recording, and its optimizer and schedule from the run set's `config`, so the
-    full retrain reproduces the recorded run).
+    full retrain reproduces the recorded run). In this process, one retrain after another.
     """
-    config = config or {}
-    schedule = Schedule.from_config(config.get("schedule"))
+    work = RemovalWork(None, {**(config or {}), "lr": lr})
+    work.bind(task, pool, tests, initial_model)
     wrap = progress or (lambda items, total: items)
-    curriculum = run.curriculum
-
-    def train(weights: list[list[float]] | None, batches: list[list[str]]) -> np.ndarray:
-        return final_test_losses(
-            task,
-            initial_model,
-            pool,
-            tests,
-            batches,
-            lr,
-            run.seed,
-            weights=weights,
-            optimizer=config.get("optimizer"),
-            schedule=schedule,
-            max_grad_norm=config.get("max_grad_norm"),
-        )
-
+    items = removal_units(run.curriculum, run.seed, removal, groups, 1)
     with torch_threads(initial_model):
-        full = train(None, curriculum)
-        out = np.empty((len(tests), len(groups)))
-        for g, group in enumerate(wrap(groups, len(groups))):
-            gone = set(group)
-            if removal == "renormalize":
-                out[:, g] = full - train(None, remove(curriculum, sorted(gone)))
-            else:
-                weights = [[0.0 if i in gone else 1.0 for i in b] for b in curriculum]
-                out[:, g] = full - train(weights, curriculum)
-    return full, out
+        losses = np.concatenate([work(item) for item in wrap(items, len(items))], axis=1)
+    return losses[:, 0], losses[:, :1] - losses[:, 1:]
+
+
+def _retrain_removals(
+    task: Task,
+    pool: Examples,
+    tests: Examples,
+    config: dict[str, Any],
+    jobs: list[tuple[Run, str, list[list[str]]]],
+    device: str | None,
+    backend: str | Backend | None,
+    progress: Progress | None,
+) -> list[tuple[np.ndarray, float]]:
+    """Per job ``(run, removal, groups)``: the effects ``(M, G)`` of removing each group
+    (`actual_removal_effects`) and the seconds its retrains took, all jobs' retrains spread
+    over `backend` in chunks (a few per unit the backend runs at once)."""
+    runner = make_backend(backend)
+    serial = isinstance(runner, SerialBackend)
+    if not serial and hasattr(runner, "start"):
+        runner.start()
+    try:
+        work = RemovalWork(
+            None if serial else worker_task_reference(task, None, runner.name),
+            config,
+            device,
+            runner.threads,
+        )
+        retrains = sum(len(groups) + 1 for _, _, groups in jobs)
+        chunk = 1 if serial else max(1, math.ceil(retrains / (4 * runner.parallelism)))
+        items, owner = [], []
+        for j, (run, removal, groups) in enumerate(jobs):
+            units = removal_units(run.curriculum, run.seed, removal, groups, chunk)
+            items += units
+            owner += [j] * len(units)
+        wrap = progress or (lambda values, total: values)
+        timed = _Timed(work)
+        done: dict[int, tuple[np.ndarray, float]] = {}
+        if serial:
+            initial = task.make_model(config["seed"])
+            work.bind(task, pool, tests, initial)
+            with torch_threads(initial, runner.threads):
+                done.update(wrap(runner.map_unordered(timed, items), len(items)))
+        else:
+            done.update(wrap(runner.map_unordered(timed, items), len(items)))
+    finally:
+        if runner is not backend:
+            close_backend(runner)
+    out = []
+    for j in range(len(jobs)):
+        mine = [k for k, o in enumerate(owner) if o == j]  # in order: full retrain first
+        losses = np.concatenate([done[k][0] for k in mine], axis=1)
+        out.append((losses[:, :1] - losses[:, 1:], sum(done[k][1] for k in mine)))
+    return out
+
+
+@dataclass
+class _Timed:
+    """A work unit that also returns its seconds."""
+
+    work: Callable[[Any], np.ndarray]
+
+    def __call__(self, item: Any) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        result = self.work(item)
+        return result, time.perf_counter() - started
 
 
 def _choose(run: Run, max_examples: int | None, n_groups: int, seed: int) -> tuple[list, list]:
@@ -162,14 +280,21 @@ def validate_loo(
     groups: int = 20,
     progress: Progress | None = None,
     smoothness_directions: int = 0,
+    *,
+    device: str | None = None,
+    backend: str | Backend | None = None,
 ) -> dict[str, Any]:
     """Leave-one-out validation on the last `count` recorded runs (held out).
 
+    The retrains of every kind and held-out run run on `backend` (default: one after another
+    in this process; see `simfluence.backends`) on `device`, with the same results whatever
+    the backend.
+
     `smoothness_directions` > 0: also measure, per held-out run, how close to linear its final
     test loss is in the consumption weights (`simfluence.attribution.smoothness`, 2 retrains
-    per direction, with the metagradients of an ``unrolled`` or ``combined`` method when one
-    is validated): ``{KIND: {..., "smoothness": {RUN: Smoothness.to_json()}}}``, the same for
-    both kinds (measured once).
+    per direction in this process, with the metagradients of an ``unrolled`` or ``combined``
+    method when one is validated): ``{KIND: {..., "smoothness": {RUN: Smoothness.to_json()}}}``,
+    the same for both kinds (measured once).
 
     Simulators are fitted (copies) on the other runs; methods with ``run_removal_effects``
     answer from the held-out run itself. Returns ``{KIND: {"runs", "removal", "examples",
@@ -202,31 +327,27 @@ def validate_loo(
         else:
             fitted[name] = copy.deepcopy(simulator).fit(train)
         fit_seconds[name] = time.perf_counter() - started
-    initial_model = task.make_model(config["seed"])
+    chosen = {run.run_id: _choose(run, max_examples, groups, seed) for run in heldout.runs}
+    jobs = [
+        (run, REMOVAL_OF_KIND[kind], [[i] for i in singles] + lds_groups)
+        for kind in kinds
+        for run in heldout.runs
+        for singles, lds_groups in [chosen[run.run_id]]
+    ]
+    truths = iter(_retrain_removals(task, pool, tests, config, jobs, device, backend, progress))
     result: dict[str, Any] = {}
     smooth: dict[str, Any] = {}
+    initial_model = None  # built once, for the smoothness retrains here
     for kind in kinds:
         removal = REMOVAL_OF_KIND[kind]
         per_run: dict[str, list[dict[str, float]]] = {name: [] for name in fitted}
         errors: dict[str, str] = {}
         ceilings, truth_seconds, retrains = [], 0.0, 0
         for run in heldout.runs:
-            singles, lds_groups = _choose(run, max_examples, groups, seed)
+            singles, lds_groups = chosen[run.run_id]
             all_groups = [[i] for i in singles] + lds_groups
-            started = time.perf_counter()
-            _, actual = actual_removal_effects(
-                task,
-                initial_model,
-                pool,
-                tests,
-                run,
-                config["lr"],
-                all_groups,
-                removal,
-                progress,
-                config,
-            )
-            truth_seconds += time.perf_counter() - started
+            actual, seconds = next(truths)
+            truth_seconds += seconds
             retrains += len(all_groups) + 1
             if len(singles) == len({i for b in run.curriculum for i in b}) and groups > 1:
                 ceilings.append(_additive_ceiling(actual, singles, lds_groups))
@@ -261,6 +382,7 @@ def validate_loo(
         if ceilings:
             result[kind]["additive_ceiling_lds"] = float(np.mean(ceilings))
         if smoothness_directions > 0:
+            initial_model = initial_model or task.make_model(config["seed"])
             for run in heldout.runs:
                 if run.run_id not in smooth:
                     smooth[run.run_id] = _smoothness(

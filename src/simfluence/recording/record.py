@@ -47,7 +47,12 @@ from simfluence._lock import exclusive_lock
 from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
 from simfluence.errors import SimfluenceError
 from simfluence.recording.devices import resolve_device
-from simfluence.recording.directory import RECORDER_NAME, prepare_directory, recorded_config
+from simfluence.recording.directory import (
+    RECORDER_NAME,
+    prepare_directory,
+    recorded_config,
+    remove_stale_temporaries,
+)
 from simfluence.recording.loop import torch_threads
 from simfluence.recording.optim import optimizer_config
 from simfluence.recording.protocol import RecordingProtocol
@@ -96,16 +101,41 @@ def record_runs(
     protocol = given.resolve(task, recorded_config(directory))
     config = protocol.to_config(task)
     resolve_device(device)  # an unavailable device fails before anything is written
+    # a backend that cannot start fails before anything is written; warm workers start now,
+    # importing while this process prepares
+    runner = make_backend(backend)
+    serial = isinstance(runner, SerialBackend)
+    if not serial and hasattr(runner, "start"):
+        runner.start()
+    try:
+        return _record(
+            task, directory, protocol, config, task_ref, device, runner, progress, num_threads
+        )
+    finally:
+        if runner is not backend:
+            close_backend(runner)
+
+
+def _record(
+    task: Task,
+    directory: Path,
+    protocol: RecordingProtocol,
+    config: dict[str, Any],
+    task_ref: str | None,
+    device: str | None,
+    runner: Backend,
+    progress: bool,
+    num_threads: int | None,
+) -> RunSet:
+    """`record_runs` with its backend started (the backend is the caller's to close)."""
+    serial = isinstance(runner, SerialBackend)
     pool_examples, test_examples = _prepared_examples(task, protocol)
     initial = task.make_model(protocol.seed)
     config.update(optimizer_config(protocol.optimizer, task, copy.deepcopy(initial), protocol.lr))
     metadata = _metadata(task, task_ref, protocol, config, pool_examples.ids)
     if metadata[SPEC_KEY].get("ref"):  # recorded on this machine: later commands may import it
         remember_trusted(metadata[SPEC_KEY]["ref"])
-    # a backend that cannot start, or a task no worker can rebuild, fails before anything is
-    # written
-    runner = make_backend(backend)
-    serial = isinstance(runner, SerialBackend)
+    # a task no worker can rebuild fails before anything is written
     work = RunWork(
         None if serial else worker_task_reference(task, metadata[SPEC_KEY], runner.name),
         str(directory),
@@ -113,20 +143,16 @@ def record_runs(
         device,
         runner.threads,
     )
-    try:
-        # one process records into a directory at a time: a second one is refused at once
-        with exclusive_lock(lock_path(directory), str(directory)):
-            prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
-            todo = [
-                r for r in range(protocol.runs) if not run_path(directory, run_id_for(r)).is_file()
-            ]
-            examples = (pool_examples, test_examples, initial)
-            threads = num_threads if num_threads is not None else runner.threads
-            _record_missing(task, work, runner, todo, protocol.n_steps, examples, threads, progress)
-            return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
-    finally:
-        if runner is not backend:
-            close_backend(runner)
+    # one process records into a directory at a time: a second one is refused at once
+    with exclusive_lock(lock_path(directory), str(directory)):
+        prepare_directory(directory, pool_examples.ids, test_examples.ids, metadata)
+        todo = [r for r in range(protocol.runs) if not run_path(directory, run_id_for(r)).is_file()]
+        examples = (pool_examples, test_examples, initial)
+        threads = num_threads if num_threads is not None else runner.threads
+        _record_missing(task, work, runner, todo, protocol.n_steps, examples, threads, progress)
+        if not serial:  # a worker killed mid-write (and rerun) leaves its temporary file
+            remove_stale_temporaries(directory)
+        return load_runset(directory).subset([run_id_for(r) for r in range(protocol.runs)])
 
 
 def _metadata(

@@ -252,9 +252,10 @@ def validate(
 
     The leave-one-out kinds (``loo``, ``loo-weight0``) hold out the last `count` recorded runs
     instead and retrain their curricula without each example (at most `max_examples`) and
-    without `groups` random tenths: `simfluence.recording.loo.validate_loo`, whose block of
-    the JSON goes under ``"kinds"`` too (with `smoothness_directions` > 0, how close to linear
-    each held-out run's final loss is in the example weights, ``"smoothness"``).
+    without `groups` random tenths: `simfluence.recording.loo.validate_loo` (on the same
+    `backend` and `device`), whose block of the JSON goes under ``"kinds"`` too (with
+    `smoothness_directions` > 0, how close to linear each held-out run's final loss is in the
+    example weights, ``"smoothness"``).
 
     Their wall-clock seconds (``truth_seconds``, and per method ``seconds`` and
     ``fit_seconds``) are moved to ``result["timing"][KIND]`` (`split_timing`), so that the rest
@@ -297,6 +298,7 @@ def validate(
         loo = validate_loo(
             task, runs, simulators, loo_kinds, count, seed, max_examples, groups, progress,
             smoothness_directions,
+            device=device, backend=backend,
         )  # fmt: skip
         result["kinds"].update(loo)
         result["timing"] = split_timing(loo)
