@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import re
 import runpy
 import subprocess
 import sys
@@ -102,8 +101,8 @@ def _without_timing(path: Path) -> bytes:
     """The file's bytes with its last key, the wall-clock ``"timing"`` object, cut off."""
     raw = path.read_bytes()
     assert list(json.loads(raw))[-1] == "timing"
-    cut = re.sub(rb',\n  "timing": \{[^{}]*\}\n\}\n$', b"\n}\n", raw)
-    assert cut != raw and json.loads(cut)
+    cut = raw[: raw.rindex(b',\n  "timing": ')] + b"\n}\n"
+    assert json.loads(cut)
     return cut
 
 

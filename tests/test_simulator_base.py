@@ -41,10 +41,13 @@ def synthetic() -> RunSet:
 def test_floor_and_bend_width_by_hand() -> None:
     """Floor ``min(0, lowest)``; width `FLOOR_BEND` x (lowest - floor): a positive lowest loss
     0.3 gives floor 0 and width 0.003, a negative one gives floor = lowest and width 0 (a hard
-    clip), a test example whose losses hold NaN counts as lowest 0 (floor 0, width 0)."""
+    clip); a NaN is a step not observed (sparse scoring), so a test example's lowest loss is
+    its lowest observed one (4.0 for the third: floor 0, width 0.04)."""
     runs = _runs([[1.0, 2.0, 5.0], [0.5, -0.4, np.nan]], [[0.3, -0.2, 4.0]])
     np.testing.assert_array_equal(loss_floor(runs), [0.0, -0.4, 0.0])
-    np.testing.assert_allclose(floor_width(runs), [FLOOR_BEND * 0.3, 0.0, 0.0], rtol=1e-15)
+    np.testing.assert_allclose(
+        floor_width(runs), [FLOOR_BEND * 0.3, 0.0, FLOOR_BEND * 4.0], rtol=1e-15
+    )
 
 
 def test_recorded_envelope_by_hand_over_runs_of_different_lengths() -> None:

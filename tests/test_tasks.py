@@ -108,7 +108,7 @@ def test_every_form_of_reference_resolves(task_file: Path, tmp_path: Path, monke
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ("nope", r"unknown task 'nope': not a built-in workload \(digits-mlp"),
+        ("nope", r"unknown task 'nope': not a built-in workload \(digits-logreg, digits-mlp"),
         ("{file}:NotATask", r"is not a subclass of simfluence.recording.Task"),
         ("{file}:Missing", r"has no attribute 'Missing'"),
         ("{dir}/absent.py:Regression", r"no such file"),

@@ -71,7 +71,12 @@ def _get(prepared: dict, name: str) -> tuple[Task, Examples, Examples]:
 
 
 def test_registry() -> None:
-    assert set(WORKLOADS) == {"digits-mlp", "newsgroups-minilm", "smollm2-polarity"}
+    assert set(WORKLOADS) == {
+        "digits-logreg",
+        "digits-mlp",
+        "newsgroups-minilm",
+        "smollm2-polarity",
+    }
     for name, cls in WORKLOADS.items():
         assert cls.name == name
     with pytest.raises(ValueError, match=r"nope.*digits-mlp"):
