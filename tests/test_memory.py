@@ -214,7 +214,7 @@ def test_auto_picks_reports_and_round_trips(tmp_path, momentum_data: tuple[RunSe
     auto = make_simulator("auto", candidates=["linear", "mean"], cv_folds=3).fit(train)
     assert auto.chosen_ == "linear"
     assert auto.cv_scores_["linear"] < auto.cv_scores_["mean"]
-    assert "auto chose linear (memory momentum 0.8" in auto.describe()
+    assert "auto picked linear (memory 0.8" in auto.describe()
     curricula = [r.curriculum for r in held.runs]
     starts = np.stack([r.initial_loss for r in held.runs])
     direct = auto.chosen_simulator.simulate_many(curricula, starts)

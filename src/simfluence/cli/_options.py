@@ -38,6 +38,7 @@ SIMULATOR_FLAGS: dict[str, tuple[str, str]] = {
     "--unseen": ("unseen", "unseen"),
     "--cv-tests": ("cv_tests", "cv_tests"),
     "--shards": ("shards", "test_shards"),
+    "--memory": ("memory", "memory"),
 }
 #: flags the command line passes on by itself, to the methods that take the parameter only
 IMPLICIT_FLAGS: dict[str, str] = {
@@ -57,7 +58,8 @@ L2_HELP = (
 def add_simulator_options(
     p: argparse.ArgumentParser, unseen: str = "prior", task: bool = True
 ) -> None:
-    """``--l2``, ``--loss-power``, ``--unseen``, ``--cv-tests``, ``--shards`` (and ``--task``
+    """``--l2``, ``--loss-power``, ``--unseen``, ``--cv-tests``, ``--shards``, ``--memory``
+    (and ``--task``
     unless `task` is False: the command has its own). `unseen` is the command's default."""
     group = p.add_argument_group(
         "simulator options",
@@ -93,6 +95,13 @@ def add_simulator_options(
         default=None,
         help="linear/additive: fit in this many shards of test examples (default: one per "
         "worker with --workers or --ray)",
+    )
+    group.add_argument(
+        "--memory",
+        default=None,
+        help="linear, hybrid, auto: optimizer memory, a lag kernel on the count matrices "
+        "(none, adam, lr, adam+lr, a decay such as 0.8, '0.8+lr', or auto: chosen by run-wise "
+        "CV; default: none, auto for the method auto)",
     )
     if task:
         add_task_option(
@@ -177,6 +186,21 @@ def build_simulators(
     return simulators
 
 
+def choice_line(simulator: Simulator) -> str | None:
+    """The line that says which simulator a method that chooses (``auto``) picked, and why
+    (its cross-validated scores); None for every other method."""
+    if not callable(getattr(simulator, "choice", None)):
+        return None
+    return str(simulator.describe())  # type: ignore[attr-defined]
+
+
+def print_choice(simulator: Simulator) -> None:
+    """Print `choice_line` when there is one."""
+    line = choice_line(simulator)
+    if line:
+        print(line)
+
+
 def with_features(
     directory: str | os.PathLike[str], runs: RunSet, methods: Sequence[str], task: Any = None
 ) -> RunSet:
@@ -194,8 +218,7 @@ def with_features(
     from simfluence.recording.features import write_features
 
     print(
-        "computing example features with the task's encoder (stored in "
-        f"{features_path(directory)})"
+        f"computing example features with the task's encoder (stored in {features_path(directory)})"
     )
     runs.features = write_features(directory, task)
     return runs

@@ -311,16 +311,21 @@ class MemoryInputs:
         return super().rollout_params(counts, A, B, slopes, initial, envelope)  # type: ignore[misc]
 
     # -- choosing the kernel -------------------------------------------------------------------
-    def _validation_mse(self, runs: RunSet, params: Any, floor: Any) -> float:
+    def run_counts(self, runs: RunSet) -> list[sparse.csr_matrix]:
+        counts = super().run_counts(runs)  # type: ignore[misc]
+        kernel = self.memory_kernel()
+        return counts if kernel.is_identity else [kernel.apply(c) for c in counts]
+
+    def _validation_mse(
+        self, runs: RunSet, params: Any, floor: Any, slopes: Any = None, time_scale: float = 0.0
+    ) -> float:
         kernel = self.memory_kernel()
         if kernel.is_identity:
-            return super()._validation_mse(runs, params, floor)  # type: ignore[misc]
-        counts = [
-            kernel.apply(c)
-            for c in encode_runs(runs, self.batch_size_, self.batch_weighting)  # type: ignore[attr-defined]
-        ]
+            return super()._validation_mse(runs, params, floor, slopes, time_scale)  # type: ignore[misc]
+        if slopes is not None:  # a prior's drift (the ridge inside `hybrid`)
+            self.time_scale_ = time_scale
         initial = np.stack([r.initial_loss for r in runs.runs])
-        simulated = self.rollout_params(counts, *params, None, initial)
+        simulated = self.rollout_params(self.run_counts(runs), *params, slopes, initial)
         for traj in simulated:
             soft_floor(traj[1:], *floor)
         return all_steps_mse([r.losses for r in runs.runs], simulated).mean
