@@ -48,7 +48,8 @@ class AutoSimulator(Simulator):
             no example features (and any candidate whose fit fails is skipped and reported).
         cv_folds: folds of whole training runs scoring the candidates.
         memory: the ``memory`` of the ``linear`` and ``hybrid`` candidates (default
-            ``"auto"``: each chooses its kernel by its own run-wise CV, `simulators.memory`).
+            ``"auto"``: ``linear`` chooses its kernel among many by run-wise CV,
+            `simulators.memory`; ``hybrid``, fitted after it, between that kernel and none).
         unseen: passed to the candidates that take it.
         cv_tests: passed to the candidates that take it (``linear``, ``additive``: choose
             ``l2`` and the memory kernel on that many test examples drawn at random).
@@ -95,8 +96,12 @@ class AutoSimulator(Simulator):
                 continue
             try:
                 cls = _CLASSES[name]
+                memory = self.memory
+                if name == "hybrid" and memory == "auto" and "linear" in fitted:
+                    # linear's kernel (chosen among many, cheaply) or none: two hybrid fits
+                    memory = f"none,{spec_of(fitted['linear'].memory_kernel())}"  # type: ignore[attr-defined]
                 options = {
-                    "memory": self.memory,
+                    "memory": memory,
                     "unseen": self.unseen,
                     "cv_tests": self.cv_tests,
                 }

@@ -187,12 +187,22 @@ def candidates(spec: Any, runs: RunSet, weighting: str = "mean") -> list[MemoryK
     * ``"adam"``: the recorded optimizer's first-moment decay (Adam's ``beta1``, SGD's
       momentum; 0 when it has none or the run set does not say); ``"lr"``: scaling by the
       recorded learning rates only; ``"adam+lr"``, ``"<decay>+lr"``: both;
-    * ``"auto"``: the identity, `AUTO_DECAYS` and the recorded decay, each also scaled by the
-      recorded learning rates; deduplicated, identity first.
+    * ``"auto"``: the identity, `AUTO_DECAYS` and the recorded decay; when the recorded
+      learning rates vary, the identity and each of those decays scaled by them instead;
+      deduplicated, identity first;
+    * several of the above joined by commas (``"none,0.8+lr"``): each one's kernels, in order,
+      deduplicated (`auto` gives `hybrid` the kernel that `linear` chose and none this way).
 
     Scaling needs recorded rates that vary (otherwise a scaled kernel is the unscaled one) and
     "mean" batch weighting (its neutral rest assumes rows of mass ``b``).
     """
+    if isinstance(spec, str) and "," in spec:
+        out: list[MemoryKernel] = []
+        for part in spec.split(","):
+            for kernel in candidates(part.strip(), runs, weighting):
+                if kernel.to_config() not in [k.to_config() for k in out]:
+                    out.append(kernel)
+        return out
     spec = resolve(spec)
     profile = lr_profile(runs)
     if profile is not None and weighting != "mean":
@@ -215,10 +225,12 @@ def candidates(spec: Any, runs: RunSet, weighting: str = "mean") -> list[MemoryK
     if spec == "adam+lr":
         return [MemoryKernel(recorded, profile)]
     decays = sorted({*AUTO_DECAYS, recorded})
-    out = [MemoryKernel(b) for b in decays]
-    if profile is not None:
-        out += [MemoryKernel(b, profile) for b in decays]
-    return out
+    if profile is None:
+        return [MemoryKernel(b) for b in decays]
+    # a varying schedule: the identity, then every decay scaled by it (the unscaled decays,
+    # the densest and so dearest kernels, lost to their scaled twins on every AdamW run set
+    # measured: benchmarks/results/adamw-*.json)
+    return [MemoryKernel()] + [MemoryKernel(b, profile) for b in decays]
 
 
 class MemoryInputs:

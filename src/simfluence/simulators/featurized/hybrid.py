@@ -174,8 +174,7 @@ class HybridSimulator(MemoryInputs, _ExtendableEffects):
 
     def _fit_parameters(self, runs: RunSet) -> None:
         self.memory_ = self.memory_scale_ = self.memory_cv_ = None
-        spec = "auto" if self.memory == "auto" else self.memory
-        kernels = candidates(spec, runs, self.batch_weighting)
+        kernels = candidates(self.memory, runs, self.batch_weighting)
         if self.memory == "auto":
             kernels = [k for k in kernels if float(k.decay) in _auto_decays(runs)]
         if len(kernels) == 1:
