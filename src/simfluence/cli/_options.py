@@ -4,8 +4,10 @@ demo), added the same way, and the one builder that turns them into simulators.
 Each flag sets one constructor parameter (`SIMULATOR_FLAGS`). An option the user gives must be
 taken by each method named: `build_simulators` raises `SimfluenceError` (``simfluence CMD:
 error: method 'hybrid' does not take --loss-power; its options: --l2, --unseen``) rather than
-drop it. The baselines that take no options at all (``mean``, ``persistence``) are left out of
-that check when another named method takes the option, so ``--l2`` still works next to them.
+drop it. The baselines that take no options at all (``mean``, ``persistence``) and the methods
+that choose their candidates' hyperparameters themselves (`CHOOSERS`: ``auto``, which takes
+``--unseen``, ``--cv-tests`` and ``--memory`` only) are left out of that check when another
+named method takes the option, so ``--l2`` still works next to them (in the default lists).
 
 What the command line sets by itself (`IMPLICIT_FLAGS`: the task's location, the device, the
 fit backend of ``--workers``/``--ray``, the run set's ``truth.npz``, the command's ``--unseen``
@@ -40,6 +42,9 @@ SIMULATOR_FLAGS: dict[str, tuple[str, str]] = {
     "--shards": ("shards", "test_shards"),
     "--memory": ("memory", "memory"),
 }
+#: methods that choose among simulators and their hyperparameters by cross-validation: an option
+#: they do not take (``--l2``) is not an error when another method named takes it
+CHOOSERS: frozenset[str] = frozenset({"auto"})
 #: flags the command line passes on by itself, to the methods that take the parameter only
 IMPLICIT_FLAGS: dict[str, str] = {
     "--task": "task",
@@ -149,8 +154,8 @@ def check_options(methods: Sequence[str], given: Mapping[str, Any]) -> None:
         for name in methods:
             if param in params[name]:
                 continue
-            if takers and not params[name] & settable:  # a baseline beside a method that takes it
-                continue
+            if takers and (not params[name] & settable or name in CHOOSERS):
+                continue  # a baseline (or auto) beside a method that takes it
             flags = method_flags(name)
             raise SimfluenceError(
                 f"method {name!r} does not take {flag}; its options: "
