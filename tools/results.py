@@ -193,6 +193,42 @@ def optimizers() -> tuple[list[str], list[str]]:
     return out, list(files)
 
 
+def adamw() -> tuple[list[str], list[str]]:
+    """`benchmarks/bench_adamw.py`'s files (a list of rows each): optimizer memory and `auto`."""
+    files = sorted(p.name for p in RESULTS.glob("adamw-*.json"))
+    out = [
+        "## Optimizer memory and `auto` (AdamW next to SGD)",
+        "",
+        "`benchmarks/bench_adamw.py`: each run set's last `round(5 R / 32)` runs held out;",
+        "`linear[K]` / `hybrid[K]` is the method with optimizer memory `K` (`auto`: chosen by",
+        "run-wise CV), `auto` the method that picks a simulator by run-wise CV (what it picked",
+        "in the last column). `/ mean`: all-steps MSE over the curriculum-blind `mean`'s.",
+        "",
+    ]
+    for name in files:
+        rows = []
+        for r in load(name):
+            run_set = Path(str(r["run_set"])).name
+            if "error" in r:
+                rows.append([run_set, f"`{r['method']}`", "failed", "-", "-", "-", r["error"]])
+                continue
+            rows.append(
+                [
+                    run_set,
+                    f"`{r['method']}`",
+                    num(r["all_steps_mse"]),
+                    num(r.get("ratio_to_mean"), 2),
+                    rho(r.get("final_spearman")),
+                    num(r.get("fit_seconds"), 2),
+                    str(r.get("chosen", "")).replace("|", "/"),
+                ]
+            )
+        out += [f"{source(name)}:", ""]
+        header = ["run set", "method", "all-steps MSE", "/ mean", "final Spearman", "fit s"]
+        out += table([*header, "chosen"], rows)
+    return out, files
+
+
 FEATURIZED = {
     "featurized-digits-mlp.json": "digits-mlp, pool 200, 32 runs (default)",
     "featurized-digits-mlp-seed1.json": "digits-mlp seed 1",
@@ -441,6 +477,7 @@ SECTIONS: tuple[Callable[[], tuple[list[str], list[str]]], ...] = (
     gptfluence,
     ranking,
     optimizers,
+    adamw,
     scaling,
 )
 
