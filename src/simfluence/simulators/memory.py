@@ -281,6 +281,10 @@ class MemoryInputs:
         raw = encode_runs(runs, self.batch_size_, self.batch_weighting)  # type: ignore[attr-defined]
         counts = [kernel.apply(c) for c in raw]
         design.counts = sparse.vstack(counts, format="csr")
+        lag = sparse.block_diag([kernel.lag_matrix(c.shape[0]) for c in raw], format="csr")
+        stacked = sparse.vstack(raw, format="csr")
+        if lag.nnz + stacked.nnz < design.counts.nnz:  # the two products are cheaper
+            design.factors = (lag, stacked)
         if kernel.scale is not None:
             design.rest = np.concatenate([self._rest(c) for c in counts])
         return design
