@@ -288,3 +288,27 @@ def test_auto_gives_hybrid_the_kernel_linear_chose(momentum_data: tuple[RunSet, 
     assert set(choice["cv_all_steps_mse"]) == {"linear", "hybrid"}
     assert choice["description"].startswith(f"auto picked {choice['method']} (memory ")
     assert choice["memory"] == "0.8"  # linear's kernel, which hybrid took over none
+
+
+def test_cli_auto_says_what_it_picked(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from simfluence.cli import main
+    from simfluence.runlog import save_runset
+
+    save_runset(momentum_runs(0.8, n_runs=8), tmp_path / "runs")
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", str(tmp_path / "runs"), "--holdout", "2", "--json", str(out)]
+    assert main([*argv, "--methods", "auto,mean", "--l2", "0.1"]) == 2  # auto takes no --l2
+    assert "method 'auto' does not take --l2" in capsys.readouterr().err
+    assert main([*argv, "--methods", "linear,auto,mean", "--l2", "0.1"]) == 0  # beside linear
+    capsys.readouterr()
+    assert main([*argv, "--methods", "auto,mean", "--memory", "auto"]) == 0
+    printed = capsys.readouterr().out
+    choice = json.loads(out.read_text())["methods"]["auto"]["choice"]
+    assert choice["method"] == "linear" and choice["memory"] not in (None, "none")
+    assert choice["description"] in printed and printed.count("auto picked linear") == 1
+    model = tmp_path / "auto.npz"
+    fit = ["fit", str(tmp_path / "runs"), "--method", "auto", "-o", str(model), "--no-intervals"]
+    assert main(fit) == 0
+    assert "auto picked linear (memory 0.8, l2 " in capsys.readouterr().out  # all 8 runs
