@@ -76,6 +76,7 @@ class CombinedSimulator(LinearSimulator):
         workload: str | None = None,
         checkpoints_dir: str | None = None,
         task: str | None = None,
+        memory: str | float = "none",
     ) -> None:
         super().__init__(
             l2,
@@ -91,6 +92,7 @@ class CombinedSimulator(LinearSimulator):
             cv_tests,
             test_shards,
             backend,
+            memory,
         )
         self.workload = workload
         self.checkpoints_dir = checkpoints_dir
