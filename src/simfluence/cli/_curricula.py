@@ -27,6 +27,12 @@ def initial_loss(simulator: Simulator, path: str | None) -> np.ndarray:
     missing = [t for t in simulator.test_ids_ if t not in given]
     if missing:
         raise SimfluenceError(f"initial loss {path}: no loss for test example {missing[0]!r}")
+    for t in simulator.test_ids_:
+        value = given[t]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SimfluenceError(
+                f"initial loss {path}: the loss of test example {t!r} is not a number: {value!r}"
+            )
     return np.array([float(given[t]) for t in simulator.test_ids_])
 
 
