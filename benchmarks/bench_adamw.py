@@ -9,7 +9,8 @@ Every method is fitted on the runs the CLI's `evaluate` trains on (the last ``ro
 runs held out) and scored on the held-out runs: all-steps MSE, final-step Spearman, the ratio
 of all-steps MSE to the curriculum-blind ``mean``'s, and fit seconds. ``linear[K]`` is
 Simfluence-Linear with ``memory=K`` (``linear[none]`` is today's ``linear``;
-``linear[auto]`` chooses the kernel with ``l2`` by run-wise CV).
+``linear[auto]`` chooses the kernel with ``l2`` by run-wise CV); a method of ``--methods`` may
+name its kernel alike (``hybrid[auto]``, ``hybrid[0.8+lr]``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def bench(directory: str, kernels: list[str], methods: list[str]) -> list[dict[s
     runs = load_runset(directory)
     heldout = max(1, round(len(runs.runs) * 5 / 32))
     simulators = {f"linear[{k}]": LinearSimulator(memory=k) for k in kernels}
-    simulators |= {m: make_simulator(m) for m in methods}
+    for m in methods:  # "hybrid[auto]": a method with that memory kernel
+        name, _, kernel = m.partition("[")
+        params = {"memory": kernel.rstrip("]")} if kernel else {}
+        simulators[m] = make_simulator(name, **params)
     rows = []
     for name, simulator in simulators.items():
         start = time.perf_counter()

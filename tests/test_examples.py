@@ -136,6 +136,17 @@ def test_hf_trainer_example_records_runs_the_simulators_evaluate(tmp_path: Path)
     assert set(json.loads(out.read_text())["methods"]) == {"linear", "mean"}
 
 
+def test_hf_trainer_example_on_trainers_defaults(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    example = runpy.run_path(str(ROOT / "examples" / "hf_trainer" / "train.py"))
+    directory = tmp_path / "runs-hf"
+    argv = [str(directory), "--runs", "2", "--pool", "40", "--per-run", "12", "--tests", "8"]
+    example["main"]([*argv, "--epochs", "1", "--trainer-defaults"])
+    for run in load_runset(directory).runs:  # AdamW at 0.01, decayed linearly toward 0
+        assert run.lr is not None and run.lr[0] == pytest.approx(0.01)
+        assert list(run.lr) == sorted(run.lr, reverse=True) and run.lr[-1] < run.lr[0]
+
+
 def test_searches_are_bounded_by_work_unless_a_time_limit_is_asked_for() -> None:
     for fn, name in (
         (optimize_curriculum, "max_seconds"),

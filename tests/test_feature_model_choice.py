@@ -93,7 +93,7 @@ def test_hybrid_keeps_its_parameters_and_documented_defaults() -> None:
     given = dict(
         l2=0.5, l2_grid=[3.0, 1.0], n_components=2, component_grid=[1, 2], time_varying=False,
         feature_l2=0.25, feature_l2_grid=[2.0], cv_folds=3, patience=4, unseen="prior",
-        batch_weighting="sum", tol=1e-7, cv_tol=1e-3, max_iter=50,
+        batch_weighting="sum", tol=1e-7, cv_tol=1e-3, max_iter=50, memory="0.8+lr",
     )  # fmt: skip
     assert HybridSimulator(**given).get_params() == given
     defaults = HybridSimulator().get_params()

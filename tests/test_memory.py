@@ -60,7 +60,13 @@ def test_lr_profile_and_candidates() -> None:
     found = candidates("auto", runs)
     assert found[0].is_identity
     assert sorted({k.decay for k in found}) == [0.0, 0.5, 0.7, 0.8, 0.9]
-    assert sum(k.scale is not None for k in found) == 5
+    assert sum(k.scale is not None for k in found) == 5 and len(found) == 6  # + identity
+    # a list: each one's kernels, deduplicated, in order
+    listed = candidates("none,0.8+lr,none", runs)
+    assert [k.to_config() for k in listed] == [
+        {"decay": 0.0, "lr_scale": False},
+        {"decay": 0.8, "lr_scale": True},
+    ]
     # a constant schedule has nothing to scale; "sum" weighting cannot scale
     constant = _runs_with(lr=np.full(4, 0.1), optimizer=None)
     assert lr_profile(constant) is None and all(
@@ -214,7 +220,7 @@ def test_auto_picks_reports_and_round_trips(tmp_path, momentum_data: tuple[RunSe
     auto = make_simulator("auto", candidates=["linear", "mean"], cv_folds=3).fit(train)
     assert auto.chosen_ == "linear"
     assert auto.cv_scores_["linear"] < auto.cv_scores_["mean"]
-    assert "auto chose linear (memory momentum 0.8" in auto.describe()
+    assert "auto picked linear (memory 0.8" in auto.describe()
     curricula = [r.curriculum for r in held.runs]
     starts = np.stack([r.initial_loss for r in held.runs])
     direct = auto.chosen_simulator.simulate_many(curricula, starts)
@@ -235,3 +241,74 @@ def test_auto_picks_reports_and_round_trips(tmp_path, momentum_data: tuple[RunSe
     assert other.chosen_ == "mean" and other.cv_scores_["mean"] < other.cv_scores_["linear"]
     with pytest.raises(SimfluenceError):
         make_simulator("auto", candidates=["tracin-cp"]).fit(train)
+
+
+def _with_features(runs: RunSet, seed: int = 0) -> RunSet:
+    from simfluence.runlog.features import ExampleFeatures
+
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((len(runs.train_ids), 2))
+    Y = rng.standard_normal((len(runs.test_ids), 2))
+    runs.features = ExampleFeatures(X, Y, {"source": "test"})
+    return runs
+
+
+def test_hybrid_memory_none_is_todays_hybrid_and_cv_picks_the_kernel(
+    tmp_path, momentum_data: tuple[RunSet, RunSet]
+) -> None:
+    from simfluence.simulators.featurized import HybridSimulator
+
+    train, held = momentum_data
+    train = _with_features(train)
+    plain = HybridSimulator(n_components=1, feature_l2=1.0).fit(train)
+    none = HybridSimulator(n_components=1, feature_l2=1.0, memory="none").fit(train)
+    assert none.memory_ == {"decay": 0.0, "lr_scale": False} and none.memory_cv_ is None
+    np.testing.assert_array_equal(plain.A_, none.A_)
+    np.testing.assert_array_equal(plain.B_, none.B_)
+    # the featurized prior and the ridge both see the kernel; CV prefers the generating one
+    chosen = HybridSimulator(n_components=1, feature_l2=1.0, memory="none,0.8")
+    chosen_mse = _heldout_mse(chosen, train, held)  # type: ignore[arg-type]
+    assert chosen.memory_ == {"decay": 0.8, "lr_scale": False}
+    assert chosen.memory_cv_ is not None and len(chosen.memory_cv_) == 2
+    assert chosen_mse < 0.5 * _heldout_mse(none, train, held)  # type: ignore[arg-type]
+    chosen.save(tmp_path / "hybrid.npz")
+    loaded = load_simulator(tmp_path / "hybrid.npz")
+    curricula = [r.curriculum for r in held.runs]
+    starts = np.stack([r.initial_loss for r in held.runs])
+    again = chosen.simulate_many(curricula, starts)
+    for a, b in zip(loaded.simulate_many(curricula, starts), again, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_auto_gives_hybrid_the_kernel_linear_chose(momentum_data: tuple[RunSet, RunSet]) -> None:
+    train, _ = momentum_data
+    train = _with_features(train)
+    auto = make_simulator("auto", candidates=["linear", "hybrid"], cv_folds=3).fit(train)
+    choice = auto.choice()
+    assert set(choice["cv_all_steps_mse"]) == {"linear", "hybrid"}
+    assert choice["description"].startswith(f"auto picked {choice['method']} (memory ")
+    assert choice["memory"] == "0.8"  # linear's kernel, which hybrid took over none
+
+
+def test_cli_auto_says_what_it_picked(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from simfluence.cli import main
+    from simfluence.runlog import save_runset
+
+    save_runset(momentum_runs(0.8, n_runs=8), tmp_path / "runs")
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", str(tmp_path / "runs"), "--holdout", "2", "--json", str(out)]
+    assert main([*argv, "--methods", "auto,mean", "--l2", "0.1"]) == 2  # auto takes no --l2
+    assert "method 'auto' does not take --l2" in capsys.readouterr().err
+    assert main([*argv, "--methods", "linear,auto,mean", "--l2", "0.1"]) == 0  # beside linear
+    capsys.readouterr()
+    assert main([*argv, "--methods", "auto,mean", "--memory", "auto"]) == 0
+    printed = capsys.readouterr().out
+    choice = json.loads(out.read_text())["methods"]["auto"]["choice"]
+    assert choice["method"] == "linear" and choice["memory"] not in (None, "none")
+    assert choice["description"] in printed and printed.count("auto picked linear") == 1
+    model = tmp_path / "auto.npz"
+    fit = ["fit", str(tmp_path / "runs"), "--method", "auto", "-o", str(model), "--no-intervals"]
+    assert main(fit) == 0
+    assert "auto picked linear (memory 0.8, l2 " in capsys.readouterr().out  # all 8 runs

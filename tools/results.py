@@ -193,39 +193,40 @@ def optimizers() -> tuple[list[str], list[str]]:
     return out, list(files)
 
 
-ADAMW = {
-    "adamw-digits-s0.json": "digits-mlp, AdamW lr 0.01, warm-up 10, linear decay, seed 0",
-    "adamw-digits-s1.json": "digits-mlp, the same, seed 1",
-    "adamw-breast-cancer-s0.json": "breast-cancer MLP, AdamW lr 0.01, warm-up 5, linear decay",
-}
-
-
-def adamw_memory() -> tuple[list[str], list[str]]:
-    """`benchmarks/bench_adamw.py`: optimizer-memory kernels and `auto` on AdamW recordings."""
+def adamw() -> tuple[list[str], list[str]]:
+    """`benchmarks/bench_adamw.py`'s files (a list of rows each): optimizer memory and `auto`."""
+    files = sorted(p.name for p in RESULTS.glob("adamw-*.json"))
     out = [
-        "## Optimizer memory on AdamW runs",
+        "## Optimizer memory and `auto` (AdamW next to SGD)",
         "",
-        "Each row is one simulator on one recording (`benchmarks/bench_adamw.py`): held-out",
-        "all-steps MSE, its ratio to the curriculum-blind `mean`, final-step Spearman, fit",
-        "seconds and what cross-validation chose.",
+        "`benchmarks/bench_adamw.py`: each run set's last `round(5 R / 32)` runs held out;",
+        "`linear[K]` / `hybrid[K]` is the method with optimizer memory `K` (`auto`: chosen by",
+        "run-wise CV), `auto` the method that picks a simulator by run-wise CV (what it picked",
+        "in the last column). `/ mean`: all-steps MSE over the curriculum-blind `mean`'s.",
         "",
     ]
-    for name, label in ADAMW.items():
-        rows = [
-            [
-                f"`{r['method']}`",
-                num(r["all_steps_mse"]),
-                f"{r['ratio_to_mean']:.2f}x" if r.get("ratio_to_mean") is not None else "",
-                rho(r.get("final_spearman")),
-                f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "",
-                str(r.get("chosen") or ""),
-            ]
-            for r in load(name)
-        ]
-        out += [f"### {label} ({source(name)})", ""]
-        header = ["method", "all-steps MSE", "x mean", "final Spearman", "fit s", "chosen"]
-        out += table(header, rows)
-    return out, list(ADAMW)
+    for name in files:
+        rows = []
+        for r in load(name):
+            run_set = Path(str(r["run_set"])).name
+            if "error" in r:
+                rows.append([run_set, f"`{r['method']}`", "failed", "-", "-", "-", r["error"]])
+                continue
+            rows.append(
+                [
+                    run_set,
+                    f"`{r['method']}`",
+                    num(r["all_steps_mse"]),
+                    num(r.get("ratio_to_mean"), 2),
+                    rho(r.get("final_spearman")),
+                    num(r.get("fit_seconds"), 2),
+                    str(r.get("chosen", "")).replace("|", "/"),
+                ]
+            )
+        out += [f"{source(name)}:", ""]
+        header = ["run set", "method", "all-steps MSE", "/ mean", "final Spearman", "fit s"]
+        out += table([*header, "chosen"], rows)
+    return out, files
 
 
 FEATURIZED = {
@@ -574,7 +575,7 @@ SECTIONS: tuple[Callable[[], tuple[list[str], list[str]]], ...] = (
     gptfluence,
     ranking,
     optimizers,
-    adamw_memory,
+    adamw,
     scaling,
     sparse,
 )

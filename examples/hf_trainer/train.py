@@ -8,6 +8,7 @@ own random subset of the pool, in the order the `Trainer` shuffles it (its ``see
 scikit-learn's bundled wine set (178 x 13, 3 classes; nothing is downloaded), a small MLP.
 
     python examples/hf_trainer/train.py runs-hf --runs 16
+    python examples/hf_trainer/train.py runs-hf-adamw --runs 16 --trainer-defaults  # AdamW
     simfluence evaluate runs-hf --methods linear,additive,mean --json eval.json
     simfluence report runs-hf --methods linear,additive,mean -o report.html
 
@@ -76,15 +77,19 @@ def record_one(
     callback = SimfluenceCallback(
         collator, tests, test_losses, pool=pool.ids, directory=directory, run_id=run_id, seed=seed
     )
+    # plain SGD at a constant rate, unclipped (what the gradient methods model), or, with
+    # --trainer-defaults, Trainer's own recipe: AdamW, linear decay to 0, clipping at norm 1.0
+    recipe: dict[str, object] = (
+        {}
+        if args.trainer_defaults
+        else dict(optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
+    )
     training = transformers.TrainingArguments(
         output_dir=work,  # Trainer's own files: not in the run set
         per_device_train_batch_size=args.batch,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
+        **recipe,  # type: ignore[arg-type]
         seed=seed,  # the order in which Trainer shuffles this run's examples
         # what the callback needs: one batch per step, ids kept, collated in this process
         gradient_accumulation_steps=1,
@@ -116,9 +121,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tests", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="default 0.05 (SGD), 0.01 (AdamW)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--trainer-defaults",
+        action="store_true",
+        help="train with Trainer's defaults (AdamW, linear decay, gradient clipping at 1.0) "
+        "instead of plain SGD at a constant rate",
+    )
     args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.01 if args.trainer_defaults else 0.05
     directory = Path(args.directory)
     pool, tests = load_wine(args.pool, args.tests, args.seed)
     with tempfile.TemporaryDirectory() as work:

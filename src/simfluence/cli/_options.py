@@ -4,8 +4,10 @@ demo), added the same way, and the one builder that turns them into simulators.
 Each flag sets one constructor parameter (`SIMULATOR_FLAGS`). An option the user gives must be
 taken by each method named: `build_simulators` raises `SimfluenceError` (``simfluence CMD:
 error: method 'hybrid' does not take --loss-power; its options: --l2, --unseen``) rather than
-drop it. The baselines that take no options at all (``mean``, ``persistence``) are left out of
-that check when another named method takes the option, so ``--l2`` still works next to them.
+drop it. The baselines that take no options at all (``mean``, ``persistence``) and the methods
+that choose their candidates' hyperparameters themselves (`CHOOSERS`: ``auto``, which takes
+``--unseen``, ``--cv-tests`` and ``--memory`` only) are left out of that check when another
+named method takes the option, so ``--l2`` still works next to them (in the default lists).
 
 What the command line sets by itself (`IMPLICIT_FLAGS`: the task's location, the device, the
 fit backend of ``--workers``/``--ray``, the run set's ``truth.npz``, the command's ``--unseen``
@@ -38,7 +40,11 @@ SIMULATOR_FLAGS: dict[str, tuple[str, str]] = {
     "--unseen": ("unseen", "unseen"),
     "--cv-tests": ("cv_tests", "cv_tests"),
     "--shards": ("shards", "test_shards"),
+    "--memory": ("memory", "memory"),
 }
+#: methods that choose among simulators and their hyperparameters by cross-validation: an option
+#: they do not take (``--l2``) is not an error when another method named takes it
+CHOOSERS: frozenset[str] = frozenset({"auto"})
 #: flags the command line passes on by itself, to the methods that take the parameter only
 IMPLICIT_FLAGS: dict[str, str] = {
     "--task": "task",
@@ -57,7 +63,8 @@ L2_HELP = (
 def add_simulator_options(
     p: argparse.ArgumentParser, unseen: str = "prior", task: bool = True
 ) -> None:
-    """``--l2``, ``--loss-power``, ``--unseen``, ``--cv-tests``, ``--shards`` (and ``--task``
+    """``--l2``, ``--loss-power``, ``--unseen``, ``--cv-tests``, ``--shards``, ``--memory``
+    (and ``--task``
     unless `task` is False: the command has its own). `unseen` is the command's default."""
     group = p.add_argument_group(
         "simulator options",
@@ -93,6 +100,13 @@ def add_simulator_options(
         default=None,
         help="linear/additive: fit in this many shards of test examples (default: one per "
         "worker with --workers or --ray)",
+    )
+    group.add_argument(
+        "--memory",
+        default=None,
+        help="linear, hybrid, auto: optimizer memory, a lag kernel on the count matrices "
+        "(none, adam, lr, adam+lr, a decay such as 0.8, '0.8+lr', or auto: chosen by run-wise "
+        "CV; default: none, auto for the method auto)",
     )
     if task:
         add_task_option(
@@ -140,8 +154,8 @@ def check_options(methods: Sequence[str], given: Mapping[str, Any]) -> None:
         for name in methods:
             if param in params[name]:
                 continue
-            if takers and not params[name] & settable:  # a baseline beside a method that takes it
-                continue
+            if takers and (not params[name] & settable or name in CHOOSERS):
+                continue  # a baseline (or auto) beside a method that takes it
             flags = method_flags(name)
             raise SimfluenceError(
                 f"method {name!r} does not take {flag}; its options: "
@@ -177,6 +191,21 @@ def build_simulators(
     return simulators
 
 
+def choice_line(simulator: Simulator) -> str | None:
+    """The line that says which simulator a method that chooses (``auto``) picked, and why
+    (its cross-validated scores); None for every other method."""
+    if not callable(getattr(simulator, "choice", None)):
+        return None
+    return str(simulator.describe())  # type: ignore[attr-defined]
+
+
+def print_choice(simulator: Simulator) -> None:
+    """Print `choice_line` when there is one."""
+    line = choice_line(simulator)
+    if line:
+        print(line)
+
+
 def with_features(
     directory: str | os.PathLike[str], runs: RunSet, methods: Sequence[str], task: Any = None
 ) -> RunSet:
@@ -194,8 +223,7 @@ def with_features(
     from simfluence.recording.features import write_features
 
     print(
-        "computing example features with the task's encoder (stored in "
-        f"{features_path(directory)})"
+        f"computing example features with the task's encoder (stored in {features_path(directory)})"
     )
     runs.features = write_features(directory, task)
     return runs

@@ -28,7 +28,12 @@ from simfluence.cli._curricula import (
     with_new_examples,
 )
 from simfluence.cli._failures import raise_failures
-from simfluence.cli._options import add_simulator_options, build_simulators, with_features
+from simfluence.cli._options import (
+    add_simulator_options,
+    build_simulators,
+    print_choice,
+    with_features,
+)
 from simfluence.evaluation import evaluate, format_table, format_unseen_table
 from simfluence.plots import pick_test_examples, plot_method_grid, plot_trajectories
 from simfluence.runlog import (
@@ -142,6 +147,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if hasattr(simulator, "n_components_"):
         extra += f", {simulator.n_components_} feature directions"
     print(f"fitted {args.method} on {len(runs.runs)} runs in {seconds:.2f} s{extra}")
+    print_choice(simulator)
     if args.intervals:
         if len(runs.runs) < 2:
             print("note: one run cannot calibrate intervals (needs 2 or more); skipped")
@@ -179,6 +185,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     """Simulate a curriculum (a file, or a recorded run's); with edits, simulate the edited
     curriculum (written to the output) and report both mean final losses."""
     simulator = with_new_examples(load_simulator(args.model), args.features, args.initial_loss)
+    print_choice(simulator)
     curriculum, initial, _ = load_curriculum(args, simulator)
     spec = edit_spec(args, simulator)
     original = None
@@ -297,6 +304,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             f"examples no training run consumed (--unseen {args.unseen or args.unseen_default})"
         )
     print(format_table(result))
+    for method in result.methods.values():
+        print_choice(method.simulator)
     by_unseen = format_unseen_table(result)
     if by_unseen:
         print(by_unseen)

@@ -14,6 +14,7 @@ from simfluence.cli._curricula import (
     load_curriculum,
     with_new_examples,
 )
+from simfluence.cli._options import print_choice
 from simfluence.counterfactual import optimize_curriculum
 from simfluence.counterfactual.attribution import REMOVALS, attribution_views
 from simfluence.errors import SimfluenceError
@@ -127,6 +128,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     simulator = load_simulator(args.model) if args.model is not None else None
     if simulator is not None:
         simulator = with_new_examples(simulator, args.features, args.initial_loss)
+        print_choice(simulator)
     elif args.features is not None:
         raise SimfluenceError("--features needs MODEL, a featurized or hybrid simulator file")
     if method == "simulator":
@@ -260,6 +262,7 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_optimize(args: argparse.Namespace) -> None:
     simulator = with_new_examples(load_simulator(args.model), args.features, args.initial_loss)
+    print_choice(simulator)
     if args.objective == "ids" and not args.test:
         raise SimfluenceError("--objective ids needs at least one --test ID")
     objective = args.test if args.test and args.objective != "mean" else "mean"

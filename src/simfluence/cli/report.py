@@ -10,7 +10,12 @@ import matplotlib.pyplot as plt
 
 from simfluence.cli._args import add_fit_execution_options, comma_list, positive_int, read_json
 from simfluence.cli._failures import raise_failures
-from simfluence.cli._options import add_simulator_options, build_simulators, with_features
+from simfluence.cli._options import (
+    add_simulator_options,
+    build_simulators,
+    choice_line,
+    with_features,
+)
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import (
     EvaluationResult,
@@ -81,6 +86,7 @@ def build_evaluation(
     result = evaluate(runs, simulators, heldout, keep_going=True)
     notes = [f"{name} failed: {failure_message(exc, name)}" for name, exc in result.failed.items()]
     notes += [f"warning: {w}" for m in result.methods.values() for w in m.warnings]
+    notes += [line for m in result.methods.values() if (line := choice_line(m.simulator))]
     if models:
         _, held = runs.split(heldout)
         for model in models:

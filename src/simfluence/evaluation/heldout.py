@@ -89,7 +89,16 @@ class EvaluationResult:
             "heldout_runs": self.heldout_runs,
             "heldout_unseen_fraction": self.unseen_fraction,
             "methods": {
-                name: {**result.scores, "warnings": list(result.warnings)}
+                name: {
+                    **result.scores,
+                    "warnings": list(result.warnings),
+                    # what a method that chooses (`auto`) picked
+                    **(
+                        {"choice": result.simulator.choice()}  # type: ignore[attr-defined]
+                        if callable(getattr(result.simulator, "choice", None))
+                        else {}
+                    ),
+                }
                 for name, result in self.methods.items()
             },
             "failed": {name: failure_message(exc, name) for name, exc in self.failed.items()},

@@ -28,6 +28,7 @@ from simfluence.simulators.base import Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator
 from simfluence.simulators.featurized import HybridSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.memory import spec_of
 
 AUTO_CANDIDATES: tuple[str, ...] = ("linear", "additive", "mean", "hybrid")
 #: the methods `auto` can choose among (core methods: no torch)
@@ -46,8 +47,12 @@ class AutoSimulator(Simulator):
         candidates: method names to choose among; ``hybrid`` is skipped when the run set has
             no example features (and any candidate whose fit fails is skipped and reported).
         cv_folds: folds of whole training runs scoring the candidates.
-        memory: the ``memory`` of the ``linear`` candidate (default ``"auto"``).
+        memory: the ``memory`` of the ``linear`` and ``hybrid`` candidates (default
+            ``"auto"``: ``linear`` chooses its kernel among many by run-wise CV,
+            `simulators.memory`; ``hybrid``, fitted after it, between that kernel and none).
         unseen: passed to the candidates that take it.
+        cv_tests: passed to the candidates that take it (``linear``, ``additive``: choose
+            ``l2`` and the memory kernel on that many test examples drawn at random).
 
     Learned attributes: ``chosen_`` (the method name), ``chosen_params_`` (its constructor
     arguments), ``cv_scores_`` (method -> held-out all-steps MSE; NaN for failed fits),
@@ -62,11 +67,13 @@ class AutoSimulator(Simulator):
         cv_folds: int = 5,
         memory: str | float = "auto",
         unseen: str = "error",
+        cv_tests: int | None = None,
     ) -> None:
         self.candidates = list(candidates)
         self.cv_folds = cv_folds
         self.memory = memory
         self.unseen = unseen
+        self.cv_tests = cv_tests
 
     # -- fitting -----------------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
@@ -89,7 +96,15 @@ class AutoSimulator(Simulator):
                 continue
             try:
                 cls = _CLASSES[name]
-                options = {"memory": self.memory, "unseen": self.unseen}
+                memory = self.memory
+                if name == "hybrid" and memory == "auto" and "linear" in fitted:
+                    # linear's kernel (chosen among many, cheaply) or none: two hybrid fits
+                    memory = f"none,{spec_of(fitted['linear'].memory_kernel())}"  # type: ignore[attr-defined]
+                options = {
+                    "memory": memory,
+                    "unseen": self.unseen,
+                    "cv_tests": self.cv_tests,
+                }
                 taken = set(cls._param_names())
                 simulator = cls(**{k: v for k, v in options.items() if k in taken})
                 simulator.fit(runs)
@@ -125,22 +140,46 @@ class AutoSimulator(Simulator):
             self._delegate = delegate
         return delegate
 
-    def describe(self) -> str:
-        """One line: what was chosen, and every candidate's cross-validated all-steps MSE."""
+    def choice(self) -> dict[str, Any]:
+        """What was chosen, as JSON-able data: ``method``, its ``memory`` kernel (the
+        ``memory`` parameter that names it; None for methods without memory) and ``l2`` (None
+        without), ``cv_folds``, ``cv_all_steps_mse`` (candidate -> held-out all-steps MSE),
+        ``skipped`` (candidate -> why) and the one-line ``description``."""
         self._check_fitted()
-        detail = ""
         delegate = self.chosen_simulator
-        if hasattr(delegate, "memory_") and getattr(delegate, "memory_", None) is not None:
-            detail = f" (memory {delegate.describe_memory()}, l2 {delegate.l2_:g})"  # type: ignore[attr-defined]
-        elif hasattr(delegate, "l2_"):
-            detail = f" (l2 {delegate.l2_:g})"  # type: ignore[attr-defined]
+        memory = None
+        if getattr(delegate, "memory_", None) is not None:
+            memory = spec_of(delegate.memory_kernel())  # type: ignore[attr-defined]
+        l2 = getattr(delegate, "l2_", None)
+        return {
+            "method": self.chosen_,
+            "memory": None if memory is None else str(memory),
+            "l2": None if l2 is None else float(l2),
+            "cv_folds": int(self.cv_folds),
+            "cv_all_steps_mse": {k: float(v) for k, v in self.cv_scores_.items()},
+            "skipped": dict(self.skipped_),
+            "description": self.describe(),
+        }
+
+    def describe(self) -> str:
+        """One line: what was picked, and every candidate's cross-validated all-steps MSE
+        (``auto picked linear (memory 0.8+lr, l2 0.1): 5-fold run-wise CV all-steps MSE
+        linear 0.0314, hybrid 0.0643, mean 0.0832``)."""
+        self._check_fitted()
+        delegate = self.chosen_simulator
+        details = []
+        if getattr(delegate, "memory_", None) is not None:
+            details.append(f"memory {spec_of(delegate.memory_kernel())}")  # type: ignore[attr-defined]
+        if getattr(delegate, "l2_", None) is not None:
+            details.append(f"l2 {delegate.l2_:g}")  # type: ignore[attr-defined]
+        detail = f" ({', '.join(details)})" if details else ""
         scored = ", ".join(
             f"{k} {v:.4g}" for k, v in sorted(self.cv_scores_.items(), key=lambda kv: kv[1])
         )
         skipped = "".join(f"; {k} skipped: {v}" for k, v in self.skipped_.items())
         return (
-            f"auto chose {self.chosen_}{detail} by {self.cv_folds}-fold run-wise CV "
-            f"(all-steps MSE: {scored}){skipped}"
+            f"auto picked {self.chosen_}{detail}: {self.cv_folds}-fold run-wise CV all-steps "
+            f"MSE {scored}{skipped}"
         )
 
     # -- simulating and intervals: the chosen simulator's --------------------------------------

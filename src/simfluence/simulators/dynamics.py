@@ -40,7 +40,7 @@ from scipy import sparse
 from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.runlog.runs import AnyCurriculum, RunSet, count_matrix
 from simfluence.simulators.base import Simulator, soft_floor
-from simfluence.simulators.encoding import BATCH_WEIGHTINGS, weight_batches
+from simfluence.simulators.encoding import BATCH_WEIGHTINGS, encode_runs, weight_batches
 from simfluence.simulators.ridge import Design
 
 #: curricula rolled out together; bounds memory at about chunk * T * 2M * 8 bytes per thread
@@ -240,6 +240,11 @@ class DynamicsSimulator(Simulator):
     def design(self, runs: RunSet) -> Design:
         """The teacher-forced regression data of `runs`, batch-weighted like rollouts."""
         return Design.from_runs(runs, self.batch_size_, self.batch_weighting)
+
+    def run_counts(self, runs: RunSet) -> list[sparse.csr_matrix]:
+        """The encoded count matrices of recorded `runs` (as `encode` would give for their
+        curricula, without its checks): what fits and their cross-validation roll out."""
+        return encode_runs(runs, self.batch_size_, self.batch_weighting)
 
     def encode(self, curricula: Sequence[AnyCurriculum]) -> list[sparse.csr_matrix]:
         """Count matrices ``(T_c, P)`` of curricula, checked against the fitted pool.

@@ -232,10 +232,19 @@ class _RidgeSimulator(DynamicsSimulator):
             return self._path(design, grid, final=final)
         return self._path_toward(design, grid, final, offset)
 
-    def _validation_mse(self, runs: RunSet, params: Params, floor: tuple[Any, Any]) -> float:
+    def _validation_mse(
+        self,
+        runs: RunSet,
+        params: Params,
+        floor: tuple[Any, Any],
+        slopes: tuple[np.ndarray | None, np.ndarray] | None = None,
+        time_scale: float = 0.0,
+    ) -> float:
         """Rollout all-steps MSE of `runs` under one point of `_path`, floored as reported
-        (`floor`: ``(level, width)`` of `soft_floor`)."""
-        return rollout_mse(runs, *params, self.batch_size_, self.batch_weighting, floor)
+        (`floor`: ``(level, width)`` of `soft_floor`); `slopes`, `time_scale`: a prior's drift."""
+        return rollout_mse(
+            runs, *params, self.batch_size_, self.batch_weighting, floor, slopes, time_scale
+        )
 
     def _fold_mse(
         self, runs: RunSet, params: Params, floor: tuple[Any, Any], offset: RidgeOffset | None
@@ -243,10 +252,7 @@ class _RidgeSimulator(DynamicsSimulator):
         """`_validation_mse`, with the drift of a prior's `offset` when there is one."""
         if offset is None:
             return self._validation_mse(runs, params, floor)
-        slopes, scale = offset.slopes, offset.time_scale
-        return rollout_mse(
-            runs, *params, self.batch_size_, self.batch_weighting, floor, slopes, scale
-        )
+        return self._validation_mse(runs, params, floor, offset.slopes, offset.time_scale)
 
 
 class LinearSimulator(MemoryInputs, _RidgeSimulator):

@@ -187,12 +187,22 @@ def candidates(spec: Any, runs: RunSet, weighting: str = "mean") -> list[MemoryK
     * ``"adam"``: the recorded optimizer's first-moment decay (Adam's ``beta1``, SGD's
       momentum; 0 when it has none or the run set does not say); ``"lr"``: scaling by the
       recorded learning rates only; ``"adam+lr"``, ``"<decay>+lr"``: both;
-    * ``"auto"``: the identity, `AUTO_DECAYS` and the recorded decay, each also scaled by the
-      recorded learning rates; deduplicated, identity first.
+    * ``"auto"``: the identity, `AUTO_DECAYS` and the recorded decay; when the recorded
+      learning rates vary, the identity and each of those decays scaled by them instead;
+      deduplicated, identity first;
+    * several of the above joined by commas (``"none,0.8+lr"``): each one's kernels, in order,
+      deduplicated (`auto` gives `hybrid` the kernel that `linear` chose and none this way).
 
     Scaling needs recorded rates that vary (otherwise a scaled kernel is the unscaled one) and
     "mean" batch weighting (its neutral rest assumes rows of mass ``b``).
     """
+    if isinstance(spec, str) and "," in spec:
+        out: list[MemoryKernel] = []
+        for part in spec.split(","):
+            for kernel in candidates(part.strip(), runs, weighting):
+                if kernel.to_config() not in [k.to_config() for k in out]:
+                    out.append(kernel)
+        return out
     spec = resolve(spec)
     profile = lr_profile(runs)
     if profile is not None and weighting != "mean":
@@ -215,10 +225,12 @@ def candidates(spec: Any, runs: RunSet, weighting: str = "mean") -> list[MemoryK
     if spec == "adam+lr":
         return [MemoryKernel(recorded, profile)]
     decays = sorted({*AUTO_DECAYS, recorded})
-    out = [MemoryKernel(b) for b in decays]
-    if profile is not None:
-        out += [MemoryKernel(b, profile) for b in decays]
-    return out
+    if profile is None:
+        return [MemoryKernel(b) for b in decays]
+    # a varying schedule: the identity, then every decay scaled by it (the unscaled decays,
+    # the densest and so dearest kernels, lost to their scaled twins on every AdamW run set
+    # measured: benchmarks/results/adamw-*.json)
+    return [MemoryKernel()] + [MemoryKernel(b, profile) for b in decays]
 
 
 class MemoryInputs:
@@ -269,6 +281,10 @@ class MemoryInputs:
         raw = encode_runs(runs, self.batch_size_, self.batch_weighting)  # type: ignore[attr-defined]
         counts = [kernel.apply(c) for c in raw]
         design.counts = sparse.vstack(counts, format="csr")
+        lag = sparse.block_diag([kernel.lag_matrix(c.shape[0]) for c in raw], format="csr")
+        stacked = sparse.vstack(raw, format="csr")
+        if lag.nnz + stacked.nnz < design.counts.nnz:  # the two products are cheaper
+            design.factors = (lag, stacked)
         if kernel.scale is not None:
             design.rest = np.concatenate([self._rest(c) for c in counts])
         return design
@@ -311,16 +327,21 @@ class MemoryInputs:
         return super().rollout_params(counts, A, B, slopes, initial, envelope)  # type: ignore[misc]
 
     # -- choosing the kernel -------------------------------------------------------------------
-    def _validation_mse(self, runs: RunSet, params: Any, floor: Any) -> float:
+    def run_counts(self, runs: RunSet) -> list[sparse.csr_matrix]:
+        counts = super().run_counts(runs)  # type: ignore[misc]
+        kernel = self.memory_kernel()
+        return counts if kernel.is_identity else [kernel.apply(c) for c in counts]
+
+    def _validation_mse(
+        self, runs: RunSet, params: Any, floor: Any, slopes: Any = None, time_scale: float = 0.0
+    ) -> float:
         kernel = self.memory_kernel()
         if kernel.is_identity:
-            return super()._validation_mse(runs, params, floor)  # type: ignore[misc]
-        counts = [
-            kernel.apply(c)
-            for c in encode_runs(runs, self.batch_size_, self.batch_weighting)  # type: ignore[attr-defined]
-        ]
+            return super()._validation_mse(runs, params, floor, slopes, time_scale)  # type: ignore[misc]
+        if slopes is not None:  # a prior's drift (the ridge inside `hybrid`)
+            self.time_scale_ = time_scale
         initial = np.stack([r.initial_loss for r in runs.runs])
-        simulated = self.rollout_params(counts, *params, None, initial)
+        simulated = self.rollout_params(self.run_counts(runs), *params, slopes, initial)
         for traj in simulated:
             soft_floor(traj[1:], *floor)
         return all_steps_mse([r.losses for r in runs.runs], simulated).mean

@@ -42,6 +42,9 @@ class Design:
         rest: ``(n,)`` mass of a neutral pseudo-example (``A = 1/b``, ``B = 0``) in each row,
             part of the prior (an optimizer-memory kernel with learning-rate scaling, see
             `simulators.memory`); None: none.
+        factors: ``(lag, raw)`` with ``counts == lag @ raw`` (a memory kernel's banded
+            ``(n, n)`` lag matrix and the sparser counts it smooths): products go through them,
+            cheaper than through the denser `counts`; None: through `counts`.
     """
 
     counts: sparse.csr_matrix
@@ -49,6 +52,7 @@ class Design:
     next: np.ndarray
     step: np.ndarray | None = None
     rest: np.ndarray | None = None
+    factors: tuple[sparse.csr_matrix, sparse.csr_matrix] | None = None
 
     @classmethod
     def from_runs(cls, runs: RunSet, batch_size: float, weighting: str) -> Design:
@@ -117,6 +121,10 @@ class LinearRidgeProblem:
     ) -> None:
         self.N = design.counts
         self.NT = design.counts.T.tocsr()
+        self.factors = None  # (lag, raw, lag^T, raw^T): N = lag @ raw, applied in two products
+        if design.factors is not None:
+            lag, raw = design.factors
+            self.factors = (lag, raw, lag.T.tocsr(), raw.T.tocsr())
         self.prev = design.prev
         # per-row, per-test weights (n, M) of the squared errors; None weighs every row alike
         self.weights = weights
@@ -138,6 +146,12 @@ class LinearRidgeProblem:
         self.s0 = np.asarray(squared.sum(axis=1)) if weights is None else squared @ weights
 
     def matvec(self, vA: np.ndarray, vB: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        if self.factors is not None:
+            lag, raw, lagT, rawT = self.factors
+            u = self.prev * (lag @ (raw @ vA)) + lag @ (raw @ vB)
+            if self.weights is not None:
+                u = self.weights * u
+            return rawT @ (lagT @ (self.prev * u)) + lam * vA, rawT @ (lagT @ u) + lam * vB
         u = self.prev * (self.N @ vA) + self.N @ vB
         if self.weights is not None:
             u = self.weights * u

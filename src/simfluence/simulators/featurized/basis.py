@@ -61,6 +61,8 @@ class NormalEquations:
         n, J = F.shape
         M = design.prev.shape[1]
         mass = np.asarray(design.counts.sum(axis=1))
+        if design.rest is not None:  # the neutral rest of a memory kernel
+            mass = mass + design.rest[:, None]
         resid = design.next - prior_a * mass * design.prev
         G = np.zeros((M, 2 * J, 2 * J))
         for start in range(0, n, _ROW_CHUNK):  # bounded memory: (chunk, J^2) at a time

@@ -15,8 +15,7 @@ from simfluence.runlog.features import ExampleFeatures
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators import intervals
 from simfluence.simulators.base import Simulator, soft_floor
-from simfluence.simulators.dynamics import DynamicsSimulator, rollout_drifting
-from simfluence.simulators.encoding import encode_runs
+from simfluence.simulators.dynamics import DynamicsSimulator
 from simfluence.simulators.featurized.basis import Basis
 from simfluence.simulators.featurized.test_map import (
     fit_test_map,
@@ -185,10 +184,10 @@ class _FeatureEffects(DynamicsSimulator):
         """All-steps MSE of free-running rollouts of `runs` under `effects`, floored like every
         rollout the simulator reports (`soft_floor`)."""
         A, B, A1, B1 = effects
-        counts = encode_runs(runs, self.batch_size_, self.batch_weighting)
+        counts = self.run_counts(runs)
         initial = np.stack([r.initial_loss for r in runs.runs])
         slopes = None if B1 is None else (A1, B1)
-        simulated = rollout_drifting(counts, A, B, slopes, self.time_scale_, initial)
+        simulated = self.rollout_params(counts, A, B, slopes, initial)
         for traj in simulated:  # scored as reported
             soft_floor(traj[1:], self.floor_, self.floor_width_)
         return all_steps_mse([r.losses for r in runs.runs], simulated).mean
@@ -236,10 +235,10 @@ class _FeatureEffects(DynamicsSimulator):
                 self.test_map_l2_,
             )
             A, B, A1, B1 = self._effects(coef[:, :J], coef[:, J:], self.features_)
-            counts = encode_runs(held, self.batch_size_, self.batch_weighting)
+            counts = self.run_counts(held)
             initial = np.stack([r.initial_loss for r in held.runs])
             slopes = None if B1 is None else (A1, B1)
-            for traj in rollout_drifting(counts, A, B, slopes, self.time_scale_, initial):
+            for traj in self.rollout_params(counts, A, B, slopes, initial):
                 soft_floor(traj[1:], self.floor_, self.floor_width_)
                 simulated.append(traj)
             true += [r.losses for r in held.runs]

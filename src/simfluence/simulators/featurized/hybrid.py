@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.featurized.basis import NormalEquations
 from simfluence.simulators.featurized.effects import _FeatureEffects
@@ -24,7 +25,19 @@ from simfluence.simulators.featurized.selection import (
     choose_feature_model,
 )
 from simfluence.simulators.linear import LinearSimulator, Params, RidgeOffset
+from simfluence.simulators.memory import MemoryInputs, MemoryKernel, candidates, spec_of
 from simfluence.simulators.ridge import Design
+
+#: the decays ``memory="auto"`` tries in `hybrid` besides the recorded optimizer's own (each
+#: candidate kernel is a whole fit: fewer than `linear`'s `memory.AUTO_DECAYS`)
+HYBRID_AUTO_DECAYS: tuple[float, ...] = (0.0, 0.8)
+
+
+def _auto_decays(runs: RunSet) -> set[float]:
+    from simfluence.simulators.memory import optimizer_decay
+
+    return {*HYBRID_AUTO_DECAYS, optimizer_decay(runs) or 0.0}
+
 
 #: ridge strengths tried for the hybrid's pull toward the featurized effects (descending)
 HYBRID_L2_GRID: tuple[float, ...] = (1e4, 1e3, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
@@ -36,6 +49,8 @@ def _prediction(
     """Teacher-forced predictions ``(n, M)`` of ``L_next`` under coefficients ``coef``."""
     coef_A, coef_B = coef
     mass = np.asarray(design.counts.sum(axis=1))
+    if design.rest is not None:  # the neutral rest of a memory kernel
+        mass = mass + design.rest[:, None]
     alpha = mass / batch_size + regressors @ coef_A.T
     return alpha * design.prev + regressors @ coef_B.T
 
@@ -64,7 +79,7 @@ class FeaturePrior:
         return RidgeOffset(prediction, A0, B0, slopes, sim.time_scale_)
 
 
-class HybridSimulator(_ExtendableEffects):
+class HybridSimulator(MemoryInputs, _ExtendableEffects):
     """Simfluence-Linear shrunk toward the featurized effects instead of toward "no effect".
 
     Each (training example, test example) pair keeps its own departure from the featurized
@@ -82,10 +97,16 @@ class HybridSimulator(_ExtendableEffects):
             featurized prior's
             (`feature_l2` None: chosen by run-wise CV first, then held fixed while `l2` is
             chosen; within each fold the prior is refitted on that fold's training runs).
-        other parameters as `LinearSimulator`.
+        memory: optimizer memory (`simulators.memory`), as `LinearSimulator`'s: the kernel is
+            applied to the count matrices that both the featurized prior and the ridge
+            regression see (and to every curriculum simulated). ``"none"`` (default) is the
+            hybrid without memory; ``"auto"`` chooses among `HYBRID_AUTO_DECAYS` (each also
+            scaled by the recorded learning rates when they vary) by the ridge's run-wise CV:
+            every candidate kernel is a whole hybrid fit, so the list is short.
 
     Learned attributes: those of `LinearSimulator` and of `_FeatureEffects`; ``A_slope_``,
-    ``B_slope_`` are the prior's drift.
+    ``B_slope_`` are the prior's drift; ``memory_``, ``memory_scale_``, ``memory_cv_``
+    (``[decay, lr_scale, l2, mse]`` at each kernel's chosen ``l2``, or None for one kernel).
     """
 
     name = "hybrid"
@@ -106,8 +127,10 @@ class HybridSimulator(_ExtendableEffects):
         tol: float = 1e-8,
         cv_tol: float = 1e-4,
         max_iter: int = 1000,
+        memory: str | float = "none",
     ) -> None:
         super().__init__(unseen=unseen, batch_weighting=batch_weighting)
+        self.memory = memory
         self.l2 = l2
         self.l2_grid = list(l2_grid)
         self.n_components = n_components
@@ -143,11 +166,45 @@ class HybridSimulator(_ExtendableEffects):
             tol=self.tol,
             cv_tol=self.cv_tol,
             max_iter=self.max_iter,
+            memory=spec_of(self.memory_kernel()),
         )
         ridge.name = self.name
+        ridge._set_kernel(self.memory_kernel())  # the kernel of all runs, not of a fold's
         return ridge
 
     def _fit_parameters(self, runs: RunSet) -> None:
+        self.memory_ = self.memory_scale_ = self.memory_cv_ = None
+        kernels = candidates(self.memory, runs, self.batch_weighting)
+        if self.memory == "auto":
+            kernels = [k for k in kernels if float(k.decay) in _auto_decays(runs)]
+        if len(kernels) == 1:
+            self._fit_kernel(runs, kernels[0])
+            return
+        if len(runs.runs) < 2:
+            raise SimfluenceError(
+                f"memory={self.memory!r}: choosing the kernel by cross-validation needs at "
+                f"least 2 training runs (got {len(runs.runs)})"
+            )
+        # every kernel is a whole fit (its own prior and l2); the best CV error wins, ties
+        # keeping the earlier (simpler) kernel
+        best: tuple[float, int] | None = None
+        table: list[list[float]] = []
+        states = []
+        for k, kernel in enumerate(kernels):
+            self._fit_kernel(runs, kernel)
+            finite = [mse for _, mse in (self.cv_mse_ or []) if np.isfinite(mse)]
+            score = min(finite) if finite else np.inf
+            table.append([float(kernel.decay), float(kernel.scale is not None), self.l2_, score])
+            states.append(dict(vars(self)))
+            if np.isfinite(score) and (best is None or score < best[0]):
+                best = (score, k)
+        chosen = 0 if best is None else best[1]
+        vars(self).update(states[chosen])
+        self.memory_cv_ = table
+
+    def _fit_kernel(self, runs: RunSet, kernel: MemoryKernel) -> None:
+        """The whole hybrid fit with one memory kernel applied to every count matrix."""
+        self._set_kernel(kernel)
         phi = self._prepare_features(runs)
         k, self.feature_l2_, self.feature_cv_mse_ = choose_feature_model(
             self, runs, phi, self.feature_l2, self.feature_l2_grid
