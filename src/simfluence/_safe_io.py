@@ -110,16 +110,27 @@ def read_npz(
             out: dict[str, np.ndarray] = {}
             for info in archive.infolist():
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                with archive.open(info) as member:
-                    declared = _declared_bytes(member, path, info.filename, error)
-                    if declared > info.file_size:
-                        raise error(
-                            f"{path}: member {info.filename!r} declares {declared} bytes of "
-                            f"data but holds {info.file_size}"
-                        )
-                with archive.open(info) as member:
-                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
+                try:
+                    out[name] = _read_member(archive, info, path, error)
+                except (RuntimeError, NotImplementedError) as exc:  # encrypted, odd compression
+                    member = info.filename
+                    raise error(f"{path}: member {member!r} cannot be read ({exc})") from None
             return out
+
+
+def _read_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, error: type[SimfluenceError]
+) -> np.ndarray:
+    """One ``.npy`` member, its declared size checked against what the archive holds first."""
+    with archive.open(info) as member:
+        declared = _declared_bytes(member, path, info.filename, error)
+        if declared > info.file_size:
+            raise error(
+                f"{path}: member {info.filename!r} declares {declared} bytes of data but holds "
+                f"{info.file_size}"
+            )
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
 def _declared_bytes(member: Any, path: Path, name: str, error: type[SimfluenceError]) -> int:
