@@ -24,9 +24,9 @@ from mutation_plugin import (
     pytest_sessionfinish,
 )
 
-# generated hostile input (tests/test_hostile_input.py): a few dozen examples per reader in the
+# generated hostile input (tests/test_hostile_input.py): 200 examples per property in the
 # normal suite; `make fuzz` (SIMFLUENCE_FUZZ=1, or --hypothesis-profile=fuzz) runs 10,000
-settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("default", max_examples=200, deadline=None)
 settings.register_profile("fuzz", max_examples=10_000, deadline=None)
 settings.load_profile("fuzz" if os.environ.get("SIMFLUENCE_FUZZ") else "default")
 

@@ -97,7 +97,7 @@ def read_npz(
     with refuse_malformed(path, error):
         try:
             archive = zipfile.ZipFile(path)
-        except (OSError, zipfile.BadZipFile) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise error(f"{path}: not {what} ({exc})") from None
         with archive:
             budget = max(NPZ_MIN_BUDGET, NPZ_MAX_RATIO * path.stat().st_size)
@@ -112,7 +112,7 @@ def read_npz(
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 try:
                     out[name] = _read_member(archive, info, path, error)
-                except (RuntimeError, NotImplementedError) as exc:  # encrypted, odd compression
+                except (RuntimeError, NotImplementedError, EOFError, zipfile.BadZipFile) as exc:
                     member = info.filename
                     raise error(f"{path}: member {member!r} cannot be read ({exc})") from None
             return out
