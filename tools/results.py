@@ -487,11 +487,10 @@ def scaling() -> tuple[list[str], list[str]]:
     )
     out += [
         "CPU seconds: user and system time of all the command's processes (parent, fork server,",
-        "workers). The warm-workers file was measured while other sessions loaded the machine",
-        "(load 7.6-13.8 on 2 cores) with the kernel's autogroup scheduling, which gives every",
-        "session one share of the CPU whatever its processes: there, wall-clock speed-ups of",
-        "parallel variants cannot show; its note estimates the idle-machine figure from the",
-        "CPU seconds.",
+        "workers). The warm-workers file was measured on the otherwise idle machine (load",
+        "about 1); measured under other sessions' load, the kernel's autogroup scheduling gives",
+        "every session one share of the CPU whatever its processes, and parallel variants then",
+        "show no wall-clock speed-up.",
         "",
     ]
     name = "sharded-fit-synthetic-10000x2000.json"
