@@ -138,3 +138,30 @@ def test_unknown_methods_error() -> None:
         make_simulator("trak2")
     with pytest.raises(SimfluenceError, match="unknown static method"):
         static.static_scores("nope", None, None, [], None, None)  # type: ignore[arg-type]
+
+
+def test_trak_projects_below_the_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRAK inverts the pool's projected-gradient kernel (k x k from P rows): with k >= P it is
+    singular and the scores are noise (LDS 0.05 -> 0.58 on digits-logreg once k < P)."""
+    from simfluence.attribution import static
+    from simfluence.recording.workloads import get_workload
+
+    seen: dict = {}
+
+    class FakeTRAK:
+        def __init__(self, task, probability, projector_kwargs):  # type: ignore[no-untyped-def]
+            seen.update(projector_kwargs)
+
+        def cache(self, loader):  # type: ignore[no-untyped-def]
+            pass
+
+        def attribute(self, loader):  # type: ignore[no-untyped-def]
+            return static.torch.zeros(40, 5)
+
+    monkeypatch.setattr(static, "_import", lambda name: (FakeTRAK, lambda *a: None))
+    task = get_workload("digits-logreg")
+    pool, tests = task.prepare(pool=40, tests=5, seed=0)
+    model = task.make_model(0)
+    out = static.static_scores("trak", task, model, [model.state_dict()], pool, tests)
+    assert out.shape == (5, 40) and seen["proj_dim"] == 20
+    assert [static.trak_dim(n) for n in (1, 10, 200, 5000)] == [1, 5, 100, 512]
