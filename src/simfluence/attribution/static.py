@@ -230,7 +230,8 @@ class StaticSimulator(GradientSimulator):
     """A static method (module docstring) as an order-blind additive simulator.
 
     Parameters (besides `GradientSimulator`'s; `scaled` is always on): `projection_dim`
-    (``trak``: `trak_dim`, 512 or half the pool; ``logra``: 1024, rounded to a square), `damping` (relative, as
+    (``trak``: `trak_dim`, 512 or half the pool; ``logra``: 1024, rounded to a square),
+    `damping` (relative, as
     `static_scores`). ``max_runs`` recorded runs' final checkpoints are used (default 8).
 
     Learned attributes: ``B_``, ``scale_`` (the one global scale), ``scores_`` ``(M, P)``
