@@ -231,8 +231,8 @@ class StaticSimulator(GradientSimulator):
 
     Parameters (besides `GradientSimulator`'s; `scaled` is always on): `projection_dim`
     (``trak``: `trak_dim`, 512 or half the pool; ``logra``: 1024, rounded to a square),
-    `damping` (relative, as
-    `static_scores`). ``max_runs`` recorded runs' final checkpoints are used (default 8).
+    `damping` (relative, as `static_scores`). ``max_runs`` recorded runs' final checkpoints are
+    used (default 8).
 
     Learned attributes: ``B_``, ``scale_`` (the one global scale), ``scores_`` ``(M, P)``
     (dattri's, positive = helpful), ``cost_`` (``seconds``, ``peak_rss_mb`` of the fit).
