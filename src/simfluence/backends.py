@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -142,20 +143,29 @@ def _context(threads: int, preload: Sequence[str] | None = None) -> Any:
     context.set_forkserver_preload(["simfluence.backends", *preload])
     # the server (one per process, started once) imports torch with this thread environment
     # and this process's import path (Python 3.11's server does not apply it before preloading)
-    saved = {variable: os.environ.get(variable) for variable in (*THREAD_VARIABLES, "PYTHONPATH")}
-    os.environ.update({variable: str(threads) for variable in THREAD_VARIABLES})
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    try:
-        from multiprocessing import forkserver
+    from multiprocessing import forkserver
 
+    server_environment = {variable: str(threads) for variable in THREAD_VARIABLES}
+    server_environment["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    with _environment(server_environment):
         forkserver.ensure_running()
+    return context
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in ``os.environ`` for the block (what starts a worker process reads
+    them), the previous values (or their absence) restored afterwards."""
+    saved = {variable: os.environ.get(variable) for variable in variables}
+    os.environ.update(variables)
+    try:
+        yield
     finally:
         for variable, value in saved.items():
             if value is None:
                 os.environ.pop(variable, None)
             else:
                 os.environ[variable] = value
-    return context
 
 
 @dataclass
@@ -309,25 +319,20 @@ class RayBackend:
             start = time.perf_counter()
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             environment = {variable: str(self.threads) for variable in THREAD_VARIABLES}
-            saved = {variable: os.environ.get(variable) for variable in THREAD_VARIABLES}
+            local: dict[str, str] = {}
             if self.address is None:
                 # a local instance inherits this environment (cheaper than a runtime_env,
                 # which makes Ray start fresh workers for the job)
                 options["num_cpus"] = self.workers or os.cpu_count() or 1
-                os.environ.update(environment)
+                local = environment
             else:
                 options["address"] = self.address
                 options["runtime_env"] = {"env_vars": environment}
             try:
-                ray.init(**options)
+                with _environment(local):
+                    ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise BackendError(f"{self.name}: cannot start or join Ray ({exc})") from None
-            finally:
-                for variable, value in saved.items():
-                    if value is None:
-                        os.environ.pop(variable, None)
-                    else:
-                        os.environ[variable] = value
             self.init_seconds = time.perf_counter() - start
         return ray
 
