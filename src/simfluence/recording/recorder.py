@@ -22,6 +22,7 @@ sliced sequence (e.g. a list of ``n`` dataset items). `Recorder.from_task` uses 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -91,9 +92,18 @@ class Scoring:
         if self.fraction == 1:
             return None
         count = min(n_tests, max(1, math.ceil(self.fraction * n_tests)))
-        order = np.random.default_rng(self.seed).permutation(n_tests)
+        order = _rotation(self.seed, n_tests)
         start = ((step // self.every - 1) * count) % n_tests
         return np.sort(order[(start + np.arange(count)) % n_tests])
+
+
+@functools.cache
+def _rotation(seed: int, n_tests: int) -> np.ndarray:
+    """The seeded order in which a rotating share walks the test examples (drawn once, not at
+    every scored step)."""
+    order = np.random.default_rng(seed).permutation(n_tests)
+    order.flags.writeable = False
+    return order
 
 
 def run_scoring(config: Mapping[str, Any], index: int, seed: int = 0) -> Scoring | None:
@@ -351,6 +361,8 @@ class Recorder:
         out = np.empty(n_tests, dtype=np.float64)
         if columns is not None:
             out[:] = np.nan
+            if not len(columns):  # a step sparse scoring skips: no forward pass at all
+                return out
         n_scored = n_tests if columns is None else len(columns)
         was_training = self.model.training
         self.model.eval()
