@@ -173,7 +173,8 @@ def test_sgd_with_momentum_is_replayed_and_dvemb_still_refuses_it() -> None:
         check_plain_sgd(task, model, 0.1)
 
 
-def test_clipping_and_adamw_steps_equal_torch_bit_for_bit() -> None:
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipping active / the norm below it
+def test_clipping_and_adamw_steps_equal_torch_bit_for_bit(max_norm: float) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 5, dtype=torch.float64), torch.nn.Linear(5, 2, dtype=torch.float64)
@@ -183,7 +184,7 @@ def test_clipping_and_adamw_steps_equal_torch_bit_for_bit() -> None:
     opt = torch.optim.AdamW(
         [p for p in reference.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1
     )
-    copy_of = functional_optimizer(opt, reference, max_grad_norm=0.5)
+    copy_of = functional_optimizer(opt, reference, max_grad_norm=max_norm)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     state = copy_of.initial_state(params)
     x = torch.randn(16, 6, dtype=torch.float64)
@@ -191,20 +192,20 @@ def test_clipping_and_adamw_steps_equal_torch_bit_for_bit() -> None:
         opt.zero_grad()
         reference(x).pow(2).sum().backward()
         big = torch.nn.utils.clip_grad_norm_(
-            [p for p in reference.parameters() if p.requires_grad], 0.5
+            [p for p in reference.parameters() if p.requires_grad], max_norm
         )
         opt.step()
         leaves = {n: p.requires_grad_(True) for n, p in params.items()}
         out = torch.func.functional_call(model, leaves, (x,)).pow(2).sum()
         grads = dict(zip(params, torch.autograd.grad(out, list(leaves.values())), strict=True))
-        clipped = clip_gradients(grads, 0.5)
-        assert float(big) > 0.5  # the clipping was active
+        clipped = clip_gradients(grads, max_norm)
+        assert (float(big) > max_norm) == (max_norm == 0.5)  # the clipping active or not
         with torch.no_grad():
             params, state = copy_of.step(params, grads, state, step, 0.05)
         for name, p in reference.named_parameters():
             if p.requires_grad:
                 assert torch.equal(params[name], p.detach()), (step, name)
-        assert all(torch.linalg.vector_norm(g) <= 0.5 for g in clipped.values())
+        assert all(torch.linalg.vector_norm(g) <= max_norm for g in clipped.values())
     assert "1.bias" not in params
 
 
