@@ -200,11 +200,11 @@ def spelled_run_set_paths(source: str) -> list[str]:
 def test_the_path_finder_finds_planted_paths() -> None:
     planted = (
         '"""Docstrings may say DIR/manifest.json and checkpoints/RUN/step-0.pt."""\n'
-        'import os\n'
+        "import os\n"
         'a = os.path.join(d, "checkpoints", run_id, "step-0.pt")\n'
         'b = d / "runs" / f"{run_id}.parquet" / "checkpoints"\n'
         'c = f"{d}/features.npz"\n'
-        'e = "not a path: the step-0 checkpoint, a .parquet file, config[\'checkpoints\']"\n'
+        "e = \"not a path: the step-0 checkpoint, a .parquet file, config['checkpoints']\"\n"
     )
     assert sorted(spelled_run_set_paths(planted)) == [
         "a checkpoint (line 3)",
@@ -227,3 +227,28 @@ def test_the_layout_spells_out_every_run_set_path() -> None:
     spelled = " ".join(spelled_run_set_paths(MODULES[LAYOUT].read_text()))
     for what in ("the manifest", "the features file", "the truth file", "a checkpoint"):
         assert what in spelled
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_test_folders_mirror_the_packages() -> None:
+    """Each folder under tests/ is named after the package (or module) of the library it tests,
+    so the tests of `simfluence/simulators/featurized/` are found in
+    `tests/simulators/featurized/`; test file names are unique across folders (pytest imports
+    them by their base name) and none is left beside the shared helpers in tests/ that tests a
+    single package."""
+    folders = [p for p in TESTS.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    assert folders, "the tests are not organized in folders"
+    for folder in folders:
+        relative = folder.relative_to(TESTS)
+        package = SRC / "simfluence" / relative
+        assert package.is_dir() or package.with_suffix(".py").is_file(), (
+            f"tests/{relative.as_posix()} mirrors no package of src/simfluence"
+        )
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    single_package = {"runlog", "simulators", "recording", "attribution", "counterfactual", "cli"}
+    for path in TESTS.glob("test_*.py"):
+        stem = path.stem.removeprefix("test_")
+        assert stem not in single_package, f"{path.name} belongs in tests/{stem}/"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import in_ci, require_module
-from test_recording import SMALL, TinyTask, _record
 from test_workloads import PARAMS
+from tiny_task import SMALL, TinyTask, _record
 from torch import nn
 
 from simfluence.cli.main import main
@@ -216,7 +216,7 @@ def test_record_cli_device(tmp_path: Path) -> None:
 def test_trainer_callback_records_a_peft_model(tmp_path: Path) -> None:
     transformers = require_module("transformers", "pip install 'simfluence[workloads]'")
     peft = require_module("peft", "pip install 'simfluence[workloads]'")
-    from test_recording import _HFModel
+    from tiny_task import _HFModel
 
     from simfluence.recording.hf import IdCollator, SimfluenceCallback
 

@@ -26,7 +26,7 @@ from simfluence.recording import (
 from simfluence.recording.workloads import DigitsMLPTask
 from simfluence.runlog import load_runset, read_manifest, write_manifest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model" / "task.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own_model" / "task.py"
 
 #: a user's task file: linear regression on Gaussian features, SGD or Adam
 TASK_SOURCE = textwrap.dedent(

@@ -40,7 +40,7 @@ SMALL = SynthConfig(pool=30, tests=4, runs=12, per_run=22, batch=4, epochs=2, se
 def direct_linear_ridge(
     design: Design, lam: float, prior_a: float, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(A, B)``, each ``(M, P)``: the dense reference of tests/test_ridge.py around the prior."""
+    """``(A, B)``, each ``(M, P)``: the dense reference of test_ridge.py around the prior."""
     delta_A, delta_B = dense_solution(design, lam, prior_a, weights)
     return prior_a + delta_A.T, delta_B.T
 
@@ -593,7 +593,7 @@ def test_truth_needs_its_file_and_matching_shapes(tmp_path: Path) -> None:
 def test_raw_sum_batch_weighting_reaches_the_cross_validation_rollouts() -> None:
     """With ``batch_weighting="sum"`` the CV errors are those of held-out rollouts weighted
     the same way. (The solver's and the search's defaults are pinned, without fits of a
-    thousand iterations, in tests/test_ridge.py.)"""
+    thousand iterations, in tests/simulators/test_ridge.py.)"""
     runs, _ = generate(SMALL)
     summed = LinearSimulator(l2_grid=[3.0, 1.0], batch_weighting="sum", cv_folds=3).fit(runs)
     expected = 0.0

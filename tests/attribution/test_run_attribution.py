@@ -376,7 +376,7 @@ def user_task_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exact_tasks import LinearLossTask
 
     directory = tmp_path_factory.mktemp("user-task") / "runs"
-    task_file = Path(__file__).parent / "exact_tasks.py"
+    task_file = Path(__file__).parents[1] / "exact_tasks.py"
     record_runs(
         LinearLossTask(),
         directory,

@@ -151,7 +151,7 @@ def test_parallel_recording_equals_serial(tmp_path: Path, pool: ProcessBackend) 
 
 @pytest.mark.workers
 def test_parallel_recording_needs_a_rebuildable_task(tmp_path: Path) -> None:
-    from test_recording import SMALL, TinyTask
+    from tiny_task import SMALL, TinyTask
 
     class Local(TinyTask):  # defined in a function: no worker can import it
         pass
@@ -172,7 +172,7 @@ def test_parallel_recording_resumes_after_kill_9(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         from test_backends import DIGITS, SlowDigits
         from simfluence.recording import RecordingProtocol, record_runs
 
@@ -237,7 +237,7 @@ def test_a_worker_killed_mid_recording_is_replaced(
     protocol = RecordingProtocol(**{**DIGITS, "runs": 8}, seed=0, checkpoints=[0, 4])
     try:
         task = PidDigits(str(pid_dir), HIDDEN)  # Ray's workers import it from its file
-        ref = f"{Path(__file__).parent / 'backend_tasks.py'}:PidDigits"
+        ref = f"{Path(__file__).parents[1] / 'backend_tasks.py'}:PidDigits"
         record_runs(task, target, protocol, task_ref=ref, backend=backend, progress=False)
     finally:
         killer.join()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_recording import SMALL, TinyTask
+from tiny_task import SMALL, TinyTask
 
 from simfluence._lock import LockedError, exclusive_lock
 from simfluence.cli.main import main
@@ -22,7 +22,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.recording import RecordingProtocol, record_runs
 from simfluence.runlog.layout import LOCK_FILE, lock_path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tiny_task.py, importable by a task file
 CHECKPOINTS = [0, 4]
 
 
@@ -58,7 +58,7 @@ GATED_TASK = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_recording import TinyTask
+from tiny_task import TinyTask
 
 GATE = Path({gate!r})
 
@@ -183,7 +183,7 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes(
 ) -> None:
     """The command line on a disk that fills up mid-write (simulated in the atomic writer)."""
     target = tmp_path / "runs"
-    argv = ["record", str(target), "--task", f"{TESTS / 'test_recording.py'}:TinyTask"]
+    argv = ["record", str(target), "--task", f"{TESTS / 'tiny_task.py'}:TinyTask"]
     argv += ["--seed", "0", "--checkpoints", ",".join(map(str, CHECKPOINTS)), "--no-progress"]
     for key, value in SMALL.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
