@@ -36,6 +36,7 @@ mutate: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools examples
+	$(VENV)/bin/ruff format --check src tests benchmarks tools examples
 
 # the documentation site (MkDocs), built strictly into site/ (docs/development.md)
 docs: setup

@@ -274,9 +274,7 @@ def replay_parameters(
             trace.rng.append(torch.get_rng_state())
             params, state = replay.step(params, state, inputs, float(lr), t, optimizer)
             if saved and t in saved:
-                trace.error = max(
-                    trace.error, compare_parameters(params, saved[t], t, tolerance)
-                )
+                trace.error = max(trace.error, compare_parameters(params, saved[t], t, tolerance))
             if keep(t) or t == len(batches):
                 trace.kept[t], trace.states[t] = params, state
     return trace

@@ -230,7 +230,6 @@ def _check_weights(
             )
 
 
-
 @contextmanager
 def torch_threads(model: torch.nn.Module, n: int | None = None) -> Iterator[None]:
     """Run the block on `n` torch threads; by default 1 for models under `SMALL_MODEL_PARAMS`

@@ -77,7 +77,6 @@ def worker_task_reference(task: Task, spec: dict[str, Any] | None, where: str) -
     return {"ref": spec["ref"], "kwargs": spec.get("kwargs") or {}}
 
 
-
 @dataclass
 class _Prepared:
     """What every run of a recording shares: the task, its examples (on the device), the
@@ -207,5 +206,3 @@ def _prepare(
 ) -> _Prepared:
     row_of = {train_id: row for row, train_id in enumerate(pool.ids)}
     return _Prepared(task, pool.to(device), tests.to(device), initial.to(device), row_of, device)
-
-
