@@ -165,3 +165,24 @@ def test_trak_projects_below_the_pool_size(monkeypatch: pytest.MonkeyPatch) -> N
     out = static.static_scores("trak", task, model, [model.state_dict()], pool, tests)
     assert out.shape == (5, 40) and seen["proj_dim"] == 20
     assert [static.trak_dim(n) for n in (1, 10, 200, 5000)] == [1, 5, 100, 512]
+
+
+@pytest.mark.slow
+def test_logra_writes_nothing_into_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dattri's LoGra keeps a ``batch_metadata.json`` in its cache folder, by default the
+    current directory: a user's `validate --methods logra` left one in their project (and one
+    was committed here). It now goes to a scratch folder that is removed afterwards."""
+    from conftest import require_module
+
+    from simfluence.recording.workloads import get_workload
+
+    require_module("dattri", "pip install 'simfluence[dattri]'")
+    monkeypatch.chdir(tmp_path)
+    task = get_workload("digits-logreg")
+    pool, tests = task.prepare(pool=24, tests=3, seed=0)
+    model = task.make_model(0)
+    out = static.static_scores("logra", task, model, [model.state_dict()], pool, tests)
+    assert out.shape == (3, 24) and np.isfinite(out).all() and np.abs(out).max() > 0
+    assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,7 @@ highest resident memory above the level at the start of the fit, sampled every 5
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -174,27 +175,30 @@ def static_scores(
         with torch.no_grad():
             return attr.attribute(loader(tests)).detach().to(torch.float64).numpy().T
     total = np.zeros((len(tests), len(pool)))
-    for checkpoint in checkpoints:
-        lam = damping * _mean_square_gradient(task, work.model, checkpoint, pool)
-        at = AttributionTask(mean_loss, work, states(checkpoint))
-        if method == "logra":
+    with tempfile.TemporaryDirectory(prefix="simfluence-static-") as scratch:
+        for checkpoint in checkpoints:
+            lam = damping * _mean_square_gradient(task, work.model, checkpoint, pool)
+            at = AttributionTask(mean_loss, work, states(checkpoint))
+            if method == "logra":
 
-            def batch_loss(model: nn.Module, data: tuple, device: Any) -> torch.Tensor:
-                inputs = {k: v.to(device) for k, v in zip(keys, data, strict=True)}
-                return task.example_losses(model.model, inputs).sum()
+                def batch_loss(model: nn.Module, data: tuple, device: Any) -> torch.Tensor:
+                    inputs = {k: v.to(device) for k, v in zip(keys, data, strict=True)}
+                    return task.example_losses(model.model, inputs).sum()
 
-            at = AttributionTask(batch_loss, work, states(checkpoint))
-            side = int(np.sqrt(projection_dim or 1024))
-            attr = cls(at, proj_dim=side * side, damping=lam, offload="none")
-        elif method == "if-ekfac":
-            attr = cls(at, damping=lam)
-        elif method == "if-explicit":
-            attr = cls(at, regularization=lam)
-        else:
-            attr = cls(at, regularization=lam, max_iter=50)
-        attr.cache(loader(pool))
-        scores = attr.attribute(loader(pool), loader(tests))
-        total += scores.detach().to(torch.float64).numpy().T
+                at = AttributionTask(batch_loss, work, states(checkpoint))
+                side = int(np.sqrt(projection_dim or 1024))
+                # dattri's block-projected IF writes batch_metadata.json into its cache_dir, by
+                # default the current directory: keep it in a scratch folder
+                attr = cls(at, proj_dim=side * side, damping=lam, offload="none", cache_dir=scratch)
+            elif method == "if-ekfac":
+                attr = cls(at, damping=lam)
+            elif method == "if-explicit":
+                attr = cls(at, regularization=lam)
+            else:
+                attr = cls(at, regularization=lam, max_iter=50)
+            attr.cache(loader(pool))
+            scores = attr.attribute(loader(pool), loader(tests))
+            total += scores.detach().to(torch.float64).numpy().T
     # dattri's influence functions score -g_test^T H^-1 g_train's opposite: positive = helpful
     return total / len(checkpoints)
 
