@@ -173,7 +173,7 @@ def test_resolve_names_decays_and_errors() -> None:
     assert resolve("0.25+lr") == (0.25, "lr")
     assert resolve(0.0) == 0.0 and resolve("0") == 0.0 and resolve(np.float32(0.5)) == 0.5
     for bad in (None, [0.5], "fast", "+lr"):
-        with pytest.raises(SimfluenceError, match=r"use none, adam, lr, adam\+lr, auto"):
+        with pytest.raises(SimfluenceError, match=r": use none, adam, lr, adam\+lr, auto, "):
             resolve(bad)
 
 
@@ -227,6 +227,7 @@ def test_memory_kernel_before_and_after_a_fit() -> None:
     assert fitted.describe_memory() == "momentum 0.5 x lr"
     plain = LinearSimulator(memory=0.5, l2=1.0).fit(runs)
     assert plain.memory_scale_ is None and plain.describe_memory() == "momentum 0.5"
+    assert plain.memory_cv_ is None and fitted.memory_cv_ is None  # one kernel: no search
 
 
 @pytest.mark.parametrize("weighting", ["mean", "sum"])
@@ -265,6 +266,7 @@ def test_design_factors_for_long_runs_only() -> None:
     assert design.factors is not None
     lag, raw = design.factors
     assert lag.shape == (40, 40) and raw.shape == (40, 30)
+    assert lag.format == raw.format == design.counts.format == "csr"  # as `Design` documents
     np.testing.assert_allclose((lag @ raw).toarray(), design.counts.toarray(), rtol=1e-12)
     short = LinearSimulator(memory=0.5, l2=1.0).fit(tiny_runs(2))
     assert short.design(tiny_runs(2)).factors is None
@@ -400,13 +402,15 @@ def test_kernel_choice_rule(
 
 
 def test_kernel_choice_needs_two_serial_runs() -> None:
-    """Choosing among kernels is neither sharded nor run on a backend, and needs 2 runs (2 are
-    enough)."""
+    """Choosing among kernels is neither sharded nor run on a backend, scales by the learning
+    rate only under "mean" weighting, and needs 2 runs (2 are enough)."""
     runs = tiny_runs(2)
     with pytest.raises(SimfluenceError, match="not sharded"):
         LinearSimulator(memory="none,0.5", test_shards=2).fit(runs)
     with pytest.raises(SimfluenceError, match="not sharded"):
         LinearSimulator(memory="none,0.5", backend="process:2").fit(runs)
+    with pytest.raises(SimfluenceError, match="batch_weighting='mean'"):
+        LinearSimulator(memory="none,lr", l2=1.0, batch_weighting="sum").fit(runs)
     with pytest.raises(SimfluenceError, match="2 training runs"):
         LinearSimulator(memory="none,0.5", l2=1.0).fit(tiny_runs(1))
     two = LinearSimulator(memory="none,0.5", l2=1.0).fit(runs)
