@@ -257,7 +257,7 @@ class MemoryInputs:
         """The kernel fitted (``memory_``), or, before any, the one the ``memory`` parameter
         names on `runs` (a shard of a sharded fit; "auto" has no single kernel there)."""
         if self.memory_ is None and runs is not None:
-            found = candidates(self.memory, runs, getattr(self, "batch_weighting", "mean"))
+            found = candidates(self.memory, runs, self.batch_weighting)  # type: ignore[attr-defined]
             if len(found) != 1:
                 raise SimfluenceError(
                     f"memory={self.memory!r}: several kernels to choose from; sharded fits "
@@ -290,9 +290,8 @@ class MemoryInputs:
         return design
 
     def encode(self, curricula: Sequence[Any]) -> list[sparse.csr_matrix]:
-        counts = super().encode(curricula)  # type: ignore[misc]
         kernel = self.memory_kernel()
-        return counts if kernel.is_identity else [kernel.apply(c) for c in counts]
+        return [kernel.apply(c) for c in super().encode(curricula)]  # type: ignore[misc]
 
     def _rest(self, counts: sparse.csr_matrix) -> np.ndarray:
         """``(T,)``: the neutral mass a scaled kernel took from each row, ``b - sum_i N'_ti``
@@ -328,9 +327,8 @@ class MemoryInputs:
 
     # -- choosing the kernel -------------------------------------------------------------------
     def run_counts(self, runs: RunSet) -> list[sparse.csr_matrix]:
-        counts = super().run_counts(runs)  # type: ignore[misc]
         kernel = self.memory_kernel()
-        return counts if kernel.is_identity else [kernel.apply(c) for c in counts]
+        return [kernel.apply(c) for c in super().run_counts(runs)]  # type: ignore[misc]
 
     def _validation_mse(
         self, runs: RunSet, params: Any, floor: Any, slopes: Any = None, time_scale: float = 0.0
@@ -348,18 +346,18 @@ class MemoryInputs:
 
     def _calibration_params(self) -> dict[str, Any]:
         params = super()._calibration_params()  # type: ignore[misc]
-        if "memory" in params and self.memory_ is not None:
+        if self.memory_ is not None:
             params["memory"] = spec_of(self.memory_kernel())  # no nested choice of kernel
         return params
 
     def _fit_parameters(self, runs: RunSet) -> None:
         self.memory_ = self.memory_scale_ = self.memory_cv_ = None
-        kernels = candidates(self.memory, runs, getattr(self, "batch_weighting", "mean"))
+        kernels = candidates(self.memory, runs, self.batch_weighting)  # type: ignore[attr-defined]
         self._set_kernel(kernels[0])
         if len(kernels) == 1:
             super()._fit_parameters(runs)  # type: ignore[misc]
             return
-        if getattr(self, "test_shards", None) is not None or self.backend != "serial":  # type: ignore[attr-defined]
+        if self.test_shards is not None or self.backend != "serial":  # type: ignore[attr-defined]
             raise SimfluenceError(
                 f"memory={self.memory!r}: choosing the kernel is not sharded; pass one kernel "
                 "(memory=none, adam, a decay, ...) with test_shards or a backend"
