@@ -123,9 +123,6 @@ class AutoSimulator(Simulator):
         self.skipped_ = skipped
         self._delegate = fitted[chosen]
         self.chosen_params_ = self._delegate.get_params()
-        warnings = getattr(self._delegate, "warnings_", None)
-        if warnings:
-            self.warnings_ = list(warnings)
 
     @property
     def chosen_simulator(self) -> Simulator:

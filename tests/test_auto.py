@@ -1,0 +1,175 @@
+"""The ``auto`` method (`simulators.auto`) on tiny synthetic run sets: its parameters, what it
+passes to the candidates, what it reports, and calibration through the chosen simulator.
+
+The run sets are a few runs of a few steps (each fit well under 0.1 s), so that every test
+here is cheap enough to run for each mutant of `simulators.auto`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simfluence.errors import SimfluenceError
+from simfluence.runlog.runs import RunSet
+from simfluence.simulators.auto import AUTO_CANDIDATES, AutoSimulator
+from simfluence.simulators.baselines import MeanTrajectorySimulator
+from simfluence.synth import SynthConfig, generate
+
+#: a curriculum-driven process that Simfluence-Linear (and Simfluence-Additive) beat the mean
+#: trajectory on, and where `hybrid` beats `linear`
+_DRIVEN = SynthConfig(pool=6, tests=2, runs=4, per_run=6, batch=1, epochs=2, noise=0.0, harmful=0.3)
+#: three short runs whose losses the curriculum-blind mean predicts best
+_FLAT = SynthConfig(pool=6, tests=2, runs=3, per_run=6, batch=2, epochs=1, noise=0.0)
+
+
+def _runs(config: SynthConfig, features: bool = False) -> RunSet:
+    """A fresh synthetic run set (with or without example features): tests never share one."""
+    runs, _ = generate(config)
+    if not features:
+        runs = RunSet(runs.train_ids, runs.test_ids, runs.runs, runs.metadata)
+    return runs
+
+
+def test_defaults_and_parameters_are_kept() -> None:
+    """The documented defaults, and every constructor argument stored as given."""
+    assert AutoSimulator().get_params() == {
+        "candidates": list(AUTO_CANDIDATES),
+        "cv_folds": 5,
+        "memory": "auto",
+        "unseen": "error",
+        "cv_tests": None,
+    }
+    auto = AutoSimulator(("mean", "linear"), cv_folds=3, memory=0.5, unseen="prior", cv_tests=7)
+    assert auto.get_params() == {
+        "candidates": ["mean", "linear"],
+        "cv_folds": 3,
+        "memory": 0.5,
+        "unseen": "prior",
+        "cv_tests": 7,
+    }
+
+
+def test_memory_unseen_and_cv_tests_reach_the_candidates() -> None:
+    """The chosen candidate was built with auto's ``memory``, ``unseen`` and ``cv_tests``."""
+    auto = AutoSimulator(["linear"], cv_folds=2, memory=0.5, unseen="prior", cv_tests=1)
+    auto.fit(_runs(_FLAT))
+    assert auto.chosen_ == "linear"
+    params = auto.chosen_params_
+    assert (params["memory"], params["unseen"], params["cv_tests"]) == (0.5, "prior", 1)
+    assert auto.chosen_simulator.memory_ == {"decay": 0.5, "lr_scale": False}
+
+
+def test_two_runs_and_two_folds_are_enough() -> None:
+    """The smallest cross-validation (2 runs, 2 folds) works; fewer runs or folds are refused."""
+    runs = _runs(_FLAT)
+    two = RunSet(runs.train_ids, runs.test_ids, runs.runs[:2])
+    auto = AutoSimulator(["mean"], cv_folds=2).fit(two)
+    assert auto.chosen_ == "mean" and np.isfinite(auto.cv_scores_["mean"])
+    one = RunSet(runs.train_ids, runs.test_ids, runs.runs[:1])
+    with pytest.raises(SimfluenceError, match="at least 2 training runs and 2 folds"):
+        AutoSimulator(["mean"], cv_folds=5).fit(one)
+    with pytest.raises(SimfluenceError, match="at least 2 training runs and 2 folds"):
+        AutoSimulator(["mean"], cv_folds=1).fit(runs)
+
+
+def test_mean_choice_and_description() -> None:
+    """Hybrid is skipped without features (the candidates after it are still tried); the mean
+    wins on runs it predicts best; `choice` and `describe` say exactly that, scores sorted
+    from best to worst, and no memory or l2 for a method without them."""
+    auto = AutoSimulator(["hybrid", "linear", "mean"], cv_folds=2, memory="none")
+    auto.fit(_runs(_FLAT))
+    scores = auto.cv_scores_
+    assert auto.chosen_ == "mean" and list(scores) == ["linear", "mean"]
+    assert scores["mean"] < scores["linear"]
+    assert auto.skipped_ == {"hybrid": "no example features"}
+    description = (
+        f"auto picked mean: 2-fold run-wise CV all-steps MSE mean {scores['mean']:.4g}, "
+        f"linear {scores['linear']:.4g}; hybrid skipped: no example features"
+    )
+    assert auto.describe() == description
+    assert auto.choice() == {
+        "method": "mean",
+        "memory": None,
+        "l2": None,
+        "cv_folds": 2,
+        "cv_all_steps_mse": scores,
+        "skipped": {"hybrid": "no example features"},
+        "description": description,
+    }
+
+
+def test_linear_choice_and_description() -> None:
+    """A chosen ridge simulator's memory kernel and l2 are in `choice` and `describe`."""
+    auto = AutoSimulator(["mean", "linear"], cv_folds=2, memory="none").fit(_runs(_DRIVEN))
+    scores = auto.cv_scores_
+    assert auto.chosen_ == "linear" and scores["linear"] < scores["mean"]
+    l2 = auto.chosen_simulator.l2_
+    description = (
+        f"auto picked linear (memory none, l2 {l2:g}): 2-fold run-wise CV all-steps MSE "
+        f"linear {scores['linear']:.4g}, mean {scores['mean']:.4g}"
+    )
+    assert auto.describe() == description
+    choice = auto.choice()
+    assert (choice["method"], choice["memory"], choice["l2"]) == ("linear", "none", l2)
+    assert choice["cv_folds"] == 2 and choice["skipped"] == {}
+
+
+def test_additive_choice_has_an_l2_and_no_memory() -> None:
+    """Simfluence-Additive has no memory kernel: only its l2 is described."""
+    auto = AutoSimulator(["additive", "mean"], cv_folds=2).fit(_runs(_DRIVEN))
+    assert auto.chosen_ == "additive"
+    l2 = auto.chosen_simulator.l2_
+    assert auto.describe().startswith(f"auto picked additive (l2 {l2:g}): 2-fold")
+    assert auto.choice()["memory"] is None and auto.choice()["l2"] == l2
+
+
+def test_failing_candidates_are_reported_and_the_others_still_tried() -> None:
+    """A candidate whose fit fails is skipped with its error; the later ones are still fitted;
+    when none can be fitted, that is an error."""
+    runs = _runs(_FLAT)
+    with pytest.raises(SimfluenceError) as failure:
+        AutoSimulator(["linear"], cv_tests=0).fit(runs)
+    message = str(failure.value)
+    assert message.startswith("auto: no candidate could be fitted")
+    from simfluence.simulators.linear import LinearSimulator
+
+    with pytest.raises(SimfluenceError) as direct:
+        LinearSimulator(cv_tests=0).fit(runs)
+    auto = AutoSimulator(["linear", "mean"], cv_folds=2, cv_tests=0).fit(runs)
+    assert auto.chosen_ == "mean" and list(auto.cv_scores_) == ["mean"]
+    assert auto.skipped_ == {"linear": str(direct.value)}
+
+
+def test_hybrid_chooses_between_no_memory_and_the_kernel_linear_chose() -> None:
+    """With ``memory="auto"`` hybrid (fitted after linear) is given ``none`` or linear's kernel
+    (no momentum in the synthetic process: linear chose none)."""
+    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2).fit(_runs(_FLAT, features=True))
+    assert auto.chosen_ == "hybrid" and auto.chosen_params_["memory"] == "none,none"
+
+
+def test_hybrid_takes_a_fixed_memory_as_given() -> None:
+    """A memory other than ``"auto"`` reaches hybrid as is, even after linear was fitted."""
+    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2, memory="none")
+    auto.fit(_runs(_FLAT, features=True))
+    assert auto.chosen_ == "hybrid" and auto.chosen_params_["memory"] == "none"
+
+
+def test_calibrate_fits_first_and_uses_the_chosen_simulator() -> None:
+    """An unfitted auto is fitted, then calibrated like its chosen simulator (default 5 folds;
+    a fitted one keeps its fit); the intervals are the chosen simulator's."""
+    config = SynthConfig(pool=6, tests=2, runs=6, per_run=6, batch=2, epochs=1, noise=0.0)
+    runs = _runs(config)
+    auto = AutoSimulator(["mean"], cv_folds=2).calibrate(runs)
+    reference = MeanTrajectorySimulator().fit(runs).calibrate(runs)
+    np.testing.assert_array_equal(auto.calibration_residuals_, reference.calibration_residuals_)
+    np.testing.assert_array_equal(auto.calibration_scale_, reference.calibration_scale_)
+    two = MeanTrajectorySimulator().fit(runs).calibrate(runs, 2)
+    auto.calibrate(runs, 2)
+    np.testing.assert_array_equal(auto.calibration_residuals_, two.calibration_residuals_)
+    # fitted on the first three runs, calibrated on all six: the fit is not redone
+    first = RunSet(runs.train_ids, runs.test_ids, runs.runs[:3])
+    kept = AutoSimulator(["mean"], cv_folds=2).fit(first)
+    change = kept.chosen_simulator.mean_change_.copy()
+    kept.calibrate(runs, 2)
+    np.testing.assert_array_equal(kept.chosen_simulator.mean_change_, change)
+    np.testing.assert_array_equal(kept.calibration_residuals_, two.calibration_residuals_)
