@@ -6,18 +6,21 @@ here is cheap enough to run for each mutant of `simulators.auto`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
+from simfluence.simulators import load_simulator
 from simfluence.simulators.auto import AUTO_CANDIDATES, AutoSimulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator
 from simfluence.synth import SynthConfig, generate
 
-#: a curriculum-driven process that Simfluence-Linear (and Simfluence-Additive) beat the mean
-#: trajectory on, and where `hybrid` beats `linear`
-_DRIVEN = SynthConfig(pool=6, tests=2, runs=4, per_run=6, batch=1, epochs=2, noise=0.0, harmful=0.3)
+#: two runs of two steps that Simfluence-Linear and -Additive predict better than the mean
+#: trajectory, and `hybrid` better than `linear`
+_TINY = SynthConfig(pool=4, tests=1, runs=2, per_run=4, batch=2, epochs=1, noise=0.0)
 #: three short runs whose losses the curriculum-blind mean predicts best
 _FLAT = SynthConfig(pool=6, tests=2, runs=3, per_run=6, batch=2, epochs=1, noise=0.0)
 
@@ -47,16 +50,6 @@ def test_defaults_and_parameters_are_kept() -> None:
         "unseen": "prior",
         "cv_tests": 7,
     }
-
-
-def test_memory_unseen_and_cv_tests_reach_the_candidates() -> None:
-    """The chosen candidate was built with auto's ``memory``, ``unseen`` and ``cv_tests``."""
-    auto = AutoSimulator(["linear"], cv_folds=2, memory=0.5, unseen="prior", cv_tests=1)
-    auto.fit(_runs(_FLAT))
-    assert auto.chosen_ == "linear"
-    params = auto.chosen_params_
-    assert (params["memory"], params["unseen"], params["cv_tests"]) == (0.5, "prior", 1)
-    assert auto.chosen_simulator.memory_ == {"decay": 0.5, "lr_scale": False}
 
 
 def test_two_runs_and_two_folds_are_enough() -> None:
@@ -100,7 +93,7 @@ def test_mean_choice_and_description() -> None:
 
 def test_linear_choice_and_description() -> None:
     """A chosen ridge simulator's memory kernel and l2 are in `choice` and `describe`."""
-    auto = AutoSimulator(["mean", "linear"], cv_folds=2, memory="none").fit(_runs(_DRIVEN))
+    auto = AutoSimulator(["mean", "linear"], cv_folds=2, memory="none").fit(_runs(_TINY))
     scores = auto.cv_scores_
     assert auto.chosen_ == "linear" and scores["linear"] < scores["mean"]
     l2 = auto.chosen_simulator.l2_
@@ -115,42 +108,70 @@ def test_linear_choice_and_description() -> None:
 
 
 def test_additive_choice_has_an_l2_and_no_memory() -> None:
-    """Simfluence-Additive has no memory kernel: only its l2 is described."""
-    auto = AutoSimulator(["additive", "mean"], cv_folds=2).fit(_runs(_DRIVEN))
+    """Simfluence-Additive has no memory kernel: only its l2 is described. It was built with
+    auto's ``unseen`` and ``cv_tests``."""
+    auto = AutoSimulator(["additive", "mean"], cv_folds=2, unseen="prior", cv_tests=1)
+    auto.fit(_runs(_TINY))
     assert auto.chosen_ == "additive"
+    assert (auto.chosen_params_["unseen"], auto.chosen_params_["cv_tests"]) == ("prior", 1)
     l2 = auto.chosen_simulator.l2_
     assert auto.describe().startswith(f"auto picked additive (l2 {l2:g}): 2-fold")
     assert auto.choice()["memory"] is None and auto.choice()["l2"] == l2
 
 
-def test_failing_candidates_are_reported_and_the_others_still_tried() -> None:
-    """A candidate whose fit fails is skipped with its error; the later ones are still fitted;
-    when none can be fitted, that is an error."""
+def test_unknown_or_no_candidates_are_refused() -> None:
+    """Candidates must be among the core methods, and there must be one."""
     runs = _runs(_FLAT)
-    with pytest.raises(SimfluenceError) as failure:
-        AutoSimulator(["linear"], cv_tests=0).fit(runs)
-    message = str(failure.value)
-    assert message.startswith("auto: no candidate could be fitted")
+    for candidates in (["mean", "tracin-cp"], []):
+        with pytest.raises(SimfluenceError, match="candidates must be among"):
+            AutoSimulator(candidates, cv_folds=2).fit(runs)
+
+
+def test_save_and_load_rebuild_the_chosen_simulator(tmp_path: Path) -> None:
+    """A saved auto loads with its choice and simulates exactly like the chosen simulator."""
+    runs = _runs(_FLAT)
+    auto = AutoSimulator(["mean"], cv_folds=2).fit(runs)
+    auto.save(tmp_path / "auto.npz")
+    loaded = load_simulator(tmp_path / "auto.npz")
+    assert loaded.describe() == auto.describe()
+    curricula = [r.curriculum for r in runs.runs]
+    starts = np.stack([r.initial_loss for r in runs.runs])
+    expected = MeanTrajectorySimulator().fit(runs).simulate_many(curricula, starts)
+    for a, b in zip(loaded.simulate_many(curricula, starts), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_failing_candidates_are_reported_and_the_others_still_tried() -> None:
+    """A candidate whose fit fails is skipped with its error, and said so after the scores;
+    the later ones are still fitted; when none can be fitted, that is an error."""
     from simfluence.simulators.linear import LinearSimulator
 
+    runs = _runs(_FLAT)
+    with pytest.raises(SimfluenceError, match=r"^auto: no candidate could be fitted"):
+        AutoSimulator(["linear"], cv_tests=0).fit(runs)
     with pytest.raises(SimfluenceError) as direct:
         LinearSimulator(cv_tests=0).fit(runs)
-    auto = AutoSimulator(["linear", "mean"], cv_folds=2, cv_tests=0).fit(runs)
+    auto = AutoSimulator(["hybrid", "linear", "mean"], cv_folds=2, cv_tests=0).fit(runs)
     assert auto.chosen_ == "mean" and list(auto.cv_scores_) == ["mean"]
-    assert auto.skipped_ == {"linear": str(direct.value)}
+    why = str(direct.value)
+    assert auto.skipped_ == {"hybrid": "no example features", "linear": why}
+    assert auto.describe().endswith(
+        f"mean {auto.cv_scores_['mean']:.4g}; hybrid skipped: no example features; "
+        f"linear skipped: {why}"
+    )
 
 
 def test_hybrid_chooses_between_no_memory_and_the_kernel_linear_chose() -> None:
     """With ``memory="auto"`` hybrid (fitted after linear) is given ``none`` or linear's kernel
     (no momentum in the synthetic process: linear chose none)."""
-    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2).fit(_runs(_FLAT, features=True))
+    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2).fit(_runs(_TINY, features=True))
     assert auto.chosen_ == "hybrid" and auto.chosen_params_["memory"] == "none,none"
 
 
 def test_hybrid_takes_a_fixed_memory_as_given() -> None:
     """A memory other than ``"auto"`` reaches hybrid as is, even after linear was fitted."""
     auto = AutoSimulator(["linear", "hybrid"], cv_folds=2, memory="none")
-    auto.fit(_runs(_FLAT, features=True))
+    auto.fit(_runs(_TINY, features=True))
     assert auto.chosen_ == "hybrid" and auto.chosen_params_["memory"] == "none"
 
 
