@@ -42,6 +42,9 @@ def test_bridge_by_hand() -> None:
     np.testing.assert_allclose(bridged.losses[1:4, 0], expected[1:4], rtol=1e-12)
     assert bridged.losses[0, 0] == 0.1 and bridged.losses[4, 0] == 0.3  # exactly
     assert (0.1 - 0.7) + 0.7 != 0.1  # (what an unkept observation would have become)
+    for rollouts in ([], [rollout, rollout]):  # one rollout per run, never more or fewer
+        with pytest.raises(ValueError):
+            gaps.bridge(runs, rollouts)
 
 
 def test_interpolate_holds_the_last_observation_and_keeps_the_observed() -> None:
