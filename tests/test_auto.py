@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from simfluence.errors import SimfluenceError
-from simfluence.runlog.runs import RunSet
+from simfluence.runlog.runs import Run, RunSet
 from simfluence.simulators import load_simulator
 from simfluence.simulators.auto import AUTO_CANDIDATES, AutoSimulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator
 from simfluence.synth import SynthConfig, generate
 
-#: two runs of two steps that Simfluence-Linear and -Additive predict better than the mean
-#: trajectory, and `hybrid` better than `linear`
+#: two runs of two steps that Simfluence-Linear predicts better than the mean trajectory, and
+#: `hybrid` better than `linear`
 _TINY = SynthConfig(pool=4, tests=1, runs=2, per_run=4, batch=2, epochs=1, noise=0.0)
-#: three short runs whose losses the curriculum-blind mean predicts best
+#: three short runs
 _FLAT = SynthConfig(pool=6, tests=2, runs=3, per_run=6, batch=2, epochs=1, noise=0.0)
 
 
@@ -67,13 +67,17 @@ def test_two_runs_and_two_folds_are_enough() -> None:
 
 def test_mean_choice_and_description() -> None:
     """Hybrid is skipped without features (the candidates after it are still tried); the mean
-    wins on runs it predicts best; `choice` and `describe` say exactly that, scores sorted
-    from best to worst, and no memory or l2 for a method without them."""
-    auto = AutoSimulator(["hybrid", "linear", "mean"], cv_folds=2, memory="none")
-    auto.fit(_runs(_FLAT))
+    wins on runs that all have the same losses; `choice` and `describe` say exactly that,
+    scores sorted from best to worst, and no memory or l2 for a method without them."""
+    runs = _runs(_TINY)
+    same = np.array([[1.0], [0.8], [0.9]])  # every run: the curriculum changes nothing
+    flat = RunSet(
+        runs.train_ids, runs.test_ids, [Run(r.run_id, r.curriculum, same) for r in runs.runs]
+    )
+    auto = AutoSimulator(["hybrid", "linear", "mean"], cv_folds=2, memory="none").fit(flat)
     scores = auto.cv_scores_
     assert auto.chosen_ == "mean" and list(scores) == ["linear", "mean"]
-    assert scores["mean"] < scores["linear"]
+    assert scores["mean"] == 0.0 < scores["linear"]
     assert auto.skipped_ == {"hybrid": "no example features"}
     description = (
         f"auto picked mean: 2-fold run-wise CV all-steps MSE mean {scores['mean']:.4g}, "
@@ -92,31 +96,23 @@ def test_mean_choice_and_description() -> None:
 
 
 def test_linear_choice_and_description() -> None:
-    """A chosen ridge simulator's memory kernel and l2 are in `choice` and `describe`."""
-    auto = AutoSimulator(["mean", "linear"], cv_folds=2, memory="none").fit(_runs(_TINY))
+    """A chosen ridge simulator's memory kernel and l2 are in `choice` and `describe`; it was
+    built with auto's ``memory``, ``unseen`` and ``cv_tests``."""
+    auto = AutoSimulator(["mean", "linear"], cv_folds=2, memory=0.5, unseen="prior", cv_tests=1)
+    auto.fit(_runs(_TINY))
     scores = auto.cv_scores_
     assert auto.chosen_ == "linear" and scores["linear"] < scores["mean"]
     l2 = auto.chosen_simulator.l2_
     description = (
-        f"auto picked linear (memory none, l2 {l2:g}): 2-fold run-wise CV all-steps MSE "
+        f"auto picked linear (memory 0.5, l2 {l2:g}): 2-fold run-wise CV all-steps MSE "
         f"linear {scores['linear']:.4g}, mean {scores['mean']:.4g}"
     )
     assert auto.describe() == description
     choice = auto.choice()
-    assert (choice["method"], choice["memory"], choice["l2"]) == ("linear", "none", l2)
+    assert (choice["method"], choice["memory"], choice["l2"]) == ("linear", "0.5", l2)
     assert choice["cv_folds"] == 2 and choice["skipped"] == {}
-
-
-def test_additive_choice_has_an_l2_and_no_memory() -> None:
-    """Simfluence-Additive has no memory kernel: only its l2 is described. It was built with
-    auto's ``unseen`` and ``cv_tests``."""
-    auto = AutoSimulator(["additive", "mean"], cv_folds=2, unseen="prior", cv_tests=1)
-    auto.fit(_runs(_TINY))
-    assert auto.chosen_ == "additive"
-    assert (auto.chosen_params_["unseen"], auto.chosen_params_["cv_tests"]) == ("prior", 1)
-    l2 = auto.chosen_simulator.l2_
-    assert auto.describe().startswith(f"auto picked additive (l2 {l2:g}): 2-fold")
-    assert auto.choice()["memory"] is None and auto.choice()["l2"] == l2
+    params = auto.chosen_params_
+    assert (params["memory"], params["unseen"], params["cv_tests"]) == (0.5, "prior", 1)
 
 
 def test_unknown_or_no_candidates_are_refused() -> None:

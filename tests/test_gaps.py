@@ -20,14 +20,12 @@ from simfluence.simulators.baselines import MeanTrajectorySimulator
 NAN = np.nan
 
 
-def _one_run(losses: list[list[float]], **run: object) -> RunSet:
+def _one_run(losses: list[list[float]]) -> RunSet:
     """A run set of one run over the pool ``a``, ``b`` with these losses (NaN: not scored)."""
     values = np.array(losses, dtype=float)
     curriculum = [["a"] if t % 2 else ["b"] for t in range(len(values) - 1)]
     tests = [f"t{j}" for j in range(values.shape[1])]
-    return RunSet(
-        ["a", "b"], tests, [Run("r0", curriculum, values, observed=~np.isnan(values), **run)]
-    )  # type: ignore[arg-type]
+    return RunSet(["a", "b"], tests, [Run("r0", curriculum, values, observed=~np.isnan(values))])
 
 
 def test_bridge_by_hand() -> None:
