@@ -12,7 +12,7 @@ alternated with the simulator's own closed-form fit (`fit_with_gaps`):
    ``L - S`` at the observed steps (a bridge: the imputed path goes through every observation
    and between them follows the shape, spikes included, that the model predicts for the
    batches consumed there), fit again; repeat until the imputed losses settle: their
-   root-mean-square change in a round below `IMPUTATION_TOL` of the spread of the observed
+   root-mean-square change in a round at most `IMPUTATION_TOL` of the spread of the observed
    losses, at most `IMPUTATION_ROUNDS` rounds, or a change larger than the round before (then
    the previous imputation is kept: near its fixed point the alternation can drift off
    again). The ridge strength chosen by the first fit's cross-validation stays fixed during
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 #: re-imputations by the fitted model after the first fit on interpolated gaps, at most
 IMPUTATION_ROUNDS = 30
-#: the rounds stop once the imputed losses moved (root mean square) by less than this share of
+#: the rounds stop once the imputed losses moved (root mean square) by at most this share of
 #: the spread (standard deviation) of the observed losses in a round, or by more than in the
 #: round before (the alternation can drift away again once near its fixed point)
 IMPUTATION_TOL = 2.5e-3
