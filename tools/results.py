@@ -661,6 +661,40 @@ def unrolled_adamw() -> tuple[list[str], list[str]]:
 SECTIONS = (*SECTIONS, unrolled_adamw)
 
 
+OPTIMIZE_ADAMW = "optimize-adamw-digits.json"
+
+
+def optimize_adamw() -> tuple[list[str], list[str]]:
+    """`validate --kinds random,optimized` on the digits-mlp AdamW run sets: does the
+    curriculum a simulator optimizes beat random ones once trained for real?"""
+    d = load(OPTIMIZE_ADAMW)
+    out = ["## Optimized curricula under AdamW (`validate`)", ""]
+    out += provenance(d, OPTIMIZE_ADAMW)
+    rows = []
+    for r in d["rows"]:
+        opt = r["optimized"]
+        randoms = opt["random_mean_test_losses"]
+        per_search = opt["actual_mean_test_losses_per_search"]
+        beaten = [sum(a < x for x in randoms) / len(randoms) for a in per_search]
+        rows.append(
+            [
+                r["run_set"],
+                f"`{r['searcher']}`",
+                num(opt["actual_mean_test_loss"]),
+                num(opt["predicted_mean_test_loss"]),
+                f"{num(min(randoms))} / {num(sum(randoms) / len(randoms))}",
+                f"{opt['fraction_of_random_beaten']:.0%}",
+                f"{sum(beaten) / len(beaten):.0%} (worst {min(beaten):.0%})",
+            ]
+        )
+    header = ["run set", "searcher", "actual", "predicted", "random min / mean", "beaten"]
+    out += table([*header, f"beaten, all {len(per_search)} searches"], rows)
+    return out, [OPTIMIZE_ADAMW]
+
+
+SECTIONS = (*SECTIONS, optimize_adamw)
+
+
 def headline() -> str:
     """The README's one table: all-steps MSE / final-step Spearman on the three workloads."""
     data = {w: load(f"{w}.json")["methods"] for w in WORKLOADS}
