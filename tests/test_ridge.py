@@ -492,3 +492,43 @@ def test_linear_fit_weighs_batches_as_asked(weighting: str) -> None:
     delta_A, delta_B = dense_solution(Design.from_runs(runs, 1.5, weighting), 0.3, 1 / 1.5)
     np.testing.assert_allclose(sim.A_, 1 / 1.5 + delta_A.T, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(sim.B_, delta_B.T, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_factored_design_solves_the_systems_of_its_product_with_its_rest(
+    weighted: bool,
+) -> None:
+    """A design given as ``counts = lag @ raw`` (a memory kernel's factors) with a neutral rest
+    mass per row: every product goes through the factors and is the dense ``X^T W X v + lam v``
+    of ``X = [diag(L_prev) N, N]``, ``N = lag @ raw``; the prior's residual counts the rest
+    (``L_next - prior_a (sum_i N_ti + rest_t) L_prev``); the solve is the dense one."""
+    from scipy import sparse
+
+    plain = Design.from_runs(tiny_runs(batch=2), 2, "mean")
+    n, P = plain.counts.shape
+    rng = np.random.default_rng(5)
+    lag = sparse.csr_matrix(np.eye(n) + np.diag(rng.uniform(0.2, 0.5, n - 1), -1))
+    raw = plain.counts
+    rest = rng.uniform(0.1, 0.3, n)
+    design = Design(
+        (lag @ raw).tocsr(), plain.prev, plain.next, plain.step, rest, (lag, raw.tocsr())
+    )
+    weights = loss_weights(plain.prev, 1.0) if weighted else None
+    lam, prior_a = 0.7, 0.5
+    problem = LinearRidgeProblem(design, prior_a, weights)
+    N = (lag @ raw).toarray()
+    w = np.ones_like(plain.prev) if weights is None else weights
+    vA, vB = rng.normal(size=(P, 3)), rng.normal(size=(P, 3))
+    qA, qB = problem.matvec(vA, vB, lam)
+    target = plain.next - prior_a * (N.sum(axis=1) + rest)[:, None] * plain.prev
+    delta = []
+    for j in range(3):
+        X = np.hstack([plain.prev[:, [j]] * N, N])
+        gram = X.T @ (w[:, [j]] * X) + lam * np.eye(2 * P)
+        q = gram @ np.concatenate([vA[:, j], vB[:, j]])
+        np.testing.assert_allclose(qA[:, j], q[:P], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(qB[:, j], q[P:], rtol=1e-12, atol=1e-12)
+        delta.append(np.linalg.solve(gram, X.T @ (w[:, j] * target[:, j])))
+    solution = problem.solve(lam, tol=1e-12)
+    np.testing.assert_allclose(solution.delta_A, np.column_stack(delta)[:P], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(solution.delta_B, np.column_stack(delta)[P:], rtol=1e-8, atol=1e-10)
