@@ -515,3 +515,31 @@ def test_a_simulator_that_cannot_be_calibrated_is_still_scored(stubbed) -> None:
     assert sorted(result["kinds"]["random"]["methods"]["a"]) == [
         "all_steps_mse", "final_step_spearman", "lds",
     ]  # fmt: skip
+
+
+def test_retraining_clips_gradients_as_recorded_and_keeps_the_workers_threads(
+    monkeypatch,
+) -> None:  # type: ignore[no-untyped-def]
+    """The recorded ``max_grad_norm`` goes to every retraining; a worker backend without a
+    thread count leaves the worker's torch threads as they are."""
+    threads: list[int] = []
+    norms: list[float | None] = []
+
+    def train(task, initial, pool, tests, curriculum, lr, seed, **options):  # type: ignore[no-untyped-def]
+        norms.append(options["max_grad_norm"])
+        return SimpleNamespace(losses=np.zeros((len(curriculum) + 1, 1)))
+
+    monkeypatch.setattr(validation, "worker_task_reference", lambda *a: {"ref": "tasks:Stub"})
+    monkeypatch.setattr(
+        validation,
+        "prepared_in_worker",
+        lambda *a: SimpleNamespace(task="T", pool="P", tests="T", initial="M"),
+    )
+    monkeypatch.setattr(validation, "train_on_curriculum", train)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    remote = _Remote()
+    remote.threads = None  # type: ignore[assignment]
+    config = {"seed": 5, "lr": 0.1, "max_grad_norm": 1.5}
+    curricula = {"random": [[["a"]], [["b"]]]}
+    validation._retrain("TASK", "P", "T", config, 7, curricula, "cpu", remote, lambda i, t: i)
+    assert norms == [1.5, 1.5] and threads == []
