@@ -237,3 +237,14 @@ def test_batches_of_one_without_outsiders_get_every_proposal_as_a_position_swap(
     assert len(neighbours) == 12
     for n, t in zip(neighbours, touched, strict=True):
         assert (n != layout).sum() == 2 and len(t) == 2
+
+
+def test_the_greedy_start_breaks_ties_by_pool_order() -> None:
+    """The greedy start takes the candidates of lowest leave-one-out effect (the objective with
+    them minus without them: here each one's own worth); among equally good ones (30 worth 0
+    after 5 worth 1), the first in pool order."""
+    from simfluence.counterfactual.search.starts import _greedy_layout
+
+    values = [1.0] * 5 + [0.0] * 30
+    layout = _greedy_layout(_SetValue(values), np.arange(35), 2, 1, np.random.default_rng(0))
+    assert sorted(layout[0].tolist()) == [5, 6]
