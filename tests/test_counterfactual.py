@@ -739,3 +739,16 @@ def test_leave_one_out_lists_equal_effects_in_id_order() -> None:
     loo = leave_one_out(sim, [[p] for p in pool], np.array([2.0]), "t", None)
     assert loo.train_ids == [pool[-1], *pool[:-1]]
     assert loo.effects[0] == pytest.approx(-0.1) and not loo.effects[1:].any()
+
+
+def test_attribution_rollouts_are_floored_from_the_first_step(synthetic: tuple) -> None:
+    """A one-step curriculum from losses near 0 that its step drives below the floor: the
+    attribution's final loss is the floored one that `simulate` reports."""
+    runs, _, additive = synthetic
+    cols = np.arange(6)
+    helpful = min(runs.train_ids, key=lambda i: additive.B_[:, runs.train_index[i]].sum())
+    initial = np.full(6, 1e-3)
+    reported = additive.simulate([[helpful]], initial)
+    assert (reported[1] < additive.floor_ + additive.floor_width_).any()  # the floor binds
+    got = final_objective(additive, [[[helpful]]], initial, cols)[0]
+    assert got == pytest.approx(reported[-1].mean(), abs=1e-15)
