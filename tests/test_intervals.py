@@ -682,3 +682,11 @@ def test_report_draws_bands_and_marks_uncertain_attributions(tmp_path: Path) -> 
     recorded = data["runs"][0]["recorded"][0]
     assert len(band["lower"][0]) == len(recorded) and "band-select" in html
     assert html.count('class="uncertain"') == 1 and "coverage 90%" in html
+
+
+def test_scales_of_a_single_run_pool_a_hundred_steps_each_side() -> None:
+    """One run: about `MIN_POOLED` = 200 values need a window of 100 steps each side, which
+    only a rollout longer than 100 steps can show."""
+    rng = np.random.default_rng(4)
+    residuals = rng.normal(size=(1, 260, 2)) * np.linspace(0.1, 3.0, 260)[None, :, None]
+    np.testing.assert_allclose(scales(residuals), _scales_by_hand(residuals), rtol=1e-12)
