@@ -419,3 +419,11 @@ def test_assessing_a_curriculum_without_recorded_runs_rolls_it_out(fitted) -> No
     expected = trust_region_rollouts(plain, [curriculum])[0][-1].mean()
     assert source == "search" and interval is None
     assert predicted == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_integer_initial_loss_is_searched_from_as_floats(fitted) -> None:  # type: ignore[no-untyped-def]
+    """Initial losses given as integers are the same starting point as the equal floats."""
+    _, plain, _ = fitted
+    ints = optimize_curriculum(plain, 6, 2, initial_loss=np.array([2, 1, 3]), **SMALL)
+    floats = optimize_curriculum(plain, 6, 2, initial_loss=np.array([2.0, 1.0, 3.0]), **SMALL)
+    assert ints.curriculum == floats.curriculum and ints.objective == floats.objective
