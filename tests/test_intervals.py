@@ -690,3 +690,15 @@ def test_scales_of_a_single_run_pool_a_hundred_steps_each_side() -> None:
     rng = np.random.default_rng(4)
     residuals = rng.normal(size=(1, 260, 2)) * np.linspace(0.1, 3.0, 260)[None, :, None]
     np.testing.assert_allclose(scales(residuals), _scales_by_hand(residuals), rtol=1e-12)
+
+
+def test_a_test_example_without_any_finite_residual_gets_the_smallest_other_scale() -> None:
+    """Residuals all missing for a test example: its scale is the smallest positive scale of
+    the others (not whatever an unset entry held)."""
+    residuals = np.zeros((3, 5, 4))
+    residuals[:, 1:, 0] = 2.0
+    residuals[:, 1:, 1] = 0.5
+    residuals[:, 1:, 2] = np.nan
+    residuals[:, 1:, 3] = np.inf
+    for _ in range(3):
+        np.testing.assert_array_equal(per_test_scales(residuals), [2.0, 0.5, 0.5, 0.5])
