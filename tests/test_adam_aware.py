@@ -232,3 +232,26 @@ def test_cli_validate_loo_and_attribute_unrolled_on_adamw(adamw_runs, tmp_path) 
     assert all(np.isfinite(e["effect"]) for e in views["leave_one_out"]["effects"])
     assert len(views["smoothness"]["nonlinearity"]) == 2 and views["smoothness"]["tests"] == 1
     assert all(np.isfinite(views["smoothness"]["first_order_error"]))
+
+
+def test_the_adam_preconditioner_changes_tracin_on_adam_and_adamw_runs(adamw_runs) -> None:  # type: ignore[no-untyped-def]
+    """On AdamW runs TracIn-CP is preconditioned (and says so): its effects differ from the
+    plain formula's on the same checkpoints, computed in the same process (no kernel cached
+    for one is reused for the other); a run set recorded with Adam is preconditioned alike."""
+    from simfluence.attribution.simulators import TracInCPSimulator
+    from simfluence.runlog import load_runset
+
+    class Plain(TracInCPSimulator):
+        adam_aware = False
+
+    runs = load_runset(adamw_runs)
+    plain = Plain().fit(runs)
+    aware = TracInCPSimulator().fit(runs)
+    assert plain.preconditioned_ is False and aware.preconditioned_ is True
+    assert not np.allclose(plain.B_, aware.B_, rtol=1e-3, atol=0)
+    assert plain.warnings_ and aware.warnings_ == []
+    adam = copy.deepcopy(runs)
+    adam.metadata["config"]["optimizer"]["name"] = "Adam"
+    as_adam = TracInCPSimulator().fit(adam)
+    assert as_adam.preconditioned_ is True
+    np.testing.assert_allclose(as_adam.B_, aware.B_, rtol=1e-12)
