@@ -256,3 +256,15 @@ def test_simulate_many_names_the_bad_curriculum_on_a_tiny_fit() -> None:
     rollout = sim.simulate_many([[["a"]]], np.array([[2, 1]]))[0]
     assert rollout.dtype == np.float64
     np.testing.assert_array_equal(rollout, [[2.0, 1.0], [2.0, 1.0]])
+
+
+def test_calibration_holds_out_five_folds_by_default_on_tiny_runs() -> None:
+    """Six runs of two steps: the default calibration is the 5-fold one, not the 6-fold one
+    (each fold's copy learns "a"'s effect from other runs)."""
+    tables = [[[1.0, 2.0], [1.0 - 0.1 * k, 1.9], [0.9 - 0.1 * k, 1.7]] for k in range(6)]
+    runs = _runs(*tables)
+    default = AdditiveSimulator(l2=1.0).fit(runs).calibrate(runs)
+    five = AdditiveSimulator(l2=1.0).fit(runs).calibrate(runs, n_folds=5)
+    six = AdditiveSimulator(l2=1.0).fit(runs).calibrate(runs, n_folds=6)
+    np.testing.assert_array_equal(default.calibration_residuals_, five.calibration_residuals_)
+    assert not np.array_equal(default.calibration_residuals_, six.calibration_residuals_)
