@@ -234,3 +234,12 @@ def test_top_sign_agreement_breaks_ties_by_training_example_order() -> None:
         top = sorted(range(n), key=lambda i: (predicted[0, i], i))[:k]  # stable by hand
         expected = np.mean(actual[0, top] < 0)
         assert metrics.top_sign_agreement(actual, predicted, k=k) == pytest.approx(expected)
+
+
+def test_a_test_example_never_observed_after_step_zero_is_left_out() -> None:
+    """Sparse truth: a test example with no observed step after 0 has no error (left out),
+    the others average over their observed steps only."""
+    true = [np.array([[1.0, 1.0, 1.0], [0.5, np.nan, 0.8], [np.nan, np.nan, 0.6]])]
+    pred = [np.array([[1.0, 1.0, 1.0], [0.7, 0.9, 0.8], [0.1, 0.5, 0.4]])]
+    errors = metrics.trajectory_errors(true, pred)
+    np.testing.assert_allclose(errors, [0.2**2, (0.0 + 0.2**2) / 2], rtol=1e-12)

@@ -232,3 +232,45 @@ def test_cli_validate_loo_and_attribute_unrolled_on_adamw(adamw_runs, tmp_path) 
     assert all(np.isfinite(e["effect"]) for e in views["leave_one_out"]["effects"])
     assert len(views["smoothness"]["nonlinearity"]) == 2 and views["smoothness"]["tests"] == 1
     assert all(np.isfinite(views["smoothness"]["first_order_error"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_adamw_runs(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One AdamW run of two steps over 4 of 6 examples, checkpoints 0 and 1 (milliseconds
+    once torch is warm)."""
+    from simfluence.recording.optim import OptimizerSpec
+    from simfluence.recording.protocol import RecordingProtocol
+    from simfluence.recording.record import record_runs
+
+    path = tmp_path_factory.mktemp("tiny-adamw") / "runs"
+    protocol = RecordingProtocol(
+        runs=1, pool=6, per_run=4, tests=2, batch=2, epochs=1, lr=0.01, seed=0,
+        checkpoints=[0, 1], optimizer=OptimizerSpec("adamw", schedule="linear", warmup=2),
+    )  # fmt: skip
+    record_runs(DigitsMLPTask(hidden=4), path, protocol, progress=False)
+    return path
+
+
+def test_the_adam_preconditioner_changes_tracin_on_adam_and_adamw_runs(tiny_adamw_runs) -> None:  # type: ignore[no-untyped-def]
+    """On AdamW runs TracIn-CP is preconditioned (and says so): its effects differ from the
+    plain formula's on the same checkpoints, computed in the same process (no kernel cached
+    for one is reused for the other); a run set recorded with Adam is preconditioned alike."""
+    from simfluence.attribution.simulators import TracInCPSimulator
+    from simfluence.runlog import load_runset
+
+    class Plain(TracInCPSimulator):
+        adam_aware = False
+
+    runs = load_runset(tiny_adamw_runs)
+    plain = Plain().fit(runs)
+    aware = TracInCPSimulator().fit(runs)
+    assert plain.preconditioned_ is False and aware.preconditioned_ is True
+    assert not np.allclose(plain.B_, aware.B_, rtol=1e-3, atol=0)
+    assert plain.warnings_ and aware.warnings_ == []
+    adam = copy.deepcopy(runs)
+    adam.metadata["config"]["optimizer"]["name"] = "Adam"
+    as_adam = TracInCPSimulator().fit(adam)
+    assert as_adam.preconditioned_ is True
+    np.testing.assert_allclose(as_adam.B_, aware.B_, rtol=1e-12)
+    projected = TracInCPSimulator(projection_dim=8).fit(runs)  # gradients projected to 8 dims
+    assert projected.preconditioned_ and not np.allclose(projected.B_, aware.B_, rtol=1e-3)

@@ -674,3 +674,16 @@ def test_gradient_methods_keep_their_unseen_rule(decaying: Path, exact_workload)
         assert sim.unseen == rule and sim.get_params()["unseen"] == rule
     with pytest.raises(SimfluenceError, match="unseen='sometimes'"):
         configure_simulator("tracin-cp", unseen="sometimes").fit(runs)
+
+
+def test_the_gradient_projection_is_seeded_by_projection_seed() -> None:
+    """`projection_seed` picks the random projection of the gradients: the simulator projects
+    with the matrix that seed draws (another seed, another matrix); no dimension, none."""
+    from simfluence.attribution.gradients import RandomProjection
+    from simfluence.attribution.simulators import TracInCPSimulator
+
+    grads = torch.linspace(-1.0, 1.0, 30, dtype=torch.float32).reshape(2, 15)
+    projection = TracInCPSimulator(projection_dim=4, projection_seed=7)._projection()
+    torch.testing.assert_close(projection(grads), RandomProjection(4, seed=7)(grads))
+    assert not torch.allclose(projection(grads), RandomProjection(4, seed=0)(grads))
+    assert TracInCPSimulator()._projection() is None

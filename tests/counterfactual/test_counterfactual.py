@@ -691,3 +691,64 @@ def test_attribution_views_pass_the_initial_loss_and_pair_count_on(synthetic: tu
     assert pairs.pairs == direct.pairs
     default = attribution_views(sim, run.curriculum, None, "test-1")
     assert len(default[2].pairs) == 45 and len(default[3]["steps"]["top_steps"]) == 10
+
+
+def test_zero_weight_leave_one_out_uses_zero_weight_in_its_folds_too(synthetic: tuple) -> None:
+    """``removal="zero-weight"`` is what the result says (and its JSON), and the interval of
+    every effect comes from the calibration refits' effects under the same removal, averaged
+    over the test examples asked for."""
+    import copy
+
+    from simfluence.counterfactual.attribution.loo import effect_intervals
+    from simfluence.counterfactual.attribution.removal import removal_effects
+
+    runs, _, additive = synthetic
+    sim = copy.deepcopy(additive).calibrate(runs.subset(runs.run_ids[:4]), n_folds=2)
+    run = runs.runs[0]
+    cols = np.array([1, 4])
+    loo = leave_one_out(sim, run.curriculum, run.initial_loss, ["test-1", "test-4"], 0.8,
+                        removal="zero-weight")  # fmt: skip
+    assert loo.removal == "zero-weight" and loo.to_json()["removal"] == "zero-weight"
+    groups = [[i] for i in sorted(set(_flat(run.curriculum)))]
+    per_fold = np.stack([
+        removal_effects(f, run.curriculum, run.initial_loss, cols, groups, "zero-weight").mean(1)
+        for f in sim.fold_simulators()
+    ])  # fmt: skip
+    effects = removal_effects(
+        sim, run.curriculum, run.initial_loss, cols, groups, "zero-weight"
+    ).mean(1)
+    lower, upper = effect_intervals(effects, per_fold, 0.8)
+    order = [[g[0] for g in groups].index(i) for i in loo.train_ids]
+    np.testing.assert_allclose(loo.lower, lower[order], rtol=1e-12)
+    np.testing.assert_allclose(loo.upper, upper[order], rtol=1e-12)
+
+
+def test_leave_one_out_lists_equal_effects_in_id_order() -> None:
+    """Examples of the same effect (here 29 without any, and a helpful one sorting last by
+    id) keep their id order after the helpful one."""
+    import copy
+
+    from simfluence.runlog import Run, RunSet
+
+    pool = [f"e{k:02d}" for k in range(30)]
+    losses = np.linspace(2.0, 1.0, 31)[:, None]
+    runs = RunSet(pool, ["t"], [Run("r", [[p] for p in pool], losses)])
+    sim = copy.deepcopy(AdditiveSimulator(l2=1.0).fit(runs))
+    sim.B_ = np.zeros_like(sim.B_)
+    sim.B_[0, -1] = -0.1
+    loo = leave_one_out(sim, [[p] for p in pool], np.array([2.0]), "t", None)
+    assert loo.train_ids == [pool[-1], *pool[:-1]]
+    assert loo.effects[0] == pytest.approx(-0.1) and not loo.effects[1:].any()
+
+
+def test_attribution_rollouts_are_floored_from_the_first_step(synthetic: tuple) -> None:
+    """A one-step curriculum from losses near 0 that its step drives below the floor: the
+    attribution's final loss is the floored one that `simulate` reports."""
+    runs, _, additive = synthetic
+    cols = np.arange(6)
+    helpful = min(runs.train_ids, key=lambda i: additive.B_[:, runs.train_index[i]].sum())
+    initial = np.full(6, 1e-3)
+    reported = additive.simulate([[helpful]], initial)
+    assert (reported[1] < additive.floor_ + additive.floor_width_).any()  # the floor binds
+    got = final_objective(additive, [[[helpful]]], initial, cols)[0]
+    assert got == pytest.approx(reported[-1].mean(), abs=1e-15)

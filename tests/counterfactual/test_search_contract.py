@@ -276,3 +276,154 @@ def test_a_binding_envelope_is_what_the_search_is_credited_with(fitted) -> None:
     assert result.objective >= floor.mean() - 1e-12
     assert result.objective > result.unconstrained + 0.01
     assert result.random_objectives.min() >= floor.mean() - 1e-12  # the random starts too
+
+
+def test_documented_search_defaults() -> None:
+    """docs/counterfactuals.md: 64 random starts, up to 512 neighbours a round, 3 idle rounds,
+    a budget of 200000 rollouts; at most 8 disjoint moves applied together."""
+    import inspect
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(optimize_curriculum).parameters.items()
+    }
+    assert defaults["n_random"] == 64 and defaults["proposals"] == 512
+    assert defaults["patience"] == 3 and defaults["max_evaluations"] == 200_000
+    assert defaults["max_accept"] == 8 and defaults["level"] == 0.9
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_the_search_ends_after_patience_idle_rounds(fitted, patience: int) -> None:  # type: ignore[no-untyped-def]
+    """With fewer proposals than neighbours (not exhaustive), the search stops after
+    `patience` consecutive rounds without improvement, long before its evaluation budget."""
+    _, plain, _ = fitted
+    result = optimize_curriculum(
+        plain, 6, 2, n_random=4, greedy=False, proposals=4, patience=patience,
+        max_evaluations=100_000,
+    )  # fmt: skip
+    assert result.evaluations < 5_000
+    accepted = [h["accepted"] for h in result.history]
+    assert accepted[-patience:] == [0] * patience
+    assert all(accepted[-patience - 1 : -patience])  # the round before them improved
+
+
+def test_a_recorded_curriculum_is_judged_on_the_objectives_test_examples(fitted) -> None:  # type: ignore[no-untyped-def]
+    """With an objective of one test example, the recorded run returned is the one whose
+    actual final loss of that example is lowest, not the one with the lowest mean."""
+    runs, _, sim = fitted
+    target = runs.test_ids[2]
+    result = optimize_curriculum(
+        sim, 6, 2, objective=[target], recorded=runs, n_random=2, max_evaluations=2
+    )
+    assert result.source.startswith("recorded ")
+    best = min(r.losses[-1, 2] for r in runs.runs)
+    assert result.predicted == pytest.approx(best, abs=1e-12)
+    assert best != min(r.losses[-1].mean() for r in runs.runs)
+
+
+def test_an_uncalibrated_search_returns_a_recorded_curriculum_at_its_actual_loss(fitted) -> None:  # type: ignore[no-untyped-def]
+    """Uncalibrated, a better recorded curriculum is returned with no interval: its objective
+    is its actual final loss."""
+    runs, plain, _ = fitted
+    result = optimize_curriculum(plain, 6, 2, recorded=runs, n_random=2, max_evaluations=2)
+    assert result.source.startswith("recorded ") and result.interval is None
+    assert result.gain_established is None
+    best = min(r.losses[-1].mean() for r in runs.runs)
+    assert result.objective == result.predicted == pytest.approx(best, abs=1e-12)
+
+
+def test_a_simulator_without_an_envelope_is_searched_unconfined(fitted) -> None:  # type: ignore[no-untyped-def]
+    """A simulator with no recorded envelope (a model saved before there was one) is searched
+    on its plain rollouts, and the result says so."""
+    _, plain, _ = fitted
+    bare = copy.deepcopy(plain)
+    del bare.envelope_
+    result = optimize_curriculum(bare, 6, 2, **SMALL)
+    unconfined = optimize_curriculum(plain, 6, 2, trust_region=False, **SMALL)
+    assert result.trust_region == "none"
+    assert result.curriculum == unconfined.curriculum
+    assert result.objective == pytest.approx(result.unconstrained, abs=1e-12)
+
+
+def test_the_level_shapes_the_pessimistic_objective_and_the_interval(fitted) -> None:  # type: ignore[no-untyped-def]
+    """At level 0.5 the searched objective is the prediction plus the 0.5 interval's upper
+    offset (not the default 0.9's), and the reported interval is the 0.5 one."""
+    _, _, sim = fitted
+    result = optimize_curriculum(sim, 6, 2, level=0.5, n_random=4, greedy=False, max_evaluations=4)
+    columns = np.arange(3)
+    high = sim.objective_offsets(columns, 3, 0.5)[1]
+    assert high != sim.objective_offsets(columns, 3, 0.9)[1]
+    assert result.objective == pytest.approx(result.predicted + high, abs=1e-12)
+    np.testing.assert_allclose(result.random_objectives, result.random_predicted + high)
+    assert result.interval == sim.mean_loss_interval(result.predicted, columns, 3, 0.5)
+
+
+def test_a_gain_is_established_when_the_upper_end_beats_the_random_mean(fitted) -> None:  # type: ignore[no-untyped-def]
+    """A search whose pessimistic objective is below the random starts' mean prediction
+    establishes its gain (here a simulator calibrated to tiny held-out errors)."""
+    _, _, calibrated = fitted
+    sim = copy.deepcopy(calibrated)
+    sim.calibration_residuals_ = np.full_like(sim.calibration_residuals_, 1e-4)
+    result = optimize_curriculum(sim, 6, 2, **SMALL)
+    assert result.interval[1] < result.random_predicted.mean()
+    assert result.gain_established is True
+
+
+def test_default_proposals_and_moves_per_round_are_512_and_8() -> None:
+    """On a neighbourhood larger than 512 (20 of 40 examples, 10 batches), a default search is
+    the search with 512 proposals and up to 8 moves a round; 513 or 9 give another one (so
+    this test can see a changed default)."""
+    runs, _ = generate(SynthConfig(pool=40, tests=2, runs=6, per_run=20, batch=2, epochs=1, seed=0))
+    sim = AdditiveSimulator(unseen="prior").fit(runs)
+    small = dict(n_random=2, greedy=False, max_evaluations=1100, trust_region=False)
+    default = optimize_curriculum(sim, 20, 2, **small)
+    explicit = optimize_curriculum(sim, 20, 2, proposals=512, max_accept=8, **small)
+    assert default.history == explicit.history and default.curriculum == explicit.curriculum
+    for other in (dict(proposals=513), dict(max_accept=9)):
+        assert optimize_curriculum(sim, 20, 2, **other, **small).history != default.history
+
+
+def test_only_a_strictly_better_recorded_curriculum_of_the_layout_replaces_the_found_one(
+    fitted,
+) -> None:  # type: ignore[no-untyped-def]
+    """A recorded run replaces the found curriculum only if it follows the layout (here 6
+    distinct examples once each, in batches of 2: a run repeating examples in batches of the
+    same sizes does not, however low its loss) and its actual loss is strictly below the found
+    objective (a tie keeps what was found)."""
+    from simfluence.counterfactual.search.optimize import _prefer_recorded
+    from simfluence.runlog.runs import Run
+
+    runs, plain, _ = fitted
+    ids = runs.train_ids
+    cheat = Run("cheat", [[ids[0], ids[0]], [ids[1], ids[1]], [ids[2], ids[2]]], np.zeros((4, 3)))
+    recorded = type(runs)(runs.train_ids, runs.test_ids, [*runs.runs, cheat], runs.metadata)
+    columns = np.arange(3)
+    best = min(r.losses[-1].mean() for r in runs.runs)
+    found = optimize_curriculum(plain, 6, 2, n_random=2, max_evaluations=2)
+    tie = copy.deepcopy(found)
+    tie.objective = best
+    _prefer_recorded(tie, recorded, plain, columns, 6, 1)
+    assert tie.source == "search" and tie.curriculum == found.curriculum
+    worse = copy.deepcopy(found)
+    worse.objective = best + 1.0
+    _prefer_recorded(worse, recorded, plain, columns, 6, 1)
+    assert worse.source != "recorded cheat" and worse.predicted == pytest.approx(best, abs=1e-12)
+
+
+def test_assessing_a_curriculum_without_recorded_runs_rolls_it_out(fitted) -> None:  # type: ignore[no-untyped-def]
+    """Without recorded runs, a curriculum is assessed by its trust-region rollout."""
+    from simfluence.counterfactual.search import assess_curriculum
+
+    runs, plain, _ = fitted
+    curriculum = runs.runs[0].curriculum
+    predicted, interval, source = assess_curriculum(plain, curriculum)
+    expected = trust_region_rollouts(plain, [curriculum])[0][-1].mean()
+    assert source == "search" and interval is None
+    assert predicted == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_integer_initial_loss_is_searched_from_as_floats(fitted) -> None:  # type: ignore[no-untyped-def]
+    """Initial losses given as integers are the same starting point as the equal floats."""
+    _, plain, _ = fitted
+    ints = optimize_curriculum(plain, 6, 2, initial_loss=np.array([2, 1, 3]), **SMALL)
+    floats = optimize_curriculum(plain, 6, 2, initial_loss=np.array([2.0, 1.0, 3.0]), **SMALL)
+    assert ints.curriculum == floats.curriculum and ints.objective == floats.objective

@@ -199,3 +199,52 @@ def test_candidates_are_the_consumed_examples_unless_asked_otherwise() -> None:
     np.testing.assert_array_equal(_candidates(linear, ["d", "b", "d"], False), [1, 3])
     with pytest.raises(SimfluenceError, match="unknown training id 'z'"):
         _candidates(linear, ["b", "z"], False)
+
+
+def test_swap_ins_that_exactly_fit_their_share_are_all_proposed_in_order() -> None:
+    """Four members, two outsiders, a share of 8: all 8 swap-ins, member-major, in order."""
+    layout = np.array([[0, 1, 2, 3]])
+    _, touched = _propose(layout, np.arange(6), 16, 2, np.random.default_rng(0))
+    assert touched[:8] == [frozenset((a, b)) for a in range(4) for b in (4, 5)]
+
+
+def test_sampled_swap_ins_never_repeat() -> None:
+    """Nine swap-ins for a share of 8: eight different ones (drawn without replacement)."""
+    layout = np.array([[0, 1, 2]])
+    for seed in range(3):
+        neighbours, touched = _propose(layout, np.arange(6), 16, 1, np.random.default_rng(seed))
+        swap_ins = [t for n, t in zip(neighbours, touched, strict=True) if _members(n) != {0, 1, 2}]
+        assert len(swap_ins) == 8 and len(set(swap_ins)) == 8
+
+
+def test_equally_good_moves_go_to_the_first_proposed() -> None:
+    """Among many improving moves of the same value (here 30 swap-ins to examples worth 0,
+    after 5 worth 0.5), the round takes the first one proposed."""
+    values = [1.0] + [0.5] * 5 + [0.0] * 30
+    layout = np.array([[0]])
+    new, value, taken, _ = _round(
+        _SetValue(values), layout, 1.0, np.arange(36), 64, 1, 1, np.random.default_rng(0)
+    )
+    assert value == 0.0 and taken == 1
+    np.testing.assert_array_equal(new, [[6]])
+
+
+def test_batches_of_one_without_outsiders_get_every_proposal_as_a_position_swap() -> None:
+    """No out-of-set example (no swap-in) and batches of one: any two different cells lie in
+    different batches, so each of the `count` proposals is a position swap."""
+    layout = np.array([[0, 1, 2]])
+    neighbours, touched = _propose(layout, np.arange(3), 12, 1, np.random.default_rng(0))
+    assert len(neighbours) == 12
+    for n, t in zip(neighbours, touched, strict=True):
+        assert (n != layout).sum() == 2 and len(t) == 2
+
+
+def test_the_greedy_start_breaks_ties_by_pool_order() -> None:
+    """The greedy start takes the candidates of lowest leave-one-out effect (the objective with
+    them minus without them: here each one's own worth); among equally good ones (30 worth 0
+    after 5 worth 1), the first in pool order."""
+    from simfluence.counterfactual.search.starts import _greedy_layout
+
+    values = [1.0] * 5 + [0.0] * 30
+    layout = _greedy_layout(_SetValue(values), np.arange(35), 2, 1, np.random.default_rng(0))
+    assert sorted(layout[0].tolist()) == [5, 6]

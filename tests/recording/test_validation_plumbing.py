@@ -459,3 +459,87 @@ def test_the_optimized_block_reports_the_first_search_against_strictly_worse_ran
     predicted = [float(p[-1].mean()) for p in sims["additive"].simulate_many(recorded[:4], initial)]
     assert len(set(predicted)) == 4  # so reading another search's prediction would show
     assert block["predicted_mean_test_loss"] == predicted[0]
+
+
+def test_subsets_are_scored_on_their_mean_over_seeds(stubbed) -> None:  # type: ignore[no-untyped-def]
+    """``subsets``: `count` halves of the pool (from `seed`), each trained `subset_seeds`
+    times; the losses and the predictions are averaged over a subset's seeds before scoring.
+    The retraining's cost is its wall-clock seconds (within the call's) and trainings."""
+    import time
+
+    from simfluence.recording.subsets import mean_over_seeds, subset_curricula
+
+    runs, initial = stubbed.runs, stubbed.initial
+    started = time.perf_counter()
+    result = validate(
+        "TASK", runs, {"a": AdditiveSimulator(unseen="prior")}, ["subsets"], count=3, seed=SEED,
+        subset_seeds=2,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    curricula = subset_curricula(runs, 3, 2, SEED)
+    assert result["kinds"]["subsets"]["curricula"] == 6
+    true = mean_over_seeds([_true_losses(c, initial, stubbed.effects) for c in curricula], 2)
+    sim = AdditiveSimulator(unseen="prior").fit(runs).calibrate(runs)
+    pred = mean_over_seeds(sim.simulate_many(curricula, initial), 2)
+    expected = validation._score_kind(true, {"a": pred}, {"a": sim}, "subsets")["a"]
+    got = result["kinds"]["subsets"]["methods"]["a"]
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-12, err_msg=key)
+    retrain = result["timing"]["retrain"]
+    assert retrain["trainings"] == 6 and 0.0 <= retrain["seconds"] <= elapsed
+    one_seed = validate("TASK", runs, {"p": PersistenceSimulator()}, ["subsets"], count=2)
+    assert one_seed["kinds"]["subsets"]["curricula"] == 2  # one seed per subset by default
+
+
+def test_leave_one_out_kinds_get_the_device_and_backend(stubbed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The leave-one-out validation retrains on the `device` and `backend` asked for."""
+    seen: list[dict] = []
+
+    def loo(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs)
+        return {"loo": {"methods": {}, "truth_seconds": 0.5}}
+
+    monkeypatch.setattr(validation, "validate_loo", loo)
+    validate("TASK", stubbed.runs, _simulators(), ["loo"], device="cpu", backend="serial")
+    assert seen == [{"device": "cpu", "backend": "serial"}]
+
+
+def test_a_simulator_that_cannot_be_calibrated_is_still_scored(stubbed) -> None:  # type: ignore[no-untyped-def]
+    """One recorded run: calibration fails (it needs two), the method is scored without
+    intervals."""
+    one = stubbed.runs.subset(stubbed.runs.run_ids[:1])
+    sims = {"a": AdditiveSimulator(unseen="prior", l2=1.0)}
+    result = validate("TASK", one, sims, ["random"], count=2)
+    assert not sims["a"].is_calibrated
+    assert sorted(result["kinds"]["random"]["methods"]["a"]) == [
+        "all_steps_mse", "final_step_spearman", "lds",
+    ]  # fmt: skip
+
+
+def test_retraining_clips_gradients_as_recorded_and_keeps_the_workers_threads(
+    monkeypatch,
+) -> None:  # type: ignore[no-untyped-def]
+    """The recorded ``max_grad_norm`` goes to every retraining; a worker backend without a
+    thread count leaves the worker's torch threads as they are."""
+    threads: list[int] = []
+    norms: list[float | None] = []
+
+    def train(task, initial, pool, tests, curriculum, lr, seed, **options):  # type: ignore[no-untyped-def]
+        norms.append(options["max_grad_norm"])
+        return SimpleNamespace(losses=np.zeros((len(curriculum) + 1, 1)))
+
+    monkeypatch.setattr(validation, "worker_task_reference", lambda *a: {"ref": "tasks:Stub"})
+    monkeypatch.setattr(
+        validation,
+        "prepared_in_worker",
+        lambda *a: SimpleNamespace(task="T", pool="P", tests="T", initial="M"),
+    )
+    monkeypatch.setattr(validation, "train_on_curriculum", train)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    remote = _Remote()
+    remote.threads = None  # type: ignore[assignment]
+    config = {"seed": 5, "lr": 0.1, "max_grad_norm": 1.5}
+    curricula = {"random": [[["a"]], [["b"]]]}
+    validation._retrain("TASK", "P", "T", config, 7, curricula, "cpu", remote, lambda i, t: i)
+    assert norms == [1.5, 1.5] and threads == []

@@ -153,3 +153,35 @@ def test_fold_copies_are_kept_in_float32_and_rebuilt_as_simulators(
     else:
         assert sim.fold_B_slope_.dtype == np.float32
         assert hasattr(sim, "fold_A_slope_") == (drift == "both")
+
+
+def test_run_counts_weigh_batches_as_the_simulator_does() -> None:
+    """`run_counts` encodes recorded runs with the simulator's own batch weighting: under
+    "sum" every consumption counts 1, under "mean" ``b / |batch|`` (``b = 1.5`` here)."""
+    from simfluence.runlog.runs import Run, RunSet
+    from simfluence.simulators import AdditiveSimulator
+
+    runs = RunSet(
+        ["a", "b", "c"],
+        ["t"],
+        [
+            Run("r0", [["a", "b"], ["c"]], np.array([[1.0], [0.8], [0.7]])),
+            Run("r1", [["b"], ["a", "c"]], np.array([[1.0], [0.9], [0.6]])),
+        ],
+    )
+    for weighting, pair, single in (("sum", 1.0, 1.0), ("mean", 0.75, 1.5)):
+        sim = AdditiveSimulator(l2=1.0, batch_weighting=weighting).fit(runs)
+        counts = [c.toarray() for c in sim.run_counts(runs)]
+        np.testing.assert_allclose(counts[0], [[pair, pair, 0], [0, 0, single]])
+        np.testing.assert_allclose(counts[1][0], [0, single, 0])
+
+
+def test_encoding_names_the_run_with_an_unknown_training_id() -> None:
+    """A recorded run consuming an id outside the pool is named in the error."""
+    from simfluence.errors import CurriculumError
+    from simfluence.runlog.runs import Run, RunSet
+    from simfluence.simulators.encoding import encode_runs
+
+    runs = RunSet(["a"], ["t"], [Run("r7", [["a"], ["zz"]], np.array([[1.0], [0.9], [0.8]]))])
+    with pytest.raises(CurriculumError, match=r"^run 'r7': step 2: unknown training id 'zz'"):
+        encode_runs(runs, 1.0, "mean")

@@ -682,3 +682,23 @@ def test_report_draws_bands_and_marks_uncertain_attributions(tmp_path: Path) -> 
     recorded = data["runs"][0]["recorded"][0]
     assert len(band["lower"][0]) == len(recorded) and "band-select" in html
     assert html.count('class="uncertain"') == 1 and "coverage 90%" in html
+
+
+def test_scales_of_a_single_run_pool_a_hundred_steps_each_side() -> None:
+    """One run: about `MIN_POOLED` = 200 values need a window of 100 steps each side, which
+    only a rollout longer than 100 steps can show."""
+    rng = np.random.default_rng(4)
+    residuals = rng.normal(size=(1, 260, 2)) * np.linspace(0.1, 3.0, 260)[None, :, None]
+    np.testing.assert_allclose(scales(residuals), _scales_by_hand(residuals), rtol=1e-12)
+
+
+def test_a_test_example_without_any_finite_residual_gets_the_smallest_other_scale() -> None:
+    """Residuals all missing for a test example: its scale is the smallest positive scale of
+    the others (not whatever an unset entry held)."""
+    residuals = np.zeros((3, 5, 4))
+    residuals[:, 1:, 0] = 2.0
+    residuals[:, 1:, 1] = 0.5
+    residuals[:, 1:, 2] = np.nan
+    residuals[:, 1:, 3] = np.inf
+    for _ in range(3):
+        np.testing.assert_array_equal(per_test_scales(residuals), [2.0, 0.5, 0.5, 0.5])

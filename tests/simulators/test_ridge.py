@@ -492,3 +492,125 @@ def test_linear_fit_weighs_batches_as_asked(weighting: str) -> None:
     delta_A, delta_B = dense_solution(Design.from_runs(runs, 1.5, weighting), 0.3, 1 / 1.5)
     np.testing.assert_allclose(sim.A_, 1 / 1.5 + delta_A.T, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(sim.B_, delta_B.T, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_factored_design_solves_the_systems_of_its_product_with_its_rest(
+    weighted: bool,
+) -> None:
+    """A design given as ``counts = lag @ raw`` (a memory kernel's factors) with a neutral rest
+    mass per row: every product goes through the factors and is the dense ``X^T W X v + lam v``
+    of ``X = [diag(L_prev) N, N]``, ``N = lag @ raw``; the prior's residual counts the rest
+    (``L_next - prior_a (sum_i N_ti + rest_t) L_prev``); the solve is the dense one."""
+    from scipy import sparse
+
+    plain = Design.from_runs(tiny_runs(batch=2), 2, "mean")
+    n, P = plain.counts.shape
+    rng = np.random.default_rng(5)
+    lag = sparse.csr_matrix(np.eye(n) + np.diag(rng.uniform(0.2, 0.5, n - 1), -1))
+    raw = plain.counts
+    rest = rng.uniform(0.1, 0.3, n)
+    design = Design(
+        (lag @ raw).tocsr(), plain.prev, plain.next, plain.step, rest, (lag, raw.tocsr())
+    )
+    weights = loss_weights(plain.prev, 1.0) if weighted else None
+    lam, prior_a = 0.7, 0.5
+    problem = LinearRidgeProblem(design, prior_a, weights)
+    N = (lag @ raw).toarray()
+    w = np.ones_like(plain.prev) if weights is None else weights
+    vA, vB = rng.normal(size=(P, 3)), rng.normal(size=(P, 3))
+    qA, qB = problem.matvec(vA, vB, lam)
+    target = plain.next - prior_a * (N.sum(axis=1) + rest)[:, None] * plain.prev
+    delta = []
+    for j in range(3):
+        X = np.hstack([plain.prev[:, [j]] * N, N])
+        gram = X.T @ (w[:, [j]] * X) + lam * np.eye(2 * P)
+        q = gram @ np.concatenate([vA[:, j], vB[:, j]])
+        np.testing.assert_allclose(qA[:, j], q[:P], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(qB[:, j], q[P:], rtol=1e-12, atol=1e-12)
+        delta.append(np.linalg.solve(gram, X.T @ (w[:, j] * target[:, j])))
+    solution = problem.solve(lam, tol=1e-12)
+    np.testing.assert_allclose(solution.delta_A, np.column_stack(delta)[:P], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(solution.delta_B, np.column_stack(delta)[P:], rtol=1e-8, atol=1e-10)
+
+
+class _ScaledPrior:
+    """A prior for `LinearSimulator.fit_toward`: ``A = 0.4``, ``B = -0.01`` everywhere,
+    drifting by ``A' = 0``, ``B' = -0.02`` over training (``T0 = 3``); its teacher-forced
+    prediction is the static part's. Records the `final` flag of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+
+    def offset(self, design: Design, final: bool) -> Any:
+        from simfluence.simulators.linear import RidgeOffset
+
+        self.calls.append((design.counts.shape[0], final))
+        M, P = design.prev.shape[1], design.counts.shape[1]
+        A, B = np.full((M, P), 0.4), np.full((M, P), -0.01)
+        N = design.counts
+        prediction = design.prev * (N @ A.T) + N @ B.T
+        return RidgeOffset(prediction, A, B, (np.zeros((M, P)), np.full((M, P), -0.02)), 3.0)
+
+
+def test_a_fit_toward_a_prior_shrinks_toward_it_and_cross_validates_with_its_drift() -> None:
+    """`fit_toward`: the fit is the prior's offset plus the dense ridge departure from its
+    prediction; the cross-validation fits the prior on each fold's training runs (`final`
+    False; True once, for all the runs) and scores every fold's rollouts under the fold's
+    parameters with the prior's drift, floored at the (scalar) floor given."""
+    from simfluence.simulators.linear import run_folds
+
+    runs = tiny_runs(batch=2, n_runs=4)
+    grid = [3.0, 0.3]
+    floor = (0.0, 0.0)
+    prior = _ScaledPrior()
+    sim = LinearSimulator(l2_grid=grid, cv_folds=2, patience=5, tol=1e-12, cv_tol=1e-12)
+    offset = sim.fit_toward(runs, prior, 2.0, floor)
+    n_rows = 4 * 8
+    assert [final for _, final in prior.calls] == [False, False, True]
+    assert prior.calls[-1][0] == n_rows
+    design = Design.from_runs(runs, 2.0, "mean")
+    np.testing.assert_allclose(offset.prediction, prior.offset(design, True).prediction)
+    # the final fit: the dense solution of the departure from the prior's prediction
+    N = design.counts.toarray()
+    P = N.shape[1]
+    target = design.next - offset.prediction
+    lam = sim.l2_
+    for j in range(3):
+        X = np.hstack([design.prev[:, [j]] * N, N])
+        delta = np.linalg.solve(X.T @ X + lam * np.eye(2 * P), X.T @ target[:, j])
+        np.testing.assert_allclose(sim.A_[j], 0.4 + delta[:P], rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(sim.B_[j], -0.01 + delta[P:], rtol=1e-7, atol=1e-9)
+    # the cross-validation curve, fold by fold
+    expected = []
+    for lam in grid:
+        errors = []
+        for train, valid in run_folds(runs, 2):
+            fold = LinearSimulator(l2=lam, tol=1e-12)
+            slopes = fold.fit_toward(train, _ScaledPrior(), 2.0, floor).slopes
+            errors.append(rollout_mse(valid, fold.A_, fold.B_, 2.0, "mean", floor, slopes, 3.0))
+        expected.append([lam, float(np.mean(errors))])
+    np.testing.assert_allclose(sim.cv_mse_, expected, rtol=1e-6)
+
+
+def test_rollout_mse_lets_the_effects_drift_over_training() -> None:
+    """With slopes ``(A', B')`` and time scale ``T0``, step ``t`` uses ``A + tau_t A'`` and
+    ``B + tau_t B'``, ``tau_t = min((t - 1) / T0, 1)``: the MSE of that plain loop."""
+    runs = tiny_runs(batch=2, n_runs=2)
+    rng = np.random.default_rng(2)
+    A, B = rng.uniform(0.4, 0.6, (3, 6)), rng.normal(0, 0.05, (3, 6))
+    dA, dB = rng.normal(0, 0.05, (3, 6)), rng.normal(0, 0.05, (3, 6))
+    index = {t: i for i, t in enumerate(runs.train_ids)}
+    errors = []
+    for run in runs.runs:
+        L = run.losses[0].copy()
+        path = [L]
+        for t, batch in enumerate(run.curriculum):
+            tau = min(t / 3.0, 1.0)
+            cols = [index[i] for i in batch]
+            L = (A + tau * dA)[:, cols].sum(1) * L + (B + tau * dB)[:, cols].sum(1)
+            path.append(L)
+        errors.append(((np.array(path)[1:] - run.losses[1:]) ** 2).mean(axis=0))
+    got = rollout_mse(runs, A, B, 2.0, "sum", slopes=(dA, dB), time_scale=3.0)
+    assert got == pytest.approx(float(np.mean(errors)), rel=1e-12)
+    assert got != pytest.approx(rollout_mse(runs, A, B, 2.0, "sum"), rel=1e-6)

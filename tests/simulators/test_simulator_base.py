@@ -174,3 +174,97 @@ def test_saved_file_keeps_numpy_scalars_and_only_learned_attributes(
         loaded.simulate(run.curriculum, run.initial_loss),
         sim.simulate(run.curriculum, run.initial_loss),
     )
+
+
+def _sparse(runs: RunSet) -> RunSet:
+    """`runs` with steps 1 and 3 unscored for test example 1 and step 2 for all of them."""
+    out = []
+    for r in runs.runs:
+        observed = np.ones(r.losses.shape, dtype=bool)
+        observed[[1, 3], 1] = False
+        observed[2] = False
+        out.append(Run(r.run_id, r.curriculum, r.losses, r.seed, observed=observed))
+    return RunSet(runs.train_ids, runs.test_ids, out, runs.metadata)
+
+
+def test_a_sparse_fit_keeps_the_floor_and_envelope_of_the_observed_losses(
+    synthetic: RunSet,
+) -> None:
+    """Fitted on sparsely scored runs (imputed in between), the simulator is floored and
+    enveloped by the losses actually observed, not by imputed ones, and predicts."""
+    sparse = _sparse(synthetic)
+    assert not sparse.complete
+    sim = AdditiveSimulator(unseen="prior").fit(sparse)
+    np.testing.assert_array_equal(sim.floor_, loss_floor(sparse))
+    np.testing.assert_array_equal(sim.floor_width_, floor_width(sparse))
+    np.testing.assert_array_equal(sim.envelope_, recorded_envelope(sparse))
+    assert np.isinf(sim.envelope_[2]).all()  # no loss observed at step 2
+    run = sparse.runs[0]
+    assert np.isfinite(sim.simulate(run.curriculum, run.initial_loss)).all()
+
+
+def test_calibration_on_sparse_runs_bridges_their_gaps_with_the_model(synthetic: RunSet) -> None:
+    """Sparse runs are calibrated as the complete runs whose missing losses are bridged by the
+    model's own rollouts (`gaps.bridge`): the same residuals, all finite."""
+    from simfluence.simulators import gaps
+
+    sparse = _sparse(synthetic)
+    sim = AdditiveSimulator(unseen="prior").fit(synthetic)
+    rollouts = [sim.simulate(r.curriculum, r.initial_loss) for r in sparse.runs]
+    bridged = gaps.bridge(sparse, rollouts)
+    assert bridged.complete
+    expected = AdditiveSimulator(unseen="prior").fit(synthetic).calibrate(bridged)
+    sim.calibrate(sparse)
+    assert np.isfinite(sim.calibration_residuals_).all()
+    np.testing.assert_array_equal(sim.calibration_residuals_, expected.calibration_residuals_)
+    np.testing.assert_array_equal(sim.calibration_scale_, expected.calibration_scale_)
+
+
+def test_a_non_finite_lowest_loss_floors_at_zero_with_a_hard_clip() -> None:
+    """A test example whose lowest loss held in memory is -inf (a diverged run, never
+    validated) has no usable lowest value: floor 0 and width 0, as if its lowest were 0."""
+    runs = _runs([[2.0, 1.0], [-np.inf, 0.5]])
+    np.testing.assert_array_equal(loss_floor(runs), [0.0, 0.0])
+    np.testing.assert_array_equal(floor_width(runs), [0.0, FLOOR_BEND * 0.5])
+
+
+def test_calibration_copies_treat_an_id_their_folds_lack_as_no_effect() -> None:
+    """A simulator that refuses unseen ids is still calibrated when a fold's copy never saw an
+    id its held-out run consumes ("b", only in r1): the copies take it as "no effect", and the
+    simulator keeps its own setting."""
+    runs = RunSet(
+        ["a", "b"],
+        ["t0"],
+        [
+            Run("r0", [["a"], ["a"]], np.array([[1.0], [0.9], [0.8]])),
+            Run("r1", [["b"], ["a"]], np.array([[1.0], [0.7], [0.6]])),
+        ],
+    )
+    sim = AdditiveSimulator().fit(runs)
+    assert sim.unseen == "error"
+    sim.calibrate(runs, n_folds=2)
+    assert np.isfinite(sim.calibration_residuals_).all() and sim.unseen == "error"
+    assert sim._calibration_params()["unseen"] == "prior"
+
+
+def test_simulate_many_names_the_bad_curriculum_on_a_tiny_fit() -> None:
+    """The bad curriculum is named by its position; integer initial losses are taken as
+    float64 (a persistence rollout would otherwise stay integer)."""
+    sim = PersistenceSimulator().fit(_runs([[1.0, 2.0], [0.5, 1.5]]))
+    with pytest.raises(CurriculumError, match=r"^curriculum #1: step 1: empty batch"):
+        sim.simulate_many([[["a"]], [[]]], np.array([1.0, 2.0]))
+    rollout = sim.simulate_many([[["a"]]], np.array([[2, 1]]))[0]
+    assert rollout.dtype == np.float64
+    np.testing.assert_array_equal(rollout, [[2.0, 1.0], [2.0, 1.0]])
+
+
+def test_calibration_holds_out_five_folds_by_default_on_tiny_runs() -> None:
+    """Six runs of two steps: the default calibration is the 5-fold one, not the 6-fold one
+    (each fold's copy learns "a"'s effect from other runs)."""
+    tables = [[[1.0, 2.0], [1.0 - 0.1 * k, 1.9], [0.9 - 0.1 * k, 1.7]] for k in range(6)]
+    runs = _runs(*tables)
+    default = AdditiveSimulator(l2=1.0).fit(runs).calibrate(runs)
+    five = AdditiveSimulator(l2=1.0).fit(runs).calibrate(runs, n_folds=5)
+    six = AdditiveSimulator(l2=1.0).fit(runs).calibrate(runs, n_folds=6)
+    np.testing.assert_array_equal(default.calibration_residuals_, five.calibration_residuals_)
+    assert not np.array_equal(default.calibration_residuals_, six.calibration_residuals_)

@@ -655,3 +655,13 @@ def test_truth_and_persistence_parameters(tmp_path: Path) -> None:
     out = strict.simulate(runs.runs[0].curriculum, runs.runs[0].initial_loss)
     assert np.isfinite(out).all()
     assert PersistenceSimulator().fit(runs).n_runs_ == len(runs.runs)
+
+
+def test_truth_refuses_a_file_holding_pickled_objects(tmp_path: Path) -> None:
+    """The truth file is read without unpickling: object arrays in it are refused."""
+    from simfluence.simulators.truth import TruthSimulator
+
+    runs, truth = generate(SMALL)
+    np.savez(tmp_path / "t.npz", A=truth.A.astype(object), B=truth.B)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        TruthSimulator(str(tmp_path / "t.npz")).fit(runs)
