@@ -70,12 +70,11 @@ def _hybrid(**params: Any) -> HybridSimulator:
 
 # -- the memory kernel -----------------------------------------------------------------------------
 def test_one_kernel_is_fitted_without_a_kernel_table(runs: RunSet) -> None:
-    """A single kernel (a decay given) is fitted as such: ``memory_`` is it, no table of
-    kernels (``memory_cv_`` None), and the fit is the same as choosing among that one alone."""
-    sim = _hybrid(memory=0.8).fit(runs)
-    assert sim.memory_ == {"decay": 0.8, "lr_scale": False}
-    assert sim.memory_cv_ is None and sim.cv_mse_ is not None
-    again = _hybrid(memory="0.8,0.8").fit(runs)  # deduplicated: one kernel
+    """A single kernel (a decay given, or listed twice) is fitted as such: ``memory_`` is it,
+    and there is no table of kernels (``memory_cv_`` None)."""
+    sim = _hybrid(memory=0.8, l2=1.0).fit(runs)
+    assert sim.memory_ == {"decay": 0.8, "lr_scale": False} and sim.memory_cv_ is None
+    again = _hybrid(memory="0.8,0.8", l2=1.0).fit(runs)  # deduplicated: one kernel
     assert again.memory_cv_ is None
     np.testing.assert_array_equal(again.A_, sim.A_)
 
@@ -103,15 +102,31 @@ def test_the_kernel_with_the_least_cross_validation_error_wins(runs: RunSet) -> 
 def test_auto_tries_no_memory_0_8_and_the_recorded_decay(runs: RunSet) -> None:
     """``memory="auto"`` tries the identity, decay 0.8 and the recorded optimizer's decay
     (Adam's ``beta1`` 0.9 here), not the rest of `linear`'s list; without a recorded optimizer,
-    the identity and 0.8."""
-    sim = _hybrid(memory="auto").fit(runs)
-    assert sim.memory_cv_ is not None
-    assert [row[:2] for row in sim.memory_cv_] == [[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]]
-    best = min(sim.memory_cv_, key=lambda row: row[3])
-    assert sim.memory_ == {"decay": best[0], "lr_scale": False}
-    bare = momentum_runs(optimizer=None, n_runs=4)
-    decays = [row[0] for row in _hybrid(memory="auto").fit(bare).memory_cv_ or []]
+    the identity and 0.8. (A given ``l2``: the kernels are listed, not compared.)"""
+    sim = _hybrid(memory="auto", l2=1.0).fit(runs)
+    assert [row[:2] for row in sim.memory_cv_ or []] == [[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]]
+    bare = momentum_runs(optimizer=None, n_runs=3)
+    decays = [row[0] for row in _hybrid(memory="auto", l2=1.0).fit(bare).memory_cv_ or []]
     assert decays == [0.0, 0.8]
+
+
+def test_a_tie_keeps_the_earlier_kernel() -> None:
+    """Runs of one step each cannot tell momentum from none (the bias-corrected kernel is the
+    identity on a first step): both kernels reach the same CV error, and the earlier, simpler
+    kernel is kept."""
+    rng = np.random.default_rng(0)
+    ids = [f"x{i}" for i in range(6)]
+    one_step = [
+        Run(f"r{r}", [list(rng.choice(ids, 2, replace=False))], [[1.5, 1.2], [1.4, 1.0]])
+        for r in range(6)
+    ]
+    runs = RunSet(ids, ["t0", "t1"], one_step, {})
+    runs.features = ExampleFeatures(
+        rng.standard_normal((6, 2)), rng.standard_normal((2, 2)), {"source": "test"}
+    )
+    sim = _hybrid(memory="none,0.8").fit(runs)
+    assert sim.memory_cv_ is not None and sim.memory_cv_[0][3] == sim.memory_cv_[1][3]
+    assert sim.memory_ == {"decay": 0.0, "lr_scale": False}
 
 
 def test_without_cross_validation_errors_the_first_kernel_is_kept(runs: RunSet) -> None:
@@ -226,3 +241,16 @@ def test_the_pull_is_cross_validated_against_a_prior_refitted_on_each_fold(
             effects = (ref.A_, ref.B_, ref.A_slope_, ref.B_slope_)
             errors.append(sim._rollout_mse(held, effects))
         assert mse == pytest.approx(np.mean(errors), rel=1e-7), lam
+
+
+def test_the_walk_along_the_pull_grid_stops_after_patience_rises() -> None:
+    """The CV walk from strong to weak pulls stops once the error has risen `patience` times in
+    a row past its minimum: here it rises at ``l2 = 1e-3`` and again at ``1e-4``."""
+    runs = momentum_runs(decay=0.0, n_runs=6, seed=2)
+    grid = (1.0, 0.1, 0.01, 1e-3, 1e-4)
+    full = HybridSimulator(**PRIOR, l2_grid=grid, cv_folds=2, patience=5).fit(runs)
+    mses = [mse for _, mse in full.cv_mse_]
+    assert mses[3] > mses[2] and mses[4] > mses[2]  # the two rises
+    short = HybridSimulator(**PRIOR, l2_grid=grid, cv_folds=2, patience=1).fit(runs)
+    assert [mse for _, mse in short.cv_mse_] == mses[:4]
+    assert short.l2_ == full.l2_ == 0.01

@@ -168,3 +168,50 @@ def test_consumed_examples_and_the_component_grid(runs) -> None:  # type: ignore
     for grid in [(), (-1, 2)]:
         with pytest.raises(SimfluenceError, match="n_components must be >= 0"):
             FeaturizedSimulator(component_grid=grid, l2=1.0).fit(runs)
+
+
+def _scripted_errors(monkeypatch, row_errors: list[float], folds: int) -> None:  # type: ignore[no-untyped-def]
+    """Make every fold's held-out rollout error of the `k`-th (k, l2) row of the search
+    `row_errors[k]` (inf past the script): the selection rule, apart from the rollouts."""
+    calls = iter(range(10_000))
+
+    def scripted(self, runs, effects) -> float:  # type: ignore[no-untyped-def]
+        row = next(calls) // folds
+        return row_errors[row] if row < len(row_errors) else np.inf
+
+    monkeypatch.setattr(FeaturizedSimulator, "_rollout_mse", scripted)
+
+
+def test_the_search_counts_a_plateau_as_rises_and_keeps_the_least_error(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With `patience` 2 a walk stops after two steps that do not improve on its minimum (an
+    equal error is no improvement); the pair with the least error wins, wherever it is."""
+    grid = (100.0, 10.0, 1.0, 0.1, 0.01, 0.001)
+    _scripted_errors(monkeypatch, [3.0, 2.0, 2.0, 2.0] + [5.0, 1.0, 4.0, 6.0] + [7.0, 8.0, 9.0], 2)
+    sim = FeaturizedSimulator(
+        component_grid=(1, 2, 3), l2_grid=grid, time_varying=False, cv_folds=2, patience=2
+    ).fit(runs)
+    assert [row[:2] for row in sim.cv_mse_] == [
+        [1, 100.0], [1, 10.0], [1, 1.0], [1, 0.1],
+        [2, 100.0], [2, 10.0], [2, 1.0], [2, 0.1],
+        [3, 100.0], [3, 10.0], [3, 1.0],
+    ]  # fmt: skip
+    assert (sim.n_components_, sim.l2_) == (2, 10.0)
+
+
+def test_when_every_rollout_explodes_the_largest_k_and_strongest_l2_are_kept(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No finite CV error: each walk stops after `patience` errors (none is a minimum), and
+    the fit falls back to the most directions and the strongest ridge of the grids."""
+    _scripted_errors(monkeypatch, [], 2)
+    sim = FeaturizedSimulator(
+        component_grid=(1, 2, 3), l2_grid=(1.0, 10.0, 0.1), time_varying=False, cv_folds=2,
+        patience=2,
+    ).fit(runs)  # fmt: skip
+    assert [row[:2] for row in sim.cv_mse_] == [[k, lam] for k in (1, 2, 3) for lam in (10.0, 1.0)]
+    assert all(np.isinf(row[2]) for row in sim.cv_mse_)
+    assert (sim.n_components_, sim.l2_) == (3, 10.0)
+
+
+def test_a_zero_l2_is_refused_by_name(runs) -> None:  # type: ignore[no-untyped-def]
+    """``l2=0`` is refused as the given value it is (not as a grid of values)."""
+    with pytest.raises(SimfluenceError, match=r"^featurized: l2 must be positive, got 0\.0$"):
+        FeaturizedSimulator(n_components=2, l2=0.0, time_varying=False).fit(runs)
