@@ -43,7 +43,8 @@ def momentum_runs(
     runs = []
     for r in range(n_runs):
         curriculum = random_curriculum(ids, 6, 2, 2, rng)
-        counts = MemoryKernel(decay).apply(weight_batches(count_matrix(curriculum, index), 2, "mean"))
+        raw = weight_batches(count_matrix(curriculum, index), 2, "mean")
+        counts = MemoryKernel(decay).apply(raw)
         alpha, beta = np.asarray(counts @ A.T), np.asarray(counts @ B.T)
         losses = np.empty((len(curriculum) + 1, 2))
         losses[0] = start

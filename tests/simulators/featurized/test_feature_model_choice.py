@@ -186,7 +186,8 @@ def test_the_search_counts_a_plateau_as_rises_and_keeps_the_least_error(runs, mo
     """With `patience` 2 a walk stops after two steps that do not improve on its minimum (an
     equal error is no improvement); the pair with the least error wins, wherever it is."""
     grid = (100.0, 10.0, 1.0, 0.1, 0.01, 0.001)
-    _scripted_errors(monkeypatch, [3.0, 2.0, 2.0, 2.0] + [5.0, 1.0, 4.0, 6.0] + [7.0, 8.0, 9.0], 2)
+    rows = [3.0, 2.0, 2.0, 2.0, 5.0, 1.0, 4.0, 6.0, 7.0, 8.0, 9.0]  # k = 1 (4 rows), 2 (4), 3 (3)
+    _scripted_errors(monkeypatch, rows, 2)
     sim = FeaturizedSimulator(
         component_grid=(1, 2, 3), l2_grid=grid, time_varying=False, cv_folds=2, patience=2
     ).fit(runs)
@@ -198,7 +199,7 @@ def test_the_search_counts_a_plateau_as_rises_and_keeps_the_least_error(runs, mo
     assert (sim.n_components_, sim.l2_) == (2, 10.0)
 
 
-def test_when_every_rollout_explodes_the_largest_k_and_strongest_l2_are_kept(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_when_every_rollout_explodes_the_largest_k_and_strongest_l2_win(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """No finite CV error: each walk stops after `patience` errors (none is a minimum), and
     the fit falls back to the most directions and the strongest ridge of the grids."""
     _scripted_errors(monkeypatch, [], 2)
