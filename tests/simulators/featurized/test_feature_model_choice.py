@@ -102,6 +102,22 @@ def test_hybrid_keeps_its_parameters_and_documented_defaults() -> None:
     assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
 
 
+def test_featurized_keeps_its_parameters_and_documented_defaults(runs) -> None:  # type: ignore[no-untyped-def]
+    """Every parameter given is kept as given (a saved simulator is rebuilt from them), the
+    defaults are those documented, and the feature search's curve is reported under both of
+    its names (``cv_mse_``, ``feature_cv_mse_``)."""
+    given = dict(
+        n_components=2, component_grid=[1, 2], time_varying=False, l2=0.5, l2_grid=[2.0],
+        cv_folds=3, patience=4, unseen="prior", batch_weighting="sum",
+    )  # fmt: skip
+    assert FeaturizedSimulator(**given).get_params() == given
+    defaults = FeaturizedSimulator().get_params()
+    assert (defaults["cv_folds"], defaults["patience"]) == (4, 2)
+    assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
+    sim = FeaturizedSimulator(n_components=2, l2_grid=(10.0, 1.0), time_varying=False).fit(runs)
+    assert sim.cv_mse_ is not None and sim.feature_cv_mse_ == sim.cv_mse_
+
+
 def _one_step_sse(sim, runs) -> float:  # type: ignore[no-untyped-def]
     """Teacher-forced one-step squared error on `runs`: ``L_t`` against
     ``w_t sum_i n_ti (A_i L_{t-1} + B_i)`` (``w_t = b / |c_t|``), the model the fit minimizes."""
