@@ -754,3 +754,52 @@ def test_extend_projects_new_test_examples_with_the_test_features_own_basis() ->
     predicted = sim.test_features_[1] @ sim.test_map_
     np.testing.assert_allclose(grown.coef_B_[-1], predicted[J:], atol=1e-12)
     np.testing.assert_allclose(grown.B_[-1], predicted[J:] @ sim.features_.T, atol=1e-12)
+
+
+# -- the feature basis and the normal equations at their edges -----------------------------------
+def test_basis_drops_directions_below_its_numerical_threshold() -> None:
+    """A direction whose singular value is under 1e-10 of the largest is rounding noise, not a
+    feature: two columns equal up to 2e-11 give one direction, up to 1e-6 two."""
+    from simfluence.simulators.featurized import Basis
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    for eps, kept in ((2e-11, 1), (1e-6, 2)):
+        X = np.column_stack([x, x + eps * rng.normal(size=50)])
+        assert Basis.fit(X, 2).components.shape == (2, kept), eps
+
+
+def test_basis_treats_a_negligible_spread_as_constant() -> None:
+    """A feature whose spread is at most 1e-12 of the largest (here exactly) is not blown up
+    to unit variance: its scale is left at 1; a basis of no rows keeps no direction."""
+    from simfluence.simulators.featurized import Basis
+
+    basis = Basis.fit(np.array([[0.0, 0.0], [2.0, 2e-12]]), 2)
+    np.testing.assert_array_equal(basis.scale, [1.0, 1.0])
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        empty = Basis.fit(np.empty((0, 3)), 2)
+    assert empty.components.shape == (3, 0)
+
+
+def test_normal_equations_count_the_neutral_rest_of_a_scaled_kernel() -> None:
+    """Under an lr-scaled memory kernel each step's "no effect" prediction includes the neutral
+    rest: ``r = L_next - a (sum_i N_ti + rest_t) L_prev`` (dense, row by row)."""
+    from simfluence.simulators.featurized import NormalEquations
+
+    rng = np.random.default_rng(4)
+    n, P, M, J, a = 5, 3, 2, 2, 0.5
+    counts = sparse.csr_matrix(rng.uniform(0.0, 1.0, size=(n, P)))
+    prev, nxt = rng.uniform(0.5, 2.0, size=(n, M)), rng.uniform(0.5, 2.0, size=(n, M))
+    F, rest = rng.normal(size=(n, J)), rng.uniform(0.1, 1.0, size=n)
+    design = Design(counts, prev, nxt)
+    design.rest = rest
+    equations = NormalEquations.of(design, F, a)
+    mass = np.asarray(counts.sum(axis=1)).ravel() + rest
+    rhs = np.zeros((M, 2 * J))
+    for i in range(n):
+        for m in range(M):
+            rhs[m] += np.concatenate([prev[i, m] * F[i], F[i]]) * (
+                nxt[i, m] - a * mass[i] * prev[i, m]
+            )
+    np.testing.assert_allclose(equations.rhs, rhs, rtol=1e-12)
