@@ -803,3 +803,85 @@ def test_normal_equations_count_the_neutral_rest_of_a_scaled_kernel() -> None:
                 nxt[i, m] - a * mass[i] * prev[i, m]
             )
     np.testing.assert_allclose(equations.rhs, rhs, rtol=1e-12)
+
+
+def test_two_fold_calibration_keeps_the_fold_copies_and_extend_grows_them() -> None:
+    """Two folds are enough: the fold copies' coefficients are kept (so `new_test_scale_` is
+    measured), and `extend` grows every fold copy's effects and drifts with the new training
+    examples (``A'`` = the fold's drift coefficients on their projected features), and the
+    trust-region envelope with an unbounded column per new test example."""
+    runs, _ = featurized_runset(
+        pool=10, tests=3, runs=4, per_run=8, batch=2, drift=True, noise=0.01
+    )
+    sim = make_simulator("featurized", n_components=2, l2=1e-3, time_varying=True).fit(runs)
+    sim.calibrate(runs, 2)
+    assert sim.fold_coef_A_.shape == (2, 3, 6) and sim.new_test_scale_ is not None
+    x = np.random.default_rng(1).standard_normal((2, 3))
+    grown = sim.extend(["new0", "new1"], x, ["t-new"], np.zeros((1, 3)), [1.0])
+    phi = sim._train_basis()(x)
+    for name, coef in (("A", sim.fold_coef_A_), ("B", sim.fold_coef_B_)):
+        slopes = getattr(grown, f"fold_{name}_slope_")
+        assert slopes.shape == (2, 4, 12), name
+        for k in range(2):
+            np.testing.assert_allclose(slopes[k, :3, 10:], coef[k][:, 3:] @ phi.T, rtol=1e-5)
+    assert grown.envelope_.shape == (sim.envelope_.shape[0], 4)
+    np.testing.assert_array_equal(grown.envelope_[:, :3], sim.envelope_)
+    assert (grown.envelope_[:, 3] == -np.inf).all()
+
+
+def test_drifting_fit_is_the_dense_ridge_solution_with_the_rollouts_clock() -> None:
+    """A drifting fit on runs of unequal lengths: the coefficients are the dense ridge
+    solution of the teacher-forced steps with regressors ``[F_t, tau_t F_t]``, ``tau_t`` the
+    rollouts' clock (`step_times`, which stops at 1 past the median run length); the test map
+    weighs each coefficient's error by the variance of the feature it multiplies (1 for the
+    constant)."""
+    runs, truth = featurized_runset(
+        pool=10, tests=6, runs=4, per_run=8, batch=2, drift=True, noise=0.01
+    )
+    # test features that say something of the coefficients: the map then uses them
+    runs.features = ExampleFeatures(runs.features.train, truth["B"][:, :3])
+    for k in (0, 1):  # two short runs: the median length is 5.5 of the longest's 8 steps
+        runs.runs[k] = Run(f"short{k}", runs.runs[k].curriculum[:3], runs.runs[k].losses[:4])
+    lam = 0.1
+    sim = make_simulator("featurized", n_components=2, l2=lam, time_varying=True).fit(runs)
+    T0 = float(np.median([r.n_steps for r in runs.runs]))
+    assert sim.time_scale_ == T0 < max(r.n_steps for r in runs.runs)
+    design = Design.from_runs(runs, sim.batch_size_, "mean")
+    F = np.asarray(design.counts @ sim.features_)
+    tau = np.concatenate([step_times(r.n_steps, T0) for r in runs.runs])
+    G = np.hstack([F, tau[:, None] * F])
+    J = G.shape[1]
+    mass = np.asarray(design.counts.sum(axis=1)).ravel()
+    for j in range(6):
+        prev = design.prev[:, j]
+        X = np.hstack([prev[:, None] * G, G])
+        r = design.next[:, j] - mass / sim.batch_size_ * prev
+        coef = np.linalg.solve(X.T @ X + lam * np.eye(2 * J), X.T @ r)
+        np.testing.assert_allclose(sim.coef_A_[j], coef[:J], rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(sim.coef_B_[j], coef[J:], rtol=1e-6, atol=1e-10)
+    variance = np.concatenate([[1.0], sim.features_[:, 1:].var(axis=0)])
+    weights = np.tile(np.tile(variance, 2), 2)
+    coef = np.hstack([sim.coef_A_, sim.coef_B_])
+    W, strength, loo = fit_test_map(sim.test_features_, coef, weights)
+    assert (sim.test_map_l2_, sim.test_map_loo_) == (strength, loo) and loo < 1.0
+    np.testing.assert_array_equal(sim.test_map_, W)
+
+
+def test_feature_errors_name_the_simulator() -> None:
+    """A run set without features, or with features of the wrong shape, is refused in the
+    name of the simulator being fitted."""
+    runs, _ = featurized_runset(pool=10, tests=3, runs=2, per_run=4, batch=2)
+    features = runs.features
+    runs.features = None
+    with pytest.raises(FeatureMissingError, match=r"^featurized: the run set has no example"):
+        make_simulator("featurized", n_components=1, l2=1.0).fit(runs)
+    runs.features = ExampleFeatures(features.train[:9], features.test)
+    with pytest.raises(FeatureError, match=r"^hybrid: features: train features have shape"):
+        make_simulator("hybrid", n_components=1, feature_l2=1.0, l2=1.0).fit(runs)
+
+
+def test_calibration_uses_five_folds_by_default() -> None:
+    """`calibrate` without `n_folds` fits five fold copies (given at least five runs)."""
+    runs, _ = featurized_runset(pool=10, tests=2, runs=6, per_run=4, batch=2, noise=0.01)
+    sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
+    assert sim.calibrate(runs).fold_coef_A_.shape[0] == 5
