@@ -232,3 +232,35 @@ def test_a_zero_l2_is_refused_by_name(runs) -> None:  # type: ignore[no-untyped-
     """``l2=0`` is refused as the given value it is (not as a grid of values)."""
     with pytest.raises(SimfluenceError, match=r"^featurized: l2 must be positive, got 0\.0$"):
         FeaturizedSimulator(n_components=2, l2=0.0, time_varying=False).fit(runs)
+
+
+def test_the_chosen_pair_is_the_model_fitted_with_it_given(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A search that picks fewer directions than its largest candidate keeps exactly that many
+    (on both sides: training and test features) and gives the model fitted with the pair
+    given: calibration's fold copies rely on it."""
+    _scripted_errors(monkeypatch, [2.0, 1.0, 3.0, 4.0, 5.0, 6.0], 2)
+    sim = FeaturizedSimulator(
+        component_grid=(1, 3), l2_grid=(10.0, 1.0, 0.1), time_varying=False, cv_folds=2
+    ).fit(runs)
+    monkeypatch.undo()
+    assert (sim.n_components_, sim.l2_) == (1, 1.0)
+    assert sim.features_.shape[1] == sim.test_features_.shape[1] == 2
+    given = FeaturizedSimulator(n_components=1, l2=1.0, time_varying=False).fit(runs)
+    np.testing.assert_allclose(sim.A_, given.A_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sim.test_map_, given.test_map_, rtol=1e-10, atol=1e-12)
+
+
+def test_the_drifting_cross_validation_curve_equals_refitting_on_each_fold(runs) -> None:  # type: ignore[no-untyped-def]
+    """With drift the regressors of ``k`` directions are ``[F_k, tau F_k]``, a sub-block of the
+    largest ``k``'s: the curve still equals refitting every pair on every fold."""
+    sim = FeaturizedSimulator(
+        component_grid=(1, 2), l2_grid=(1.0, 0.01), time_varying=True, cv_folds=2, patience=5
+    ).fit(runs)
+    for k, lam, mse in sim.cv_mse_:
+        errors = []
+        for train, held in run_folds(runs, 2):
+            refit = FeaturizedSimulator(n_components=k, l2=lam, time_varying=True).fit(train)
+            errors.append(
+                sim._rollout_mse(held, (refit.A_, refit.B_, refit.A_slope_, refit.B_slope_))
+            )
+        assert mse == pytest.approx(np.mean(errors), rel=1e-9), (k, lam)
