@@ -885,3 +885,18 @@ def test_calibration_uses_five_folds_by_default() -> None:
     runs, _ = featurized_runset(pool=10, tests=2, runs=6, per_run=4, batch=2, noise=0.01)
     sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
     assert sim.calibrate(runs).fold_coef_A_.shape[0] == 5
+
+
+def test_a_new_test_examples_bend_counts_no_room_as_no_bend() -> None:
+    """Worked by hand, on an uncalibrated simulator: the bend ratio of new test examples is the
+    median over recorded ones of width / room, a recorded example with no room above its floor
+    (a loss that never fell below its start) counting 0."""
+    runs, _ = featurized_runset(pool=10, tests=4, runs=2, per_run=4, batch=2)
+    sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
+    sim.floor_ = np.array([-1.0, 0.0, 0.0, -0.5])
+    sim.initial_loss_ = np.array([-1.0, 0.0, 0.5, 0.3])  # rooms 0, 0, 0.5, 0.8
+    sim.floor_width_ = np.array([0.0, 0.0, 0.02, 0.04])  # ratios 0, 0, 0.04, 0.05
+    grown = sim.extend(
+        test_ids=["a"], test_features=runs.features.test[:1], test_initial_loss=[2.0]
+    )
+    np.testing.assert_allclose(grown.floor_width_[4], (0.0 + 0.04) / 2 * 2.0)
