@@ -73,11 +73,24 @@ def _hybrid(**params: Any) -> HybridSimulator:
 def test_one_kernel_is_fitted_without_a_kernel_table(runs: RunSet) -> None:
     """A single kernel (a decay given, or listed twice) is fitted as such: ``memory_`` is it,
     and there is no table of kernels (``memory_cv_`` None)."""
-    sim = _hybrid(memory=0.8, l2=1.0).fit(runs)
-    assert sim.memory_ == {"decay": 0.8, "lr_scale": False} and sim.memory_cv_ is None
-    again = _hybrid(memory="0.8,0.8", l2=1.0).fit(runs)  # deduplicated: one kernel
+    sim = _hybrid(memory=0.5, l2=1.0).fit(runs)
+    assert sim.memory_ == {"decay": 0.5, "lr_scale": False} and sim.memory_cv_ is None
+    again = _hybrid(memory="0.5,0.5", l2=1.0).fit(runs)  # deduplicated: one kernel
     assert again.memory_cv_ is None
     np.testing.assert_array_equal(again.A_, sim.A_)
+
+
+def test_the_featurized_prior_is_chosen_by_cross_validation_first(runs: RunSet) -> None:
+    """The prior's ridge strength, or its number of directions (no more than the features
+    have: two here), is the one with the least CV error of the feature-model search."""
+    sim = _hybrid(l2=1.0).fit(runs)
+    curve = sim.feature_cv_mse_ or []
+    assert [row[:2] for row in curve] == [[1, 10.0], [1, 0.1]]
+    assert sim.feature_l2_ == min(curve, key=lambda row: row[2])[1]
+    sim = _hybrid(l2=1.0, n_components=None, component_grid=(1, 5), feature_l2=1.0).fit(runs)
+    curve = sim.feature_cv_mse_ or []
+    assert [row[:2] for row in curve] == [[1, 1.0], [2, 1.0]]
+    assert sim.n_components_ == min(curve, key=lambda row: row[2])[0]
 
 
 def test_the_kernel_with_the_least_cross_validation_error_wins(runs: RunSet) -> None:
@@ -122,7 +135,7 @@ def test_a_tie_keeps_the_earlier_kernel() -> None:
     runs.features = ExampleFeatures(
         rng.standard_normal((6, 2)), rng.standard_normal((2, 2)), {"source": "test"}
     )
-    sim = _hybrid(memory="none,0.8").fit(runs)
+    sim = _hybrid(memory="none,0.8", feature_l2=1.0, l2_grid=(10.0, 1.0)).fit(runs)
     assert sim.memory_cv_ is not None and sim.memory_cv_[0][3] == sim.memory_cv_[1][3]
     assert sim.memory_ == {"decay": 0.0, "lr_scale": False}
 

@@ -827,6 +827,30 @@ def test_two_fold_calibration_keeps_the_fold_copies_and_extend_grows_them() -> N
     assert grown.envelope_.shape == (sim.envelope_.shape[0], 4)
     np.testing.assert_array_equal(grown.envelope_[:, :3], sim.envelope_)
     assert (grown.envelope_[:, 3] == -np.inf).all()
+    # new_test_scale_ by its rule, through the public rollouts: each fold's held-out runs
+    # simulated with every test example's coefficients predicted by the fold copy's map from
+    # the other test examples (a map using two directions; a floor that binds from step 1)
+    from simfluence.simulators.featurized import leave_one_out_coefficients, ridge_map
+    from simfluence.simulators.intervals import residual_table, run_folds, scales
+
+    sim = copy.copy(sim)
+    weights, J = sim._test_map_weights(), sim.coef_A_.shape[1]
+    sim.test_map_ = ridge_map(
+        sim.test_features_, np.hstack([sim.coef_A_, sim.coef_B_]), weights, 2, 1.0
+    )
+    sim.test_map_l2_ = 1.0
+    sim.floor_ = np.median(np.concatenate([r.losses[1:2] for r in runs.runs]), axis=0)
+    true, simulated = [], []
+    for k, (_, held) in enumerate(run_folds(runs, 2)):
+        fold = np.hstack([sim.fold_coef_A_[k], sim.fold_coef_B_[k]])
+        coef = leave_one_out_coefficients(sim.test_features_, fold, weights, 2, 1.0)
+        as_new = copy.copy(sim)
+        as_new._set_effects(sim._effects(coef[:, :J], coef[:, J:], sim.features_))
+        for run in held.runs:
+            simulated.append(as_new.simulate(run.curriculum, run.initial_loss))
+            true.append(run.losses)
+    expected = np.median(scales(residual_table(true, simulated)), axis=1)
+    np.testing.assert_allclose(sim._new_test_scale(runs, 2), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_drifting_fit_is_the_dense_ridge_solution_with_the_rollouts_clock() -> None:
