@@ -97,8 +97,8 @@ def test_the_kernel_with_the_least_cross_validation_error_wins(runs: RunSet) -> 
     """Each candidate kernel is a whole hybrid fit: its row of ``memory_cv_`` is ``[decay,
     lr_scale, l2, mse]`` of the hybrid fitted with that kernel alone (its chosen ``l2`` and
     least CV error), and the kernel with the least error is kept, with that fit's state."""
-    sim = _hybrid(memory="none,0.8").fit(runs)
-    alone = [_hybrid(memory=m).fit(runs) for m in ("none", 0.8)]
+    sim = _hybrid(memory="none,0.8", feature_l2=1.0).fit(runs)
+    alone = [_hybrid(memory=m, feature_l2=1.0).fit(runs) for m in ("none", 0.8)]
     expected = [
         [decay, 0.0, fit.l2_, min(mse for _, mse in fit.cv_mse_)]
         for decay, fit in zip((0.0, 0.8), alone, strict=True)
@@ -111,14 +111,6 @@ def test_the_kernel_with_the_least_cross_validation_error_wins(runs: RunSet) -> 
     np.testing.assert_array_equal(sim.A_, winner.A_)
     np.testing.assert_array_equal(sim.B_, winner.B_)
     np.testing.assert_array_equal(sim.coef_A_, winner.coef_A_)
-
-
-def test_auto_tries_no_memory_0_8_and_the_recorded_decay(runs: RunSet) -> None:
-    """``memory="auto"`` tries the identity, decay 0.8 and the recorded optimizer's decay
-    (Adam's ``beta1`` 0.9 here), not the rest of `linear`'s list. (A given ``l2``: the
-    kernels are listed, not compared.)"""
-    sim = _hybrid(memory="auto", l2=1.0, feature_l2=1.0).fit(runs)
-    assert [row[:2] for row in sim.memory_cv_ or []] == [[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]]
 
 
 def test_a_tie_keeps_the_earlier_kernel() -> None:
@@ -151,11 +143,16 @@ def test_without_cross_validation_errors_the_first_kernel_is_kept(runs: RunSet) 
     np.testing.assert_array_equal(sim.B_, alone.B_)
 
 
-def test_choosing_the_kernel_needs_two_runs(runs: RunSet) -> None:
-    """Two training runs suffice to choose the kernel (two folds); one is refused."""
+def test_auto_tries_no_memory_0_8_and_the_recorded_decay_on_two_runs_or_more(
+    runs: RunSet,
+) -> None:
+    """``memory="auto"`` tries the identity, decay 0.8 and the recorded optimizer's decay
+    (Adam's ``beta1`` 0.9 here), not the rest of `linear`'s list (a given ``l2``: the kernels
+    are listed, not compared); two training runs suffice to choose (two folds), one is
+    refused."""
     two = runs.subset(runs.run_ids[:2])
-    sim = _hybrid(memory="none,0.8", l2=1.0).fit(two)
-    assert sim.memory_cv_ is not None and len(sim.memory_cv_) == 2
+    sim = _hybrid(memory="auto", l2=1.0, feature_l2=1.0).fit(two)
+    assert [row[:2] for row in sim.memory_cv_ or []] == [[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]]
     with pytest.raises(SimfluenceError, match="at least 2 training runs"):
         _hybrid(memory="none,0.8", l2=1.0).fit(runs.subset(runs.run_ids[:1]))
 
