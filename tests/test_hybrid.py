@@ -93,6 +93,15 @@ def test_the_featurized_prior_is_chosen_by_cross_validation_first(runs: RunSet) 
     assert sim.n_components_ == min(curve, key=lambda row: row[2])[0]
 
 
+def test_the_generating_kernel_wins(runs: RunSet) -> None:
+    """On runs driven by momentum 0.8 the CV of the pull prefers that kernel to none: its row
+    of ``memory_cv_`` has the lower (finite) error and it is the kernel kept."""
+    sim = _hybrid(memory="none,0.8", feature_l2=1.0, l2_grid=(1.0, 0.1)).fit(runs)
+    (_, _, _, none), (_, _, _, momentum) = sim.memory_cv_ or [[0] * 4] * 2
+    assert np.isfinite(momentum) and momentum < none
+    assert sim.memory_ == {"decay": 0.8, "lr_scale": False}
+
+
 def test_the_kernel_with_the_least_cross_validation_error_wins(runs: RunSet) -> None:
     """Each candidate kernel is a whole hybrid fit: its row of ``memory_cv_`` is ``[decay,
     lr_scale, l2, mse]`` of the hybrid fitted with that kernel alone (its chosen ``l2`` and
