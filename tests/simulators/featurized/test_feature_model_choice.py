@@ -97,6 +97,8 @@ def test_hybrid_keeps_its_parameters_and_documented_defaults() -> None:
     )  # fmt: skip
     assert HybridSimulator(**given).get_params() == given
     defaults = HybridSimulator().get_params()
+    assert (defaults["l2"], defaults["n_components"], defaults["feature_l2"]) == (None,) * 3
+    assert defaults["time_varying"] is True and defaults["memory"] == "none"
     assert (defaults["cv_folds"], defaults["patience"]) == (4, 2)
     assert (defaults["tol"], defaults["cv_tol"], defaults["max_iter"]) == (1e-8, 1e-4, 1000)
     assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
