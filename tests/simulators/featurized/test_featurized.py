@@ -924,3 +924,19 @@ def test_a_new_test_examples_bend_counts_no_room_as_no_bend() -> None:
         test_ids=["a"], test_features=runs.features.test[:1], test_initial_loss=[2.0]
     )
     np.testing.assert_allclose(grown.floor_width_[4], (0.0 + 0.04) / 2 * 2.0)
+
+
+def test_test_features_of_their_own_kind_get_their_own_basis_and_extend_uses_it() -> None:
+    """Uncalibrated, test features of another dimension: the test side gets its own basis
+    (truncated to the chosen directions), and `extend` projects new test examples with it and
+    adds new training examples as seen (and not consumed), with no fold copies to grow."""
+    runs, _ = featurized_runset(pool=10, tests=3, runs=2, per_run=4, batch=2)
+    rng = np.random.default_rng(2)
+    runs.features = ExampleFeatures(runs.features.train, rng.standard_normal((3, 5)))
+    sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
+    assert sim.test_basis_mean_.shape == (5,) and sim.test_basis_components_.shape == (5, 1)
+    y = rng.standard_normal((1, 5))
+    grown = sim.extend(["new"], np.zeros((1, 3)), ["t-new"], y, [1.0])
+    np.testing.assert_allclose(grown.test_features_[-1], sim._test_basis()(y)[0])
+    assert grown.seen_.dtype == bool and grown.seen_.all() and len(grown.seen_) == 11
+    assert not grown.consumed_[-1] and not hasattr(grown, "fold_A_")

@@ -272,3 +272,16 @@ def test_the_walk_along_the_pull_grid_stops_after_patience_rises() -> None:
     short = HybridSimulator(**PRIOR, l2_grid=grid, cv_folds=2, patience=1).fit(runs)
     assert [mse for _, mse in short.cv_mse_] == mses[:4]
     assert short.l2_ == full.l2_ == 0.01
+
+
+def test_a_drifting_prior_keeps_its_drift(runs: RunSet) -> None:
+    """The featurized prior's drift over training is kept as is: with an overwhelming pull the
+    hybrid's effects and drifts are the featurized simulator's."""
+    from simfluence.simulators.featurized import FeaturizedSimulator
+
+    sim = _hybrid(l2=1e12, feature_l2=1.0, time_varying=True).fit(runs)
+    prior = FeaturizedSimulator(n_components=1, l2=1.0, time_varying=True).fit(runs)
+    assert sim.A_slope_ is not None and sim.B_slope_ is not None
+    np.testing.assert_allclose(sim.A_slope_, prior.A_slope_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sim.B_slope_, prior.B_slope_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sim.A_, prior.A_, rtol=1e-6, atol=1e-9)
