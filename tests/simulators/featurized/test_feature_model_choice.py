@@ -97,9 +97,27 @@ def test_hybrid_keeps_its_parameters_and_documented_defaults() -> None:
     )  # fmt: skip
     assert HybridSimulator(**given).get_params() == given
     defaults = HybridSimulator().get_params()
+    assert (defaults["l2"], defaults["n_components"], defaults["feature_l2"]) == (None,) * 3
+    assert defaults["time_varying"] is True and defaults["memory"] == "none"
     assert (defaults["cv_folds"], defaults["patience"]) == (4, 2)
     assert (defaults["tol"], defaults["cv_tol"], defaults["max_iter"]) == (1e-8, 1e-4, 1000)
     assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
+
+
+def test_featurized_keeps_its_parameters_and_documented_defaults(runs) -> None:  # type: ignore[no-untyped-def]
+    """Every parameter given is kept as given (a saved simulator is rebuilt from them), the
+    defaults are those documented, and the feature search's curve is reported under both of
+    its names (``cv_mse_``, ``feature_cv_mse_``)."""
+    given = dict(
+        n_components=2, component_grid=[1, 2], time_varying=False, l2=0.5, l2_grid=[2.0],
+        cv_folds=3, patience=4, unseen="prior", batch_weighting="sum",
+    )  # fmt: skip
+    assert FeaturizedSimulator(**given).get_params() == given
+    defaults = FeaturizedSimulator().get_params()
+    assert (defaults["cv_folds"], defaults["patience"]) == (4, 2)
+    assert (defaults["unseen"], defaults["batch_weighting"]) == ("error", "mean")
+    sim = FeaturizedSimulator(n_components=2, l2_grid=(10.0, 1.0), time_varying=False).fit(runs)
+    assert sim.cv_mse_ is not None and sim.feature_cv_mse_ == sim.cv_mse_
 
 
 def _one_step_sse(sim, runs) -> float:  # type: ignore[no-untyped-def]
@@ -168,3 +186,83 @@ def test_consumed_examples_and_the_component_grid(runs) -> None:  # type: ignore
     for grid in [(), (-1, 2)]:
         with pytest.raises(SimfluenceError, match="n_components must be >= 0"):
             FeaturizedSimulator(component_grid=grid, l2=1.0).fit(runs)
+
+
+def _scripted_errors(monkeypatch, row_errors: list[float], folds: int) -> None:  # type: ignore[no-untyped-def]
+    """Make every fold's held-out rollout error of the `k`-th (k, l2) row of the search
+    `row_errors[k]` (inf past the script): the selection rule, apart from the rollouts."""
+    calls = iter(range(10_000))
+
+    def scripted(self, runs, effects) -> float:  # type: ignore[no-untyped-def]
+        row = next(calls) // folds
+        return row_errors[row] if row < len(row_errors) else np.inf
+
+    monkeypatch.setattr(FeaturizedSimulator, "_rollout_mse", scripted)
+
+
+def test_the_search_counts_a_plateau_as_rises_and_keeps_the_least_error(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With `patience` 2 a walk stops after two steps that do not improve on its minimum (an
+    equal error is no improvement); the pair with the least error wins, wherever it is."""
+    grid = (100.0, 10.0, 1.0, 0.1, 0.01, 0.001)
+    rows = [3.0, 2.0, 2.0, 2.0, 5.0, 1.0, 4.0, 6.0, 7.0, 8.0, 9.0]  # k = 1 (4 rows), 2 (4), 3 (3)
+    _scripted_errors(monkeypatch, rows, 2)
+    sim = FeaturizedSimulator(
+        component_grid=(1, 2, 3), l2_grid=grid, time_varying=False, cv_folds=2, patience=2
+    ).fit(runs)
+    assert [row[:2] for row in sim.cv_mse_] == [
+        [1, 100.0], [1, 10.0], [1, 1.0], [1, 0.1],
+        [2, 100.0], [2, 10.0], [2, 1.0], [2, 0.1],
+        [3, 100.0], [3, 10.0], [3, 1.0],
+    ]  # fmt: skip
+    assert (sim.n_components_, sim.l2_) == (2, 10.0)
+
+
+def test_when_every_rollout_explodes_the_largest_k_and_strongest_l2_win(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No finite CV error: each walk stops after `patience` errors (none is a minimum), and
+    the fit falls back to the most directions and the strongest ridge of the grids."""
+    _scripted_errors(monkeypatch, [], 2)
+    sim = FeaturizedSimulator(
+        component_grid=(1, 2, 3), l2_grid=(1.0, 10.0, 0.1), time_varying=False, cv_folds=2,
+        patience=2,
+    ).fit(runs)  # fmt: skip
+    assert [row[:2] for row in sim.cv_mse_] == [[k, lam] for k in (1, 2, 3) for lam in (10.0, 1.0)]
+    assert all(np.isinf(row[2]) for row in sim.cv_mse_)
+    assert (sim.n_components_, sim.l2_) == (3, 10.0)
+
+
+def test_a_zero_l2_is_refused_by_name(runs) -> None:  # type: ignore[no-untyped-def]
+    """``l2=0`` is refused as the given value it is (not as a grid of values)."""
+    with pytest.raises(SimfluenceError, match=r"^featurized: l2 must be positive, got 0\.0$"):
+        FeaturizedSimulator(n_components=2, l2=0.0, time_varying=False).fit(runs)
+
+
+def test_the_chosen_pair_is_the_model_fitted_with_it_given(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A search that picks fewer directions than its largest candidate keeps exactly that many
+    (on both sides: training and test features) and gives the model fitted with the pair
+    given: calibration's fold copies rely on it."""
+    _scripted_errors(monkeypatch, [2.0, 1.0, 3.0, 4.0, 5.0, 6.0], 2)
+    sim = FeaturizedSimulator(
+        component_grid=(1, 3), l2_grid=(10.0, 1.0, 0.1), time_varying=False, cv_folds=2
+    ).fit(runs)
+    monkeypatch.undo()
+    assert (sim.n_components_, sim.l2_) == (1, 1.0)
+    assert sim.features_.shape[1] == sim.test_features_.shape[1] == 2
+    given = FeaturizedSimulator(n_components=1, l2=1.0, time_varying=False).fit(runs)
+    np.testing.assert_allclose(sim.A_, given.A_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sim.test_map_, given.test_map_, rtol=1e-10, atol=1e-12)
+
+
+def test_the_drifting_cross_validation_curve_equals_refitting_on_each_fold(runs) -> None:  # type: ignore[no-untyped-def]
+    """With drift the regressors of ``k`` directions are ``[F_k, tau F_k]``, a sub-block of the
+    largest ``k``'s: the curve still equals refitting every pair on every fold."""
+    sim = FeaturizedSimulator(
+        component_grid=(1, 2), l2_grid=(1.0, 0.01), time_varying=True, cv_folds=2, patience=5
+    ).fit(runs)
+    for k, lam, mse in sim.cv_mse_:
+        errors = []
+        for train, held in run_folds(runs, 2):
+            refit = FeaturizedSimulator(n_components=k, l2=lam, time_varying=True).fit(train)
+            errors.append(
+                sim._rollout_mse(held, (refit.A_, refit.B_, refit.A_slope_, refit.B_slope_))
+            )
+        assert mse == pytest.approx(np.mean(errors), rel=1e-9), (k, lam)

@@ -754,3 +754,189 @@ def test_extend_projects_new_test_examples_with_the_test_features_own_basis() ->
     predicted = sim.test_features_[1] @ sim.test_map_
     np.testing.assert_allclose(grown.coef_B_[-1], predicted[J:], atol=1e-12)
     np.testing.assert_allclose(grown.B_[-1], predicted[J:] @ sim.features_.T, atol=1e-12)
+
+
+# -- the feature basis and the normal equations at their edges -----------------------------------
+def test_basis_drops_directions_below_its_numerical_threshold() -> None:
+    """A direction whose singular value is under 1e-10 of the largest is rounding noise, not a
+    feature: two columns equal up to 2e-11 give one direction, up to 1e-6 two."""
+    from simfluence.simulators.featurized import Basis
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    for eps, kept in ((2e-11, 1), (1e-6, 2)):
+        X = np.column_stack([x, x + eps * rng.normal(size=50)])
+        assert Basis.fit(X, 2).components.shape == (2, kept), eps
+
+
+def test_basis_treats_a_negligible_spread_as_constant() -> None:
+    """A feature whose spread is at most 1e-12 of the largest (here exactly) is not blown up
+    to unit variance: its scale is left at 1; a basis of no rows keeps no direction."""
+    from simfluence.simulators.featurized import Basis
+
+    basis = Basis.fit(np.array([[0.0, 0.0], [2.0, 2e-12]]), 2)
+    np.testing.assert_array_equal(basis.scale, [1.0, 1.0])
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        empty = Basis.fit(np.empty((0, 3)), 2)
+    assert empty.components.shape == (3, 0)
+
+
+def test_normal_equations_count_the_neutral_rest_of_a_scaled_kernel() -> None:
+    """Under an lr-scaled memory kernel each step's "no effect" prediction includes the neutral
+    rest: ``r = L_next - a (sum_i N_ti + rest_t) L_prev`` (dense, row by row)."""
+    from simfluence.simulators.featurized import NormalEquations
+
+    rng = np.random.default_rng(4)
+    n, P, M, J, a = 5, 3, 2, 2, 0.5
+    counts = sparse.csr_matrix(rng.uniform(0.0, 1.0, size=(n, P)))
+    prev, nxt = rng.uniform(0.5, 2.0, size=(n, M)), rng.uniform(0.5, 2.0, size=(n, M))
+    F, rest = rng.normal(size=(n, J)), rng.uniform(0.1, 1.0, size=n)
+    design = Design(counts, prev, nxt)
+    design.rest = rest
+    equations = NormalEquations.of(design, F, a)
+    mass = np.asarray(counts.sum(axis=1)).ravel() + rest
+    rhs = np.zeros((M, 2 * J))
+    for i in range(n):
+        for m in range(M):
+            rhs[m] += np.concatenate([prev[i, m] * F[i], F[i]]) * (
+                nxt[i, m] - a * mass[i] * prev[i, m]
+            )
+    np.testing.assert_allclose(equations.rhs, rhs, rtol=1e-12)
+
+
+def test_two_fold_calibration_keeps_the_fold_copies_and_extend_grows_them() -> None:
+    """Two folds are enough: the fold copies' coefficients are kept (so `new_test_scale_` is
+    measured), and `extend` grows every fold copy's effects and drifts with the new training
+    examples (``A'`` = the fold's drift coefficients on their projected features), and the
+    trust-region envelope with an unbounded column per new test example."""
+    runs, _ = featurized_runset(
+        pool=10, tests=3, runs=4, per_run=8, batch=2, drift=True, noise=0.01
+    )
+    sim = make_simulator("featurized", n_components=2, l2=1e-3, time_varying=True).fit(runs)
+    sim.calibrate(runs, 2)
+    assert sim.fold_coef_A_.shape == (2, 3, 6) and sim.new_test_scale_ is not None
+    x = np.random.default_rng(1).standard_normal((2, 3))
+    grown = sim.extend(["new0", "new1"], x, ["t-new"], np.zeros((1, 3)), [1.0])
+    phi = sim._train_basis()(x)
+    for name, coef in (("A", sim.fold_coef_A_), ("B", sim.fold_coef_B_)):
+        slopes = getattr(grown, f"fold_{name}_slope_")
+        assert slopes.shape == (2, 4, 12), name
+        for k in range(2):
+            np.testing.assert_allclose(slopes[k, :3, 10:], coef[k][:, 3:] @ phi.T, rtol=1e-5)
+    assert grown.envelope_.shape == (sim.envelope_.shape[0], 4)
+    np.testing.assert_array_equal(grown.envelope_[:, :3], sim.envelope_)
+    assert (grown.envelope_[:, 3] == -np.inf).all()
+    # new_test_scale_ by its rule, through the public rollouts: each fold's held-out runs
+    # simulated with every test example's coefficients predicted by the fold copy's map from
+    # the other test examples (a map using two directions; a floor that binds from step 1)
+    from simfluence.simulators.featurized import leave_one_out_coefficients, ridge_map
+    from simfluence.simulators.intervals import residual_table, run_folds, scales
+
+    sim = copy.copy(sim)
+    weights, J = sim._test_map_weights(), sim.coef_A_.shape[1]
+    sim.test_map_ = ridge_map(
+        sim.test_features_, np.hstack([sim.coef_A_, sim.coef_B_]), weights, 2, 1.0
+    )
+    sim.test_map_l2_ = 1.0
+    sim.floor_ = np.median(np.concatenate([r.losses[1:2] for r in runs.runs]), axis=0)
+    true, simulated = [], []
+    for k, (_, held) in enumerate(run_folds(runs, 2)):
+        fold = np.hstack([sim.fold_coef_A_[k], sim.fold_coef_B_[k]])
+        coef = leave_one_out_coefficients(sim.test_features_, fold, weights, 2, 1.0)
+        as_new = copy.copy(sim)
+        as_new._set_effects(sim._effects(coef[:, :J], coef[:, J:], sim.features_))
+        for run in held.runs:
+            simulated.append(as_new.simulate(run.curriculum, run.initial_loss))
+            true.append(run.losses)
+    expected = np.median(scales(residual_table(true, simulated)), axis=1)
+    np.testing.assert_allclose(sim._new_test_scale(runs, 2), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_drifting_fit_is_the_dense_ridge_solution_with_the_rollouts_clock() -> None:
+    """A drifting fit on runs of unequal lengths: the coefficients are the dense ridge
+    solution of the teacher-forced steps with regressors ``[F_t, tau_t F_t]``, ``tau_t`` the
+    rollouts' clock (`step_times`, which stops at 1 past the median run length); the test map
+    weighs each coefficient's error by the variance of the feature it multiplies (1 for the
+    constant)."""
+    runs, truth = featurized_runset(
+        pool=10, tests=6, runs=4, per_run=8, batch=2, drift=True, noise=0.01
+    )
+    # test features that say something of the coefficients: the map then uses them
+    runs.features = ExampleFeatures(runs.features.train, truth["B"][:, :3])
+    for k in (0, 1):  # two short runs: the median length is 5.5 of the longest's 8 steps
+        runs.runs[k] = Run(f"short{k}", runs.runs[k].curriculum[:3], runs.runs[k].losses[:4])
+    lam = 0.1
+    sim = make_simulator("featurized", n_components=2, l2=lam, time_varying=True).fit(runs)
+    T0 = float(np.median([r.n_steps for r in runs.runs]))
+    assert sim.time_scale_ == T0 < max(r.n_steps for r in runs.runs)
+    design = Design.from_runs(runs, sim.batch_size_, "mean")
+    F = np.asarray(design.counts @ sim.features_)
+    tau = np.concatenate([step_times(r.n_steps, T0) for r in runs.runs])
+    G = np.hstack([F, tau[:, None] * F])
+    J = G.shape[1]
+    mass = np.asarray(design.counts.sum(axis=1)).ravel()
+    for j in range(6):
+        prev = design.prev[:, j]
+        X = np.hstack([prev[:, None] * G, G])
+        r = design.next[:, j] - mass / sim.batch_size_ * prev
+        coef = np.linalg.solve(X.T @ X + lam * np.eye(2 * J), X.T @ r)
+        np.testing.assert_allclose(sim.coef_A_[j], coef[:J], rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(sim.coef_B_[j], coef[J:], rtol=1e-6, atol=1e-10)
+    variance = np.concatenate([[1.0], sim.features_[:, 1:].var(axis=0)])
+    weights = np.tile(np.tile(variance, 2), 2)
+    coef = np.hstack([sim.coef_A_, sim.coef_B_])
+    W, strength, loo = fit_test_map(sim.test_features_, coef, weights)
+    assert (sim.test_map_l2_, sim.test_map_loo_) == (strength, loo) and loo < 1.0
+    np.testing.assert_array_equal(sim.test_map_, W)
+
+
+def test_feature_errors_name_the_simulator() -> None:
+    """A run set without features, or with features of the wrong shape, is refused in the
+    name of the simulator being fitted."""
+    runs, _ = featurized_runset(pool=10, tests=3, runs=2, per_run=4, batch=2)
+    features = runs.features
+    runs.features = None
+    with pytest.raises(FeatureMissingError, match=r"^featurized: the run set has no example"):
+        make_simulator("featurized", n_components=1, l2=1.0).fit(runs)
+    runs.features = ExampleFeatures(features.train[:9], features.test)
+    with pytest.raises(FeatureError, match=r"^hybrid: features: train features have shape"):
+        make_simulator("hybrid", n_components=1, feature_l2=1.0, l2=1.0).fit(runs)
+
+
+def test_calibration_uses_five_folds_by_default() -> None:
+    """`calibrate` without `n_folds` fits five fold copies (given at least five runs)."""
+    runs, _ = featurized_runset(pool=10, tests=2, runs=6, per_run=4, batch=2, noise=0.01)
+    sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
+    assert sim.calibrate(runs).fold_coef_A_.shape[0] == 5
+
+
+def test_a_new_test_examples_bend_counts_no_room_as_no_bend() -> None:
+    """Worked by hand, on an uncalibrated simulator: the bend ratio of new test examples is the
+    median over recorded ones of width / room, a recorded example with no room above its floor
+    (a loss that never fell below its start) counting 0."""
+    runs, _ = featurized_runset(pool=10, tests=4, runs=2, per_run=4, batch=2)
+    sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
+    sim.floor_ = np.array([-1.0, 0.0, 0.0, -0.5])
+    sim.initial_loss_ = np.array([-1.0, 0.0, 0.5, 0.3])  # rooms 0, 0, 0.5, 0.8
+    sim.floor_width_ = np.array([0.0, 0.0, 0.02, 0.04])  # ratios 0, 0, 0.04, 0.05
+    grown = sim.extend(
+        test_ids=["a"], test_features=runs.features.test[:1], test_initial_loss=[2.0]
+    )
+    np.testing.assert_allclose(grown.floor_width_[4], (0.0 + 0.04) / 2 * 2.0)
+
+
+def test_test_features_of_their_own_kind_get_their_own_basis_and_extend_uses_it() -> None:
+    """Uncalibrated, test features of another dimension: the test side gets its own basis
+    (truncated to the chosen directions), and `extend` projects new test examples with it and
+    adds new training examples as seen (and not consumed), with no fold copies to grow."""
+    runs, _ = featurized_runset(pool=10, tests=3, runs=2, per_run=4, batch=2)
+    rng = np.random.default_rng(2)
+    runs.features = ExampleFeatures(runs.features.train, rng.standard_normal((3, 5)))
+    sim = make_simulator("featurized", n_components=1, l2=1.0, time_varying=False).fit(runs)
+    assert sim.test_basis_mean_.shape == (5,) and sim.test_basis_components_.shape == (5, 1)
+    y = rng.standard_normal((1, 5))
+    grown = sim.extend(["new"], np.zeros((1, 3)), ["t-new"], y, [1.0])
+    np.testing.assert_allclose(grown.test_features_[-1], sim._test_basis()(y)[0])
+    assert grown.seen_.dtype == bool and grown.seen_.all() and len(grown.seen_) == 11
+    assert not grown.consumed_[-1] and not hasattr(grown, "fold_A_")

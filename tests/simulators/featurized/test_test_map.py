@@ -110,6 +110,31 @@ def test_leave_one_out_coefficients_refit_without_each_test_example() -> None:
         np.testing.assert_allclose(out[j], expected, rtol=1e-12)
 
 
+def test_small_coefficients_and_a_single_direction() -> None:
+    """The relative leave-one-out error is the brute-force ratio at any scale (here, effects
+    of a thousandth, where the mean's error is far below 1), and one feature direction is
+    enough to be used when it predicts the coefficients."""
+    psi, noise, weights = _problem(m=6, k=4, seed=4)
+    psi = psi[:, :2]  # the ones and one feature direction
+    coef = 1e-3 * (np.outer(psi[:, 1], [2.0, -1.0]) + 0.1 * noise)
+    grid = (1e-2, 1.0)
+    W, gamma, relative = fit_test_map(psi, coef, weights, grid, (1,))
+    baseline = _loo_error(psi, coef, weights, 0, np.inf)
+    best = min(_loo_error(psi, coef, weights, 1, g) for g in grid)
+    assert baseline < 1e-4 and map_directions(W) == 1 and np.isfinite(gamma)
+    assert relative == pytest.approx(best / baseline, rel=1e-9) and relative < 0.1
+
+
+def test_an_infinite_ridge_strength_gives_the_mean_coefficients() -> None:
+    """``gamma = inf`` (infinitely strong shrinkage) is the limit of a huge one: every test
+    example gets the average coefficients, however many directions are asked for."""
+    psi, coef, weights = _problem(m=6, k=4, seed=5)
+    W = ridge_map(psi, coef, weights, 3, np.inf)
+    np.testing.assert_array_equal(W[0], coef.mean(axis=0))
+    assert not W[1:].any()
+    np.testing.assert_allclose(ridge_map(psi, coef, weights, 3, 1e14), W, atol=1e-12)
+
+
 # -- the feature basis ------------------------------------------------------------------------
 def test_basis_standardizes_then_keeps_the_principal_directions() -> None:
     """``phi = [1, (x - mean) / std @ W]``: projected columns centred and uncorrelated, the

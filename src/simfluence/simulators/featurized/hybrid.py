@@ -155,13 +155,13 @@ class HybridSimulator(MemoryInputs, _ExtendableEffects):
 
     def _ridge(self) -> LinearSimulator:
         """The ridge regression toward the prior: Simfluence-Linear with this simulator's
-        ridge parameters (and its name, in the messages of its checks)."""
+        ridge parameters (and its name, in the messages of its checks). It only fits: it never
+        encodes a curriculum, so it has no use for the hybrid's ``unseen`` policy."""
         ridge = LinearSimulator(
             l2=self.l2,
             l2_grid=self.l2_grid,
             cv_folds=self.cv_folds,
             patience=self.patience,
-            unseen=self.unseen,
             batch_weighting=self.batch_weighting,
             tol=self.tol,
             cv_tol=self.cv_tol,
