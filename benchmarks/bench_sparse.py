@@ -38,8 +38,7 @@ from simfluence.recording.protocol import RecordingProtocol, steps_per_run
 from simfluence.recording.record import _prepared_examples
 from simfluence.recording.workloads import get_workload
 from simfluence.runlog import Run, RunSet, load_runset
-from simfluence.simulators.baselines import MeanTrajectorySimulator
-from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.registry import make_simulator
 
 VARIANTS: dict[str, Scoring | None] = {
     "full": None,
@@ -94,7 +93,12 @@ def main() -> None:
     parser.add_argument("--timing-runs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--methods", default="linear,additive,mean")
+    parser.add_argument(
+        "--methods",
+        default="linear,additive,mean",
+        help="simulators by name (featurized and hybrid need the reference's features: "
+        "`simfluence features DIR` first)",
+    )
     parser.add_argument(
         "--reference",
         type=Path,
@@ -155,9 +159,7 @@ def main() -> None:
     per_run = {name: statistics.median(values) for name, values in timings.items()}
 
     # accuracy on the same fully scored held-out runs
-    methods = {"linear": LinearSimulator, "additive": AdditiveSimulator,
-               "mean": MeanTrajectorySimulator}  # fmt: skip
-    methods = {m: methods[m] for m in args.methods.split(",")}
+    methods = args.methods.split(",")
     held_ids = sorted(runs.run_ids)[-n_held:]
     variants = {}
     steps = runs.runs[0].n_steps
@@ -167,9 +169,9 @@ def main() -> None:
         train, held = sparse.split(held_ids)
         assert held.complete
         scores = {}
-        for method, cls in methods.items():
+        for method in methods:
             t0 = time.perf_counter()
-            sim = cls().fit(train)
+            sim = make_simulator(method).fit(train)
             fit_seconds = time.perf_counter() - t0
             rounds = getattr(sim, "gap_rounds_", None)
             initial_losses = np.stack([r.initial_loss for r in held.runs])
