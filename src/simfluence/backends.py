@@ -32,6 +32,7 @@ import atexit
 import importlib.util
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -188,6 +189,8 @@ class ProcessBackend:
     #: pools replaced after a worker died (all calls)
     restarts: int = field(default=0, init=False)
     _pool: ProcessPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _warming: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.threads < 1:
@@ -201,22 +204,36 @@ class ProcessBackend:
         """Start the worker processes now, in the background (a no-op when they run), so that
         they import while this process prepares. `preload`: modules the fork server imports
         for them (default: what this process has loaded of `PRELOAD`; `PRELOAD` itself when
-        the work will need torch but this process has not imported it yet)."""
-        if self._pool is None:
-            pool = self._executor(preload)
-            for _ in range(self.workers):
-                pool.submit(int)
+        the work will need torch but this process has not imported it yet).
+
+        Returns at once: starting the pool blocks for seconds (the resource tracker and the
+        fork server start, and a worker is handed out only once the fork server has imported
+        `preload`), so a thread does it while this process goes on. The first unit waits for
+        the workers it needs, as it would have anyway."""
+        if self._pool is None and self._warming is None:
+
+            def warm() -> None:
+                try:
+                    pool = self._executor(preload)
+                    for _ in range(self.workers):
+                        pool.submit(int)
+                except Exception:  # the first unit meets the error again and reports it
+                    pass
+
+            self._warming = threading.Thread(target=warm, name="simfluence-warm", daemon=True)
+            self._warming.start()
 
     def _executor(self, preload: Sequence[str] | None = None) -> ProcessPoolExecutor:
-        if self._pool is None:
-            context = _context(self.threads, preload)
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=context,
-                initializer=_start_worker,
-                initargs=(self.threads, context.Value("i", 0), dict(os.environ)),
-            )
-        return self._pool
+        with self._pool_lock:  # `start`'s thread and the first unit may both get here
+            if self._pool is None:
+                context = _context(self.threads, preload)
+                self._pool = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=context,
+                    initializer=_start_worker,
+                    initargs=(self.threads, context.Value("i", 0), dict(os.environ)),
+                )
+            return self._pool
 
     def map_unordered(self, work: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[int, R]]:
         todo = list(range(len(items)))
@@ -264,6 +281,9 @@ class ProcessBackend:
         failed.sort()
 
     def close(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -553,3 +553,27 @@ def test_ray_records_validates_and_fits_like_serial(tmp_path: Path, local_ray, s
     there = LinearSimulator(test_shards=3, backend="ray").fit(synthetic)
     assert here.l2_ == there.l2_ and np.array_equal(here.A_, there.A_)
     assert np.array_equal(here.B_, there.B_)
+
+
+@pytest.mark.workers
+def test_warm_start_returns_at_once_and_the_workers_then_serve() -> None:
+    """`ProcessBackend.start` hands the pool's seconds-long start (resource tracker, fork
+    server importing torch, workers) to a thread, so a command prepares its task meanwhile
+    (`record --workers 2` on 1 digits-mlp run: 7.7 s -> 6.1 s); the first units then run on
+    those workers, and `close` waits for the start before shutting the pool down."""
+
+    from simfluence.backends import ProcessBackend
+
+    backend = ProcessBackend(2)
+    began = time.perf_counter()
+    backend.start()
+    assert time.perf_counter() - began < 0.5
+    try:
+        assert sorted(backend.map_unordered(abs, [-3, -1, -2])) == [(0, 3), (1, 1), (2, 2)]
+    finally:
+        backend.close()
+    assert backend._pool is None and backend._warming is None
+    closed_while_starting = ProcessBackend(1)
+    closed_while_starting.start()
+    closed_while_starting.close()  # joins the starting thread, then shuts the pool down
+    assert closed_while_starting._pool is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 from simfluence.backends import PRELOAD
 from simfluence.cli._args import (
@@ -158,15 +159,26 @@ def parse_checkpoints(text: str | None) -> list[int] | None:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
+    from simfluence.backends import close_backend
+
+    # warm workers start first (in the background): their fork server imports torch while
+    # this process imports it too and prepares the task
+    backend = backend_from_args(args)
+    if hasattr(backend, "start"):
+        backend.start(preload=PRELOAD)
+    try:
+        _record_with(args, backend)
+    finally:  # shut the workers down here, not in the interpreter's exit handlers
+        close_backend(backend)
+
+
+def _record_with(args: argparse.Namespace, backend: Any) -> None:
     from simfluence.recording.directory import recorded_metadata
     from simfluence.recording.protocol import ProtocolError
     from simfluence.recording.record import record_runs
     from simfluence.recording.tasks import resolve_task, task_from_metadata, task_label
     from simfluence.trust import remember_trusted
 
-    backend = backend_from_args(args)
-    if hasattr(backend, "start"):  # warm workers import torch while this process prepares
-        backend.start(preload=PRELOAD)
     steps = parse_checkpoints(args.checkpoints)
     kwargs = load_json_object(args.task_kwargs, "--task-kwargs")
     meta = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -118,13 +119,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from simfluence.backends import PRELOAD
-    from simfluence.recording.tasks import task_for_runset
-    from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
+    from simfluence.backends import PRELOAD, close_backend
 
     backend = backend_from_args(args)
     if hasattr(backend, "start"):  # warm workers import torch while this process fits
         backend.start(preload=PRELOAD)
+    try:
+        _validate_with(args, backend)
+    finally:  # shut the workers down here, not in the interpreter's exit handlers
+        close_backend(backend)
+
+
+def _validate_with(args: argparse.Namespace, backend: Any) -> None:
+    from simfluence.recording.tasks import task_for_runset
+    from simfluence.recording.validation import SEARCH_EVALUATIONS, validate
+
     # --workers/--ray train the curricula here: the linear fits stay serial
     simulators = build_simulators(args, args.methods, backend=None)
     runs = load_runset(args.directory)
