@@ -512,6 +512,8 @@ def scaling() -> tuple[list[str], list[str]]:
         "every session one share of the CPU whatever its processes, and parallel variants then",
         "show no wall-clock speed-up.",
         "",
+        f"Warm workers: {load('backends-digits-mlp-warm.json').get('note', '')}",
+        "",
     ]
     name = "sharded-fit-synthetic-10000x2000.json"
     d = load(name)
