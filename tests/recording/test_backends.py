@@ -561,7 +561,6 @@ def test_warm_start_returns_at_once_and_the_workers_then_serve() -> None:
     server importing torch, workers) to a thread, so a command prepares its task meanwhile
     (`record --workers 2` on 1 digits-mlp run: 7.7 s -> 6.1 s); the first units then run on
     those workers, and `close` waits for the start before shutting the pool down."""
-
     from simfluence.backends import ProcessBackend
 
     backend = ProcessBackend(2)

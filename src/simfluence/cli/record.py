@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from simfluence.backends import PRELOAD
+from simfluence.backends import PRELOAD, close_backend
 from simfluence.cli._args import (
     TASK_HELP,
     add_execution_options,
@@ -159,8 +159,6 @@ def parse_checkpoints(text: str | None) -> list[int] | None:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
-    from simfluence.backends import close_backend
-
     # warm workers start first (in the background): their fork server imports torch while
     # this process imports it too and prepares the task
     backend = backend_from_args(args)
