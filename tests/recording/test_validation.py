@@ -370,3 +370,26 @@ def test_optimized_intervals_say_whether_each_actual_loss_fell_inside() -> None:
     assert outside["actual_in_interval_per_search"] == [False]
     uncalibrated = _optimized_intervals([(0.3, None), (0.2, (0.1, 0.3))], [0.3, 0.2])
     assert uncalibrated == {"predicted_mean_test_loss_in_trust_region": 0.3}
+
+
+def test_subsets_are_retrained_and_scored_on_their_final_losses(setting: dict) -> None:
+    """``subsets`` retrains score the test examples at the last step only: the kind's
+    all-steps MSE is the final-step MSE, and the LDS is that of the final losses."""
+    from simfluence.recording.subsets import subset_curricula
+
+    runs, root = setting["runs"], setting["root"]
+    result = validate(
+        LinearLossTask(), runs, {"scaled": TruthSimulator(str(root / "scaled.npz"))},
+        kinds=["subsets"], count=3, seed=SEED,
+    )  # fmt: skip
+    curricula = subset_curricula(runs, 3, 1, SEED)
+    true = np.stack([setting["actual"](c)[-1] for c in curricula])
+    pred = np.stack([setting["predicted"]("scaled", c)[-1] for c in curricula])
+    scores = result["kinds"]["subsets"]["methods"]["scaled"]
+    assert scores["all_steps_mse"] == pytest.approx(np.mean((pred - true) ** 2), rel=1e-9)
+    whole = [setting["actual"](c) for c in curricula]
+    assert scores["all_steps_mse"] != pytest.approx(
+        _reference_scores(whole, [setting["predicted"]("scaled", c) for c in curricula])[
+            "all_steps_mse"
+        ]
+    )

@@ -220,7 +220,11 @@ def test_retraining_follows_the_recorded_protocol_and_keeps_the_order(monkeypatc
         "optimizer": {"name": "adamw"},
         "schedule": {"name": "cosine", "warmup": 1},
     }
-    curricula = {"random": [[["a"]], [["b"], ["c"]]], "repeat": [[["a"], ["a"], ["b"]]]}
+    curricula = {
+        "random": [[["a"]], [["b"], ["c"]]],
+        "repeat": [[["a"], ["a"], ["b"]]],
+        "subsets": [[["c"], ["a"]]],
+    }
     totals: list[int] = []
 
     def wrap(items, total):  # type: ignore[no-untyped-def]
@@ -230,9 +234,13 @@ def test_retraining_follows_the_recorded_protocol_and_keeps_the_order(monkeypatc
     out = validation._retrain(
         task, "POOL", "TESTS", config, 100, curricula, "cpu", _Reversed(), wrap
     )
-    assert made == [5] and totals == [3]
-    assert [c["seed"] for c in calls] == [100, 101, 100]  # seed + k within each kind
-    assert [c["run_id"] for c in calls] == ["repeat-0", "random-1", "random-0"]
+    assert made == [5] and totals == [4]
+    assert [c["seed"] for c in calls] == [100, 100, 101, 100]  # seed + k within each kind
+    assert [c["run_id"] for c in calls] == ["subsets-0", "repeat-0", "random-1", "random-0"]
+    # subsets are scored on their final losses only; every other kind after every step
+    assert [c["scoring"] for c in calls] == [validation.FINAL_ONLY, None, None, None]
+    assert validation.FINAL_ONLY.columns(1, 3).size == 0
+    assert validation.FINAL_ONLY.columns(0, 3) is None
     for c in calls:
         assert (c["pool"], c["tests"], c["lr"], c["device"]) == ("POOL", "TESTS", 0.25, "cpu")
         assert c["optimizer"] == {"name": "adamw"}

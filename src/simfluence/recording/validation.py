@@ -16,7 +16,8 @@ and every simulator (fitted on *all* recorded runs) predicts them from the recor
   time unless asked: the same call gives the same curricula; their *actual* mean final test
   loss is compared with the random curricula's.
 
-The retraining is the expensive part; each curriculum is an independent work unit
+The retraining is the expensive part. ``subsets`` retrains score only the final losses (its
+LDS needs nothing else). Each curriculum is an independent work unit
 (`RetrainWork`), so a backend (`simfluence.backends`: local processes, Ray) trains several at
 once, with the same losses as one after another (the seed of curriculum ``k`` of a kind is
 ``seed + k`` whatever the backend).
@@ -51,6 +52,7 @@ from simfluence.recording.devices import resolve_device
 from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
 from simfluence.recording.loop import torch_threads, train_on_curriculum
 from simfluence.recording.optim import Schedule
+from simfluence.recording.recorder import Scoring
 from simfluence.recording.subsets import mean_over_seeds, subset_curricula
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
@@ -63,6 +65,12 @@ from simfluence.simulators.base import Simulator
 CURRICULUM_KINDS = ("random", "leave-out", "reorder", "repeat", "optimized")
 #: ``subsets``: dattri's LDS protocol (random 50% subsets of the pool; `recording.subsets`)
 KINDS = (*CURRICULUM_KINDS, "subsets", *LOO_KINDS)
+#: kinds scored on final losses only (LDS over subsets): their retrains score the test examples
+#: at step 0 and the last step, not after every step (scoring is most of a large model's
+#: training cost); their all-steps MSE is then over that last step
+FINAL_ONLY_KINDS = ("subsets",)
+#: `Scoring` of those retrains: every ``10**9`` steps is never, step 0 and the last in full
+FINAL_ONLY = Scoring(every=10**9)
 #: share of the base curriculum's distinct examples left out or repeated per variant
 EDIT_FRACTION = 0.1
 #: rollouts per ``optimized`` search (about what 5 s of search did on digits-mlp, 2-core VM)
@@ -220,6 +228,7 @@ class RetrainWork:
             schedule=Schedule.from_config(self.config.get("schedule")),
             device=self.device,
             max_grad_norm=self.config.get("max_grad_norm"),
+            scoring=FINAL_ONLY if kind in FINAL_ONLY_KINDS else None,
         )
         return run.losses
 
