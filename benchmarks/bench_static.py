@@ -6,7 +6,9 @@ the same retrains: one table per workload (docs/static-methods.md).
 Per workload: records 16 runs (the task's protocol), then `validate` with every method on
 ``random``, ``leave-out``, ``reorder``, ``repeat`` (10 curricula each), ``subsets`` (20
 random halves of the pool, 1 seed: dattri's LDS protocol) and the leave-one-out kinds (last
-recorded run held out, 50 single removals, 10 group removals). Writes
+recorded run held out, 50 single removals, 10 group removals). TracIn-CP's checkpoints: 4
+evenly spaced steps of the task's protocol. ``--backend process:2`` retrains on two worker
+processes (same results). Writes
 ``benchmarks/results/static-WORKLOAD.json`` and prints the table.
 """
 
@@ -29,14 +31,18 @@ STATIC = ["trak", "logra", "if-ekfac"]
 STATIC_RUNS = 4  # final checkpoints per static method (TRAK-4)
 
 
-def bench(workload: str, curricula: int, subsets: int, runs_n: int) -> dict:
-    from simfluence.recording.protocol import RecordingProtocol
+def bench(
+    workload: str, curricula: int, subsets: int, runs_n: int, backend: str | None = None
+) -> dict:
+    from simfluence.recording.protocol import RecordingProtocol, checkpoint_steps, steps_per_run
     from simfluence.recording.record import record_runs
     from simfluence.recording.validation import validate
     from simfluence.recording.workloads import get_workload
     from simfluence.simulators.registry import make_simulator
 
     task = get_workload(workload)
+    d = task.defaults
+    checkpoints = checkpoint_steps(steps_per_run(d.per_run, d.batch, d.epochs))
 
     def methods() -> dict:
         out = {}
@@ -52,12 +58,18 @@ def bench(workload: str, curricula: int, subsets: int, runs_n: int) -> dict:
         runs = record_runs(
             task,
             Path(tmp) / "runs",
-            RecordingProtocol(runs=runs_n, checkpoints=[0, 32, 64, 96]),
+            RecordingProtocol(runs=runs_n, checkpoints=checkpoints),
             progress=False,
+            backend=backend,
         )
         record_seconds = time.perf_counter() - started
-        main = validate(task, runs, methods(), CURRICULUM, curricula, subsets=subsets)
-        loo = validate(task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=50, groups=10)
+        main = validate(
+            task, runs, methods(), CURRICULUM, curricula, subsets=subsets, backend=backend
+        )
+        loo = validate(
+            task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=50, groups=10,
+            backend=backend,
+        )  # fmt: skip
     retrain = main["timing"]["retrain"]
     per_training = retrain["seconds"] / retrain["trainings"]
     cost = {
@@ -88,6 +100,8 @@ def bench(workload: str, curricula: int, subsets: int, runs_n: int) -> dict:
         "static_runs": STATIC_RUNS,
         "seconds_per_training": per_training,
         "record_seconds": record_seconds,
+        "checkpoints": checkpoints,
+        "backend": backend or "serial",
         "methods": table,
         "validate": {k: v for k, v in main.items() if k != "timing"},
         "loo": {k: v for k, v in loo.items() if k != "timing"},
@@ -122,11 +136,14 @@ def main() -> None:
     p.add_argument("--curricula", type=int, default=10)
     p.add_argument("--subsets", type=int, default=20)
     p.add_argument("--runs", type=int, default=16)
+    p.add_argument(
+        "--backend", default=None, help="retrain on this backend (process:2, ray; default serial)"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     for workload in args.workloads.split(","):
-        result = bench(workload, args.curricula, args.subsets, args.runs)
+        result = bench(workload, args.curricula, args.subsets, args.runs, args.backend)
         path = Path(args.out) / f"static-{workload}.json"
         path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         print(f"## {workload}\n\n{format_table(result)}\n\nwrote {path}", flush=True)

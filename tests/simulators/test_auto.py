@@ -41,14 +41,19 @@ def test_defaults_and_parameters_are_kept() -> None:
         "memory": "auto",
         "unseen": "error",
         "cv_tests": None,
+        "stack": True,
     }
-    auto = AutoSimulator(("mean", "linear"), cv_folds=3, memory=0.5, unseen="prior", cv_tests=7)
+    assert AUTO_CANDIDATES == ("linear", "additive", "mean", "hybrid", "log-linear", "log-hybrid")
+    auto = AutoSimulator(
+        ("mean", "linear"), cv_folds=3, memory=0.5, unseen="prior", cv_tests=7, stack=False
+    )
     assert auto.get_params() == {
         "candidates": ["mean", "linear"],
         "cv_folds": 3,
         "memory": 0.5,
         "unseen": "prior",
         "cv_tests": 7,
+        "stack": False,
     }
 
 
@@ -74,7 +79,8 @@ def test_mean_choice_and_description() -> None:
     flat = RunSet(
         runs.train_ids, runs.test_ids, [Run(r.run_id, r.curriculum, same) for r in runs.runs]
     )
-    auto = AutoSimulator(["hybrid", "linear", "mean"], cv_folds=2, memory="none").fit(flat)
+    auto = AutoSimulator(["hybrid", "linear", "mean"], cv_folds=2, memory="none", stack=False)
+    auto.fit(flat)
     scores = auto.cv_scores_
     assert auto.chosen_ == "mean" and list(scores) == ["linear", "mean"]
     assert scores["mean"] == 0.0 < scores["linear"]
@@ -88,6 +94,7 @@ def test_mean_choice_and_description() -> None:
         "method": "mean",
         "memory": None,
         "l2": None,
+        "members": None,
         "cv_folds": 2,
         "cv_all_steps_mse": scores,
         "skipped": {"hybrid": "no example features"},
@@ -98,7 +105,9 @@ def test_mean_choice_and_description() -> None:
 def test_linear_choice_and_description() -> None:
     """A chosen ridge simulator's memory kernel and l2 are in `choice` and `describe`; it was
     built with auto's ``memory``, ``unseen`` and ``cv_tests``."""
-    auto = AutoSimulator(["mean", "linear"], cv_folds=2, memory=0.5, unseen="prior", cv_tests=1)
+    auto = AutoSimulator(
+        ["mean", "linear"], cv_folds=2, memory=0.5, unseen="prior", cv_tests=1, stack=False
+    )
     auto.fit(_runs(_TINY))
     scores = auto.cv_scores_
     assert auto.chosen_ == "linear" and scores["linear"] < scores["mean"]
@@ -160,13 +169,14 @@ def test_failing_candidates_are_reported_and_the_others_still_tried() -> None:
 def test_hybrid_chooses_between_no_memory_and_the_kernel_linear_chose() -> None:
     """With ``memory="auto"`` hybrid (fitted after linear) is given ``none`` or linear's kernel
     (no momentum in the synthetic process: linear chose none)."""
-    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2).fit(_runs(_TINY, features=True))
+    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2, stack=False)
+    auto.fit(_runs(_TINY, features=True))
     assert auto.chosen_ == "hybrid" and auto.chosen_params_["memory"] == "none,none"
 
 
 def test_hybrid_takes_a_fixed_memory_as_given() -> None:
     """A memory other than ``"auto"`` reaches hybrid as is, even after linear was fitted."""
-    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2, memory="none")
+    auto = AutoSimulator(["linear", "hybrid"], cv_folds=2, memory="none", stack=False)
     auto.fit(_runs(_TINY, features=True))
     assert auto.chosen_ == "hybrid" and auto.chosen_params_["memory"] == "none"
 

@@ -217,7 +217,8 @@ def test_calibration_refits_keep_the_kernel(momentum_data: tuple[RunSet, RunSet]
 
 def test_auto_picks_reports_and_round_trips(tmp_path, momentum_data: tuple[RunSet, RunSet]) -> None:
     train, held = momentum_data
-    auto = make_simulator("auto", candidates=["linear", "mean"], cv_folds=3).fit(train)
+    auto = make_simulator("auto", candidates=["linear", "mean"], cv_folds=3, stack=False)
+    auto.fit(train)
     assert auto.chosen_ == "linear"
     assert auto.cv_scores_["linear"] < auto.cv_scores_["mean"]
     assert "auto picked linear (memory 0.8" in auto.describe()
@@ -239,6 +240,19 @@ def test_auto_picks_reports_and_round_trips(tmp_path, momentum_data: tuple[RunSe
     )
     other = make_simulator("auto", candidates=["linear", "mean"], cv_folds=3).fit(flat)
     assert other.chosen_ == "mean" and other.cv_scores_["mean"] < other.cv_scores_["linear"]
+    assert other.cv_scores_["stack"] == other.cv_scores_["mean"]  # a tie goes to the candidate
+    # with the stack: whatever wins survives a save, its nested members included
+    stacked = make_simulator("auto", candidates=["linear", "mean"], cv_folds=3).fit(train)
+    assert stacked.cv_scores_[stacked.chosen_] == min(stacked.cv_scores_.values())
+    stacked.save(tmp_path / "stacked.npz")
+    again = load_simulator(tmp_path / "stacked.npz")
+    assert again.describe() == stacked.describe()
+    for a, b in zip(
+        again.simulate_many(curricula, starts),
+        stacked.simulate_many(curricula, starts),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
     with pytest.raises(SimfluenceError):
         make_simulator("auto", candidates=["tracin-cp"]).fit(train)
 
@@ -283,7 +297,9 @@ def test_hybrid_memory_none_is_todays_hybrid_and_cv_picks_the_kernel(
 def test_auto_gives_hybrid_the_kernel_linear_chose(momentum_data: tuple[RunSet, RunSet]) -> None:
     train, _ = momentum_data
     train = _with_features(train)
-    auto = make_simulator("auto", candidates=["linear", "hybrid"], cv_folds=3).fit(train)
+    auto = make_simulator("auto", candidates=["linear", "hybrid"], cv_folds=3, stack=False).fit(
+        train
+    )
     choice = auto.choice()
     assert set(choice["cv_all_steps_mse"]) == {"linear", "hybrid"}
     assert choice["description"].startswith(f"auto picked {choice['method']} (memory ")

@@ -5,6 +5,7 @@ from simfluence.simulators.baselines import MeanTrajectorySimulator, Persistence
 from simfluence.simulators.blend import BlendSimulator
 from simfluence.simulators.dynamics import DynamicsSimulator, rollout
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.logspace import LogHybridSimulator, LogLinearSimulator
 from simfluence.simulators.registry import (
     available_simulators,
     configure_simulator,
@@ -13,16 +14,20 @@ from simfluence.simulators.registry import (
     simulator_class,
     simulator_params,
 )
+from simfluence.simulators.stack import StackSimulator
 
 __all__ = [
     "AdditiveSimulator",
     "BlendSimulator",
     "DynamicsSimulator",
     "LinearSimulator",
+    "LogHybridSimulator",
+    "LogLinearSimulator",
     "MeanTrajectorySimulator",
     "NotFittedError",
     "PersistenceSimulator",
     "Simulator",
+    "StackSimulator",
     "available_simulators",
     "configure_simulator",
     "load_simulator",

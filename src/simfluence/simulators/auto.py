@@ -1,14 +1,17 @@
 """``auto``: choose the simulator of a run set by run-wise cross-validation, then delegate to it.
 
-Candidates (`AUTO_CANDIDATES`): Simfluence-Linear with its optimizer memory chosen too
-(``memory="auto"``, `simulators.memory`), Simfluence-Additive, the curriculum-blind ``mean``,
-and ``hybrid`` when the run set has example features. Each is fitted on all training runs (its
+Candidates (`AUTO_CANDIDATES`, `simulators.candidates`): Simfluence-Linear with its optimizer
+memory chosen too (``memory="auto"``, `simulators.memory`), Simfluence-Additive, the
+curriculum-blind ``mean``, ``hybrid`` when the run set has example features, and the log-space
+twins of linear and hybrid (`simulators.logspace`). Each is fitted on all training runs (its
 own cross-validation picks its hyperparameters), then refitted with those hyperparameters
 pinned on all folds of whole runs but one and rolled out on the held-out fold (exactly the
-refits of `Simulator.calibrate`); the candidate with the lowest all-steps MSE over every
-held-out run wins. Hyperparameters are chosen on all training runs before the folds, which
-favours the candidates that have them a little; it avoids a nested cross-validation that would
-multiply the cost by the number of folds.
+refits of `Simulator.calibrate`). The same held-out rollouts are stacked (`simulators.stack`:
+per test example and stretch of training, weights fitted on the other folds), and whichever
+of the candidates and their stack has the lowest all-steps MSE over every held-out run wins.
+Hyperparameters are chosen on all training runs before the folds, which favours the
+candidates that have them a little; it avoids a nested cross-validation that would multiply
+the cost by the number of folds.
 
 The chosen simulator, fitted on all training runs, answers every `simulate`; its name is
 ``chosen_`` and `describe` says what it is and what the others scored.
@@ -25,38 +28,50 @@ from simfluence.errors import SimfluenceError
 from simfluence.metrics import all_steps_mse
 from simfluence.runlog.runs import AnyCurriculum, RunSet
 from simfluence.simulators.base import Simulator
-from simfluence.simulators.baselines import MeanTrajectorySimulator
-from simfluence.simulators.featurized import HybridSimulator
-from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.candidates import (
+    CANDIDATE_CLASSES,
+    check_candidates,
+    fit_candidates,
+    fit_summary,
+)
 from simfluence.simulators.memory import spec_of
+from simfluence.simulators.stack import StackSimulator
 
-AUTO_CANDIDATES: tuple[str, ...] = ("linear", "additive", "mean", "hybrid")
-#: the methods `auto` can choose among (core methods: no torch)
-_CLASSES: dict[str, type[Simulator]] = {
-    cls.name: cls
-    for cls in (LinearSimulator, AdditiveSimulator, MeanTrajectorySimulator, HybridSimulator)
-}
+AUTO_CANDIDATES: tuple[str, ...] = (
+    "linear",
+    "additive",
+    "mean",
+    "hybrid",
+    "log-linear",
+    "log-hybrid",
+)
+#: the methods `auto` can choose: its candidates and their stack (core methods: no torch)
+_CLASSES: dict[str, type[Simulator]] = {**CANDIDATE_CLASSES, StackSimulator.name: StackSimulator}
 #: learned attributes of the chosen simulator are saved under this prefix
 _PREFIX = "delegate__"
 
 
 class AutoSimulator(Simulator):
-    """The best of several simulators on the training runs, by run-wise cross-validation.
+    """The best of several simulators, or of their stack, on the training runs, by run-wise
+    cross-validation.
 
     Parameters:
-        candidates: method names to choose among; ``hybrid`` is skipped when the run set has
-            no example features (and any candidate whose fit fails is skipped and reported).
+        candidates: method names to choose among (`simulators.candidates`); ``hybrid`` and
+            ``log-hybrid`` are skipped when the run set has no example features (and any
+            candidate whose fit fails is skipped and reported).
         cv_folds: folds of whole training runs scoring the candidates.
-        memory: the ``memory`` of the ``linear`` and ``hybrid`` candidates (default
-            ``"auto"``: ``linear`` chooses its kernel among many by run-wise CV,
-            `simulators.memory`; ``hybrid``, fitted after it, between that kernel and none).
+        memory: the ``memory`` of the candidates that take one (default ``"auto"``:
+            ``linear`` chooses its kernel among many by run-wise CV, `simulators.memory`; the
+            others, fitted after it, between that kernel and none).
         unseen: passed to the candidates that take it.
         cv_tests: passed to the candidates that take it (``linear``, ``additive``: choose
             ``l2`` and the memory kernel on that many test examples drawn at random).
+        stack: also score the candidates' stack (`simulators.stack`; needs two candidates).
 
-    Learned attributes: ``chosen_`` (the method name), ``chosen_params_`` (its constructor
-    arguments), ``cv_scores_`` (method -> held-out all-steps MSE; NaN for failed fits),
-    ``skipped_`` (method -> why), and the chosen simulator's own (saved with a prefix).
+    Learned attributes: ``chosen_`` (the method name; ``stack`` for the stack),
+    ``chosen_params_`` (its constructor arguments), ``cv_scores_`` (method -> held-out
+    all-steps MSE; NaN for failed fits), ``skipped_`` (method -> why), and the chosen
+    simulator's own (saved with a prefix).
     """
 
     name = "auto"
@@ -68,60 +83,46 @@ class AutoSimulator(Simulator):
         memory: str | float = "auto",
         unseen: str = "error",
         cv_tests: int | None = None,
+        stack: bool = True,
     ) -> None:
         self.candidates = list(candidates)
         self.cv_folds = cv_folds
         self.memory = memory
         self.unseen = unseen
         self.cv_tests = cv_tests
+        self.stack = stack
 
     # -- fitting -----------------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
-        unknown = [c for c in self.candidates if c not in _CLASSES]
-        if not self.candidates or unknown:
-            raise SimfluenceError(
-                f"auto: candidates must be among {', '.join(_CLASSES)}, got {self.candidates}"
-            )
+        check_candidates(self.candidates, self.name)
         if len(runs.runs) < 2 or self.cv_folds < 2:
             raise SimfluenceError(
                 f"auto: choosing by cross-validation needs at least 2 training runs and 2 folds "
                 f"(got {len(runs.runs)} runs, cv_folds={self.cv_folds})"
             )
-        scores: dict[str, float] = {}
-        skipped: dict[str, str] = {}
-        fitted: dict[str, Simulator] = {}
-        for name in self.candidates:
-            if name == "hybrid" and runs.features is None:
-                skipped[name] = "no example features"
-                continue
-            try:
-                cls = _CLASSES[name]
-                memory = self.memory
-                if name == "hybrid" and memory == "auto" and "linear" in fitted:
-                    # linear's kernel (chosen among many, cheaply) or none: two hybrid fits
-                    memory = f"none,{spec_of(fitted['linear'].memory_kernel())}"  # type: ignore[attr-defined]
-                options = {
-                    "memory": memory,
-                    "unseen": self.unseen,
-                    "cv_tests": self.cv_tests,
-                }
-                taken = set(cls._param_names())
-                simulator = cls(**{k: v for k, v in options.items() if k in taken})
-                simulator.fit(runs)
-                true, simulated, _ = simulator._calibration_rollouts(runs, self.cv_folds)
-            except SimfluenceError as exc:
-                skipped[name] = str(exc)
-                continue
-            scores[name] = float(all_steps_mse(true, simulated).mean)
-            fitted[name] = simulator
+        options = {"memory": self.memory, "unseen": self.unseen, "cv_tests": self.cv_tests}
+        fitted = fit_candidates(runs, self.candidates, self.cv_folds, options)
+        scores = {
+            name: float(all_steps_mse(fitted.true, held).mean)
+            for name, held in fitted.held_out.items()
+        }
         finite = {k: v for k, v in scores.items() if np.isfinite(v)}
         if not finite:
-            raise SimfluenceError(f"auto: no candidate could be fitted ({skipped})")
-        chosen = min(finite, key=lambda k: (finite[k], self.candidates.index(k)))
+            raise SimfluenceError(f"auto: no candidate could be fitted ({fitted.skipped})")
+        delegates: dict[str, Simulator] = {k: fitted.fitted[k] for k in finite}
+        if self.stack and len(finite) > 1:
+            stack = StackSimulator(list(finite), self.cv_folds, self.memory, self.unseen)
+            stack.cv_tests = self.cv_tests
+            stack._set_basics(runs)
+            stack.adopt(fitted, list(finite))
+            scores[stack.name] = finite[stack.name] = float(stack.cv_mse_)
+            delegates[stack.name] = stack
+        order = [*self.candidates, StackSimulator.name]
+        chosen = min(finite, key=lambda k: (finite[k], order.index(k)))
         self.chosen_ = chosen
         self.cv_scores_ = scores
-        self.skipped_ = skipped
-        self._delegate = fitted[chosen]
+        self.skipped_ = dict(fitted.skipped)
+        self._delegate = delegates[chosen]
         self.chosen_params_ = self._delegate.get_params()
 
     @property
@@ -140,18 +141,22 @@ class AutoSimulator(Simulator):
     def choice(self) -> dict[str, Any]:
         """What was chosen, as JSON-able data: ``method``, its ``memory`` kernel (the
         ``memory`` parameter that names it; None for methods without memory) and ``l2`` (None
-        without), ``cv_folds``, ``cv_all_steps_mse`` (candidate -> held-out all-steps MSE),
+        without), ``members`` (a stack's members -> mean weight; None otherwise),
+        ``cv_folds``, ``cv_all_steps_mse`` (candidate -> held-out all-steps MSE),
         ``skipped`` (candidate -> why) and the one-line ``description``."""
         self._check_fitted()
         delegate = self.chosen_simulator
+        inner = getattr(delegate, "inner", delegate)  # a log-space fit's memory and l2
         memory = None
-        if getattr(delegate, "memory_", None) is not None:
-            memory = spec_of(delegate.memory_kernel())  # type: ignore[attr-defined]
-        l2 = getattr(delegate, "l2_", None)
+        if getattr(inner, "memory_", None) is not None:
+            memory = spec_of(inner.memory_kernel())
+        l2 = getattr(inner, "l2_", None)
+        members = delegate.mean_weights() if isinstance(delegate, StackSimulator) else None
         return {
             "method": self.chosen_,
             "memory": None if memory is None else str(memory),
             "l2": None if l2 is None else float(l2),
+            "members": members,
             "cv_folds": int(self.cv_folds),
             "cv_all_steps_mse": {k: float(v) for k, v in self.cv_scores_.items()},
             "skipped": dict(self.skipped_),
@@ -161,15 +166,15 @@ class AutoSimulator(Simulator):
     def describe(self) -> str:
         """One line: what was picked, and every candidate's cross-validated all-steps MSE
         (``auto picked linear (memory 0.8+lr, l2 0.1): 5-fold run-wise CV all-steps MSE
-        linear 0.0314, hybrid 0.0643, mean 0.0832``)."""
+        linear 0.0314, hybrid 0.0643, mean 0.0832``; a stack names its members' mean
+        weights)."""
         self._check_fitted()
         delegate = self.chosen_simulator
-        details = []
-        if getattr(delegate, "memory_", None) is not None:
-            details.append(f"memory {spec_of(delegate.memory_kernel())}")  # type: ignore[attr-defined]
-        if getattr(delegate, "l2_", None) is not None:
-            details.append(f"l2 {delegate.l2_:g}")  # type: ignore[attr-defined]
-        detail = f" ({', '.join(details)})" if details else ""
+        if isinstance(delegate, StackSimulator):
+            detail = f" ({delegate.describe().removeprefix('stack of ')})"
+        else:
+            summary = fit_summary(delegate)
+            detail = f" ({summary})" if summary else ""
         scored = ", ".join(
             f"{k} {v:.4g}" for k, v in sorted(self.cv_scores_.items(), key=lambda kv: kv[1])
         )

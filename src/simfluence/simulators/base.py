@@ -103,14 +103,17 @@ class Simulator(ABC):
 
     def _fit_complete(self, runs: RunSet) -> Self:
         """`fit` on runs with every loss observed."""
+        self._set_basics(runs)
+        self._fit(runs)
+        return self
+
+    def _set_basics(self, runs: RunSet) -> None:
+        """What every fit on complete runs learns first: the ids, the mean initial loss, the
+        floor and the recorded envelope."""
         self.train_ids_ = list(runs.train_ids)
         self.test_ids_ = list(runs.test_ids)
         self.initial_loss_ = np.mean([r.initial_loss for r in runs.runs], axis=0)
-        self.floor_ = loss_floor(runs)
-        self.floor_width_ = floor_width(runs)
-        self.envelope_ = recorded_envelope(runs)
-        self._fit(runs)
-        return self
+        self._set_floor(runs)
 
     @abstractmethod
     def _fit(self, runs: RunSet) -> None:

@@ -39,7 +39,7 @@ LOG_FLOOR_SHARE = 0.1
 def log_runs(runs: RunSet, floor: float) -> RunSet:
     """`runs` with every loss replaced by ``log(max(L, floor))``."""
     logged = [replace(r, losses=np.log(np.maximum(r.losses, floor))) for r in runs.runs]
-    return RunSet(runs.train_ids, runs.test_ids, logged, runs.metadata, runs.source)
+    return RunSet(runs.train_ids, runs.test_ids, logged, runs.metadata, runs.source, runs.features)
 
 
 #: resolution of the weight search on the simplex

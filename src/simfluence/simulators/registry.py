@@ -17,6 +17,8 @@ from simfluence.simulators.blend import BlendSimulator
 from simfluence.simulators.featurized.hybrid import HybridSimulator
 from simfluence.simulators.featurized.simulator import FeaturizedSimulator
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
+from simfluence.simulators.logspace import LogHybridSimulator, LogLinearSimulator
+from simfluence.simulators.stack import StackSimulator
 from simfluence.simulators.truth import TruthSimulator
 
 _CORE: dict[str, type[Simulator]] = {
@@ -30,6 +32,9 @@ _CORE: dict[str, type[Simulator]] = {
         PersistenceSimulator,
         MeanTrajectorySimulator,
         TruthSimulator,
+        LogLinearSimulator,
+        LogHybridSimulator,
+        StackSimulator,
         AutoSimulator,
     )
 }
