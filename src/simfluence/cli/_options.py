@@ -5,9 +5,10 @@ Each flag sets one constructor parameter (`SIMULATOR_FLAGS`). An option the user
 taken by each method named: `build_simulators` raises `SimfluenceError` (``simfluence CMD:
 error: method 'hybrid' does not take --loss-power; its options: --l2, --unseen``) rather than
 drop it. The baselines that take no options at all (``mean``, ``persistence``) and the methods
-that choose their candidates' hyperparameters themselves (`CHOOSERS`: ``auto``, which takes
-``--unseen``, ``--cv-tests`` and ``--memory`` only) are left out of that check when another
-named method takes the option, so ``--l2`` still works next to them (in the default lists).
+that choose their candidates' hyperparameters themselves (`CHOOSERS`: ``auto`` and ``stack``,
+which take ``--unseen``, ``--cv-tests`` and ``--memory`` only) are left out of that check when
+another named method takes the option, so ``--l2`` still works next to them (in the default
+lists).
 
 What the command line sets by itself (`IMPLICIT_FLAGS`: the task's location, the device, the
 fit backend of ``--workers``/``--ray``, the run set's ``truth.npz``, the command's ``--unseen``
@@ -44,7 +45,7 @@ SIMULATOR_FLAGS: dict[str, tuple[str, str]] = {
 }
 #: methods that choose among simulators and their hyperparameters by cross-validation: an option
 #: they do not take (``--l2``) is not an error when another method named takes it
-CHOOSERS: frozenset[str] = frozenset({"auto"})
+CHOOSERS: frozenset[str] = frozenset({"auto", "stack"})
 #: flags the command line passes on by itself, to the methods that take the parameter only
 IMPLICIT_FLAGS: dict[str, str] = {
     "--task": "task",
