@@ -203,6 +203,8 @@ def adamw() -> tuple[list[str], list[str]]:
         "`linear[K]` / `hybrid[K]` is the method with optimizer memory `K` (`auto`: chosen by",
         "run-wise CV), `auto` the method that picks a simulator by run-wise CV (what it picked",
         "in the last column). `/ mean`: all-steps MSE over the curriculum-blind `mean`'s.",
+        "`adamw-auto.json` is today's `auto` (log-space candidates and their `stack`, since",
+        "2026-12-07); the `auto` rows of the other files are the `auto` before them.",
         "",
     ]
     for name in files:

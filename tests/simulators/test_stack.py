@@ -197,3 +197,37 @@ def test_auto_stacks_when_the_stack_scores_best_and_says_so() -> None:
         assert forced.describe().startswith("auto picked stack (")
     for a, b in itertools.pairwise(sorted(auto.cv_scores_.values())):
         assert a <= b
+
+
+def test_sparse_runs_go_to_the_members_as_they_are(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On sparsely scored runs auto and stack do not wrap themselves in rounds of imputation
+    (each would refit every member): the members fit the gaps, each its own way, and the
+    held-out rollouts are scored on the recorded losses only."""
+    from dataclasses import replace
+
+    from simfluence.simulators import gaps
+
+    runs = _runs()
+    sparse = []
+    for r in runs.runs:
+        observed = np.zeros(r.losses.shape, dtype=bool)
+        observed[::2] = True
+        observed[-1] = True
+        sparse.append(replace(r, losses=np.where(observed, r.losses, np.nan), observed=observed))
+    gappy = RunSet(runs.train_ids, runs.test_ids, sparse)
+    assert not gappy.complete
+    seen: list[str] = []
+    original = gaps.fit_with_gaps
+
+    def spy(simulator, data):  # type: ignore[no-untyped-def]
+        seen.append(simulator.name)
+        return original(simulator, data)
+
+    monkeypatch.setattr(gaps, "fit_with_gaps", spy)
+    auto = AutoSimulator(["linear", "mean"], cv_folds=3, memory="none").fit(gappy)
+    assert "auto" not in seen and "stack" not in seen and "linear" in seen
+    assert np.isfinite(list(auto.cv_scores_.values())).all()
+    stack = StackSimulator(["linear", "mean"], cv_folds=3, memory="none").fit(gappy)
+    assert "stack" not in seen
+    out = stack.simulate_many([runs.runs[0].curriculum], runs.runs[0].initial_loss[None])[0]
+    assert np.isfinite(out).all() and out.shape == runs.runs[0].losses.shape

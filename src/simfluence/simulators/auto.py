@@ -30,6 +30,7 @@ from simfluence.runlog.runs import AnyCurriculum, RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.candidates import (
     CANDIDATE_CLASSES,
+    FitsMembersOnGaps,
     check_candidates,
     fit_candidates,
     fit_summary,
@@ -51,7 +52,7 @@ _CLASSES: dict[str, type[Simulator]] = {**CANDIDATE_CLASSES, StackSimulator.name
 _PREFIX = "delegate__"
 
 
-class AutoSimulator(Simulator):
+class AutoSimulator(FitsMembersOnGaps, Simulator):
     """The best of several simulators, or of their stack, on the training runs, by run-wise
     cross-validation.
 

@@ -70,6 +70,21 @@ class FittedCandidates:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+class FitsMembersOnGaps:
+    """Mixin of the simulators made of other simulators (`auto`, `stack`): sparsely scored runs
+    go to the members as they are, each of which fits them its own way (`simulators.gaps`),
+    instead of through rounds of imputation that would refit every member and its
+    cross-validation each round. The held-out rollouts are scored on the recorded losses only
+    (NaN elsewhere)."""
+
+    def fit(self, runs: RunSet) -> Any:
+        if not runs.runs or runs.complete:
+            return super().fit(runs)  # type: ignore[misc]
+        self._set_basics(runs)  # type: ignore[attr-defined]
+        self._fit(runs)  # type: ignore[attr-defined]
+        return self
+
+
 def check_candidates(names: Sequence[str], who: str) -> None:
     """`SimfluenceError` unless `names` is a non-empty list of `CANDIDATE_CLASSES`."""
     unknown = [c for c in names if c not in CANDIDATE_CLASSES]
@@ -127,6 +142,7 @@ def fit_summary(simulator: Simulator) -> str:
 
 __all__ = [
     "CANDIDATE_CLASSES",
+    "FitsMembersOnGaps",
     "FittedCandidates",
     "check_candidates",
     "fit_candidates",

@@ -39,6 +39,7 @@ from simfluence.runlog.runs import AnyCurriculum, RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.candidates import (
     CANDIDATE_CLASSES,
+    FitsMembersOnGaps,
     FittedCandidates,
     check_candidates,
     fit_candidates,
@@ -198,7 +199,7 @@ def choose_stack(
     return StackChoice(blocks, shrinkage, score, weight, predicted)
 
 
-class StackSimulator(Simulator):
+class StackSimulator(FitsMembersOnGaps, Simulator):
     """Several simulators' rollouts weighted per test example and stretch of training.
 
     Parameters:
