@@ -231,3 +231,16 @@ def test_sparse_runs_go_to_the_members_as_they_are(monkeypatch) -> None:  # type
     assert "stack" not in seen
     out = stack.simulate_many([runs.runs[0].curriculum], runs.runs[0].initial_loss[None])[0]
     assert np.isfinite(out).all() and out.shape == runs.runs[0].losses.shape
+
+
+def test_auto_and_stack_tell_the_batch_size_their_members_learned() -> None:
+    """A search builds curricula with the model's batch size: auto and stack give their first
+    member's that has one; with the mean trajectory alone there is none to give."""
+    runs = _runs()
+    stack = StackSimulator(["mean", "linear"], cv_folds=3, memory="none").fit(runs)
+    linear = LinearSimulator(memory="none").fit(runs)
+    assert stack.batch_size_ == linear.batch_size_ == 2.0
+    auto = AutoSimulator(["log-linear"], cv_folds=3, memory="none").fit(runs)
+    assert auto.chosen_ == "log-linear" and auto.batch_size_ == 2.0
+    alone = AutoSimulator(["mean"], cv_folds=3).fit(runs)
+    assert getattr(alone, "batch_size_", None) is None

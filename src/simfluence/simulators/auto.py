@@ -139,6 +139,12 @@ class AutoSimulator(FitsMembersOnGaps, Simulator):
             self._delegate = delegate
         return delegate
 
+    def _fitted_members(self) -> list[Simulator]:
+        delegate = self.chosen_simulator
+        if isinstance(delegate, StackSimulator):
+            return delegate.fitted_members
+        return [getattr(delegate, "inner", delegate)]
+
     def choice(self) -> dict[str, Any]:
         """What was chosen, as JSON-able data: ``method``, its ``memory`` kernel (the
         ``memory`` parameter that names it; None for methods without memory) and ``l2`` (None

@@ -84,6 +84,18 @@ class FitsMembersOnGaps:
         self._fit(runs)  # type: ignore[attr-defined]
         return self
 
+    @property
+    def batch_size_(self) -> float:
+        """The typical batch size of the first member that learned one (what a search builds
+        its curricula with); AttributeError when none did (``mean`` alone)."""
+        for member in self._fitted_members():
+            if hasattr(member, "batch_size_"):
+                return float(member.batch_size_)
+        raise AttributeError("batch_size_")
+
+    def _fitted_members(self) -> list[Simulator]:
+        raise NotImplementedError
+
 
 def check_candidates(names: Sequence[str], who: str) -> None:
     """`SimfluenceError` unless `names` is a non-empty list of `CANDIDATE_CLASSES`."""

@@ -286,6 +286,9 @@ class StackSimulator(FitsMembersOnGaps, Simulator):
             self._members = members
         return members
 
+    def _fitted_members(self) -> list[Simulator]:
+        return [getattr(m, "inner", m) for m in self.fitted_members]
+
     def mean_weights(self) -> dict[str, float]:
         """Member -> its weight averaged over test examples and blocks."""
         self._check_fitted()
