@@ -3,9 +3,10 @@ takes it from here (named for what it is for)."""
 
 from __future__ import annotations
 
-#: `simfluence evaluate` and `simfluence report`: the two Simfluence fits, `auto` (the best of
-#: linear with optimizer memory, additive, mean and hybrid by run-wise CV; it says what it
-#: picked) and the two baselines (need no checkpoints or features)
+#: `simfluence evaluate` and `simfluence report`: the two Simfluence fits, `auto` (the best by
+#: run-wise CV of linear with optimizer memory, additive, mean, hybrid, their log-space twins
+#: and the stack of them; it says what it picked) and the two baselines (need no checkpoints or
+#: features)
 DEFAULT_EVALUATE_METHODS: tuple[str, ...] = ("linear", "additive", "auto", "mean", "persistence")
 
 #: `simfluence validate`: the fits, one gradient method and a baseline; the first one searches
