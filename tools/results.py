@@ -699,6 +699,40 @@ def optimize_adamw() -> tuple[list[str], list[str]]:
 SECTIONS = (*SECTIONS, optimize_adamw)
 
 
+def overhead() -> tuple[list[str], list[str]]:
+    """`benchmarks/bench_overhead.py`'s files: what scoring adds to plain training."""
+    files = sorted(p.name for p in RESULTS.glob("overhead-*.json"))
+    out = [
+        "## Recording overhead over plain training",
+        "",
+        "`benchmarks/bench_overhead.py`: seconds per run of the workload's default protocol",
+        "(medians over random curricula), plain training (scored once, at the end) against",
+        "full scoring and two sparse schedules, and the share of a full recording spent",
+        "scoring. digits-mlp and newsgroups-minilm: in the sparse-scoring section above.",
+        "",
+    ]
+    rows = []
+    for name in files:
+        d = load(name)
+        seconds, ratio = d["seconds_per_run"], d["overhead_over_plain"]
+        rows.append(
+            [
+                f"`{d['workload']}` ({source(name)})",
+                str(d["steps_per_run"]),
+                num(seconds["plain"]),
+                *(f"{num(seconds[k])} ({ratio[k]:.2f}x)" for k in ("full", "every-10")),
+                f"{num(seconds['fraction-0.1'])} ({ratio['fraction-0.1']:.2f}x)",
+                f"{d['scoring_share_of_full_recording']:.0%}",
+            ]
+        )
+    header = ["workload", "steps", "plain s", "full s (x plain)", "every-10", "fraction-0.1"]
+    out += table([*header, "scoring share"], rows)
+    return out, files
+
+
+SECTIONS = (*SECTIONS, overhead)
+
+
 def headline() -> str:
     """The README's one table: all-steps MSE / final-step Spearman on the three workloads."""
     data = {w: load(f"{w}.json")["methods"] for w in WORKLOADS}
