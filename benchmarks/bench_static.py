@@ -6,7 +6,9 @@ the same retrains: one table per workload (docs/static-methods.md).
 Per workload: records 16 runs (the task's protocol), then `validate` with every method on
 ``random``, ``leave-out``, ``reorder``, ``repeat`` (10 curricula each), ``subsets`` (20
 random halves of the pool, 1 seed: dattri's LDS protocol) and the leave-one-out kinds (last
-recorded run held out, 50 single removals, 10 group removals). TracIn-CP's checkpoints: 4
+recorded run held out, 50 single removals (``--loo-examples``), 10 group removals).
+``unrolled`` averages over 8 recorded runs (``--unrolled-runs``: fewer on large models, where
+each run's reverse pass takes minutes). TracIn-CP's checkpoints: 4
 evenly spaced steps of the task's protocol. ``--backend process:2`` retrains on two worker
 processes (same results). Writes
 ``benchmarks/results/static-WORKLOAD.json`` and prints the table.
@@ -32,7 +34,13 @@ STATIC_RUNS = 4  # final checkpoints per static method (TRAK-4)
 
 
 def bench(
-    workload: str, curricula: int, subsets: int, runs_n: int, backend: str | None = None
+    workload: str,
+    curricula: int,
+    subsets: int,
+    runs_n: int,
+    backend: str | None = None,
+    loo_examples: int = 50,
+    unrolled_runs: int = 8,
 ) -> dict:
     from simfluence.recording.protocol import RecordingProtocol, checkpoint_steps, steps_per_run
     from simfluence.recording.record import record_runs
@@ -48,6 +56,8 @@ def bench(
         out = {}
         for name in OURS + STATIC:
             opts = {"unseen": "prior"} if name in ("linear", "additive") else {}
+            if name == "unrolled":
+                opts["max_runs"] = unrolled_runs
             if name in STATIC:
                 opts["max_runs"] = STATIC_RUNS
             out[name] = make_simulator(name, **opts)
@@ -67,8 +77,8 @@ def bench(
             task, runs, methods(), CURRICULUM, curricula, subsets=subsets, backend=backend
         )
         loo = validate(
-            task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=50, groups=10,
-            backend=backend,
+            task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=loo_examples,
+            groups=10, backend=backend,
         )  # fmt: skip
     retrain = main["timing"]["retrain"]
     per_training = retrain["seconds"] / retrain["trainings"]
@@ -101,6 +111,8 @@ def bench(
         "seconds_per_training": per_training,
         "record_seconds": record_seconds,
         "checkpoints": checkpoints,
+        "loo_examples": loo_examples,
+        "unrolled_runs": unrolled_runs,
         "backend": backend or "serial",
         "methods": table,
         "validate": {k: v for k, v in main.items() if k != "timing"},
@@ -139,11 +151,18 @@ def main() -> None:
     p.add_argument(
         "--backend", default=None, help="retrain on this backend (process:2, ray; default serial)"
     )
+    p.add_argument("--loo-examples", type=int, default=50, help="single removals (default 50)")
+    p.add_argument(
+        "--unrolled-runs", type=int, default=8, help="runs unrolled averages (default 8)"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     for workload in args.workloads.split(","):
-        result = bench(workload, args.curricula, args.subsets, args.runs, args.backend)
+        result = bench(
+            workload, args.curricula, args.subsets, args.runs, args.backend,
+            args.loo_examples, args.unrolled_runs,
+        )  # fmt: skip
         path = Path(args.out) / f"static-{workload}.json"
         path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         print(f"## {workload}\n\n{format_table(result)}\n\nwrote {path}", flush=True)
