@@ -244,3 +244,25 @@ def test_auto_and_stack_tell_the_batch_size_their_members_learned() -> None:
     assert auto.chosen_ == "log-linear" and auto.batch_size_ == 2.0
     alone = AutoSimulator(["mean"], cv_folds=3).fit(runs)
     assert getattr(alone, "batch_size_", None) is None
+
+
+def test_a_tampered_stack_file_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """A saved stack whose members are not candidate methods, or whose weights do not match
+    them, is a `SimfluenceError` naming the problem when it is used (no KeyError, no code)."""
+    import json
+
+    runs = _runs()
+    stack = StackSimulator(["linear", "mean"], cv_folds=3, memory="none").fit(runs)
+    stack.save(tmp_path / "stack.npz")
+    data = dict(np.load(tmp_path / "stack.npz"))
+    meta = json.loads(str(data["__meta__"]))
+    for change, message in [
+        (lambda m: m["learned"].update(members_=["os.system"] * len(stack.members_)), "not one of"),
+        (lambda m: m["learned"].update(members_=["mean"] * 5), "do not match the weights"),
+    ]:
+        bad = json.loads(json.dumps(meta))
+        change(bad)
+        np.savez(tmp_path / "bad.npz", **{**data, "__meta__": np.array(json.dumps(bad))})
+        loaded = load_simulator(tmp_path / "bad.npz")
+        with pytest.raises(SimfluenceError, match=message):
+            loaded.simulate_many([runs.runs[0].curriculum], runs.runs[0].initial_loss[None])

@@ -132,6 +132,10 @@ class AutoSimulator(FitsMembersOnGaps, Simulator):
         self._check_fitted()
         delegate = getattr(self, "_delegate", None)
         if delegate is None:
+            if self.chosen_ not in _CLASSES or not isinstance(self.chosen_params_, dict):
+                raise SimfluenceError(
+                    f"auto: the saved choice {self.chosen_!r} is not one of {', '.join(_CLASSES)}"
+                )
             delegate = _CLASSES[self.chosen_](**self.chosen_params_)
             for key, value in vars(self).items():
                 if key.startswith(_PREFIX):

@@ -274,9 +274,19 @@ class StackSimulator(FitsMembersOnGaps, Simulator):
         members = getattr(self, "_members", None)
         if members is None:
             members = []
-            for k, (name, params) in enumerate(
-                zip(self.members_, self.member_params_, strict=True)
-            ):
+            names, params_list = list(self.members_), list(self.member_params_)
+            weight = np.asarray(self.weight_)
+            if len(names) != len(params_list) or weight.ndim != 3 or weight.shape[2] != len(names):
+                raise SimfluenceError(
+                    f"{self.name}: the saved members ({len(names)} names, {len(params_list)} "
+                    f"parameter sets) do not match the weights of shape {weight.shape}"
+                )
+            for k, (name, params) in enumerate(zip(names, params_list, strict=True)):
+                if name not in CANDIDATE_CLASSES or not isinstance(params, dict):
+                    raise SimfluenceError(
+                        f"{self.name}: saved member {k} is {name!r}, not one of "
+                        f"{', '.join(CANDIDATE_CLASSES)} with its parameters"
+                    )
                 member = CANDIDATE_CLASSES[name](**params)
                 prefix = MEMBER_PREFIX.format(k)
                 for key, value in vars(self).items():
