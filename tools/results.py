@@ -404,7 +404,14 @@ def static_methods() -> tuple[list[str], list[str]]:
     kinds = ("random", "leave-out", "reorder", "repeat", "subsets")
     for name in names:
         d = load(name)
-        out += [f"### {d['workload']}", "", f"Source: {source(name)}. {d.get('note', '')}", ""]
+        protocol = (
+            f"{d['recorded_runs']} recorded runs, {d['curricula_per_kind']} curricula per kind, "
+            f"{d['subsets']} subsets, {d.get('loo_examples', 50)} single removals, `unrolled` "
+            f"over {d.get('unrolled_runs', 8)} runs, retrained {d.get('backend', 'serial')}."
+        )
+        out += [f"### {d['workload']}", "", f"Source: {source(name)}. {protocol}", ""]
+        if d.get("note"):
+            out += [d["note"], ""]
         out += [subsets_margin(d), ""]
         rows = []
         for m, r in d["methods"].items():
