@@ -157,6 +157,10 @@ def test_stack_fits_simulates_saves_and_calibrates_without_refits(tmp_path: Path
     got = stack.simulate_many(curricula, starts)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9)
+    # the members keep the hyperparameters they chose and the unseen policy given
+    assert all(p["unseen"] == "error" for p in stack.member_params_ if "unseen" in p)
+    linear_params = stack.member_params_[stack.members_.index("linear")]
+    assert linear_params["l2"] == stack.fitted_members[stack.members_.index("linear")].l2_
     stack.save(tmp_path / "stack.npz")
     loaded = load_simulator(tmp_path / "stack.npz")
     assert loaded.describe() == stack.describe()

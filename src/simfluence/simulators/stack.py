@@ -199,6 +199,15 @@ def choose_stack(
     return StackChoice(blocks, shrinkage, score, weight, predicted)
 
 
+def _pinned_params(member: Simulator) -> dict[str, Any]:
+    """A fitted member's constructor arguments with the hyperparameters it chose pinned (as
+    calibration's refits take them), its ``unseen`` policy kept as given."""
+    params = member._calibration_params()
+    if "unseen" in params:
+        params["unseen"] = member.get_params()["unseen"]
+    return params
+
+
 class StackSimulator(FitsMembersOnGaps, Simulator):
     """Several simulators' rollouts weighted per test example and stretch of training.
 
@@ -257,7 +266,7 @@ class StackSimulator(FitsMembersOnGaps, Simulator):
         used = choice.weight.max(axis=(0, 1)) > 0
         keep = [n for n, u in zip(names, used, strict=True) if u]
         self.members_ = keep
-        self.member_params_ = [fitted.fitted[n]._calibration_params() for n in keep]
+        self.member_params_ = [_pinned_params(fitted.fitted[n]) for n in keep]
         self.weight_ = choice.weight[:, :, used]
         self.shrinkage_ = choice.shrinkage
         self.cv_mse_ = choice.cv_mse
@@ -271,29 +280,37 @@ class StackSimulator(FitsMembersOnGaps, Simulator):
     def fitted_members(self) -> list[Simulator]:
         """The fitted members, in the order of ``members_`` (rebuilt after loading)."""
         self._check_fitted()
-        members = getattr(self, "_members", None)
-        if members is None:
-            members = []
-            names, params_list = list(self.members_), list(self.member_params_)
-            weight = np.asarray(self.weight_)
-            if len(names) != len(params_list) or weight.ndim != 3 or weight.shape[2] != len(names):
+        if getattr(self, "_members", None) is None:
+            self._members = self._rebuild_members()
+        return self._members
+
+    def _rebuild_members(self) -> list[Simulator]:
+        """The members from their saved names, parameters and ``member<k>__`` attributes; a
+        file whose members are not candidate methods, or do not match the weights, is a
+        `SimfluenceError`."""
+        names, params_list = list(self.members_), list(self.member_params_)
+        shape = np.shape(self.weight_)
+        if len(names) != len(params_list) or len(shape) != 3 or shape[2] != len(names):
+            raise SimfluenceError(
+                f"{self.name}: the saved members ({len(names)} names, {len(params_list)} "
+                f"parameter sets) do not match the weights of shape {shape}"
+            )
+        members = []
+        for k, (name, params) in enumerate(zip(names, params_list, strict=True)):
+            if name not in CANDIDATE_CLASSES or not isinstance(params, dict):
                 raise SimfluenceError(
-                    f"{self.name}: the saved members ({len(names)} names, {len(params_list)} "
-                    f"parameter sets) do not match the weights of shape {weight.shape}"
+                    f"{self.name}: saved member {k} is {name!r}, not one of "
+                    f"{', '.join(CANDIDATE_CLASSES)} with its parameters"
                 )
-            for k, (name, params) in enumerate(zip(names, params_list, strict=True)):
-                if name not in CANDIDATE_CLASSES or not isinstance(params, dict):
-                    raise SimfluenceError(
-                        f"{self.name}: saved member {k} is {name!r}, not one of "
-                        f"{', '.join(CANDIDATE_CLASSES)} with its parameters"
-                    )
+            try:
                 member = CANDIDATE_CLASSES[name](**params)
-                prefix = MEMBER_PREFIX.format(k)
-                for key, value in vars(self).items():
-                    if key.startswith(prefix):
-                        setattr(member, key[len(prefix) :], value)
-                members.append(member)
-            self._members = members
+            except TypeError as exc:
+                raise SimfluenceError(f"{self.name}: saved member {k} ({name}): {exc}") from None
+            prefix = MEMBER_PREFIX.format(k)
+            for key, value in vars(self).items():
+                if key.startswith(prefix):
+                    setattr(member, key[len(prefix) :], value)
+            members.append(member)
         return members
 
     def _fitted_members(self) -> list[Simulator]:
