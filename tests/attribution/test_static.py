@@ -186,3 +186,50 @@ def test_logra_writes_nothing_into_the_working_directory(
     out = static.static_scores("logra", task, model, [model.state_dict()], pool, tests)
     assert out.shape == (3, 24) and np.isfinite(out).all() and np.abs(out).max() > 0
     assert list(tmp_path.iterdir()) == []
+
+
+class _TwoInputs(LinearLossTask):
+    """A task whose model takes two inputs, as newsgroups-minilm's takes hidden states and a
+    mask: ``forward(x, gate) = linear(x) * gate``."""
+
+    def make_model(self, seed: int):  # type: ignore[no-untyped-def]
+        import torch
+
+        class Gated(torch.nn.Module):
+            def __init__(self, inner: torch.nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x, gate):  # type: ignore[no-untyped-def]
+                return self.inner(x).squeeze(-1) * gate
+
+        from exact_tasks import FEATURES
+
+        torch.manual_seed(seed)
+        return Gated(torch.nn.Linear(FEATURES, 1, dtype=torch.float64))
+
+    def prepare(self, pool: int, tests: int, seed: int):  # type: ignore[no-untyped-def]
+        import torch
+
+        pool_examples, test_examples = super().prepare(pool, tests, seed)
+        for examples in (pool_examples, test_examples):
+            n = len(examples)
+            examples.tensors["gate"] = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+        return pool_examples, test_examples
+
+    def example_losses(self, model, inputs):  # type: ignore[no-untyped-def]
+        return 0.5 * (model(inputs["x"], inputs["gate"]) - inputs["y"]) ** 2
+
+
+@pytest.mark.parametrize("method", ["logra", "if-ekfac", "trak"])
+def test_static_methods_run_on_a_model_of_several_inputs(method: str) -> None:
+    """LoGra's set-up runs one forward of the batch's first tensor alone; a model with a
+    second input (newsgroups-minilm's mask) got no mask and the method crashed (TypeError)."""
+    from conftest import require_module
+
+    require_module("dattri", "pip install 'simfluence[dattri]'")
+    task = _TwoInputs()
+    pool, tests = task.prepare(pool=24, tests=3, seed=0)
+    model = task.make_model(0)
+    out = static.static_scores(method, task, model, [model.state_dict()], pool, tests)
+    assert out.shape == (3, 24) and np.isfinite(out).all() and np.abs(out).max() > 0

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -90,16 +91,37 @@ def _import(name: str) -> tuple[Any, Any]:
 
 
 class _Wrapped(nn.Module):
+    """The task's per-example losses as a module. ``forward(batch)`` (a dict of the examples'
+    tensors): the losses ``(n,)``. ``forward(**batch)`` (dattri's dict-style batches, which
+    LoGra feeds a model as keyword arguments): an object whose ``loss`` is their sum, what
+    dattri expects of such a model (any number of inputs: newsgroups-minilm's hidden states
+    and mask)."""
+
     def __init__(self, task: Task, model: nn.Module) -> None:
         super().__init__()
         self.task = task
         self.model = model
-        self.input_ndim = 1
 
-    def forward(self, inputs: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        if isinstance(inputs, torch.Tensor):  # LoGra's set-up: one forward of the input alone
-            return self.model(inputs if inputs.ndim > self.input_ndim else inputs[None])
-        return self.task.example_losses(self.model, inputs)
+    def forward(
+        self, batch: dict[str, torch.Tensor] | None = None, /, **named: torch.Tensor
+    ) -> Any:
+        if batch is None:
+            return SimpleNamespace(loss=self.task.example_losses(self.model, named).sum())
+        return self.task.example_losses(self.model, batch)
+
+
+class _Dicts(torch.utils.data.Dataset):
+    """Examples as dicts of tensors (batched by the default collate into dicts)."""
+
+    def __init__(self, examples: Examples) -> None:
+        self.tensors = examples.tensors
+        self.n = len(examples)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
 
 
 def static_scores(
@@ -129,7 +151,6 @@ def static_scores(
     keys = sorted(pool.tensors)
     ndims = {k: pool.tensors[k].ndim - 1 for k in keys}
     work = _Wrapped(task, _copy(model))
-    work.input_ndim = ndims[keys[0]]
     dim = sum(p.numel() for p in work.parameters() if p.requires_grad)
     if method == "if-explicit" and dim > EXPLICIT_LIMIT:
         raise SimfluenceError(
@@ -142,6 +163,9 @@ def static_scores(
     def loader(examples: Examples) -> torch.utils.data.DataLoader:
         data = torch.utils.data.TensorDataset(*(examples.tensors[k] for k in keys))
         return torch.utils.data.DataLoader(data, batch_size=_BATCH, shuffle=False)
+
+    def dict_loader(examples: Examples) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(_Dicts(examples), batch_size=_BATCH, shuffle=False)
 
     def states(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"model.{k}": v for k, v in checkpoint.items()}
@@ -181,8 +205,8 @@ def static_scores(
             at = AttributionTask(mean_loss, work, states(checkpoint))
             if method == "logra":
 
-                def batch_loss(model: nn.Module, data: tuple, device: Any) -> torch.Tensor:
-                    inputs = {k: v.to(device) for k, v in zip(keys, data, strict=True)}
+                def batch_loss(model: nn.Module, data: dict, device: Any) -> torch.Tensor:
+                    inputs = {k: v.to(device) for k, v in data.items()}
                     return task.example_losses(model.model, inputs).sum()
 
                 at = AttributionTask(batch_loss, work, states(checkpoint))
@@ -196,8 +220,11 @@ def static_scores(
                 attr = cls(at, regularization=lam)
             else:
                 attr = cls(at, regularization=lam, max_iter=50)
-            attr.cache(loader(pool))
-            scores = attr.attribute(loader(pool), loader(tests))
+            # LoGra's set-up and test gradients take dict-style batches (any inputs); the others
+            # take tuples, unpacked by `example_losses`
+            batches = dict_loader if method == "logra" else loader
+            attr.cache(batches(pool))
+            scores = attr.attribute(batches(pool), batches(tests))
             total += scores.detach().to(torch.float64).numpy().T
     # dattri's influence functions score -g_test^T H^-1 g_train's opposite: positive = helpful
     return total / len(checkpoints)
