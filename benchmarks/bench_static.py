@@ -41,6 +41,7 @@ def bench(
     backend: str | None = None,
     loo_examples: int = 50,
     unrolled_runs: int = 8,
+    static_runs: int = STATIC_RUNS,
 ) -> dict:
     from simfluence.recording.protocol import RecordingProtocol, checkpoint_steps, steps_per_run
     from simfluence.recording.record import record_runs
@@ -59,7 +60,7 @@ def bench(
             if name == "unrolled":
                 opts["max_runs"] = unrolled_runs
             if name in STATIC:
-                opts["max_runs"] = STATIC_RUNS
+                opts["max_runs"] = static_runs
             out[name] = make_simulator(name, **opts)
         return out
 
@@ -76,10 +77,12 @@ def bench(
         main = validate(
             task, runs, methods(), CURRICULUM, curricula, subsets=subsets, backend=backend
         )
-        loo = validate(
-            task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=loo_examples,
-            groups=10, backend=backend,
-        )  # fmt: skip
+        loo = {"kinds": {}}
+        if loo_examples > 0:
+            loo = validate(
+                task, runs, methods(), ["loo", "loo-weight0"], 1, max_examples=loo_examples,
+                groups=10, backend=backend,
+            )  # fmt: skip
     retrain = main["timing"]["retrain"]
     per_training = retrain["seconds"] / retrain["trainings"]
     cost = {
@@ -96,6 +99,8 @@ def bench(
             main["kinds"]["reorder"]["methods"][name].get("order_blind")
         )
         for k in ("loo", "loo-weight0"):
+            if k not in loo["kinds"]:
+                continue
             m = loo["kinds"][k]["methods"][name]
             row[f"{k}_spearman"] = m.get("loo_spearman")
             row[f"{k}_lds"] = m.get("lds")
@@ -107,7 +112,7 @@ def bench(
         "curricula_per_kind": curricula,
         "subsets": subsets,
         "subset_seeds": 1,
-        "static_runs": STATIC_RUNS,
+        "static_runs": static_runs,
         "seconds_per_training": per_training,
         "record_seconds": record_seconds,
         "checkpoints": checkpoints,
@@ -151,7 +156,10 @@ def main() -> None:
     p.add_argument(
         "--backend", default=None, help="retrain on this backend (process:2, ray; default serial)"
     )
-    p.add_argument("--loo-examples", type=int, default=50, help="single removals (default 50)")
+    p.add_argument(
+        "--loo-examples", type=int, default=50, help="single removals (default 50; 0: no loo)"
+    )
+    p.add_argument("--static-runs", type=int, default=STATIC_RUNS, help="checkpoints per static")
     p.add_argument(
         "--unrolled-runs", type=int, default=8, help="runs unrolled averages (default 8)"
     )
@@ -161,7 +169,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
         result = bench(
             workload, args.curricula, args.subsets, args.runs, args.backend,
-            args.loo_examples, args.unrolled_runs,
+            args.loo_examples, args.unrolled_runs, args.static_runs,
         )  # fmt: skip
         path = Path(args.out) / f"static-{workload}.json"
         path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
