@@ -93,7 +93,10 @@ def bench(
         for name, c in main["timing"]["fit"].items()
     }
     table = {}
+    failed = {**main.get("failed", {}), **loo.get("failed", {})}
     for name in OURS + STATIC:
+        if name in failed:  # reported beside the table, not scored
+            continue
         row = {k: main["kinds"][k]["methods"][name]["lds"] for k in CURRICULUM}
         row["reorder_order_blind"] = bool(
             main["kinds"]["reorder"]["methods"][name].get("order_blind")
@@ -120,6 +123,7 @@ def bench(
         "unrolled_runs": unrolled_runs,
         "backend": backend or "serial",
         "methods": table,
+        "failed": failed,
         "validate": {k: v for k, v in main.items() if k != "timing"},
         "loo": {k: v for k, v in loo.items() if k != "timing"},
     }

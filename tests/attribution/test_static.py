@@ -233,3 +233,18 @@ def test_static_methods_run_on_a_model_of_several_inputs(method: str) -> None:
     model = task.make_model(0)
     out = static.static_scores(method, task, model, [model.state_dict()], pool, tests)
     assert out.shape == (3, 24) and np.isfinite(out).all() and np.abs(out).max() > 0
+
+
+def test_a_dattri_crash_is_a_clear_error_naming_the_attributor(
+    runs: RunSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dattri's EK-FAC raised UnboundLocalError on MiniLM's attention layers: the fit says
+    which attributor failed on this model (a `SimfluenceError`, which `validate` reports while
+    it validates the other methods)."""
+
+    def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise UnboundLocalError("cannot access local variable 'a_prev'")
+
+    monkeypatch.setattr(static, "static_scores", crash)
+    with pytest.raises(SimfluenceError, match=r"dattri's IFAttributorEKFAC failed on this model"):
+        make_simulator("if-ekfac", max_runs=1).fit(runs)

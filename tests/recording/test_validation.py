@@ -393,3 +393,23 @@ def test_subsets_are_retrained_and_scored_on_their_final_losses(setting: dict) -
             "all_steps_mse"
         ]
     )
+
+
+def test_a_method_whose_fit_fails_is_reported_and_the_others_validated(setting: dict) -> None:
+    """A method that cannot be fitted (here: a simulator file that does not exist; in the wild:
+    dattri's EK-FAC on MiniLM's attention layers) is reported under ``failed`` and in the
+    text, and the other methods are still validated; when none can be fitted, that is an
+    error."""
+    from simfluence.evaluation.text import format_validation
+
+    runs, root = setting["runs"], setting["root"]
+    simulators = {
+        "broken": TruthSimulator(str(root / "missing.npz")),
+        "exact": TruthSimulator(str(root / "exact.npz")),
+    }
+    result = validate(LinearLossTask(), runs, simulators, kinds=["random"], count=3, seed=SEED)
+    assert list(result["kinds"]["random"]["methods"]) == ["exact"]
+    assert set(result["failed"]) == {"broken"} and "missing.npz" in result["failed"]["broken"]
+    assert "broken: not validated, its fit failed: " in format_validation(result)
+    with pytest.raises(SimfluenceError, match="no method could be fitted"):
+        validate(LinearLossTask(), runs, {"broken": simulators["broken"]}, ["random"], 3)

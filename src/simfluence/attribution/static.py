@@ -324,17 +324,25 @@ class StaticSimulator(GradientSimulator):
                 path = require_checkpoint(directory, run.run_id, step)
                 checkpoints.append(torch.load(path, map_location="cpu", weights_only=True))
                 self.checkpoint_steps_[run.run_id] = [step]
-            scores = static_scores(
-                self.method,
-                task,
-                model,
-                checkpoints,
-                pool,
-                tests,
-                projection_dim=self.projection_dim,
-                damping=self.damping,
-                seed=self.projection_seed,
-            )
+            try:
+                scores = static_scores(
+                    self.method,
+                    task,
+                    model,
+                    checkpoints,
+                    pool,
+                    tests,
+                    projection_dim=self.projection_dim,
+                    damping=self.damping,
+                    seed=self.projection_seed,
+                )
+            except SimfluenceError:
+                raise
+            except Exception as exc:  # dattri's attributor on a model it does not handle
+                raise SimfluenceError(
+                    f"{self.name}: dattri's {STATIC_METHODS[self.method]} failed on this model "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
             self.scores_ = scores
             self.runs_used_ = len(used)
             self.A_ = None

@@ -101,6 +101,8 @@ def format_validation(result: dict[str, Any]) -> str:
     if validation.optimized is not None:
         lines += _format_optimized(validation.optimized)
     lines += [f"warning: {w}" for ws in validation.warnings.values() for w in ws]
+    failed = result.get("failed") or {}
+    lines += [f"{name}: not validated, its fit failed: {why}" for name, why in failed.items()]
     return "\n".join(lines)
 
 

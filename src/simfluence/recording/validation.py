@@ -316,13 +316,24 @@ def validate(
     pool, tests = prepare_for_runset(task, runs)
     resolve_device(device)
     fit_cost: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     for name, simulator in simulators.items():
-        with measure_cost(fit_cost.setdefault(name, {})):
-            simulator.fit(runs)
+        try:
+            with measure_cost(fit_cost.setdefault(name, {})):
+                simulator.fit(runs)
+        except SimfluenceError as exc:  # reported; the other methods are still validated
+            failed[name] = str(exc)
+    if len(failed) == len(simulators):
+        raise SimfluenceError(f"no method could be fitted: {failed}")
+    simulators = {n: s for n, s in simulators.items() if n not in failed}
+    for name in failed:
+        fit_cost.pop(name, None)
+    for simulator in simulators.values():
         with contextlib.suppress(SimfluenceError):  # e.g. one recorded run: no intervals
             simulator.calibrate(runs)
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
     wrap = progress or (lambda items, total: items)
+    result["failed"] = failed
     result["search_evaluations"] = search_evaluations
     result["warnings"] = {
         name: list(getattr(sim, "warnings_", None) or []) for name, sim in simulators.items()
