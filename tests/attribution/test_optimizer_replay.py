@@ -98,6 +98,25 @@ def _retrain(setting, description, weights, schedule=None):  # type: ignore[no-u
     )
 
 
+def _assert_matches_finite_differences(setting, description, schedule, mg, slots) -> None:  # type: ignore[no-untyped-def]
+    """Each metagradient of `slots` ``(step, slot)`` equals the central difference of
+    retraining with that consumption's loss weight moved by +-1e-5 (batches of 4, 8 steps)."""
+    ones = [[1.0] * 4 for _ in range(8)]
+    eps = 1e-5
+    for step, slot in slots:
+        plus = [list(b) for b in ones]
+        minus = [list(b) for b in ones]
+        plus[step - 1][slot] += eps
+        minus[step - 1][slot] -= eps
+        numeric = (
+            _retrain(setting, description, plus, schedule)
+            - _retrain(setting, description, minus, schedule)
+        ) / (2 * eps)
+        np.testing.assert_allclose(
+            mg.grads[:, 4 * (step - 1) + slot], numeric, rtol=1e-4, atol=1e-9
+        )
+
+
 @pytest.mark.parametrize(
     "name, extra",
     [("adamw", {}), ("adamw", {"weight_decay": 0.1, "schedule": "linear", "warmup": 2})],
@@ -116,19 +135,7 @@ def test_adamw_runs_replay_bit_for_bit_and_metagradients_match_retraining(
     assert mg.replay_error == 0.0  # every checked checkpoint and the final losses, bit for bit
     assert mg.info["optimizer"] == "AdamW"
     assert np.isfinite(mg.grads).all() and np.abs(mg.grads).max() > 0
-    ones = [[1.0] * 4 for _ in range(8)]
-    eps = 1e-5
-    for step, slot in [(1, 0), (4, 2), (8, 3)]:
-        plus = [list(b) for b in ones]
-        minus = [list(b) for b in ones]
-        plus[step - 1][slot] += eps
-        minus[step - 1][slot] -= eps
-        numeric = (
-            _retrain(setting, description, plus, schedule)
-            - _retrain(setting, description, minus, schedule)
-        ) / (2 * eps)
-        column = 4 * (step - 1) + slot
-        np.testing.assert_allclose(mg.grads[:, column], numeric, rtol=1e-4, atol=1e-9)
+    _assert_matches_finite_differences(setting, description, schedule, mg, [(1, 0), (4, 2), (8, 3)])
 
 
 def test_segments_carry_the_adam_moments(setting) -> None:  # type: ignore[no-untyped-def]
@@ -273,17 +280,4 @@ def test_lora_adapter_runs_replay_bit_for_bit_and_metagradients_match_retraining
     mg = _metagradients(setting, description, run, saved)
     assert mg.replay_error == 0.0 and mg.info["optimizer"] == "AdamW"
     assert np.isfinite(mg.grads).all() and np.abs(mg.grads).max() > 0
-    ones = [[1.0] * 4 for _ in range(8)]
-    eps = 1e-5
-    for step, slot in [(1, 0), (5, 3), (8, 1)]:
-        plus = [list(b) for b in ones]
-        minus = [list(b) for b in ones]
-        plus[step - 1][slot] += eps
-        minus[step - 1][slot] -= eps
-        numeric = (
-            _retrain(setting, description, plus, schedule)
-            - _retrain(setting, description, minus, schedule)
-        ) / (2 * eps)
-        np.testing.assert_allclose(
-            mg.grads[:, 4 * (step - 1) + slot], numeric, rtol=1e-4, atol=1e-9
-        )
+    _assert_matches_finite_differences(setting, description, schedule, mg, [(1, 0), (5, 3), (8, 1)])
