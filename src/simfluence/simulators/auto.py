@@ -30,7 +30,7 @@ from simfluence.runlog.runs import AnyCurriculum, RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.candidates import (
     CANDIDATE_CLASSES,
-    FitsMembersOnGaps,
+    ComposedSimulator,
     check_candidates,
     fit_candidates,
     fit_summary,
@@ -52,7 +52,7 @@ _CLASSES: dict[str, type[Simulator]] = {**CANDIDATE_CLASSES, StackSimulator.name
 _PREFIX = "delegate__"
 
 
-class AutoSimulator(FitsMembersOnGaps, Simulator):
+class AutoSimulator(ComposedSimulator, Simulator):
     """The best of several simulators, or of their stack, on the training runs, by run-wise
     cross-validation.
 
@@ -112,8 +112,9 @@ class AutoSimulator(FitsMembersOnGaps, Simulator):
             raise SimfluenceError(f"auto: no candidate could be fitted ({fitted.skipped})")
         delegates: dict[str, Simulator] = {k: fitted.fitted[k] for k in finite}
         if self.stack and len(finite) > 1:
-            stack = StackSimulator(list(finite), self.cv_folds, self.memory, self.unseen)
-            stack.cv_tests = self.cv_tests
+            stack = StackSimulator(
+                list(finite), self.cv_folds, self.memory, self.unseen, self.cv_tests
+            )
             stack._set_basics(runs)
             stack.adopt(fitted, list(finite))
             scores[stack.name] = finite[stack.name] = float(stack.cv_mse_)

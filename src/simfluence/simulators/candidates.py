@@ -70,12 +70,14 @@ class FittedCandidates:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-class FitsMembersOnGaps:
-    """Mixin of the simulators made of other simulators (`auto`, `stack`): sparsely scored runs
-    go to the members as they are, each of which fits them its own way (`simulators.gaps`),
-    instead of through rounds of imputation that would refit every member and its
-    cross-validation each round. The held-out rollouts are scored on the recorded losses only
-    (NaN elsewhere)."""
+class ComposedSimulator:
+    """Mixin of the simulators made of other fitted simulators (`auto`, `stack`; subclasses
+    give `_fitted_members`).
+
+    Sparsely scored runs go to the members as they are, each of which fits them its own way
+    (`simulators.gaps`), instead of through rounds of imputation that would refit every member
+    and its cross-validation each round; the held-out rollouts are scored on the recorded
+    losses only (NaN elsewhere). The batch size is the members' (`batch_size_`)."""
 
     def fit(self, runs: RunSet) -> Any:
         if not runs.runs or runs.complete:
@@ -154,7 +156,7 @@ def fit_summary(simulator: Simulator) -> str:
 
 __all__ = [
     "CANDIDATE_CLASSES",
-    "FitsMembersOnGaps",
+    "ComposedSimulator",
     "FittedCandidates",
     "check_candidates",
     "fit_candidates",

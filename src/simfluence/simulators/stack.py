@@ -39,7 +39,7 @@ from simfluence.runlog.runs import AnyCurriculum, RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.candidates import (
     CANDIDATE_CLASSES,
-    FitsMembersOnGaps,
+    ComposedSimulator,
     FittedCandidates,
     check_candidates,
     fit_candidates,
@@ -180,8 +180,9 @@ def choose_stack(
     each run of `true`), then fit the weights on every run."""
     folds_arr = np.asarray(folds)
     best: tuple[float, int, float, list[np.ndarray]] | None = None
+    moments = {}
     for blocks in STACK_BLOCKS:
-        Q, q = block_moments(sides, true, blocks)
+        Q, q = moments[blocks] = block_moments(sides, true, blocks)
         for shrinkage in STACK_SHRINKAGE:
             predicted: list[np.ndarray] = [np.empty(0)] * len(true)
             for fold in np.unique(folds_arr):
@@ -194,7 +195,7 @@ def choose_stack(
                 best = (score, blocks, shrinkage, predicted)
     assert best is not None
     score, blocks, shrinkage, predicted = best
-    Q, q = block_moments(sides, true, blocks)
+    Q, q = moments[blocks]
     weight = stack_weights(Q.sum(0), q.sum(0), shrinkage)
     return StackChoice(blocks, shrinkage, score, weight, predicted)
 
@@ -208,7 +209,7 @@ def _pinned_params(member: Simulator) -> dict[str, Any]:
     return params
 
 
-class StackSimulator(FitsMembersOnGaps, Simulator):
+class StackSimulator(ComposedSimulator, Simulator):
     """Several simulators' rollouts weighted per test example and stretch of training.
 
     Parameters:
