@@ -22,6 +22,13 @@ from simfluence.attribution.smoothness import (  # noqa: E402
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask  # noqa: E402
 
 
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` with derivative 0 (not inf) where ``x == 0``: the fused step's rule."""
+    positive = x > 0
+    root = torch.where(positive, x, torch.ones_like(x)).sqrt()
+    return torch.where(positive, root, torch.zeros_like(x))
+
+
 def _chain(p, g, m, v, step, lr, rule):  # type: ignore[no-untyped-def]
     """torch's single-tensor Adam as plain autograd operations (the reference)."""
     b1, b2 = rule.betas
@@ -32,7 +39,7 @@ def _chain(p, g, m, v, step, lr, rule):  # type: ignore[no-untyped-def]
             g = g.add(p, alpha=rule.weight_decay)
     m = m.lerp(g, 1 - b1)
     v = v.mul(b2).addcmul(g, g, value=1 - b2)
-    denom = (fopt._safe_sqrt(v) / (1 - b2**step) ** 0.5).add(rule.eps)
+    denom = (_safe_sqrt(v) / (1 - b2**step) ** 0.5).add(rule.eps)
     return p.addcdiv(m, denom, value=-lr / (1 - b1**step)), m, v
 
 

@@ -164,7 +164,7 @@ def _adam(
     `_AdamStep` (the same operations forward; one fused backward)."""
     beta1, beta2 = rule.betas
     exp_avg, exp_avg_sq = state
-    new_p, m, v, *_ = _AdamStep.apply(
+    new_p, m, v, *_ = _apply_adam(
         p, g, exp_avg, exp_avg_sq, step, lr, rule.weight_decay, rule.decoupled, beta1, beta2,
         rule.eps,
     )  # fmt: skip
@@ -181,7 +181,7 @@ class _AdamStep(torch.autograd.Function):
     instead of autograd's chain through every one (the Adam part of a metagradient's reverse
     pass about 2x faster; vmappable, so batched over test examples). Only first derivatives:
     nothing differentiates a metagradient again. ``sqrt`` has derivative 0 where ``v == 0``
-    (`_safe_sqrt`).
+    (a parameter that never had a gradient) instead of ``inf``: the backward's own rule.
     """
 
     generate_vmap_rule = True
@@ -209,7 +209,7 @@ class _AdamStep(torch.autograd.Function):
         v = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2)
         bias_correction1 = 1 - beta1 ** float(step)
         bias_correction2 = 1 - beta2 ** float(step)
-        root = _safe_sqrt(v)
+        root = v.sqrt()  # torch's value; its derivative at 0 is the backward's
         denom = (root / bias_correction2**0.5).add(eps)
         return p.addcdiv(m, denom, value=-lr / bias_correction1), m, v, root, denom
 
@@ -226,10 +226,8 @@ class _AdamStep(torch.autograd.Function):
         root_bc2 = (1 - beta2 ** float(step)) ** 0.5
         with torch.no_grad():
             inv = denom.reciprocal()
-            positive = root > 0
-            half_inv_root = torch.where(
-                positive, 0.5 / torch.where(positive, root, torch.ones_like(root)), 0.0
-            )
+            # d sqrt(v) / dv, 0 where v == 0 (the inf of 0.5 / 0 is never selected)
+            half_inv_root = torch.where(root > 0, 0.5 / root, 0.0)
             to_m = inv.mul(-step_size)  # d p_new / d m_new
             to_v = (m * inv * inv * half_inv_root).mul(step_size / root_bc2)  # d p_new / d v_new
             to_g = g.mul(2 * (1 - beta2))  # d v_new / d g
@@ -260,11 +258,18 @@ class _AdamStep(torch.autograd.Function):
 _AdamStep.forward.__signature__ = inspect.signature(_AdamStep.forward)  # type: ignore[attr-defined]
 
 
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(x)`` for ``x >= 0`` with derivative 0 (not inf) where ``x == 0``."""
-    positive = x > 0
-    root = torch.where(positive, x, torch.ones_like(x)).sqrt()
-    return torch.where(positive, root, torch.zeros_like(x))
+#: ``Function.apply`` without its argument binding (`_apply_adam`)
+_FUNCTION_APPLY = super(torch.autograd.Function, _AdamStep).apply
+
+
+def _apply_adam(*args: Any) -> tuple[torch.Tensor, ...]:
+    """``_AdamStep.apply(*args)`` (all arguments positional). Outside functorch transforms
+    (a replay's forward) straight to autograd's C++ ``apply``: ``Function.apply`` first binds
+    the arguments to ``forward``'s signature and applies its defaults, about a third of the
+    cost of an update of a small parameter, and positional arguments need none of it."""
+    if torch._C._are_functorch_transforms_active():
+        return _AdamStep.apply(*args)
+    return _FUNCTION_APPLY(*args)
 
 
 def clip_gradients(
