@@ -9,6 +9,7 @@ from typing import Any
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.featurized.basis import NormalEquations
 from simfluence.simulators.featurized.growth import _ExtendableEffects
+from simfluence.simulators.featurized.multistep import fit_observed
 from simfluence.simulators.featurized.selection import (
     COMPONENT_GRID,
     FEATURE_L2_GRID,
@@ -34,6 +35,10 @@ class FeaturizedSimulator(_ExtendableEffects):
     Learned attributes: ``A_``, ``B_``, ``A_slope_``, ``B_slope_`` (M, P; slopes None when
     static), ``seen_`` (all True), ``l2_`` (= ``feature_l2_``), ``cv_mse_``, and those listed in
     `_FeatureEffects`.
+
+    From sparsely scored runs the coefficients are fitted to the observed losses by their
+    multi-step predictions (`fit_observed`, `simulators.featurized.multistep`), with the ``k``
+    and ``l2`` chosen on the interpolated losses.
     """
 
     name = "featurized"
@@ -62,6 +67,11 @@ class FeaturizedSimulator(_ExtendableEffects):
     def _calibration_params(self) -> dict[str, Any]:
         # the copies fitted in calibration keep the k and l2 chosen here
         return {**super()._calibration_params(), "n_components": self.n_components_, "l2": self.l2_}
+
+    def fit_observed(self, runs: RunSet) -> int:
+        """Refit the coefficients to the observed losses of sparsely scored `runs` (after the
+        fit on their interpolation; `simulators.gaps`); returns the Gauss-Newton iterations."""
+        return fit_observed(self, runs)
 
     def _fit_parameters(self, runs: RunSet) -> None:
         phi = self._prepare_features(runs)
