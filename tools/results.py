@@ -561,7 +561,9 @@ def sparse() -> tuple[list[str], list[str]]:
         "fully scored held-out runs. Overhead: a fully scored run's time over plain training's.",
         "Estimated time: plain training plus the measured cost of one full scoring per scored",
         "step's worth of losses (`geometric-10`, masks only, has no measured time). Fits from",
-        "gaps re-impute until the imputation settles (`simulators/gaps.py`).",
+        "gaps re-impute until the imputation settles (`simulators/gaps.py`); `featurized` is",
+        "fitted to the observed losses by its multi-step predictions",
+        "(`simulators/featurized/multistep.py`).",
         "",
     ]
     for name in files:
