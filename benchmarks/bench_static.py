@@ -56,7 +56,8 @@ def bench(
     def methods() -> dict:
         out = {}
         for name in OURS + STATIC:
-            opts = {"unseen": "prior"} if name in ("linear", "additive") else {}
+            # examples no fitted run (or no unrolled run) consumed have no effect: "prior"
+            opts = {"unseen": "prior"} if name in ("linear", "additive", "unrolled") else {}
             if name == "unrolled":
                 opts["max_runs"] = unrolled_runs
             if name in STATIC:
@@ -97,10 +98,9 @@ def bench(
     for name in OURS + STATIC:
         if name in failed:  # reported beside the table, not scored
             continue
-        row = {k: main["kinds"][k]["methods"][name]["lds"] for k in CURRICULUM}
-        row["reorder_order_blind"] = bool(
-            main["kinds"]["reorder"]["methods"][name].get("order_blind")
-        )
+        scored = {k: main["kinds"][k]["methods"].get(name, {}) for k in CURRICULUM}
+        row = {k: scored[k].get("lds") for k in CURRICULUM}  # None: no answer on that kind
+        row["reorder_order_blind"] = bool(scored["reorder"].get("order_blind"))
         for k in ("loo", "loo-weight0"):
             if k not in loo["kinds"]:
                 continue
@@ -124,6 +124,7 @@ def bench(
         "backend": backend or "serial",
         "methods": table,
         "failed": failed,
+        "unanswered": main.get("unanswered", {}),
         "validate": {k: v for k, v in main.items() if k != "timing"},
         "loo": {k: v for k, v in loo.items() if k != "timing"},
     }

@@ -427,6 +427,10 @@ def static_methods() -> tuple[list[str], list[str]]:
             ]
             rows.append([f"`{m}`", *cells])
         out += table(["method", *kinds, "LOO Spearman", "fit s", "trainings", "MB"], rows)
+        notes = [f"* `{m}` failed: {why}" for m, why in (d.get("failed") or {}).items()]
+        for m, by_kind in (d.get("unanswered") or {}).items():
+            notes += [f"* `{m}` gave no answer on `{k}`: {why}" for k, why in by_kind.items()]
+        out += ["", *notes] if notes else []
     return out, names
 
 

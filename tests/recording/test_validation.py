@@ -413,3 +413,36 @@ def test_a_method_whose_fit_fails_is_reported_and_the_others_validated(setting: 
     assert "broken: not validated, its fit failed: " in format_validation(result)
     with pytest.raises(SimfluenceError, match="no method could be fitted"):
         validate(LinearLossTask(), runs, {"broken": simulators["broken"]}, ["random"], 3)
+
+
+class _NeverSaw(TruthSimulator):
+    """Fits, but refuses every curriculum (as a simulator does for an example no run it was
+    fitted on consumed, with ``unseen="error"``)."""
+
+    def _simulate_many(self, curricula, initial):  # type: ignore[no-untyped-def]
+        from simfluence.errors import CurriculumError
+
+        raise CurriculumError("curriculum #0: step 2: training id 'x' never appeared")
+
+
+def test_a_method_that_cannot_answer_a_kind_is_reported_and_the_others_scored(
+    setting: dict,
+) -> None:
+    """A 43-minute static table died at its last step on this: `unrolled` fitted from one
+    run refused curricula with examples that run never consumed. Now the method is reported
+    under ``unanswered`` (per kind) and in the text, and the other methods are scored."""
+    from simfluence.evaluation.text import format_validation
+
+    root = setting["root"]
+    simulators = {
+        "exact": TruthSimulator(str(root / "exact.npz")),
+        "unseen": _NeverSaw(str(root / "exact.npz")),
+    }
+    result = validate(
+        LinearLossTask(), setting["runs"], simulators, ["random", "reorder"], 3, seed=SEED
+    )
+    for kind in ("random", "reorder"):
+        assert list(result["kinds"][kind]["methods"]) == ["exact"]
+        assert "never appeared" in result["unanswered"]["unseen"][kind]
+    assert result["failed"] == {}
+    assert "unseen: no answer on the reorder curricula: curriculum #0" in format_validation(result)

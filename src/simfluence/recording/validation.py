@@ -334,6 +334,8 @@ def validate(
     initial_loss = np.mean([r.initial_loss for r in runs.runs], axis=0)
     wrap = progress or (lambda items, total: items)
     result["failed"] = failed
+    unanswered: dict[str, dict[str, str]] = {}
+    result["unanswered"] = unanswered
     result["search_evaluations"] = search_evaluations
     result["warnings"] = {
         name: list(getattr(sim, "warnings_", None) or []) for name, sim in simulators.items()
@@ -356,10 +358,7 @@ def validate(
     searched: list[float] = []
     for kind in kinds:
         true = trained[kind]
-        predicted = {
-            name: sim.simulate_many(curricula[kind], initial_loss)
-            for name, sim in simulators.items()
-        }
+        predicted = _predictions(simulators, curricula[kind], initial_loss, kind, unanswered)
         if kind == "subsets":
             true = mean_over_seeds(true, subset_seeds)
             predicted = {n: mean_over_seeds(p, subset_seeds) for n, p in predicted.items()}
@@ -385,6 +384,25 @@ def validate(
         }
         result["optimized"] |= _optimized_intervals(searched_in_region, actual_mean["optimized"])
     return result
+
+
+def _predictions(
+    simulators: dict[str, Simulator],
+    curricula: list[Curriculum],
+    initial_loss: np.ndarray,
+    kind: str,
+    unanswered: dict[str, dict[str, str]],
+) -> dict[str, list[np.ndarray]]:
+    """Every simulator's rollouts of one kind's curricula; a simulator that cannot answer
+    them (a `SimfluenceError`: e.g. an example no run it was fitted on consumed) goes to
+    ``unanswered[name][kind]`` with the reason, and the others are still scored."""
+    predicted = {}
+    for name, simulator in simulators.items():
+        try:
+            predicted[name] = simulator.simulate_many(curricula, initial_loss)
+        except SimfluenceError as exc:
+            unanswered.setdefault(name, {})[kind] = str(exc)
+    return predicted
 
 
 def _retrain(
