@@ -104,7 +104,7 @@ def format_validation(result: dict[str, Any]) -> str:
     failed = result.get("failed") or {}
     lines += [f"{name}: not validated, its fit failed: {why}" for name, why in failed.items()]
     for name, kinds in (result.get("unanswered") or {}).items():
-        lines += [f"{name}: no answer on the {kind} curricula: {why}" for kind, why in kinds.items()]
+        lines += [f"{name}: no answer on the {k} curricula: {why}" for k, why in kinds.items()]
     return "\n".join(lines)
 
 
