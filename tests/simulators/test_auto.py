@@ -43,7 +43,15 @@ def test_defaults_and_parameters_are_kept() -> None:
         "cv_tests": None,
         "stack": True,
     }
-    assert AUTO_CANDIDATES == ("linear", "additive", "mean", "hybrid", "log-linear", "log-hybrid")
+    assert AUTO_CANDIDATES == (
+        "linear",
+        "additive",
+        "mean",
+        "hybrid",
+        "log-linear",
+        "log-hybrid",
+        "featurized",
+    )
     auto = AutoSimulator(
         ("mean", "linear"), cv_folds=3, memory=0.5, unseen="prior", cv_tests=7, stack=False
     )

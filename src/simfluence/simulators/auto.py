@@ -2,9 +2,11 @@
 
 Candidates (`AUTO_CANDIDATES`, `simulators.candidates`): Simfluence-Linear with its optimizer
 memory chosen too (``memory="auto"``, `simulators.memory`), Simfluence-Additive, the
-curriculum-blind ``mean``, ``hybrid`` when the run set has example features, and the log-space
-twins of linear and hybrid (`simulators.logspace`). Each is fitted on all training runs (its
-own cross-validation picks its hyperparameters), then refitted with those hyperparameters
+curriculum-blind ``mean``, ``hybrid`` and ``featurized`` when the run set has example features
+(``featurized`` is the strongest fit from sparsely scored runs,
+`simulators.featurized.multistep`), and the log-space twins of linear and hybrid
+(`simulators.logspace`). Each is fitted on all training runs (its own cross-validation picks
+its hyperparameters), then refitted with those hyperparameters
 pinned on all folds of whole runs but one and rolled out on the held-out fold (exactly the
 refits of `Simulator.calibrate`). The same held-out rollouts are stacked (`simulators.stack`:
 per test example and stretch of training, weights fitted on the other folds), and whichever
@@ -45,6 +47,7 @@ AUTO_CANDIDATES: tuple[str, ...] = (
     "hybrid",
     "log-linear",
     "log-hybrid",
+    "featurized",
 )
 #: the methods `auto` can choose: its candidates and their stack (core methods: no torch)
 _CLASSES: dict[str, type[Simulator]] = {**CANDIDATE_CLASSES, StackSimulator.name: StackSimulator}
@@ -57,8 +60,9 @@ class AutoSimulator(ComposedSimulator, Simulator):
     cross-validation.
 
     Parameters:
-        candidates: method names to choose among (`simulators.candidates`); ``hybrid`` and
-            ``log-hybrid`` are skipped when the run set has no example features (and any
+        candidates: method names to choose among (`simulators.candidates`); ``hybrid``,
+            ``log-hybrid`` and ``featurized`` are skipped when the run set has no example
+            features (and any
             candidate whose fit fails is skipped and reported).
         cv_folds: folds of whole training runs scoring the candidates.
         memory: the ``memory`` of the candidates that take one (default ``"auto"``:

@@ -19,7 +19,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.runlog.runs import RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.baselines import MeanTrajectorySimulator
-from simfluence.simulators.featurized import HybridSimulator
+from simfluence.simulators.featurized import FeaturizedSimulator, HybridSimulator
 from simfluence.simulators.intervals import run_folds
 from simfluence.simulators.linear import AdditiveSimulator, LinearSimulator
 from simfluence.simulators.logspace import (
@@ -36,13 +36,14 @@ CANDIDATE_CLASSES: dict[str, type[Simulator]] = {
         LinearSimulator,
         AdditiveSimulator,
         MeanTrajectorySimulator,
+        FeaturizedSimulator,
         HybridSimulator,
         LogLinearSimulator,
         LogHybridSimulator,
     )
 }
 #: candidates that need example features (skipped on run sets without them)
-NEEDS_FEATURES = frozenset({"hybrid", "log-hybrid"})
+NEEDS_FEATURES = frozenset({"featurized", "hybrid", "log-hybrid"})
 #: candidates that, with ``memory="auto"``, take linear's kernel or none (fitted after it)
 FOLLOW_LINEAR = frozenset({"hybrid", "log-linear", "log-hybrid"})
 

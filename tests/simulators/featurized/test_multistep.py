@@ -92,3 +92,15 @@ def test_the_gradient_is_that_of_the_squared_errors_across_gaps() -> None:
     # H is the Gauss-Newton matrix: symmetric, positive semi-definite
     np.testing.assert_allclose(H, np.transpose(H, (0, 2, 1)))
     assert np.linalg.eigvalsh(H).min() > -1e-9
+
+
+def test_auto_has_featurized_among_its_candidates_for_sparse_runs() -> None:
+    runs, _ = featurized_runset(runs=12, seed=7, noise=0.01)
+    train, held = runs.split(3)
+    sparse = _every(train, 4)
+    candidates = ["linear", "mean", "featurized"]
+    auto = make_simulator("auto", candidates=candidates, cv_folds=3).fit(sparse)
+    alone = make_simulator("featurized").fit(sparse)
+    scores = auto.choice()["cv_all_steps_mse"]
+    assert scores["featurized"] < scores["linear"]
+    assert _heldout_mse(auto, held) <= 1.05 * _heldout_mse(alone, held)
