@@ -651,7 +651,8 @@ def unrolled_adamw() -> tuple[list[str], list[str]]:
         ratio = c["ratio_to_recorded_run"]
         key = next(k for k in ratio if k.startswith("unrolled"))
         rows.append([rec, f"{num(c['seconds'][next(iter(c['seconds']))])} s", f"{ratio[key]:.2f}x"])
-    out += ["Cost (`benchmarks/bench_unrolled.py`, median of 5, shared 2-core VM: noisy):", ""]
+    note = d.get("cost_note", "median of 5, shared 2-core VM: noisy")
+    out += [f"Cost (`benchmarks/bench_unrolled.py`; {note}):", ""]
     out += table(["run set", "one recorded run", "unrolled, all 50 tests"], rows)
     rows = []
     for rec, sm in d["smoothness"].items():
