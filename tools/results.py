@@ -407,7 +407,7 @@ def static_methods() -> tuple[list[str], list[str]]:
         protocol = (
             f"{d['recorded_runs']} recorded runs, {d['curricula_per_kind']} curricula per kind, "
             f"{d['subsets']} subsets, {d.get('loo_examples', 50)} single removals, `unrolled` "
-            f"over {d.get('unrolled_runs', 8)} runs, retrained {d.get('backend', 'serial')}."
+            f"over {d.get('unrolled_runs', 8)} run(s), retrained {d.get('backend', 'serial')}."
         )
         out += [f"### {d['workload']}", "", f"Source: {source(name)}. {protocol}", ""]
         if d.get("note"):
@@ -430,7 +430,7 @@ def static_methods() -> tuple[list[str], list[str]]:
         notes = [f"* `{m}` failed: {why}" for m, why in (d.get("failed") or {}).items()]
         for m, by_kind in (d.get("unanswered") or {}).items():
             notes += [f"* `{m}` gave no answer on `{k}`: {why}" for k, why in by_kind.items()]
-        out += ["", *notes] if notes else []
+        out += [*notes, ""] if notes else []
     return out, names
 
 
