@@ -104,3 +104,17 @@ def test_auto_has_featurized_among_its_candidates_for_sparse_runs() -> None:
     scores = auto.choice()["cv_all_steps_mse"]
     assert scores["featurized"] < scores["linear"]
     assert _heldout_mse(auto, held) <= 1.05 * _heldout_mse(alone, held)
+
+
+def test_a_test_example_whose_rollout_diverges_keeps_its_coefficients() -> None:
+    runs, _ = featurized_runset(runs=6, seed=4, noise=0.01)
+    sparse = _every(runs, 3)
+    sim = make_simulator("featurized", n_components=2, l2=1.0, time_varying=False).fit(sparse)
+    data = ObservedRuns.of(sim, sparse, sim.features_)
+    start = np.hstack([sim.coef_A_, sim.coef_B_])
+    start[0, 0] = 1e120  # test example 0: alpha far above 1, its rollout overflows
+    with np.errstate(all="raise"):  # no floating-point warning escapes either
+        coef, iterations = gauss_newton(data, start.copy(), 1.0, 1 / sim.batch_size_)
+    np.testing.assert_array_equal(coef[0], start[0])
+    assert np.isfinite(coef).all() and iterations < 20
+    assert not np.allclose(coef[1:], start[1:])  # the others moved

@@ -138,15 +138,19 @@ def gauss_newton(
         H, g, sse = _normal_equations(data, c, inv_batch)
         return H, g, sse + lam * (c**2).sum(axis=1)
 
-    coef, terms = start, objective(start)
     iterations = 0
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging rollout: handled below
+        coef, terms = start, objective(start)
         while iterations < MAX_ITERATIONS:
             iterations += 1
             H, g, value = terms
             step = np.linalg.solve(H + lam * eye, (g - lam * coef)[:, :, None])[:, :, 0]
             coef, terms = _damped_step(objective, coef, step, value)
-            if value.sum() - terms[2].sum() <= TOLERANCE * value.sum():
+            # test examples whose rollout diverges keep their coefficients (`_damped_step`)
+            # and do not hold the others' convergence up
+            finite = np.isfinite(value)
+            total = value[finite].sum()
+            if not finite.any() or total - terms[2][finite].sum() <= TOLERANCE * total:
                 break
     return coef, iterations
 
@@ -165,8 +169,8 @@ def _damped_step(
         if not worse.any():
             return trial, terms
         scale[worse] *= 0.5
-    scale[worse] = 0.0  # those test examples keep their coefficients
-    trial = coef + scale[:, None] * step
+    keep = worse[:, None]  # those test examples keep their coefficients (a NaN step too)
+    trial = np.where(keep, coef, coef + scale[:, None] * step)
     return trial, objective(trial)
 
 
