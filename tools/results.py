@@ -396,9 +396,10 @@ def static_methods() -> tuple[list[str], list[str]]:
         "curriculum kind and on 50% subsets (dattri's protocol), leave-one-out Spearman under",
         "both removals (`loo` / `loo-weight0`), fit cost (seconds, training-run equivalents,",
         "peak RSS MB). `(blind)`: order-blind, LDS 0 by construction. `make static-table`",
-        "regenerates both tables (34 s on the idle 2-core machine, 2026-12-07). Margin: the",
-        "best of simfluence's methods minus the best static method on `subsets` (the issue's",
-        "target: at least 0.1).",
+        "regenerates the two digits tables (34 s on the idle 2-core machine, 2026-12-07); the",
+        "newsgroups-minilm table's command is in its JSON (39 min). Margin: the best of",
+        "simfluence's methods minus the best static method on `subsets` (the issue's target:",
+        "at least 0.1).",
         "",
     ]
     kinds = ("random", "leave-out", "reorder", "repeat", "subsets")

@@ -6,9 +6,9 @@ curriculum-blind ``mean``, ``hybrid`` and ``featurized`` when the run set has ex
 (``featurized`` is the strongest fit from sparsely scored runs,
 `simulators.featurized.multistep`), and the log-space twins of linear and hybrid
 (`simulators.logspace`). Each is fitted on all training runs (its own cross-validation picks
-its hyperparameters), then refitted with those hyperparameters
-pinned on all folds of whole runs but one and rolled out on the held-out fold (exactly the
-refits of `Simulator.calibrate`). The same held-out rollouts are stacked (`simulators.stack`:
+its hyperparameters), then refitted with those hyperparameters pinned on all folds of whole
+runs but one and rolled out on the held-out fold (exactly the refits of
+`Simulator.calibrate`). The same held-out rollouts are stacked (`simulators.stack`:
 per test example and stretch of training, weights fitted on the other folds), and whichever
 of the candidates and their stack has the lowest all-steps MSE over every held-out run wins.
 Hyperparameters are chosen on all training runs before the folds, which favours the
@@ -62,8 +62,7 @@ class AutoSimulator(ComposedSimulator, Simulator):
     Parameters:
         candidates: method names to choose among (`simulators.candidates`); ``hybrid``,
             ``log-hybrid`` and ``featurized`` are skipped when the run set has no example
-            features (and any
-            candidate whose fit fails is skipped and reported).
+            features (and any candidate whose fit fails is skipped and reported).
         cv_folds: folds of whole training runs scoring the candidates.
         memory: the ``memory`` of the candidates that take one (default ``"auto"``:
             ``linear`` chooses its kernel among many by run-wise CV, `simulators.memory`; the

@@ -82,6 +82,12 @@ class Simulator(ABC):
     #: (`simulators.gaps`); simulators whose fit does not use the missing steps need none
     gap_rounds: int = gaps.IMPUTATION_ROUNDS
 
+    def fit_observed(self, runs: RunSet) -> int | None:
+        """Refit on the observed losses of sparsely scored `runs` directly, after the fit on
+        their interpolation (`simulators.gaps`); returns the iterations taken, or None (the
+        default) for a simulator fitted by imputation rounds instead."""
+        return None
+
     def fit(self, runs: RunSet) -> Self:
         """Learn from the runs of `runs`; returns self.
 

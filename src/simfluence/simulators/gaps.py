@@ -38,10 +38,11 @@ Cross-validation inside a fit scores its held-out folds on the recorded losses o
 
 Every simulator fits this way (`Simulator.fit` sends incomplete run sets here); the baselines
 need no rounds (`Simulator.gap_rounds`): ``persistence`` reads step 0 only, and ``mean`` is the
-mean of the interpolated trajectories. A simulator with a ``fit_observed(runs)`` method is
-instead fitted to the observed losses directly, starting from its fit on the interpolation
-(``featurized``: Gauss-Newton on its multi-step predictions,
-`simulators.featurized.multistep`; ``gap_rounds_`` then counts its iterations).
+mean of the interpolated trajectories. A simulator whose ``fit_observed(runs)`` returns a
+number (`Simulator.fit_observed`; the default returns None) is instead fitted to the observed
+losses directly, from its fit on the interpolation (``featurized``: Gauss-Newton on its
+multi-step predictions, `simulators.featurized.multistep`; ``gap_rounds_`` then counts its
+iterations).
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def fit_with_gaps(simulator: Simulator, runs: RunSet) -> RunSet:
     filled = interpolate(runs)
     simulator._fit_complete(filled)
     simulator._set_floor(runs)  # rollouts floored at the observed losses' floor, as reported
-    fit_observed = getattr(simulator, "fit_observed", None)
-    if fit_observed is not None:  # fitted to the observations themselves, from this start
-        simulator.gap_rounds_ = fit_observed(runs)
+    iterations = simulator.fit_observed(runs)  # fitted to the observations, from this start
+    if iterations is not None:
+        simulator.gap_rounds_ = iterations
         return filled
     rounds = simulator.gap_rounds
     if not rounds:

@@ -67,25 +67,21 @@ class ObservedRuns:
     losses: np.ndarray
     observed: np.ndarray
 
-    def restrict(self, columns: np.ndarray) -> ObservedRuns:
-        """The same runs with only these regressors (indices into ``0..J-1``)."""
-        return ObservedRuns(self.regressors[:, :, columns], self.mass, self.losses, self.observed)
-
     @classmethod
     def of(cls, simulator: _FeatureEffects, runs: RunSet, phi: np.ndarray) -> ObservedRuns:
-        counts = simulator.run_counts(runs)
-        design = simulator.design(runs)  # its step column gives each row's step in its run
+        design = simulator.design(runs)  # every run's steps stacked, batch-weighted
         regressors = simulator._regressors(design, phi)
-        n_steps = max(c.shape[0] for c in counts)
-        R, J, M = len(counts), regressors.shape[1], len(runs.test_ids)
+        row_mass = np.asarray(design.counts.sum(axis=1)).ravel()
+        n_steps = max(run.n_steps for run in runs.runs)
+        R, J, M = len(runs.runs), regressors.shape[1], len(runs.test_ids)
         G, mass = np.zeros((R, n_steps, J)), np.zeros((R, n_steps))
         losses = np.full((R, n_steps + 1, M), np.nan)
         observed = np.zeros((R, n_steps + 1, M), dtype=bool)
         row = 0
-        for r, (run, c) in enumerate(zip(runs.runs, counts, strict=True)):
-            T = c.shape[0]
+        for r, run in enumerate(runs.runs):
+            T = run.n_steps
             G[r, :T] = regressors[row : row + T]
-            mass[r, :T] = np.asarray(c.sum(axis=1)).ravel()
+            mass[r, :T] = row_mass[row : row + T]
             losses[r, : T + 1] = run.losses
             observed[r, : T + 1] = run.mask
             row += T
