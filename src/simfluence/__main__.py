@@ -1,7 +1,5 @@
 """``python -m simfluence``: the command line."""
 
-import sys
+from simfluence.cli.main import run
 
-from simfluence.cli.main import main
-
-sys.exit(main())
+run()

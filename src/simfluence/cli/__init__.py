@@ -1,5 +1,5 @@
 """The `simfluence` command line. It uses the library; the library never imports it."""
 
-from simfluence.cli.main import main
+from simfluence.cli.main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

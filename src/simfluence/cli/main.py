@@ -8,7 +8,10 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -71,9 +74,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The ``simfluence`` program: `main` on ``sys.argv``, then `exit_now` with its status."""
+    exit_now(main())
+
+
+def exit_now(status: int) -> NoReturn:
+    """End the process with `status` as a normal exit would, minus the interpreter's teardown.
+
+    Tearing down torch's modules and objects takes 0.5 to 1 s of every command that imported
+    it (measured on the 2-core machine: ``import torch`` alone, 2.0 s with teardown, 1.1 s
+    without), and nothing a command leaves needs it: the commands write files atomically and
+    close them. What a normal exit does that matters is done here, in its order: non-daemon
+    threads are joined, the ``atexit`` handlers run (multiprocessing's and Ray's clean-up, log
+    handlers' flush), and the standard streams are flushed.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (``| head``) or stream
+            pass
+    os._exit(status)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
