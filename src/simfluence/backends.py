@@ -34,6 +34,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -77,6 +78,20 @@ class Backend(Protocol):
     def map_unordered(
         self, work: Callable[[T], R], items: Sequence[T]
     ) -> Iterator[tuple[int, R]]: ...
+
+
+def map_units(
+    backend: Backend,
+    work: Callable[[T], R],
+    items: Sequence[T],
+    here: Callable[[T], R] | None = None,
+) -> Iterator[tuple[int, R]]:
+    """``backend.map_unordered(work, items)``; `here` (``work`` as it runs in this process,
+    with the same results) goes to a backend that can use it: a `ProcessBackend` runs units
+    with it while its workers start."""
+    if here is not None and isinstance(backend, ProcessBackend):
+        return backend.map_unordered(work, items, here)
+    return backend.map_unordered(work, items)
 
 
 def worker_slot() -> int | None:
@@ -125,6 +140,8 @@ PRELOAD = (
     "simfluence.recording.validation",
     "simfluence.recording.loo",
 )
+#: units handed to a `ProcessBackend`'s pool ahead, per worker (the rest wait in this process)
+IN_FLIGHT = 2
 #: times a `ProcessBackend` replaces its pool after a worker died, per `map_unordered`
 PROCESS_RETRIES = 3
 
@@ -191,6 +208,8 @@ class ProcessBackend:
     _pool: ProcessPoolExecutor | None = field(default=None, init=False, repr=False)
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _warming: threading.Thread | None = field(default=None, init=False, repr=False)
+    #: workers of the current pool that have started (each takes the next slot number)
+    _started: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.threads < 1:
@@ -227,19 +246,25 @@ class ProcessBackend:
         with self._pool_lock:  # `start`'s thread and the first unit may both get here
             if self._pool is None:
                 context = _context(self.threads, preload)
+                self._started = context.Value("i", 0)
                 self._pool = ProcessPoolExecutor(
                     self.workers,
                     mp_context=context,
                     initializer=_start_worker,
-                    initargs=(self.threads, context.Value("i", 0), dict(os.environ)),
+                    initargs=(self.threads, self._started, dict(os.environ)),
                 )
             return self._pool
 
-    def map_unordered(self, work: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[int, R]]:
+    def map_unordered(
+        self, work: Callable[[T], R], items: Sequence[T], here: Callable[[T], R] | None = None
+    ) -> Iterator[tuple[int, R]]:
+        """`here` (``work`` bound in this process): while the workers start, this process
+        takes units from the back of the queue and runs them with it, so the seconds the
+        workers take to start are not idle here."""
         todo = list(range(len(items)))
         for attempt in range(PROCESS_RETRIES + 1):
             failed: list[int] = []
-            yield from self._map_once(work, items, todo, failed)
+            yield from self._map_once(work, items, todo, failed, here)
             if not failed:
                 return
             self.close()  # a worker died: the pool is broken, start a new one
@@ -253,21 +278,46 @@ class ProcessBackend:
         )
 
     def _map_once(
-        self, work: Callable[[T], R], items: Sequence[T], todo: list[int], failed: list[int]
+        self,
+        work: Callable[[T], R],
+        items: Sequence[T],
+        todo: list[int],
+        failed: list[int],
+        here: Callable[[T], R] | None,
     ) -> Iterator[tuple[int, R]]:
         """Run `todo` (positions of `items`); the positions lost to a dead worker go to
-        `failed`."""
+        `failed`.
+
+        Units are handed to the pool a few at a time (`IN_FLIGHT` per worker), the next one as
+        each finishes, so the rest stay here: `here` takes them from the back while the
+        workers start (`_starting`), and none is ever submitted and then cancelled (Python
+        3.11's pool, once broken, fails on a cancelled unit and leaves its workers running)."""
+        queue = deque(todo)
         futures: dict[Future[R], int] = {}
-        try:
-            pool = self._executor()
+        pending: set[Future[R]] = set()
+        while here is not None and queue and self._warming is not None and self._warming.is_alive():
+            k = queue.pop()  # `start`'s thread is still starting the fork server and the pool
+            yield k, here(items[k])
+        pool = self._executor()
+
+        def refill() -> None:
             try:
-                for k in todo:
-                    futures[pool.submit(work, items[k])] = k
+                while queue and len(pending) < IN_FLIGHT * self.workers:
+                    k = queue.popleft()
+                    future = pool.submit(work, items[k])
+                    futures[future] = k
+                    pending.add(future)
             except BrokenProcessPool:
-                failed += [k for k in todo if k not in futures.values()]
-            pending = set(futures)
+                failed.append(k)
+
+        try:
+            refill()
+            while here is not None and queue and self._starting(pending):
+                k = queue.pop()  # the workers are still starting: this one is run here
+                yield k, here(items[k])
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                pending.difference_update(done)
                 for future in sorted(done, key=futures.__getitem__):
                     try:
                         result = future.result()
@@ -275,10 +325,21 @@ class ProcessBackend:
                         failed.append(futures[future])
                         continue
                     yield futures[future], result
+                if failed:  # the pool is broken: the units not handed out are lost too
+                    failed += queue
+                    queue.clear()
+                refill()
+            failed += queue  # not handed out: the pool broke at a submission
         finally:
-            for future in futures:
+            for future in pending:
                 future.cancel()
         failed.sort()
+
+    def _starting(self, pending: set[Future[R]]) -> bool:
+        """Whether the pool's workers are still starting: not all of them have run their
+        initializer, and none has finished a unit."""
+        started = self._started.value if self._started is not None else self.workers
+        return started < self.workers and not any(f.done() for f in pending)
 
     def close(self) -> None:
         if self._warming is not None:

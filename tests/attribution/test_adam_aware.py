@@ -17,7 +17,9 @@ from simfluence.attribution.smoothness import (  # noqa: E402
     NONLINEAR_THRESHOLD,
     measure_smoothness,
     random_directions,
+    smoothness_from_retrains,
     smoothness_line,
+    smoothness_weights,
 )
 from simfluence.recording.workloads.digits_mlp import DigitsMLPTask  # noqa: E402
 
@@ -137,6 +139,21 @@ def test_smoothness_ratios_are_zero_for_a_linear_loss_and_known_for_a_quadratic(
     assert not quad.close_to_linear and quad.mean_nonlinearity > NONLINEAR_THRESHOLD
     assert "NOT close to linear" in quad.summary()
     assert smoothness_line(quad.to_json()) == quad.summary()
+
+
+def test_smoothness_from_retrains_done_elsewhere_is_the_same_measurement() -> None:
+    gen = np.random.default_rng(3)
+    a, base = gen.normal(size=(4, 20)), gen.normal(size=4)
+    dirs = random_directions(20, 3, seed=2)
+
+    def retrain(w: np.ndarray) -> np.ndarray:
+        return base + a @ (w - 1) + 0.3 * ((w - 1) ** 2).sum()
+
+    points = smoothness_weights(dirs)
+    assert points.shape == (6, 20) and np.array_equal(points[1], 1.0 + dirs[0])
+    losses = np.stack([retrain(w) for w in points], axis=1)  # (M, 2 D), as a backend returns
+    direct = measure_smoothness(retrain, base, dirs, metagradients=a)
+    assert smoothness_from_retrains(losses, base, dirs, a) == direct
 
 
 # -- recorded AdamW runs: preconditioned TracIn, CLI -------------------------------------------

@@ -287,6 +287,28 @@ def test_validate_loo_contract_and_unrolled_wins(recorded: Path) -> None:
         validate_loo(get_workload("digits-mlp"), runs, simulators, ["loo"], 6)
 
 
+def test_validate_loo_smoothness_is_the_direct_measurement(recorded: Path) -> None:
+    """The smoothness retrains go through the backend with the removals: same numbers as
+    `run_smoothness` retraining one direction after another here."""
+    from simfluence.attribution.smoothness import run_smoothness
+    from simfluence.recording.tasks import prepare_for_runset
+
+    runs, task = load_runset(recorded), get_workload("digits-mlp")
+    sims = {"unrolled": UnrolledSimulator(unseen="prior")}
+    result = validate_loo(task, runs, sims, ["loo"], 1, 5, 3, 2, smoothness_directions=2)
+    ((run_id, got),) = result["loo"]["smoothness"].items()
+    pool, tests = prepare_for_runset(task, runs)
+    config = runs.metadata["config"]
+    direct = run_smoothness(
+        task, task.make_model(config["seed"]), pool, tests, runs.run(run_id), config, 2, seed=5,
+        metagradients=sims["unrolled"].metagradients(runs, run_id).grads,
+    )  # fmt: skip
+    expected = direct.to_json()
+    assert got.keys() == expected.keys()
+    for key in ("nonlinearity", "first_order_error", "change"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-12, atol=1e-15)
+
+
 # -- the command line --------------------------------------------------------------------------
 def test_attribute_defaults_to_the_run_itself(
     recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -135,6 +135,25 @@ def test_process_backend_runs_units_in_other_processes(pool: ProcessBackend) -> 
         list(backend.map_unordered(_die, [0, 1, 2, 3]))
 
 
+def _describe_here(value: int) -> tuple[int, str | None, str | None]:
+    return value * value, "here", None
+
+
+@pytest.mark.workers
+def test_process_backend_runs_units_here_while_its_workers_start() -> None:
+    with ProcessBackend(2, threads=1) as backend:  # cold: its workers take seconds to start
+        results = list(backend.map_unordered(_describe_worker, list(range(12)), _describe_here))
+        positions = [k for k, _ in results]
+        assert sorted(positions) == list(range(12))  # each unit once
+        assert all(value == k * k for k, (value, _, _) in results)
+        where = [r[1] for _, r in results]
+        assert where.count("here") >= 1 and where.count("1") >= 1  # both ran units
+        # units run here are taken from the back: the workers' share is a prefix
+        assert min(k for k, r in results if r[1] == "here") > max(
+            k for k, r in results if r[1] != "here"
+        )
+
+
 # -- recording ---------------------------------------------------------------------------------
 @pytest.mark.workers
 def test_parallel_recording_equals_serial(tmp_path: Path, pool: ProcessBackend) -> None:
@@ -278,12 +297,15 @@ def test_validate_with_workers_equals_serial(tmp_path: Path, pool: ProcessBacken
     assert json.dumps(serial, sort_keys=True) == json.dumps(parallel, sort_keys=True)
     assert serial["kinds"]["random"]["curricula"] == 3
     # leave-one-out: the removals of both kinds and both held-out runs spread over the pool
-    loo = {"count": 2, "max_examples": 3, "groups": 3}
+    # (and the smoothness retrains with them)
+    loo = {"count": 2, "max_examples": 3, "groups": 3, "smoothness_directions": 2}
     serial = validate(task, runs, sims(), ["loo", "loo-weight0"], **loo)
     parallel = validate(task, runs, sims(), ["loo", "loo-weight0"], **loo, backend=pool)
     assert serial.pop("timing").keys() == parallel.pop("timing").keys() == {"loo", "loo-weight0"}
     assert json.dumps(serial, sort_keys=True) == json.dumps(parallel, sort_keys=True)
     assert serial["kinds"]["loo"]["retrains"] == 2 * (3 + 3 + 1)
+    smooth = serial["kinds"]["loo"]["smoothness"]
+    assert len(smooth) == 2 and all(len(s["nonlinearity"]) == 2 for s in smooth.values())
 
 
 # -- sharded fits ------------------------------------------------------------------------------

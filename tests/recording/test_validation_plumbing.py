@@ -551,3 +551,20 @@ def test_retraining_clips_gradients_as_recorded_and_keeps_the_workers_threads(
     curricula = {"random": [[["a"]], [["b"]]]}
     validation._retrain("TASK", "P", "T", config, 7, curricula, "cpu", remote, lambda i, t: i)
     assert norms == [1.5, 1.5] and threads == []
+
+
+def test_guided_units_shrink_cover_every_retrain_and_never_span_two_jobs() -> None:
+    from simfluence.recording.loo import guided_units
+
+    runs, _ = generate(SynthConfig(pool=12, tests=3, runs=3, per_run=8, batch=2, epochs=1))
+    jobs = [(run, "renormalize", [[f"g{j}-{k}"] for k in range(n)]) for j, (run, n) in
+            enumerate(zip(runs.runs, [40, 3, 25], strict=True))]  # fmt: skip
+    items, owner = guided_units(jobs, parallelism=2)
+    sizes = [len(item[3]) for item in items]
+    assert sum(sizes) == 41 + 4 + 26 and min(sizes) >= 1
+    assert sizes[0] == 18  # ceil(71 / (2 * 2)) retrains left, at most, per unit
+    assert sizes[-1] == 1 and max(sizes[-3:]) <= 2  # small units last
+    for j, (run, _, groups) in enumerate(jobs):
+        mine = [items[k] for k in range(len(items)) if owner[k] == j]
+        assert all(item[0] is run.curriculum and item[1] == run.seed for item in mine)
+        assert [g for item in mine for g in item[3]] == [None, *groups]  # in order, full first

@@ -51,7 +51,9 @@ __all__ = [
     "random_directions",
     "recorded_run_smoothness",
     "run_smoothness",
+    "smoothness_from_retrains",
     "smoothness_line",
+    "smoothness_weights",
 ]
 
 #: directions measured by default (`attribute`, `validate`): 2 retrains each
@@ -139,6 +141,25 @@ def random_directions(
     for k in range(count):
         out[k, rng.choice(n_consumptions, size, replace=False)] = -1.0
     return out
+
+
+def smoothness_weights(directions: np.ndarray, scales: Sequence[float] = (0.5, 1.0)) -> np.ndarray:
+    """``(2 D, C)``: the consumption weights `measure_smoothness` retrains at, in its order
+    (``1 + s_half d``, then ``1 + s_full d``, per direction ``d`` of `directions` ``(D, C)``)."""
+    half, full = (float(s) for s in scales)
+    return np.stack([1.0 + s * d for d in directions for s in (half, full)])
+
+
+def smoothness_from_retrains(
+    losses: np.ndarray,
+    base: np.ndarray,
+    directions: np.ndarray,
+    metagradients: np.ndarray | None = None,
+) -> Smoothness:
+    """`measure_smoothness` from retrains done elsewhere (a backend's workers): `losses`
+    ``(M, 2 D)`` are the final test losses at `smoothness_weights` (`directions`), in order."""
+    table = {w.tobytes(): losses[:, k] for k, w in enumerate(smoothness_weights(directions))}
+    return measure_smoothness(lambda w: table[w.tobytes()], base, directions, metagradients)
 
 
 def measure_smoothness(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -94,10 +95,8 @@ def exit_now(status: int) -> NoReturn:
             thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (``| head``) or stream
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (``| head``) or stream
-            pass
     os._exit(status)
 
 

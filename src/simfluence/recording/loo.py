@@ -38,7 +38,12 @@ import numpy as np
 import torch
 
 from simfluence import metrics
-from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
+from simfluence.attribution.smoothness import (
+    random_directions,
+    smoothness_from_retrains,
+    smoothness_weights,
+)
+from simfluence.backends import Backend, SerialBackend, close_backend, make_backend, map_units
 from simfluence.counterfactual.attribution import removal_effects
 from simfluence.curricula import remove
 from simfluence.errors import SimfluenceError
@@ -46,7 +51,11 @@ from simfluence.recording.loop import final_test_losses, torch_threads
 from simfluence.recording.optim import Schedule
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
-from simfluence.recording.workers import prepared_in_worker, worker_task_reference
+from simfluence.recording.workers import (
+    InThisProcess,
+    prepared_in_worker,
+    worker_task_reference,
+)
 from simfluence.runlog.runs import Curriculum, Run, RunSet
 from simfluence.simulators.base import Simulator
 
@@ -56,6 +65,12 @@ REMOVAL_OF_KIND = {"loo": "renormalize", "loo-weight0": "zero-weight"}
 LOO_KINDS = tuple(REMOVAL_OF_KIND)
 #: share of the run's distinct examples removed together in each LDS group
 GROUP_FRACTION = 0.1
+#: the `RemovalWork` "removal" whose groups are per-consumption loss weights
+WEIGHTS = "weights"
+#: a backend's retrains are cut into units of decreasing size, each at most the retrains left
+#: over this many times its parallelism ("guided" scheduling: few units, and small ones last,
+#: so no worker waits long for another at the end)
+GUIDED_SHARE = 2
 TOP = 10
 
 Progress = Callable[[Iterable[Any], int], Iterable[Any]]
@@ -65,7 +80,9 @@ Progress = Callable[[Iterable[Any], int], Iterable[Any]]
 class RemovalWork:
     """The work unit of leave-one-out validation: ``work((curriculum, seed, removal,
     groups))`` retrains `curriculum` without each group (``None``: the full curriculum) and
-    returns the final test losses ``(M, len(groups))``.
+    returns the final test losses ``(M, len(groups))``. With `removal` ``"weights"`` a group is
+    instead the loss weight of every consumption, one list per batch (the smoothness
+    measurement's retrains).
 
     Picklable: a worker rebuilds the task from `task_ref` once (`prepared_in_worker`); `bind`
     gives it live objects (this process).
@@ -98,7 +115,9 @@ class RemovalWork:
         out = []
         for group in groups:
             weights, batches = None, curriculum
-            if group is not None and removal == "renormalize":
+            if group is not None and removal == WEIGHTS:
+                weights = group
+            elif group is not None and removal == "renormalize":
                 batches = remove(curriculum, sorted(set(group)))
             elif group is not None:
                 gone = set(group)
@@ -123,11 +142,33 @@ class RemovalWork:
 
 
 def removal_units(
-    curriculum: Curriculum, seed: int, removal: str, groups: Sequence[Sequence[str]], chunk: int
-) -> list[tuple[Curriculum, int, str, list[list[str] | None]]]:
+    curriculum: Curriculum, seed: int, removal: str, groups: Sequence[Any], chunk: int
+) -> list[tuple[Curriculum, int, str, list[Any]]]:
     """`RemovalWork` items: the full retrain, then the groups, `chunk` retrains per item."""
-    todo: list[list[str] | None] = [None, *(list(g) for g in groups)]
+    todo: list[Any] = [None, *(list(g) for g in groups)]
     return [(curriculum, seed, removal, todo[k : k + chunk]) for k in range(0, len(todo), chunk)]
+
+
+def guided_units(
+    jobs: Sequence[tuple[Run, str, Sequence[Any]]], parallelism: int
+) -> tuple[list[tuple[Curriculum, int, str, list[Any]]], list[int]]:
+    """Every job's retrains (its full retrain, then its groups) as `RemovalWork` items of
+    decreasing size: each holds at most ``1 / (GUIDED_SHARE * parallelism)`` of the retrains
+    left (at least one), and never spans two jobs. Returns ``(items, owner)``: ``owner[k]`` is
+    the job of item ``k``; a job's items are in order."""
+    left = sum(len(groups) + 1 for _, _, groups in jobs)
+    items: list[tuple[Curriculum, int, str, list[Any]]] = []
+    owner: list[int] = []
+    for j, (run, removal, groups) in enumerate(jobs):
+        todo: list[Any] = [None, *(list(g) for g in groups)]
+        start = 0
+        while start < len(todo):
+            size = max(1, math.ceil(left / (GUIDED_SHARE * parallelism)))
+            items.append((run.curriculum, run.seed, removal, todo[start : start + size]))
+            owner.append(j)
+            left -= len(items[-1][3])
+            start += size
+    return items, owner
 
 
 def actual_removal_effects(
@@ -167,9 +208,10 @@ def _retrain_removals(
     backend: str | Backend | None,
     progress: Progress | None,
 ) -> list[tuple[np.ndarray, float]]:
-    """Per job ``(run, removal, groups)``: the effects ``(M, G)`` of removing each group
-    (`actual_removal_effects`) and the seconds its retrains took, all jobs' retrains spread
-    over `backend` in chunks (a few per unit the backend runs at once)."""
+    """Per job ``(run, removal, groups)``: the final test losses ``(M, 1 + G)`` of the full
+    retrain and of each group's (removed, or its weights for `WEIGHTS`), and the seconds its
+    retrains took. All jobs' retrains are spread over `backend` (`guided_units`); while its
+    workers start, this process retrains too (`backends.map_units`)."""
     runner = make_backend(backend)
     serial = isinstance(runner, SerialBackend)
     if not serial and hasattr(runner, "start"):
@@ -181,23 +223,27 @@ def _retrain_removals(
             device,
             runner.threads,
         )
-        retrains = sum(len(groups) + 1 for _, _, groups in jobs)
-        chunk = 1 if serial else max(1, math.ceil(retrains / (4 * runner.parallelism)))
-        items, owner = [], []
-        for j, (run, removal, groups) in enumerate(jobs):
-            units = removal_units(run.curriculum, run.seed, removal, groups, chunk)
-            items += units
-            owner += [j] * len(units)
-        wrap = progress or (lambda values, total: values)
-        timed = _Timed(work)
-        done: dict[int, tuple[np.ndarray, float]] = {}
-        if serial:
-            initial = task.make_model(config["seed"])
-            work.bind(task, pool, tests, initial)
-            with torch_threads(initial, runner.threads):
-                done.update(wrap(runner.map_unordered(timed, items), len(items)))
+        if serial:  # one retrain per unit: the progress bar moves with every retrain
+            items, owner = [], []
+            for j, (run, removal, groups) in enumerate(jobs):
+                chunks = removal_units(run.curriculum, run.seed, removal, groups, 1)
+                items += chunks
+                owner += [j] * len(chunks)
         else:
-            done.update(wrap(runner.map_unordered(timed, items), len(items)))
+            items, owner = guided_units(jobs, runner.parallelism)
+        wrap = progress or (lambda values, total: values)
+        here = _Timed(
+            InThisProcess(
+                work, lambda: (task, pool, tests, task.make_model(config["seed"])), runner.threads
+            )
+        )
+        # serial: every unit here; a process pool: units here while its workers start
+        units = (
+            runner.map_unordered(here, items)
+            if serial
+            else map_units(runner, _Timed(work), items, here)
+        )
+        done = dict(wrap(units, len(items)))
     finally:
         if runner is not backend:
             close_backend(runner)
@@ -205,7 +251,7 @@ def _retrain_removals(
     for j in range(len(jobs)):
         mine = [k for k, o in enumerate(owner) if o == j]  # in order: full retrain first
         losses = np.concatenate([done[k][0] for k in mine], axis=1)
-        out.append((losses[:, :1] - losses[:, 1:], sum(done[k][1] for k in mine)))
+        out.append((losses, sum(done[k][1] for k in mine)))
     return out
 
 
@@ -292,9 +338,10 @@ def validate_loo(
 
     `smoothness_directions` > 0: also measure, per held-out run, how close to linear its final
     test loss is in the consumption weights (`simfluence.attribution.smoothness`, 2 retrains
-    per direction in this process, with the metagradients of an ``unrolled`` or ``combined``
-    method when one is validated): ``{KIND: {..., "smoothness": {RUN: Smoothness.to_json()}}}``,
-    the same for both kinds (measured once).
+    per direction, on the backend with the removals, with the metagradients of an ``unrolled``
+    or ``combined`` method when one is validated):
+    ``{KIND: {..., "smoothness": {RUN: Smoothness.to_json()}}}``, the same for both kinds
+    (measured once).
 
     Simulators are fitted (copies) on the other runs; methods with ``run_removal_effects``
     answer from the held-out run itself. Returns ``{KIND: {"runs", "removal", "examples",
@@ -334,10 +381,25 @@ def validate_loo(
         for run in heldout.runs
         for singles, lds_groups in [chosen[run.run_id]]
     ]
-    truths = iter(_retrain_removals(task, pool, tests, config, jobs, device, backend, progress))
+    n_removals = len(jobs)
+    directions = {}  # the smoothness retrains go on the backend with the removals
+    if smoothness_directions > 0:
+        for run in heldout.runs:
+            directions[run.run_id] = random_directions(
+                sum(len(b) for b in run.curriculum), smoothness_directions, seed
+            )
+            points = [
+                _per_batch(run.curriculum, w) for w in smoothness_weights(directions[run.run_id])
+            ]
+            jobs.append((run, WEIGHTS, points))
+    retrained = _retrain_removals(task, pool, tests, config, jobs, device, backend, progress)
+    truths = iter(retrained)
+    smoothness_runs = [run for run in heldout.runs if run.run_id in directions]
+    smooth = {
+        run.run_id: _smoothness(runs, run, fitted, directions[run.run_id], losses[:, 1:])
+        for run, (losses, _) in zip(smoothness_runs, retrained[n_removals:], strict=True)
+    }
     result: dict[str, Any] = {}
-    smooth: dict[str, Any] = {}
-    initial_model = None  # built once, for the smoothness retrains here
     for kind in kinds:
         removal = REMOVAL_OF_KIND[kind]
         per_run: dict[str, list[dict[str, float]]] = {name: [] for name in fitted}
@@ -346,7 +408,8 @@ def validate_loo(
         for run in heldout.runs:
             singles, lds_groups = chosen[run.run_id]
             all_groups = [[i] for i in singles] + lds_groups
-            actual, seconds = next(truths)
+            losses, seconds = next(truths)
+            actual = losses[:, :1] - losses[:, 1:]
             truth_seconds += seconds
             retrains += len(all_groups) + 1
             if len(singles) == len({i for b in run.curriculum for i in b}) and groups > 1:
@@ -381,33 +444,27 @@ def validate_loo(
         }
         if ceilings:
             result[kind]["additive_ceiling_lds"] = float(np.mean(ceilings))
-        if smoothness_directions > 0:
-            initial_model = initial_model or task.make_model(config["seed"])
-            for run in heldout.runs:
-                if run.run_id not in smooth:
-                    smooth[run.run_id] = _smoothness(
-                        task, initial_model, pool, tests, runs, run, fitted, config,
-                        smoothness_directions, seed,
-                    )  # fmt: skip
+        if smooth:
             result[kind]["smoothness"] = {r.run_id: smooth[r.run_id] for r in heldout.runs}
     return result
 
 
+def _per_batch(curriculum: Curriculum, weights: np.ndarray) -> list[list[float]]:
+    """Per-consumption `weights` ``(C,)`` as one list per batch of `curriculum`."""
+    bounds = np.concatenate([[0], np.cumsum([len(b) for b in curriculum])])
+    return [weights[bounds[t] : bounds[t + 1]].tolist() for t in range(len(curriculum))]
+
+
 def _smoothness(
-    task: Task,
-    initial_model: Any,
-    pool: Examples,
-    tests: Examples,
     runs: RunSet,
     run: Run,
     fitted: dict[str, Simulator],
-    config: dict[str, Any],
-    directions: int,
-    seed: int,
+    directions: np.ndarray,
+    losses: np.ndarray,
 ) -> dict[str, Any]:
-    """`simfluence.attribution.smoothness.run_smoothness` of a held-out run, as JSON."""
-    from simfluence.attribution.smoothness import run_smoothness
-
+    """`simfluence.attribution.smoothness.measure_smoothness` of a held-out run from its
+    retrains at `smoothness_weights` ``(M, 2D)``, with the metagradients of an ``unrolled`` or
+    ``combined`` method when one is validated; as JSON."""
     grads = None
     for name in ("unrolled", "combined"):
         simulator = fitted.get(name)
@@ -417,10 +474,8 @@ def _smoothness(
             except SimfluenceError:
                 grads = None
             break
-    found = run_smoothness(
-        task, initial_model, pool, tests, run, config, directions, seed=seed, metagradients=grads
-    )
-    return found.to_json()
+    base = np.asarray(run.losses[-1], dtype=np.float64)
+    return smoothness_from_retrains(losses, base, directions, grads).to_json()
 
 
 def split_timing(blocks: dict[str, Any]) -> dict[str, Any]:

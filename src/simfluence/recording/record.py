@@ -44,7 +44,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from simfluence._lock import exclusive_lock
-from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
+from simfluence.backends import Backend, SerialBackend, close_backend, make_backend, map_units
 from simfluence.errors import SimfluenceError
 from simfluence.recording.devices import resolve_device
 from simfluence.recording.directory import (
@@ -59,7 +59,7 @@ from simfluence.recording.protocol import RecordingProtocol
 from simfluence.recording.reserve import reserved_ids
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import SPEC_KEY, task_label, task_reference
-from simfluence.recording.workers import RunWork, worker_task_reference
+from simfluence.recording.workers import InThisProcess, RunWork, worker_task_reference
 from simfluence.runlog import RunSet, load_runset
 from simfluence.runlog.layout import lock_path, run_id_for, run_path
 from simfluence.trust import remember_trusted
@@ -199,12 +199,14 @@ def _record_missing(
     serial = isinstance(runner, SerialBackend)
     if serial:
         work.bind(task, *examples, on_step=lambda: bar.update(1))
+    # runs this process records while the workers start (`backends.map_units`)
+    here = InThisProcess(work, lambda: (task, *examples), threads)
     parallel = 1 if serial else max(1, getattr(runner, "workers", 1) or 1)
     pinned = torch_threads(examples[2], threads) if serial else contextlib.nullcontext()
     with bar, pinned:
         if not serial:
             bar.set_postfix_str(f"runs 0/{len(todo)} on {runner.name}")
-        for done, (_, index) in enumerate(runner.map_unordered(work, todo), start=1):
+        for done, (_, index) in enumerate(map_units(runner, work, todo, here), start=1):
             if done == 1 and progress:
                 _estimate(bar, time.perf_counter() - started, len(todo), parallel)
             if not serial:

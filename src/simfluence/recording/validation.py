@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from simfluence import evaluation, metrics
-from simfluence.backends import Backend, SerialBackend, close_backend, make_backend
+from simfluence.backends import Backend, SerialBackend, close_backend, make_backend, map_units
 from simfluence.counterfactual.search import assess_curriculum, optimize_curriculum
 from simfluence.curricula import random_curriculum, remove, reorder, repeat
 from simfluence.errors import SimfluenceError
@@ -50,13 +50,13 @@ from simfluence.evaluation.cost import measure_cost
 from simfluence.metrics import linear_datamodeling_score
 from simfluence.recording.devices import resolve_device
 from simfluence.recording.loo import LOO_KINDS, split_timing, validate_loo
-from simfluence.recording.loop import torch_threads, train_on_curriculum
+from simfluence.recording.loop import train_on_curriculum
 from simfluence.recording.optim import Schedule
 from simfluence.recording.recorder import Scoring
 from simfluence.recording.subsets import mean_over_seeds, subset_curricula
 from simfluence.recording.task import Examples, Task
 from simfluence.recording.tasks import prepare_for_runset
-from simfluence.recording.workers import prepared_in_worker, worker_task_reference
+from simfluence.recording.workers import InThisProcess, prepared_in_worker, worker_task_reference
 from simfluence.runlog.runs import Curriculum, RunSet
 from simfluence.simulators.base import Simulator
 
@@ -428,16 +428,16 @@ def _retrain(
         runner.threads,
     )
     losses: dict[int, np.ndarray] = {}
+    # serial: every unit here; a process pool: units here while its workers start
+    here = InThisProcess(
+        work, lambda: (task, pool, tests, task.make_model(config["seed"])), runner.threads
+    )
     try:
-        if serial:
-            initial = task.make_model(config["seed"])
-            work.bind(task, pool, tests, initial)
-            with torch_threads(initial, runner.threads):
-                for position, loss in wrap(runner.map_unordered(work, items), len(items)):
-                    losses[position] = loss
-        else:
-            for position, loss in wrap(runner.map_unordered(work, items), len(items)):
-                losses[position] = loss
+        units = (
+            runner.map_unordered(here, items) if serial else map_units(runner, work, items, here)
+        )
+        for position, loss in wrap(units, len(items)):
+            losses[position] = loss
     finally:
         if runner is not backend:
             close_backend(runner)

@@ -13,6 +13,7 @@ set before it trains, so a run's losses do not depend on the backend.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from simfluence.curricula import random_curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.recording.checkpoints import save_checkpoint
 from simfluence.recording.devices import device_label, resolve_device
-from simfluence.recording.loop import train_on_curriculum
+from simfluence.recording.loop import torch_threads, train_on_curriculum
 from simfluence.recording.optim import Schedule
 from simfluence.recording.recorder import run_scoring
 from simfluence.recording.reserve import drawable_ids
@@ -180,6 +181,30 @@ class RunWork:
         )
         write_run(directory, run, prepared.tests.ids)
         return index
+
+
+class InThisProcess:
+    """A work unit run in this process, as a worker runs it: a copy of `work` bound (at its
+    first call) to the live task, examples and initial model `bind()` returns, each unit on
+    `threads` torch threads (`torch_threads`). What `backends.map_units` takes as ``here``."""
+
+    def __init__(
+        self,
+        work: Any,
+        bind: Callable[[], tuple[Task, Examples, Examples, torch.nn.Module]],
+        threads: int | None,
+    ) -> None:
+        self._work, self._bind, self._threads = work, bind, threads
+        self._bound: Any = None
+        self._model: torch.nn.Module | None = None
+
+    def __call__(self, item: Any) -> Any:
+        if self._bound is None:
+            task, pool, tests, self._model = self._bind()
+            self._bound = copy.copy(self._work)
+            self._bound.bind(task, pool, tests, self._model)
+        with torch_threads(self._model, self._threads):
+            return self._bound(item)
 
 
 def prepared_in_worker(
