@@ -48,6 +48,7 @@ __all__ = [
     "NONLINEAR_THRESHOLD",
     "Smoothness",
     "measure_smoothness",
+    "per_batch_weights",
     "random_directions",
     "recorded_run_smoothness",
     "run_smoothness",
@@ -143,6 +144,15 @@ def random_directions(
     return out
 
 
+def per_batch_weights(
+    curriculum: Sequence[Sequence[str]], weights: np.ndarray
+) -> list[list[float]]:
+    """Per-consumption `weights` ``(C,)`` as one list per batch of `curriculum` (what
+    `final_test_losses` takes)."""
+    bounds = np.concatenate([[0], np.cumsum([len(b) for b in curriculum])])
+    return [weights[bounds[t] : bounds[t + 1]].tolist() for t in range(len(curriculum))]
+
+
 def smoothness_weights(directions: np.ndarray, scales: Sequence[float] = (0.5, 1.0)) -> np.ndarray:
     """``(2 D, C)``: the consumption weights `measure_smoothness` retrains at, in its order
     (``1 + s_half d``, then ``1 + s_full d``, per direction ``d`` of `directions` ``(D, C)``)."""
@@ -223,13 +233,10 @@ def run_smoothness(
 
     started = time.perf_counter()
     curriculum = [list(b) for b in run.curriculum]
-    sizes = [len(b) for b in curriculum]
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
     cols = np.arange(len(tests)) if columns is None else np.asarray(columns, dtype=int)
     schedule = Schedule.from_config(config.get("schedule"))
 
     def retrain(w: np.ndarray) -> np.ndarray:
-        weights = [w[bounds[t] : bounds[t + 1]].tolist() for t in range(len(curriculum))]
         losses = final_test_losses(
             task,
             initial_model,
@@ -238,7 +245,7 @@ def run_smoothness(
             curriculum,
             config["lr"],
             run.seed,
-            weights=weights,
+            weights=per_batch_weights(curriculum, w),
             optimizer=config.get("optimizer"),
             schedule=schedule,
             max_grad_norm=config.get("max_grad_norm"),
@@ -246,7 +253,7 @@ def run_smoothness(
         return losses[cols]
 
     base = np.asarray(run.losses[-1], dtype=np.float64)[cols]
-    dirs = random_directions(int(bounds[-1]), directions, seed, fraction)
+    dirs = random_directions(sum(len(b) for b in curriculum), directions, seed, fraction)
     with torch_threads(initial_model):
         out = measure_smoothness(retrain, base, dirs, metagradients)
     out.fraction = fraction

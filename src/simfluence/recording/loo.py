@@ -39,6 +39,7 @@ import torch
 
 from simfluence import metrics
 from simfluence.attribution.smoothness import (
+    per_batch_weights,
     random_directions,
     smoothness_from_retrains,
     smoothness_weights,
@@ -389,7 +390,8 @@ def validate_loo(
                 sum(len(b) for b in run.curriculum), smoothness_directions, seed
             )
             points = [
-                _per_batch(run.curriculum, w) for w in smoothness_weights(directions[run.run_id])
+                per_batch_weights(run.curriculum, w)
+                for w in smoothness_weights(directions[run.run_id])
             ]
             jobs.append((run, WEIGHTS, points))
     retrained = _retrain_removals(task, pool, tests, config, jobs, device, backend, progress)
@@ -447,12 +449,6 @@ def validate_loo(
         if smooth:
             result[kind]["smoothness"] = {r.run_id: smooth[r.run_id] for r in heldout.runs}
     return result
-
-
-def _per_batch(curriculum: Curriculum, weights: np.ndarray) -> list[list[float]]:
-    """Per-consumption `weights` ``(C,)`` as one list per batch of `curriculum`."""
-    bounds = np.concatenate([[0], np.cumsum([len(b) for b in curriculum])])
-    return [weights[bounds[t] : bounds[t + 1]].tolist() for t in range(len(curriculum))]
 
 
 def _smoothness(
