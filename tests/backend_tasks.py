@@ -22,3 +22,10 @@ class PidDigits(DigitsMLPTask):
         (Path(self.pid_dir) / str(os.getpid())).touch()
         time.sleep(0.02)
         return super().example_losses(model, inputs)
+
+
+def loaded(module: str) -> bool:
+    """Whether `module` is imported in the process that runs this (a worker)."""
+    import sys
+
+    return module in sys.modules

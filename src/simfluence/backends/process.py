@@ -39,9 +39,11 @@ def _start_worker(threads: int, counter: Any, environment: dict[str, str] | None
 
 
 #: modules a fork server imports once for all its workers, when this process has them loaded
-#: (workers of a recording or validation then start in a fraction of a second, not seconds)
+#: (workers of a recording or validation then start in a fraction of a second, not seconds).
+#: ``torch._dynamo``: a worker's first ``torch.optim`` optimizer imports it (0.8 s each).
 PRELOAD = (
     "torch",
+    "torch._dynamo",
     "simfluence.recording.workers",
     "simfluence.recording.validation",
     "simfluence.recording.loo",
