@@ -8,7 +8,9 @@ Per workload: records 16 runs (the task's protocol), then `validate` with every 
 random halves of the pool, 1 seed: dattri's LDS protocol) and the leave-one-out kinds (last
 recorded run held out, 50 single removals (``--loo-examples``), 10 group removals).
 ``unrolled`` averages over 8 recorded runs (``--unrolled-runs``: fewer on large models, where
-each run's reverse pass takes minutes). TracIn-CP's checkpoints: 4
+each run's reverse pass takes minutes), probing in each the examples it did not consume
+(`simfluence.attribution.probes`); the static methods ensemble the final checkpoints of as
+many runs (``--static-runs``, default 8). TracIn-CP's checkpoints: 4
 evenly spaced steps of the task's protocol. ``--backend process:2`` retrains on two worker
 processes (same results). Writes
 ``benchmarks/results/static-WORKLOAD.json`` and prints the table.
@@ -30,7 +32,9 @@ sys.path.insert(0, str(ROOT / "src"))
 CURRICULUM = ["random", "leave-out", "reorder", "repeat", "subsets"]
 OURS = ["linear", "additive", "unrolled", "tracin-cp-scaled", "influence-scaled"]
 STATIC = ["trak", "logra", "if-ekfac"]
-STATIC_RUNS = 4  # final checkpoints per static method (TRAK-4)
+#: final checkpoints per static method (TRAK-8): the library's default `max_runs`, the same
+#: number of runs `unrolled` averages, so both sides see as many trained models
+STATIC_RUNS = 8
 
 
 def bench(

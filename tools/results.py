@@ -396,7 +396,7 @@ def static_methods() -> tuple[list[str], list[str]]:
         "curriculum kind and on 50% subsets (dattri's protocol), leave-one-out Spearman under",
         "both removals (`loo` / `loo-weight0`), fit cost (seconds, training-run equivalents,",
         "peak RSS MB). `(blind)`: order-blind, LDS 0 by construction. `make static-table`",
-        "regenerates the two digits tables (34 s on the idle 2-core machine, 2026-12-07); the",
+        "regenerates the two digits tables (35 s on the idle 2-core machine, 2026-12-08); the",
         "newsgroups-minilm table's command is in its JSON (39 min). Margin: the best of",
         "simfluence's methods minus the best static method on `subsets` (the issue's target:",
         "at least 0.1).",
@@ -408,7 +408,8 @@ def static_methods() -> tuple[list[str], list[str]]:
         protocol = (
             f"{d['recorded_runs']} recorded runs, {d['curricula_per_kind']} curricula per kind, "
             f"{d['subsets']} subsets, {d.get('loo_examples', 50)} single removals, `unrolled` "
-            f"over {d.get('unrolled_runs', 8)} run(s), retrained {d.get('backend', 'serial')}."
+            f"over {d.get('unrolled_runs', 8)} run(s), static methods on "
+            f"{d.get('static_runs', 4)} checkpoint(s), retrained {d.get('backend', 'serial')}."
         )
         out += [f"### {d['workload']}", "", f"Source: {source(name)}. {protocol}", ""]
         if d.get("note"):

@@ -217,18 +217,75 @@ def test_simulated_zero_weight_removal_makes_the_consumptions_neutral(recorded: 
 
 def test_unrolled_simulator_averages_consumption_effects(recorded: Path) -> None:
     runs = load_runset(recorded)
-    sim = UnrolledSimulator(max_runs=2).fit(runs)
     index = runs.train_index
-    total = np.zeros_like(sim.B_)
+    total = np.zeros((len(runs.test_ids), len(runs.train_ids)))
     count = np.zeros(len(runs.train_ids))
+    probed_total, probed_count = total.copy(), count.copy()
     for run in runs.runs[:2]:
-        mg = run_metagradients(runs, run.run_id)
+        mg = run_metagradients(runs, run.run_id, probe_unconsumed=True)
+        per = np.zeros_like(total)
+        times = np.zeros(len(runs.train_ids))
         for c, train_id in enumerate(mg.train_ids):
-            total[:, index[train_id]] += mg.grads[:, c]
-            count[index[train_id]] += 1
+            per[:, index[train_id]] += mg.grads[:, c]
+            times[index[train_id]] += 1
+        consumed = times > 0
+        total[:, consumed] += per[:, consumed] / times[consumed]
+        count[consumed] += 1
+        for c, train_id in enumerate(mg.probe_ids):
+            per[:, index[train_id]] += mg.probe_grads[:, c]
+            times[index[train_id]] += 1
+        assert (times > 0).all()  # every example: consumed or probed
+        probed_total += per / times
+        probed_count += 1
+    plain = UnrolledSimulator(max_runs=2, probe_unconsumed=False).fit(runs)
     seen = count > 0
-    np.testing.assert_allclose(sim.B_[:, seen], total[:, seen] / count[seen])
-    assert (sim.B_[:, ~seen] == 0).all() and (sim.seen_ == seen).all()
+    np.testing.assert_allclose(plain.B_[:, seen], total[:, seen] / count[seen])
+    assert (plain.B_[:, ~seen] == 0).all() and (plain.seen_ == seen).all()
+    assert not seen.all()  # two runs of 16 of 40 examples: some never consumed
+    sim = UnrolledSimulator(max_runs=2).fit(runs)
+    np.testing.assert_allclose(sim.B_, probed_total / probed_count)
+    assert sim.seen_.all()
+
+
+def test_probes_leave_the_run_as_it_was(recorded: Path) -> None:
+    """Zero-weight probes change neither the replay nor the consumptions' metagradients, to
+    the last bit; the simulator's this-run answers reuse the probed metagradients."""
+    runs = load_runset(recorded)
+    plain = run_metagradients(runs, "run-0002")
+    probed = run_metagradients(runs, "run-0002", probe_unconsumed=True)
+    assert np.array_equal(plain.grads, probed.grads)
+    assert np.array_equal(plain.final_loss, probed.final_loss)
+    assert probed.replay_error == plain.replay_error == 0.0
+    assert plain.probe_ids == [] and len(probed.probe_ids) == 24 * 2  # 24 absent, 2 spans
+    assert not set(probed.probe_ids) & set(probed.train_ids)
+    one_step = run_metagradients(runs, "run-0002", probe_unconsumed=True, segment=1)
+    np.testing.assert_allclose(one_step.probe_grads, probed.probe_grads, rtol=1e-9, atol=1e-14)
+    sim = UnrolledSimulator(max_runs=3).fit(runs)
+    assert sim.metagradients(runs, "run-0002").probe_ids == probed.probe_ids
+
+
+def test_a_probe_is_the_derivative_of_adding_its_example(recorded: Path) -> None:
+    """A probe's metagradient is ``d L_T / d w`` of its example added to its batch at weight
+    ``w`` over the real batch size: central differences of actual training (the batch's real
+    examples weighted ``(n + 1) / n``, the added one ``w (n + 1) / n``, so the trainer's mean
+    over ``n + 1`` is the probe's loss)."""
+    runs = load_runset(recorded)
+    rec = load_recorded_run(runs, "run-0003")
+    mg = run_metagradients(runs, "run-0003", probe_unconsumed=True)
+    for c in (0, len(mg.probe_ids) - 1):  # the first and the last probe
+        step, example = int(mg.probe_steps[c]), mg.probe_ids[c]
+        batches = [list(b) for b in rec.run.curriculum]
+        n = len(batches[step - 1])
+        batches[step - 1].append(example)
+
+        def final(w: float, batches=batches, step=step, n=n) -> np.ndarray:  # type: ignore[no-untyped-def]
+            weights = [[1.0] * len(b) for b in batches]
+            weights[step - 1] = [(n + 1) / n] * n + [w * (n + 1) / n]
+            return _retrain(rec, weights, batches)
+
+        eps = 1e-4
+        numeric = (final(eps) - final(-eps)) / (2 * eps)
+        np.testing.assert_allclose(mg.probe_grads[:, c], numeric, rtol=1e-5, atol=1e-9)
 
 
 # -- DVEmb through dattri ----------------------------------------------------------------------
@@ -489,12 +546,12 @@ def test_unrolled_as_a_simulator_counts_its_runs_and_fits_its_scale(user_task_ru
     are unseen, 0), A is None (additive); ``scaled=True`` multiplies B by the least-squares
     slope of every run's observed change on the rollout's change (below 1 here: the unseen
     ids' effects are missing from the other runs' rollouts); max_runs None or 0 uses every
-    run."""
+    run. Without probes (`probe_unconsumed=False`), as here, for exact expectations."""
     from simfluence.simulators.dynamics import rollout
     from simfluence.simulators.encoding import encode_runs
 
     runs = load_runset(user_task_runs)
-    raw = UnrolledSimulator(max_runs=1).fit(runs)
+    raw = UnrolledSimulator(max_runs=1, probe_unconsumed=False).fit(runs)
     assert raw.runs_used_ == 1 and raw.A_ is None and raw.scale_ == 1.0
     seen = sorted({i for b in runs.runs[0].curriculum for i in b})
     columns = [runs.train_ids.index(i) for i in seen]
@@ -503,7 +560,7 @@ def test_unrolled_as_a_simulator_counts_its_runs_and_fits_its_scale(user_task_ru
     )
     assert len(seen) < len(runs.train_ids) and np.all(np.delete(raw.B_, columns, 1) == 0)
 
-    scaled = UnrolledSimulator(max_runs=1, scaled=True).fit(runs)
+    scaled = UnrolledSimulator(max_runs=1, scaled=True, probe_unconsumed=False).fit(runs)
     zeros = np.zeros((len(runs.runs), len(runs.test_ids)))
     change = rollout(encode_runs(runs, raw.batch_size_, "mean"), None, raw.B_, zeros)
     observed = [r.losses - r.losses[0] for r in runs.runs]

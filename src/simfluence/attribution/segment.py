@@ -5,6 +5,7 @@ optimizer state and their consumption weights (MAGIC's metagradient, one segment
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ class Segment:
             None: record them while building (the segment starts the run).
         saved, tolerance: checkpoints ``{step: state_dict}`` to compare the forward with
             (steps counted from the segment's start); ``error`` is the largest difference.
+        probes: per step, the inputs of its zero-weight probes (`simfluence.attribution.probes`)
+            or None: their losses enter the batch loss at weight 0 over the real batch size,
+            which leaves the forward as it was to the last bit, and `pull_back` returns the
+            metagradients of their weights too.
     """
 
     def __init__(
@@ -48,12 +53,14 @@ class Segment:
         rng: list[torch.Tensor] | None,
         saved: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
         tolerance: float = REPLAY_TOLERANCE,
+        probes: list[dict[str, torch.Tensor] | None] | None = None,
     ) -> None:
         self.names = list(start)
         self.leaves = {n: p.detach().requires_grad_(True) for n, p in start.items()}
         self.state_leaves = [t.detach().requires_grad_(True) for t in _flat(start_state)]
         dtype = self.leaves[self.names[0]].dtype
         self.weights: list[torch.Tensor] = []
+        self.probe_weights: list[torch.Tensor] = []
         self.error = 0.0
         params: Params = self.leaves
         state = _unflat(start_state, self.state_leaves)
@@ -65,6 +72,8 @@ class Segment:
                 if rng is not None:
                     torch.set_rng_state(rng[t - 1])
                 loss = (replay.losses(params, inputs) * w).sum() / n
+                if probes is not None and probes[t - 1] is not None:
+                    loss = loss + self._probe_term(replay, params, probes[t - 1], n, dtype)
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
                 if rule is None:
                     params = {
@@ -84,19 +93,33 @@ class Segment:
         self.end: Params = {k: params[k].detach() for k in self.names}
         self.end_state: State = _unflat(state, [t.detach() for t in self.state_outputs])
 
+    def _probe_term(
+        self, replay: Replay, params: Params, inputs: dict[str, torch.Tensor], n: int, dtype: Any
+    ) -> torch.Tensor:
+        """``sum(0 x probe losses) / n``, its zero weights kept for `pull_back`; the torch RNG
+        is left as it was (a task with dropout draws the real batch's masks as recorded)."""
+        k = next(iter(inputs.values())).shape[0]
+        weight = torch.zeros(k, dtype=dtype, requires_grad=True)
+        self.probe_weights.append(weight)
+        rng = torch.get_rng_state()
+        term = (replay.losses(params, inputs) * weight).sum() / n
+        torch.set_rng_state(rng)
+        return term
+
     def pull_back(
         self, adjoint: Params, adjoint_state: list[torch.Tensor] | None, test_chunk: int
-    ) -> tuple[Params, list[torch.Tensor] | None, np.ndarray]:
+    ) -> tuple[Params, list[torch.Tensor] | None, np.ndarray, np.ndarray]:
         """Adjoints ``name -> (M, *shape)`` of the parameters (and, in `_flat` order, of the
         optimizer state; None: zero, as at the run's end) at the end -> at the start, and
-        ``d L_T / d w`` of the segment's consumptions ``(M, C_segment)``: one backward pass
-        per chunk of test examples, batched over them (``is_grads_batched``); frees the
-        graph."""
+        ``d L_T / d w`` of the segment's consumptions ``(M, C_segment)`` and of its probes
+        ``(M, P_segment)``: one backward pass per chunk of test examples, batched over them
+        (``is_grads_batched``); frees the graph."""
         m = adjoint[self.names[0]].shape[0]
         outputs = list(self.outputs)
         if adjoint_state is not None:
             outputs += self.state_outputs
-        inputs = [self.leaves[k] for k in self.names] + self.state_leaves + self.weights
+        weights = self.weights + self.probe_weights
+        inputs = [self.leaves[k] for k in self.names] + self.state_leaves + weights
         n_params, n_state = len(self.names), len(self.state_leaves)
         new: list[list[torch.Tensor]] = [[] for _ in range(n_params + n_state)]
         g_w = []
@@ -121,7 +144,9 @@ class Segment:
         self.outputs, self.state_outputs = [], []  # the graph is spent
         params = {k: torch.cat(new[j]) for j, k in enumerate(self.names)}
         state = [torch.cat(v) for v in new[n_params:]] if n_state else None
-        return params, state, torch.cat(g_w).double().numpy()
+        both = torch.cat(g_w).double().numpy()
+        real = sum(w.numel() for w in self.weights)
+        return params, state, both[:, :real], both[:, real:]
 
 
 def _flat(state: State) -> list[torch.Tensor]:

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simfluence.attribution.optimizers import State
+from simfluence.attribution.probes import probe_schedule
 from simfluence.attribution.replay import (
     REPLAY_TOLERANCE,
     Replay,
@@ -94,6 +95,10 @@ class Metagradients:
         final_loss: shape ``(M,)``, the replayed final test losses.
         replay_error: max |replayed - recorded| over the checks made (0.0 = bit-identical).
         seconds: wall time of the replay and reverse pass.
+        probe_ids, probe_steps, probe_grads: the zero-weight probes of examples the run did not
+            consume (`simfluence.attribution.probes`; empty without them): length ``P``,
+            shape ``(P,)`` (1-based steps), shape ``(M, P)`` (``d L_T / d w`` at weight 0:
+            the first-order effect of adding that consumption; negative = helpful).
     """
 
     test_ids: list[str]
@@ -105,6 +110,22 @@ class Metagradients:
     replay_error: float = 0.0
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    probe_ids: list[str] = field(default_factory=list)
+    probe_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    probe_grads: np.ndarray | None = None
+
+    def addition_effects(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(ids (N,), E (M, N), probes (N,))``: for each probed example (one the run did not
+        consume), first-order ``L_T(with its probes as real consumptions) - L_T(as run)``,
+        and how many probes that sums; negative = adding it lowers the final loss."""
+        ids = sorted(set(self.probe_ids))
+        if not ids or self.probe_grads is None:
+            return [], np.zeros((len(self.test_ids), 0)), np.zeros(0)
+        column = {i: k for k, i in enumerate(ids)}
+        owner = np.array([column[i] for i in self.probe_ids])
+        effects = np.zeros((len(self.test_ids), len(ids)))
+        np.add.at(effects.T, owner, self.probe_grads.T)
+        return ids, effects, np.bincount(owner, minlength=len(ids)).astype(np.float64)
 
     def distinct_ids(self) -> list[str]:
         """The distinct training ids, sorted (the columns of `effects`)."""
@@ -172,6 +193,7 @@ def unrolled_metagradients(
     progress: bool | None = None,
     optimizer: dict[str, Any] | None = None,
     max_grad_norm: float | None = None,
+    probes: Sequence[Sequence[str]] | None = None,
 ) -> Metagradients:
     """Metagradients ``d L_T(z) / d w_c`` of every test example w.r.t. every consumption.
 
@@ -198,6 +220,9 @@ def unrolled_metagradients(
             differentiated through exactly, their moments included (MAGIC's metagradient);
             others are refused by name.
         max_grad_norm: the recorded gradient clipping (None: none), differentiated through.
+        probes: per step, training ids consumed there at weight 0 (`simfluence.attribution.
+            probes`): the run is unchanged, and their metagradients come back as
+            ``probe_grads``.
 
     Returns:
         `Metagradients` with ``grads`` of shape ``(M, C)``, ``C`` the number of consumptions.
@@ -212,6 +237,11 @@ def unrolled_metagradients(
     replay = Replay(task, model, checkpoint)
     batches = batch_inputs(pool, curriculum)
     n_steps = len(curriculum)
+    probes = [list(p) for p in probes] if probes is not None else [[] for _ in curriculum]
+    if len(probes) != n_steps:
+        raise ReplayError(f"{len(probes)} probe lists for {n_steps} steps")
+    probed = batch_inputs(pool, probes)
+    probe_inputs = [b if p else None for b, p in zip(probed, probes, strict=True)]
     small = sum(t.numel() for t in replay.start.values()) < SMALL_MODEL_PARAMS
     if segment is None:
         segment = n_steps if small else 1
@@ -226,8 +256,9 @@ def unrolled_metagradients(
         if segment == n_steps:
             # one segment: its differentiable forward is the replay (and is checked as one)
             whole = Segment(
-                replay, replay.start, start_state, batches, lrs, 1, rule, None, saved, tolerance
-            )
+                replay, replay.start, start_state, batches, lrs, 1, rule, None, saved, tolerance,
+                probe_inputs,
+            )  # fmt: skip
             kept, error = {0: replay.start, n_steps: whole.end}, whole.error
             states, rng = {0: start_state, n_steps: whole.end_state}, []
         else:
@@ -248,6 +279,9 @@ def unrolled_metagradients(
         sizes = np.array([len(b) for b in curriculum])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         out = np.zeros((len(tests), int(offsets[-1])))
+        probe_sizes = np.array([len(p) for p in probes])
+        probe_offsets = np.concatenate([[0], np.cumsum(probe_sizes)])
+        probe_out = np.zeros((len(tests), int(probe_offsets[-1])))
         bar = tqdm(
             list(pairwise(sorted(kept, reverse=True))),
             desc="unrolled: reverse pass",
@@ -268,9 +302,11 @@ def unrolled_metagradients(
                     start + 1,
                     rule,
                     rng[start:stop],
+                    probes=probe_inputs[start:stop],
                 )
-            adjoint, adjoint_state, g_w = graph.pull_back(adjoint, adjoint_state, test_chunk)
+            adjoint, adjoint_state, g_w, g_p = graph.pull_back(adjoint, adjoint_state, test_chunk)
             out[:, offsets[start] : offsets[stop]] = g_w
+            probe_out[:, probe_offsets[start] : probe_offsets[stop]] = g_p
     finally:
         model.train(was_training)
     return Metagradients(
@@ -283,6 +319,9 @@ def unrolled_metagradients(
         replay_error=error,
         seconds=time.perf_counter() - started,
         info={"segment": segment, "optimizer": update.name},
+        probe_ids=[i for p in probes for i in p],
+        probe_steps=np.repeat(np.arange(1, n_steps + 1), probe_sizes),
+        probe_grads=probe_out,
     )
 
 
@@ -296,11 +335,14 @@ def run_metagradients(
     segment: int | None = None,
     num_threads: int | None = None,
     test_ids: Sequence[str] | None = None,
+    probe_unconsumed: bool = False,
 ) -> Metagradients:
     """`unrolled_metagradients` of run `run_id` of a run set recorded with a step-0
     checkpoint (``simfluence record --checkpoints 0,...``); the replay is checked against the
     recorded final losses and every saved checkpoint. `test_ids`: only these test examples
-    (the reverse pass costs in proportion to their number; default: all)."""
+    (the reverse pass costs in proportion to their number; default: all).
+    `probe_unconsumed`: also probe the pool examples the run did not consume
+    (`simfluence.attribution.probes.probe_schedule`)."""
     rec = load_recorded_run(runs, run_id, workload=workload, directory=directory)
     columns = np.arange(len(rec.tests))
     if test_ids is not None:
@@ -325,10 +367,21 @@ def run_metagradients(
             seed=rec.run.seed,
             optimizer=rec.optimizer,
             max_grad_norm=rec.max_grad_norm,
+            probes=_probes(rec.run, rec.pool.ids) if probe_unconsumed else None,
         )
 
 
+def _probes(run: Any, pool_ids: Sequence[str]) -> list[list[str]]:
+    """The run's probes, drawn from its seed (its id's bytes when it has none)."""
+    seed = run.seed if run.seed is not None else int.from_bytes(run.run_id.encode()[-8:], "big")
+    return probe_schedule(run.curriculum, pool_ids, seed)
+
+
 # -- as a simulator ---------------------------------------------------------------------------
+#: the cache variant of a run's metagradients with probes
+_PROBED = ("probes",)
+
+
 class UnrolledSimulator(RunEffectsSimulator):
     """Metagradients as a method: exact for the recorded run, additive for other curricula.
 
@@ -338,7 +391,10 @@ class UnrolledSimulator(RunEffectsSimulator):
       effect per consumption over up to `max_runs` recorded runs (`RunEffectsSimulator`).
 
     Parameters: as `GradientSimulator` (no projection: metagradients are exact), plus
-    `segment` (see `unrolled_metagradients`).
+    `segment` (see `unrolled_metagradients`) and `probe_unconsumed`: as a simulator, also
+    probe in every averaged run the pool examples it did not consume (zero-weight
+    consumptions, `simfluence.attribution.probes`), so each run gives every example an
+    effect (on 50% subsets of digits-logreg, 8 runs averaged: LDS 0.867 -> 0.918).
     """
 
     name = "unrolled"
@@ -353,6 +409,7 @@ class UnrolledSimulator(RunEffectsSimulator):
         batch_weighting: str = "mean",
         segment: int | None = None,
         task: str | None = None,
+        probe_unconsumed: bool = True,
     ) -> None:
         super().__init__(
             scaled=scaled,
@@ -364,6 +421,7 @@ class UnrolledSimulator(RunEffectsSimulator):
             task=task,
         )
         self.segment = segment
+        self.probe_unconsumed = probe_unconsumed
 
     def _run_key(self) -> tuple[Any, ...]:
         return (*super()._run_key(), self.segment)
@@ -383,10 +441,34 @@ class UnrolledSimulator(RunEffectsSimulator):
     def _zero_weight_effects(self, answer: Metagradients) -> tuple[list[str], np.ndarray]:
         return answer.effects("zero-weight")
 
+    def _fit_answer(self, runs: RunSet, run_id: str) -> Metagradients:
+        if not self.probe_unconsumed:
+            return self.run_answer(runs, run_id)
+        return self._cached(runs, run_id, None, _PROBED, lambda: self._probed(runs, run_id))
+
+    def _probed(self, runs: RunSet, run_id: str) -> Metagradients:
+        return run_metagradients(
+            runs,
+            run_id,
+            workload=self.task or self.workload,
+            directory=self.checkpoints_dir,
+            segment=self.segment,
+            probe_unconsumed=True,
+        )
+
+    def _addition_effects(self, answer: Metagradients) -> tuple[list[str], np.ndarray, np.ndarray]:
+        return answer.addition_effects()
+
     def metagradients(
         self, runs: RunSet, run_id: str, test_ids: Sequence[str] | None = None
     ) -> Metagradients:
-        """The (cached) metagradients of run `run_id` of `runs` (`test_ids`: only those)."""
+        """The (cached) metagradients of run `run_id` of `runs` (`test_ids`: only those; the
+        answer with probes when `fit` computed it: its consumptions' metagradients are the
+        same)."""
+        if test_ids is None:
+            probed = self._cached_only(runs, run_id, _PROBED)
+            if probed is not None:
+                return probed
         return self.run_answer(runs, run_id, test_ids)
 
     def run_removal_effects(
