@@ -29,3 +29,15 @@ def loaded(module: str) -> bool:
     import sys
 
     return module in sys.modules
+
+
+def square_where(value: int) -> tuple[int, str]:
+    """``(value**2, "worker")`` in a pool worker, after 0.2 s (a unit that takes time)."""
+    time.sleep(0.2)
+    return value * value, "worker"
+
+
+def square_here(value: int) -> tuple[int, str]:
+    """``(value**2, "here")``: the same unit run in the command's own process."""
+    time.sleep(0.2)
+    return value * value, "here"

@@ -135,23 +135,39 @@ def test_process_backend_runs_units_in_other_processes(pool: ProcessBackend) -> 
         list(backend.map_unordered(_die, [0, 1, 2, 3]))
 
 
-def _describe_here(value: int) -> tuple[int, str | None, str | None]:
-    return value * value, "here", None
-
-
 @pytest.mark.workers
 def test_process_backend_runs_units_here_while_its_workers_start() -> None:
-    with ProcessBackend(2, threads=1) as backend:  # cold: its workers take seconds to start
-        results = list(backend.map_unordered(_describe_worker, list(range(12)), _describe_here))
-        positions = [k for k, _ in results]
-        assert sorted(positions) == list(range(12))  # each unit once
-        assert all(value == k * k for k, (value, _, _) in results)
-        where = [r[1] for _, r in results]
-        assert where.count("here") >= 1 and where.count("1") >= 1  # both ran units
-        # units run here are taken from the back: the workers' share is a prefix
-        assert min(k for k, r in results if r[1] == "here") > max(
-            k for k, r in results if r[1] != "here"
-        )
+    """In a fresh process (a cold fork server: seconds to import torch) the units the workers
+    cannot take yet run here, from the back of the queue. In a process whose fork server is
+    already up, workers start in milliseconds and whether any unit runs here is a race."""
+    code = textwrap.dedent(
+        """
+        import json
+        from simfluence.backends import PRELOAD, ProcessBackend
+        import backend_tasks
+        with ProcessBackend(2, threads=1) as backend:
+            backend.start(preload=PRELOAD)
+            units = backend.map_unordered(
+                backend_tasks.square_where, list(range(40)), backend_tasks.square_here
+            )
+            print(json.dumps(list(units)))
+        """
+    )
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    results = [(k, tuple(r)) for k, r in json.loads(out.stdout)]
+    assert sorted(k for k, _ in results) == list(range(40))  # each unit once
+    assert all(value == k * k for k, (value, _) in results)
+    where = [r[1] for _, r in results]
+    assert where.count("here") >= 1 and where.count("worker") >= 1  # both ran units
+    # units run here are taken from the back: the workers' share is a prefix
+    assert min(k for k, r in results if r[1] == "here") > max(
+        k for k, r in results if r[1] != "here"
+    )
 
 
 # -- recording ---------------------------------------------------------------------------------
