@@ -640,3 +640,27 @@ def test_workers_are_forked_with_what_an_optimizer_imports() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[True]"
+
+
+@pytest.mark.workers
+def test_a_library_pool_preloads_what_training_imports_when_torch_is_loaded() -> None:
+    """A pool started without a preload list (``record_runs(..., backend="process:2")`` from a
+    script) preloads ``torch._dynamo`` too when this process has torch."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import torch
+        from simfluence.backends import ProcessBackend
+        import backend_tasks
+        assert "torch._dynamo" not in sys.modules
+        with ProcessBackend(1) as backend:
+            print([x for _, x in backend.map_unordered(backend_tasks.loaded, ["torch._dynamo"])])
+        """
+    )
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[True]"

@@ -54,18 +54,28 @@ IN_FLIGHT = 2
 PROCESS_RETRIES = 3
 
 
+#: preloaded whenever this process has torch: the work probably trains, and a worker's first
+#: optimizer would import it (a library call such as ``record_runs(..., backend="process:2")``
+#: starts its pool before this process has built an optimizer)
+WITH_TORCH = ("torch._dynamo",)
+
+
+def _comes_with_torch(module: str) -> bool:
+    return module in WITH_TORCH and "torch" in sys.modules
+
+
 def _context(threads: int, preload: Sequence[str] | None = None) -> Any:
     """``forkserver`` where there is one (POSIX), preloading `preload` (default: what this
-    process has loaded of `PRELOAD`); else ``spawn``. A forked child of the server never saw
-    a torch thread start. The server is started once per process: the first call decides
-    what it preloads."""
+    process has loaded of `PRELOAD`, and `WITH_TORCH` when it has torch); else ``spawn``. A
+    forked child of the server never saw a torch thread start. The server is started once per
+    process: the first call decides what it preloads."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     if preload is None:
-        preload = [m for m in PRELOAD if m in sys.modules]
+        preload = [m for m in PRELOAD if m in sys.modules or _comes_with_torch(m)]
     context.set_forkserver_preload(["simfluence.backends", *preload])
     # the server (one per process, started once) imports torch with this thread environment
     # and this process's import path (Python 3.11's server does not apply it before preloading)
