@@ -135,6 +135,18 @@ def test_process_backend_runs_units_in_other_processes(pool: ProcessBackend) -> 
         list(backend.map_unordered(_die, [0, 1, 2, 3]))
 
 
+def _in_a_fresh_process(code: str) -> str:
+    """The standard output of `code` run by a new interpreter (its own cold fork server), with
+    the tests folder on its path (`backend_tasks`); the test fails on a non-zero exit."""
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 @pytest.mark.workers
 def test_process_backend_runs_units_here_while_its_workers_start() -> None:
     """In a fresh process (a cold fork server: seconds to import torch) the units the workers
@@ -153,13 +165,7 @@ def test_process_backend_runs_units_here_while_its_workers_start() -> None:
             print(json.dumps(list(units)))
         """
     )
-    tests = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    results = [(k, tuple(r)) for k, r in json.loads(out.stdout)]
+    results = [(k, tuple(r)) for k, r in json.loads(_in_a_fresh_process(code))]
     assert sorted(k for k, _ in results) == list(range(40))  # each unit once
     assert all(value == k * k for k, (value, _) in results)
     where = [r[1] for _, r in results]
@@ -633,13 +639,7 @@ def test_workers_are_forked_with_what_an_optimizer_imports() -> None:
             backend.close()
         """
     )
-    tests = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[True]"
+    assert _in_a_fresh_process(code).strip() == "[True]"
 
 
 @pytest.mark.workers
@@ -657,10 +657,4 @@ def test_a_library_pool_preloads_what_training_imports_when_torch_is_loaded() ->
             print([x for _, x in backend.map_unordered(backend_tasks.loaded, ["torch._dynamo"])])
         """
     )
-    tests = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[True]"
+    assert _in_a_fresh_process(code).strip() == "[True]"

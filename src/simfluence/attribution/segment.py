@@ -5,7 +5,6 @@ optimizer state and their consumption weights (MAGIC's metagradient, one segment
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +93,12 @@ class Segment:
         self.end_state: State = _unflat(state, [t.detach() for t in self.state_outputs])
 
     def _probe_term(
-        self, replay: Replay, params: Params, inputs: dict[str, torch.Tensor], n: int, dtype: Any
+        self,
+        replay: Replay,
+        params: Params,
+        inputs: dict[str, torch.Tensor],
+        n: int,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """``sum(0 x probe losses) / n``, its zero weights kept for `pull_back`; the torch RNG
         is left as it was (a task with dropout draws the real batch's masks as recorded)."""

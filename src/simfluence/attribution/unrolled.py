@@ -44,6 +44,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from typing import Any
 
@@ -427,7 +428,11 @@ class UnrolledSimulator(RunEffectsSimulator):
         return (*super()._run_key(), self.segment)
 
     def _compute_run(
-        self, runs: RunSet, run_id: str, test_ids: tuple[str, ...] | None
+        self,
+        runs: RunSet,
+        run_id: str,
+        test_ids: tuple[str, ...] | None,
+        probe_unconsumed: bool = False,
     ) -> Metagradients:
         return run_metagradients(
             runs,
@@ -436,6 +441,7 @@ class UnrolledSimulator(RunEffectsSimulator):
             directory=self.checkpoints_dir,
             segment=self.segment,
             test_ids=test_ids,
+            probe_unconsumed=probe_unconsumed,
         )
 
     def _zero_weight_effects(self, answer: Metagradients) -> tuple[list[str], np.ndarray]:
@@ -444,17 +450,8 @@ class UnrolledSimulator(RunEffectsSimulator):
     def _fit_answer(self, runs: RunSet, run_id: str) -> Metagradients:
         if not self.probe_unconsumed:
             return self.run_answer(runs, run_id)
-        return self._cached(runs, run_id, None, _PROBED, lambda: self._probed(runs, run_id))
-
-    def _probed(self, runs: RunSet, run_id: str) -> Metagradients:
-        return run_metagradients(
-            runs,
-            run_id,
-            workload=self.task or self.workload,
-            directory=self.checkpoints_dir,
-            segment=self.segment,
-            probe_unconsumed=True,
-        )
+        probed = partial(self._compute_run, runs, run_id, None, probe_unconsumed=True)
+        return self._cached(runs, run_id, None, _PROBED, probed)
 
     def _addition_effects(self, answer: Metagradients) -> tuple[list[str], np.ndarray, np.ndarray]:
         return answer.addition_effects()

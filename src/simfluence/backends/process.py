@@ -38,12 +38,15 @@ def _start_worker(threads: int, counter: Any, environment: dict[str, str] | None
         counter.value += 1
 
 
+#: preloaded whenever this process has torch: a worker's first ``torch.optim`` optimizer
+#: imports it (0.8 s in every worker), and a library call such as ``record_runs(...,
+#: backend="process:2")`` starts its pool before this process has built an optimizer
+WITH_TORCH = ("torch._dynamo",)
 #: modules a fork server imports once for all its workers, when this process has them loaded
-#: (workers of a recording or validation then start in a fraction of a second, not seconds).
-#: ``torch._dynamo``: a worker's first ``torch.optim`` optimizer imports it (0.8 s each).
+#: (workers of a recording or validation then start in a fraction of a second, not seconds)
 PRELOAD = (
     "torch",
-    "torch._dynamo",
+    *WITH_TORCH,
     "simfluence.recording.workers",
     "simfluence.recording.validation",
     "simfluence.recording.loo",
@@ -52,12 +55,6 @@ PRELOAD = (
 IN_FLIGHT = 2
 #: times a `ProcessBackend` replaces its pool after a worker died, per `map_unordered`
 PROCESS_RETRIES = 3
-
-
-#: preloaded whenever this process has torch: the work probably trains, and a worker's first
-#: optimizer would import it (a library call such as ``record_runs(..., backend="process:2")``
-#: starts its pool before this process has built an optimizer)
-WITH_TORCH = ("torch._dynamo",)
 
 
 def _comes_with_torch(module: str) -> bool:
